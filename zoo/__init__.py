@@ -1,0 +1,39 @@
+"""zoo: a JAX-native model zoo for CLIP and its variants.
+
+Public API (see DESIGN.md): `list_models`, `create`, `get_tokenizer`, `save`, `load`, and the
+`zoo.convert` subpackage for PyTorch weights.
+"""
+
+from zoo.clip import CLIP, create, from_config, l2_normalize
+from zoo.registry import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models, register
+
+__version__ = "0.1.0"
+
+
+def get_tokenizer(name: str, context_length: int | None = None, **kwargs):
+  """The tokenizer of model `name` (CLIP BPE ids equal open_clip's); see zoo.tokenizers."""
+  from zoo import tokenizers
+
+  return tokenizers.get_tokenizer(name, context_length=context_length, **kwargs)
+
+
+def save(model, directory, config=None):
+  """Writes `model`'s weights and config with Orbax; see zoo.checkpoint.save."""
+  from zoo import checkpoint
+
+  return checkpoint.save(model, directory, config)
+
+
+def load(directory):
+  """(model, tokenizer, preprocess) from a directory written by `save`; see zoo.checkpoint.load."""
+  from zoo import checkpoint
+
+  return checkpoint.load(directory)
+
+
+def __getattr__(name):
+  if name == "convert":  # imported lazily: conversion pulls in safetensors / optional torch
+    import importlib
+
+    return importlib.import_module("zoo.convert")
+  raise AttributeError(f"module 'zoo' has no attribute {name!r}")

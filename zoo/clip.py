@@ -1,0 +1,194 @@
+"""CLIP and SigLIP in Flax NNX: ViT image tower, transformer text tower, contrastive heads.
+
+The forward pass is open_clip's (and OpenAI's) exactly, so converted weights give the same
+features: see tests/test_convert.py for the parity checks against PyTorch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo import registry
+from zoo.layers import AttentionPool, LayerNorm, Transformer, param
+
+Array = jax.Array
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+  """x / ||x|| along the last axis, in float32 (as torch.nn.functional.normalize)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class VisionTransformer(nnx.Module):
+  """ViT: patch embedding, [class token], positions, [ln_pre], blocks, ln_post, pool, proj."""
+
+  def __init__(self, cfg: registry.VisionConfig, embed_dim: int, *, quick_gelu: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg, self.dtype = cfg, dtype
+    w, p = cfg.width, cfg.patch_size
+    scale = w ** -0.5
+    # Conv with stride = kernel = patch, stored HWIO so it applies as one einsum over patches.
+    self.patch_kernel = param(rngs, nnx.initializers.normal((3 * p * p) ** -0.5), (p, p, 3, w),
+                              (None, None, None, "embed"))
+    self.patch_bias = (nnx.Param(jnp.zeros((w,), jnp.float32), eager_sharding=False, out_sharding=("embed",))
+                       if cfg.patch_bias else None)
+    n_tokens = cfg.grid_size ** 2 + (1 if cfg.class_token else 0)
+    self.class_embedding = (param(rngs, nnx.initializers.normal(scale), (w,), ("embed",))
+                            if cfg.class_token else None)
+    self.positional_embedding = param(rngs, nnx.initializers.normal(scale), (n_tokens, w),
+                                      (None, "embed"))
+    self.ln_pre = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs) if cfg.ln_pre else None
+    self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu=quick_gelu,
+                                   eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
+    self.ln_post = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs)
+    self.attn_pool = (AttentionPool(w, cfg.heads, cfg.mlp_ratio, eps=cfg.ln_eps,
+                                    quick_gelu=quick_gelu, dtype=dtype, rngs=rngs)
+                      if cfg.pool == "map" else None)
+    self.proj = (param(rngs, nnx.initializers.normal(scale), (w, embed_dim), ("embed", None))
+                 if cfg.projection else None)
+
+  def patch_embed(self, images: Array) -> Array:
+    """images [B, H, W, 3] -> patch tokens [B, gh*gw, width]."""
+    b, h, w, c = images.shape
+    p = self.cfg.patch_size
+    if h % p or w % p or c != 3:
+      raise ValueError(f"images must be [B, H, W, 3] with H, W multiples of {p}; got {images.shape}")
+    x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.patch_kernel[...].astype(self.dtype))
+    if self.patch_bias is not None:
+      x = x + self.patch_bias[...].astype(self.dtype)
+    return x.reshape(b, (h // p) * (w // p), -1)
+
+  def tokens(self, images: Array) -> Array:
+    """All output tokens after the final LayerNorm: [B, N(+1), width]."""
+    x = self.patch_embed(images)
+    if self.class_embedding is not None:
+      cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+      x = jnp.concatenate([cls, x], axis=1)
+    pos = self.positional_embedding[...]
+    if pos.shape[0] != x.shape[1]:
+      raise ValueError(f"image gives {x.shape[1]} tokens but the positional embedding has "
+                       f"{pos.shape[0]}; expected images of {self.cfg.image_size}px")
+    x = x + pos.astype(x.dtype)
+    if self.ln_pre is not None:
+      x = self.ln_pre(x)
+    x = self.transformer(x)
+    return self.ln_post(x)
+
+  def __call__(self, images: Array, *, return_tokens: bool = False):
+    """Pooled, projected image embedding [B, E] (and the patch tokens [B, N, width])."""
+    x = self.tokens(images)
+    if self.attn_pool is not None:
+      pooled = self.attn_pool(x)
+    else:
+      pooled = x[:, 0]
+    if self.proj is not None:
+      pooled = pooled @ self.proj[...].astype(pooled.dtype)
+    if return_tokens:
+      patches = x[:, 1:] if self.class_embedding is not None else x
+      return pooled, patches
+    return pooled
+
+
+class TextTransformer(nnx.Module):
+  """Token + position embeddings, (causal) blocks, ln_final, EOT/last pooling, projection."""
+
+  def __init__(self, cfg: registry.TextConfig, embed_dim: int, *, quick_gelu: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg, self.dtype = cfg, dtype
+    w = cfg.width
+    self.token_embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, w),
+                                 ("vocab", "embed"))
+    self.positional_embedding = param(rngs, nnx.initializers.normal(0.01),
+                                      (cfg.context_length, w), (None, "embed"))
+    self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu=quick_gelu,
+                                   eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
+    self.ln_final = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs)
+    self.text_projection = param(rngs, nnx.initializers.normal(w ** -0.5), (w, embed_dim),
+                                 ("embed", None))
+    self.proj_bias = (nnx.Param(jnp.zeros((embed_dim,), jnp.float32), eager_sharding=False, out_sharding=(None,))
+                      if cfg.proj_bias else None)
+
+  def tokens(self, token_ids: Array) -> Array:
+    """All output tokens after ln_final: [B, L, width]."""
+    length = token_ids.shape[1]
+    if length > self.positional_embedding.shape[0]:
+      raise ValueError(f"tokens have length {length} but the text tower reads at most "
+                       f"{self.positional_embedding.shape[0]} (context_length)")
+    x = jnp.take(self.token_embedding[...], token_ids, axis=0).astype(self.dtype)
+    x = x + self.positional_embedding[...][:length].astype(self.dtype)
+    x = self.transformer(x, is_causal=self.cfg.causal)
+    return self.ln_final(x)
+
+  def pool(self, x: Array, token_ids: Array) -> Array:
+    if self.cfg.pool == "argmax":  # EOT has the largest id in the CLIP vocabulary
+      idx = jnp.argmax(token_ids, axis=-1)
+      return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    if self.cfg.pool == "last":
+      return x[:, -1]
+    raise ValueError(f"unknown text pool {self.cfg.pool!r}; expected 'argmax' or 'last'")
+
+  def __call__(self, token_ids: Array) -> Array:
+    """int32 [B, L] -> projected text embedding [B, E]."""
+    x = self.pool(self.tokens(token_ids), token_ids)
+    x = x @ self.text_projection[...].astype(x.dtype)
+    if self.proj_bias is not None:
+      x = x + self.proj_bias[...].astype(x.dtype)
+    return x
+
+
+class CLIP(nnx.Module):
+  """Image and text towers with a learned temperature (and SigLIP's bias).
+
+  `model(images, tokens)` returns a dict: normalized `image_features`, `text_features`,
+  `logit_scale` (exp of the learned log-scale) and, for SigLIP, `logit_bias`.
+  """
+
+  def __init__(self, config: registry.CLIPConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = _dtype(config.dtype)
+    self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
+                                    dtype=dtype, rngs=rngs)
+    self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu,
+                                dtype=dtype, rngs=rngs)
+    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
+                                 eager_sharding=False, out_sharding=())
+    self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32), eager_sharding=False, out_sharding=())
+                       if config.init_logit_bias is not None else None)
+
+  def encode_image(self, images: Array, normalize: bool = False) -> Array:
+    """images NHWC float32, already preprocessed -> [B, E] float32."""
+    x = self.visual(images).astype(jnp.float32)
+    return l2_normalize(x) if normalize else x
+
+  def encode_text(self, tokens: Array, normalize: bool = False) -> Array:
+    """tokens int32 [B, L] -> [B, E] float32."""
+    x = self.text(tokens).astype(jnp.float32)
+    return l2_normalize(x) if normalize else x
+
+  def __call__(self, images: Array, tokens: Array) -> dict[str, Array]:
+    out = {
+        "image_features": self.encode_image(images, normalize=True),
+        "text_features": self.encode_text(tokens, normalize=True),
+        "logit_scale": jnp.exp(self.logit_scale[...]),
+    }
+    if self.logit_bias is not None:
+      out["logit_bias"] = self.logit_bias[...]
+    return out
+
+
+def create(name: str, *, seed: int = 0, **overrides) -> CLIP:
+  """Builds the architecture `name` (see `list_models()`) with freshly initialised weights."""
+  config = registry.get_model_config(name, **overrides)
+  return CLIP(config, rngs=nnx.Rngs(seed))
+
+
+def from_config(config: registry.CLIPConfig, *, seed: int = 0) -> CLIP:
+  return CLIP(config, rngs=nnx.Rngs(seed))

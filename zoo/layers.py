@@ -1,0 +1,187 @@
+"""Transformer building blocks shared by every tower (Flax NNX).
+
+Parameters are float32 and carry logical axis names in the `out_sharding` metadata
+(`embed`, `heads`, `head_dim`, `mlp`, `vocab`, `norm`); `zoo/sharding.py` maps them onto mesh
+axes. Matmuls run in the compute `dtype`; LayerNorm statistics and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...]
+          ) -> nnx.Param:
+  """A float32 parameter annotated with logical axis names (one per dimension)."""
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), eager_sharding=False, out_sharding=axes)
+
+
+def quick_gelu(x: Array) -> Array:
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x: Array) -> Array:
+  """Exact (erf) GELU, as torch.nn.GELU()."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def get_activation(quick: bool) -> Callable[[Array], Array]:
+  return quick_gelu if quick else gelu
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 whatever the input dtype (as open_clip's LayerNorm)."""
+
+  def __init__(self, width: int, *, eps: float = 1e-5, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((width,), jnp.float32), eager_sharding=False, out_sharding=("norm",))
+    self.bias = nnx.Param(jnp.zeros((width,), jnp.float32), eager_sharding=False, out_sharding=("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias with logical axes (in_axis, out_axis); kernel stored [in, out]."""
+
+  def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None],
+               use_bias: bool = True, std: float | None = None, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    std = d_in ** -0.5 if std is None else std
+    self.dtype = dtype
+    self.kernel = param(rngs, nnx.initializers.normal(std), (d_in, d_out), axes)
+    self.bias = (nnx.Param(jnp.zeros((d_out,), jnp.float32), eager_sharding=False, out_sharding=(axes[1],))
+                 if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection, via jax.nn.dot_product_attention.
+
+  qkv kernel [W, 3, H, Dh] and out kernel [H, Dh, W] keep heads on their own axis so tensor
+  parallelism can shard them.
+  """
+
+  def __init__(self, width: int, heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
+               out_std: float | None = None):
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by heads {heads}")
+    head_dim = width // heads
+    self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
+    self.qkv_kernel = param(rngs, nnx.initializers.normal(width ** -0.5),
+                            (width, 3, heads, head_dim), ("embed", None, "heads", "head_dim"))
+    self.qkv_bias = nnx.Param(jnp.zeros((3, heads, head_dim), jnp.float32),
+                              eager_sharding=False, out_sharding=(None, "heads", "head_dim"))
+    self.out_kernel = param(rngs, nnx.initializers.normal(out_std or width ** -0.5),
+                            (heads, head_dim, width), ("heads", "head_dim", "embed"))
+    self.out_bias = nnx.Param(jnp.zeros((width,), jnp.float32), eager_sharding=False, out_sharding=("embed",))
+
+  def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
+    """x [B, L, W]; mask broadcastable to [B, H, L, L] (True = attend)."""
+    dt = self.dtype
+    qkv = jnp.einsum("bld,dthk->tblhk", x.astype(dt), self.qkv_kernel[...].astype(dt))
+    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    out = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], mask=mask, is_causal=is_causal)
+    out = jnp.einsum("blhk,hkd->bld", out, self.out_kernel[...].astype(dt))
+    return out + self.out_bias[...].astype(dt)
+
+
+class MLP(nnx.Module):
+  """fc1 -> activation -> fc2 (open_clip's c_fc / c_proj)."""
+
+  def __init__(self, width: int, hidden: int, *, quick_gelu: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs, out_std: float | None = None):
+    self.fc1 = Linear(width, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs,
+                      std=(2 * width) ** -0.5)
+    self.fc2 = Linear(hidden, width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs,
+                      std=out_std)
+    self.quick_gelu = quick_gelu
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(get_activation(self.quick_gelu)(self.fc1(x)))
+
+
+class ResidualBlock(nnx.Module):
+  """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)).
+
+  `mlp` is any module mapping [B, L, W] -> [B, L, W]; CLIP-MoE swaps it for an MoE layer.
+  """
+
+  def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, quick_gelu: bool = False,
+               eps: float = 1e-5, layers_for_init: int = 12, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    out_std = (width ** -0.5) * ((2 * layers_for_init) ** -0.5)
+    self.ln_1 = LayerNorm(width, eps=eps, rngs=rngs)
+    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs, out_std=out_std)
+    self.ln_2 = LayerNorm(width, eps=eps, rngs=rngs)
+    self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu=quick_gelu, dtype=dtype, rngs=rngs,
+                   out_std=out_std)
+
+  def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
+    x = x + self.attn(self.ln_1(x), mask=mask, is_causal=is_causal).astype(x.dtype)
+    return x + self.mlp(self.ln_2(x)).astype(x.dtype)
+
+
+class Transformer(nnx.Module):
+  """A stack of residual blocks (a python list so each block can be converted/replaced)."""
+
+  def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, *,
+               quick_gelu: bool = False, eps: float = 1e-5, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.resblocks = nnx.List([
+        ResidualBlock(width, heads, mlp_ratio, quick_gelu=quick_gelu, eps=eps,
+                      layers_for_init=layers, dtype=dtype, rngs=rngs)
+        for _ in range(layers)
+    ])
+
+  def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
+    for block in self.resblocks:
+      x = block(x, mask=mask, is_causal=is_causal)
+    return x
+
+
+class AttentionPool(nnx.Module):
+  """SigLIP's multi-head attention pooling (MAP) head: one learned query attends to all tokens.
+
+  Layout mirrors timm's `attn_pool`: latent, q, kv, proj, norm, mlp (fc1, fc2).
+  """
+
+  def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, eps: float = 1e-6,
+               quick_gelu: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.heads, self.dtype = heads, dtype
+    self.latent = param(rngs, nnx.initializers.normal(width ** -0.5), (1, width), (None, "embed"))
+    self.q = Linear(width, width, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.kv = Linear(width, 2 * width, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.proj = Linear(width, width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.norm = LayerNorm(width, eps=eps, rngs=rngs)
+    self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu=quick_gelu, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    """x [B, N, W] -> [B, W]."""
+    b, n, w = x.shape
+    h = self.heads
+    q = self.q(jnp.broadcast_to(self.latent[...], (b, 1, w)).astype(x.dtype))
+    kv = self.kv(x).reshape(b, n, 2, h, w // h)
+    out = jax.nn.dot_product_attention(q.reshape(b, 1, h, w // h), kv[:, :, 0], kv[:, :, 1])
+    out = self.proj(out.reshape(b, 1, w))
+    out = out + self.mlp(self.norm(out))
+    return out[:, 0]
