@@ -1,0 +1,290 @@
+"""Image preprocessing: the eval `preprocess` (open_clip-identical, NHWC) and train augmentation.
+
+Eval (`make_preprocess`) reproduces open_clip's `image_transform(..., is_train=False)`:
+resize (PIL, bicubic) so that the shortest side equals the target, center crop, convert to RGB,
+scale to [0, 1], normalize with the model's mean/std. The resize and crop follow torchvision's
+size and offset rounding exactly, so the output equals open_clip's tensor (CHW -> HWC).
+zoo models take NHWC float32, so one image comes back as [H, W, 3] and a batch as [N, H, W, 3].
+
+Train (`random_resized_crop_params`, `apply_crop_resize`, `transform_boxes`): torchvision's
+RandomResizedCrop split into a pure sampling step (numpy Generator -> crop) and a
+deterministic apply step, so the data pipeline can seed it per example and the region-head
+work can move boxes with exactly the same crop/flip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)  # SigLIP / big_vision: x / 127.5 - 1
+INCEPTION_STD = (0.5, 0.5, 0.5)
+SIGLIP_MEAN, SIGLIP_STD = INCEPTION_MEAN, INCEPTION_STD
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+RESIZE_MODES = ("shortest", "longest", "squash")
+_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+ImageLike = Image.Image | np.ndarray
+Crop = tuple[float, float, float, float]  # (top, left, height, width) in source pixels
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+  """`size` as (height, width); an int means a square."""
+  if isinstance(size, (int, np.integer)):
+    hw = (int(size), int(size))
+  else:
+    hw = tuple(int(s) for s in size)
+  if len(hw) != 2 or min(hw) < 1:
+    raise ValueError(f"image size must be a positive int or (height, width), got {size!r}")
+  return hw  # type: ignore[return-value]
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+  """A PIL image from a PIL image or a uint8 array [H, W], [H, W, 3] or [H, W, 4]."""
+  if isinstance(image, Image.Image):
+    return image
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8:
+      raise TypeError(
+          f"image array has dtype {image.dtype}; expected uint8 pixels in [0, 255] "
+          "(convert with (x * 255).round().astype(np.uint8))")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4)):
+      return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    raise ValueError(f"image array has shape {image.shape}; expected [H, W], [H, W, 3] or [H, W, 4]")
+  raise TypeError(f"image is {type(image).__name__}; expected a PIL.Image or a uint8 numpy array")
+
+
+def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+  """(h, w) after resizing the shortest side to `size` (torchvision: long side truncated)."""
+  if width <= height:
+    return int(size * height / width), size
+  return size, int(size * width / height)
+
+
+def keep_ratio_size(height: int, width: int, target: tuple[int, int], longest: bool) -> tuple[int, int]:
+  """(h, w) fitting the shortest (or longest) side to `target`, rounded (timm ResizeKeepRatio)."""
+  ratio_h, ratio_w = height / target[0], width / target[1]
+  ratio = max(ratio_h, ratio_w) if longest else min(ratio_h, ratio_w)
+  return round(height / ratio), round(width / ratio)
+
+
+def center_crop_offsets(height: int, width: int, out_hw: tuple[int, int]) -> tuple[int, int]:
+  """(top, left) of a centered `out_hw` window in an image that is first padded to fit it.
+
+  Negative offsets mean padding (torchvision/open_clip pad (d // 2, (d + 1) // 2), then crop at
+  round((padded - out) / 2)).
+  """
+  offsets = []
+  for size, out in zip((height, width), out_hw):
+    pad_before = (out - size) // 2 if out > size else 0
+    padded = max(size, out)
+    offsets.append(int(round((padded - out) / 2.0)) - pad_before)
+  return offsets[0], offsets[1]
+
+
+def crop_or_pad(image: Image.Image, top: int, left: int, out_hw: tuple[int, int],
+                fill: int | tuple[int, ...] = 0) -> Image.Image:
+  """The `out_hw` window at (top, left); pixels outside the image are `fill`."""
+  h, w = out_hw
+  if top >= 0 and left >= 0 and top + h <= image.height and left + w <= image.width:
+    return image.crop((left, top, left + w, top + h))
+  canvas = Image.new(image.mode, (w, h), fill)
+  canvas.paste(image, (-left, -top))
+  return canvas
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, computed in float32 like torchvision."""
+  x = image.astype(np.float32) / np.float32(255.0)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+# ----------------------------------------------------------------------------- eval preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Eval preprocessing, callable on one image -> float32 [H, W, 3]; `.batch` -> [N, H, W, 3].
+
+  resize_mode: 'shortest' (resize shortest side, center crop; CLIP default), 'longest'
+  (resize longest side, center pad with `fill_color`) or 'squash' (resize to the target).
+  """
+
+  image_size: tuple[int, int]
+  mean: tuple[float, float, float] = OPENAI_MEAN
+  std: tuple[float, float, float] = OPENAI_STD
+  resize_mode: str = "shortest"
+  interpolation: str = "bicubic"
+  fill_color: int = 0
+
+  def __post_init__(self):
+    if self.resize_mode not in RESIZE_MODES:
+      raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
+    if self.interpolation not in _INTERPOLATIONS:
+      raise ValueError(f"interpolation {self.interpolation!r} is not one of {tuple(_INTERPOLATIONS)}")
+    for key in ("mean", "std"):
+      value = getattr(self, key)
+      if len(value) != 3:
+        raise ValueError(f"{key} must have 3 values (R, G, B), got {value!r}")
+    if min(self.std) <= 0:
+      raise ValueError(f"std must be positive, got {self.std!r}")
+
+  def geometry(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized_h, resized_w), (top, left)) of the resize and the crop window after it."""
+    out = self.image_size
+    if self.resize_mode == "squash":
+      return out, (0, 0)
+    if self.resize_mode == "shortest" and out[0] == out[1]:
+      resized = shortest_side_size(height, width, out[0])
+    else:
+      resized = keep_ratio_size(height, width, out, longest=self.resize_mode == "longest")
+    return resized, center_crop_offsets(*resized, out)
+
+  def crop_box(self, height: int, width: int) -> Crop:
+    """The output window in source pixels (top, left, h, w) — feed it to `transform_boxes`."""
+    (rh, rw), (top, left) = self.geometry(height, width)
+    sy, sx = height / rh, width / rw
+    return top * sy, left * sx, self.image_size[0] * sy, self.image_size[1] * sx
+
+  def resize_crop(self, image: ImageLike) -> Image.Image:
+    """The resized, cropped RGB PIL image (before scaling and normalization)."""
+    image = to_pil(image)
+    (rh, rw), (top, left) = self.geometry(image.height, image.width)
+    if (rh, rw) != (image.height, image.width):
+      image = image.resize((rw, rh), _INTERPOLATIONS[self.interpolation])
+    image = crop_or_pad(image, top, left, self.image_size, self.fill_color)
+    return image.convert("RGB")
+
+  def __call__(self, image: ImageLike) -> np.ndarray:
+    return normalize(np.asarray(self.resize_crop(image)), self.mean, self.std)
+
+  def batch(self, images: Sequence[ImageLike]) -> np.ndarray:
+    """float32 [N, H, W, 3] of a list of images."""
+    if len(images) == 0:
+      return np.zeros((0, *self.image_size, 3), np.float32)
+    return np.stack([self(im) for im in images])
+
+
+def make_preprocess(image_size: int | Sequence[int], mean: Sequence[float] = OPENAI_MEAN,
+                    std: Sequence[float] = OPENAI_STD, resize_mode: str = "shortest", *,
+                    interpolation: str = "bicubic", fill_color: int = 0) -> Preprocess:
+  """The eval preprocess of a model with input `image_size` and normalization `mean`/`std`."""
+  return Preprocess(_hw(image_size), tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                    resize_mode, interpolation, int(fill_color))
+
+
+def get_preprocess(name: str) -> Preprocess:
+  """The eval preprocess of registered model `name` (its image size, mean and std)."""
+  from zoo import registry
+
+  config = registry.get_model_config(name)
+  return make_preprocess(config.vision.image_size, config.image_mean, config.image_std)
+
+
+# ----------------------------------------------------------------------------- train augmentation
+
+
+def random_resized_crop_params(rng: np.random.Generator, height: int, width: int,
+                               scale: tuple[float, float] = (0.9, 1.0),
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a random crop, torchvision's RandomResizedCrop algorithm.
+
+  Up to 10 tries draw an area fraction uniformly in `scale` and a log-uniform aspect ratio
+  (w / h) in `ratio`; the first crop that fits is placed uniformly. If none fits, the
+  whole image is center-cropped to the nearest aspect ratio inside `ratio`.
+  """
+  if height < 1 or width < 1:
+    raise ValueError(f"image size must be positive, got height={height}, width={width}")
+  if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+    raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    h, w = height, int(round(height * ratio[1]))
+  else:
+    h, w = height, width
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def apply_crop_resize(image: ImageLike, crop: tuple[int, int, int, int],
+                      size: int | Sequence[int], hflip: bool = False,
+                      interpolation: str = "bicubic") -> np.ndarray:
+  """uint8 RGB [H, W, 3]: `crop` = (top, left, h, w) of `image`, resized to `size`, maybe flipped.
+
+  Equals torchvision `resized_crop` (PIL, bicubic) then `hflip`; normalize with `normalize`.
+  """
+  if interpolation not in _INTERPOLATIONS:
+    raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(_INTERPOLATIONS)}")
+  top, left, h, w = (int(v) for v in crop)
+  if h < 1 or w < 1:
+    raise ValueError(f"crop (top, left, h, w) = {crop} has an empty size")
+  out_h, out_w = _hw(size)
+  image = to_pil(image).crop((left, top, left + w, top + h))
+  if (h, w) != (out_h, out_w):
+    image = image.resize((out_w, out_h), _INTERPOLATIONS[interpolation])
+  array = np.asarray(image.convert("RGB"))
+  return np.ascontiguousarray(array[:, ::-1]) if hflip else array
+
+
+def transform_boxes(boxes: np.ndarray, crop: Crop, orig_hw: tuple[int, int], hflip: bool = False,
+                    *, min_size: float = 0.0, min_visible: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+  """Moves boxes through a crop (+ resize, + horizontal flip) -> (boxes [N, 4], keep [N]).
+
+  Args:
+    boxes: [N, 4] (x0, y0, x1, y1), normalized to the source image ([0, 1]).
+    crop: (top, left, h, w) in source pixels (as from `random_resized_crop_params`, or
+      `Preprocess.crop_box` for the eval transform). A resize of the crop does not move
+      normalized coordinates, so any output size gives the same boxes.
+    orig_hw: (height, width) of the source image.
+    hflip: the crop was flipped left-right.
+    min_size: a kept box is wider and taller than this (normalized to the crop).
+    min_visible: a kept box keeps more than this fraction of its area inside the crop.
+  Returns:
+    float32 boxes normalized to the crop, clipped to [0, 1] (rows of dropped boxes are 0), and
+    keep: False for boxes that fall outside the crop or collapse.
+  """
+  boxes = np.asarray(boxes, np.float64)
+  if boxes.ndim != 2 or boxes.shape[-1] != 4:
+    raise ValueError(f"boxes must have shape [N, 4] (x0, y0, x1, y1), got {boxes.shape}")
+  top, left, h, w = (float(v) for v in crop)
+  H, W = orig_hw
+  if h <= 0 or w <= 0 or H <= 0 or W <= 0:
+    raise ValueError(f"crop {crop} and orig_hw {orig_hw} must have positive sizes")
+  x = (boxes[:, [0, 2]] * W - left) / w
+  y = (boxes[:, [1, 3]] * H - top) / h
+  area = (x[:, 1] - x[:, 0]) * (y[:, 1] - y[:, 0])
+  x, y = np.clip(x, 0.0, 1.0), np.clip(y, 0.0, 1.0)
+  bw, bh = x[:, 1] - x[:, 0], y[:, 1] - y[:, 0]
+  keep = (bw > min_size) & (bh > min_size)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    visible = np.where(area > 0, bw * bh / np.where(area > 0, area, 1.0), 0.0)
+  keep &= visible > min_visible
+  if hflip:
+    x = 1.0 - x[:, ::-1]
+  out = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=-1)
+  out[~keep] = 0.0
+  return out.astype(np.float32), keep
+
