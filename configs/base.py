@@ -1,0 +1,53 @@
+"""Keys every training config has, with defaults; experiment files override them."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.family = "clip"  # clip | long_clip | moe | region | multilingual
+  c.model = "demo-tiny"  # a zoo.list_models() name
+  c.model_overrides = ml_collections.ConfigDict()  # CLIPConfig fields, e.g. {"quick_gelu": True}
+  c.init_from = ""  # a zoo.save() directory to fine-tune from ("" = random init)
+  c.tokenizer = ""  # "" = the model's own tokenizer
+  c.context_length = 0  # 0 = the model's context length
+  c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+  c.seed = 0
+
+  c.batch_size = 128  # global, over all hosts and devices
+  c.grad_accum = 1  # micro-batches per step (negatives are per micro-batch)
+  c.total_steps = 1000
+  c.warmup_steps = 100
+  c.lr = 5e-4
+  c.end_lr = 0.0
+  c.b1 = 0.9
+  c.b2 = 0.98
+  c.eps = 1e-6
+  c.weight_decay = 0.2  # not on biases, norms, embeddings, logit scale/bias
+  c.grad_clip = 1.0  # global norm; 0 = off
+  c.max_logit_scale = 100.0
+
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.eval_every = 500  # 0 = no evaluation during training
+  c.log_every = 10
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.loss = ml_collections.ConfigDict(dict(impl="reference"))  # reference | xla | pallas
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="demo",  # demo | webdataset
+      size=20000,  # demo: number of training scenes
+      shards="",  # webdataset: glob or comma-separated list of .tar files
+      eval_shards="",  # webdataset: retrieval eval shards
+      random_resized_crop_scale=(0.9, 1.0),
+      max_regions=4,
+      eval_size=1000,
+      num_threads=2,
+  ))
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="",  # "host:port"; "" = single process (or ZOO_* env variables)
+      num_processes=0,
+      process_id=-1,
+  ))
+  return c

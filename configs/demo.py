@@ -1,0 +1,23 @@
+"""Tiny CLIP trained from scratch on the embedded demo data (rendered shapes) on a CPU.
+
+python train.py --config configs/demo.py --workdir runs/demo
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.base_config()
+  c.model = "demo-tiny"
+  c.context_length = 32  # demo captions are short; the model reads up to 77
+  c.batch_size = 128
+  c.total_steps = 300
+  c.warmup_steps = 30
+  c.lr = 1e-3
+  c.weight_decay = 0.1
+  c.checkpoint_every = 100
+  c.eval_every = 150
+  c.log_every = 10
+  c.data.size = 40000
+  c.data.eval_size = 480
+  return c

@@ -1,0 +1,47 @@
+"""Evaluate a zoo model: zero-shot classification, retrieval (and each family's own evals).
+
+python eval.py --config configs/demo.py --workdir runs/demo     # latest training checkpoint
+python eval.py --config configs/demo.py --checkpoint DIR        # a zoo.save() directory
+Writes DIR/metrics.json (one record per evaluated step) and prints a table.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (evaluates its latest checkpoint).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A zoo.save() directory to evaluate.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  del argv
+  import os
+
+  import jax
+
+  from zoo import eval_lib, train_lib
+
+  config = _CONFIG.value
+  if not (_WORKDIR.value or _CHECKPOINT.value):
+    raise app.UsageError("pass --workdir (latest training checkpoint) or --checkpoint DIR")
+  train_lib.maybe_initialize_distributed(config)
+  model, step, out_dir = train_lib.load_for_eval(config, workdir=_WORKDIR.value,
+                                                 checkpoint=_CHECKPOINT.value)
+  family = train_lib.get_family(config.get("family", "clip"))
+  tokenizer = train_lib.make_tokenizer(config, model)
+  eval_sets = train_lib.build_eval_sets(config, model, tokenizer)
+  mesh = train_lib.sharding.mesh_from_config(config.mesh)
+  metrics = train_lib.run_eval(model, config, tokenizer, eval_sets, mesh, family)
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    eval_lib.append_metrics(out_dir, step, metrics)
+    print(eval_lib.format_table(metrics))
+    print(f"metrics written to {os.path.join(out_dir, 'metrics.json')} (step {step})")
+
+
+if __name__ == "__main__":
+  from zoo.config_utils import parse_flags
+
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,554 @@
+"""The one sharded train loop every model family plugs into.
+
+A family (`Family`) supplies: how to build the model, a forward of (model, batch, rng) ->
+outputs, a loss of (outputs, batch, ctx) -> (loss, metrics), and the batch fields it needs.
+The loop owns everything else: mesh, shardings, optimizer, the jitted train step (pure
+function of (state, batch), explicit in/out shardings, donated state), data, checkpoints with
+exact resume, evaluation, logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from zoo import clip as clip_lib
+from zoo import sharding
+
+Array = jax.Array
+PyTree = Any
+log = logging.getLogger("zoo.train")
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+  """What a family loss may need besides (outputs, batch)."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  impl: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family: the only things that differ between CLIP, Long-CLIP, MoE, region, ..."""
+
+  name: str
+  forward: Callable[[nnx.Module, dict, Array], dict]
+  loss: Callable[[dict, dict, LossContext], tuple[Array, dict]]
+  fields: tuple[str, ...] = ("image", "tokens")
+  build_model: Callable[[ml_collections.ConfigDict], nnx.Module] | None = None
+  # path (tuple of str keys) -> whether that parameter is trained; None = all.
+  trainable: Callable[[tuple[str, ...]], bool] | None = None
+  # (model, config, tokenizer, mesh) -> extra eval metrics; None = standard eval only.
+  evaluate: Callable[..., dict[str, float]] | None = None
+
+
+_FAMILIES: dict[str, Family] = {}
+# Families defined in other modules register themselves on import.
+_FAMILY_MODULES = {
+    "long_clip": "zoo.long_clip",
+    "moe": "zoo.moe",
+    "region": "zoo.region",
+    "multilingual": "zoo.multilingual",
+}
+
+
+def register_family(family: Family) -> None:
+  _FAMILIES[family.name] = family
+
+
+def get_family(name: str) -> Family:
+  if name not in _FAMILIES and name in _FAMILY_MODULES:
+    importlib.import_module(_FAMILY_MODULES[name])
+  if name not in _FAMILIES:
+    raise ValueError(f"unknown config.family {name!r}; known: "
+                     f"{', '.join(sorted(set(_FAMILIES) | set(_FAMILY_MODULES)))}")
+  return _FAMILIES[name]
+
+
+def build_clip_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  """`config.model` with `config.model_overrides`, compute dtype from `config.dtype`."""
+  overrides = dict(config.get("model_overrides", {}) or {})
+  overrides = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in overrides.items()}
+  return clip_lib.create(config.model, seed=config.seed, dtype=config.dtype, **overrides)
+
+
+def clip_forward(model: nnx.Module, batch: dict, rng: Array) -> dict:
+  del rng
+  return model(batch["image"], batch["tokens"])
+
+
+def clip_family_loss(outputs: dict, batch: dict, ctx: LossContext) -> tuple[Array, dict]:
+  from zoo import losses
+
+  return losses.clip_loss(outputs, batch, impl=ctx.impl, mesh=ctx.mesh)
+
+
+register_family(Family("clip", forward=clip_forward, loss=clip_family_loss,
+                       build_model=build_clip_model))
+
+
+def model_builder(config: ml_collections.ConfigDict, family: Family) -> Callable[[], nnx.Module]:
+  build = family.build_model or build_clip_model
+  return lambda: build(config)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+_NO_DECAY_NAMES = {"token_embedding", "positional_embedding", "class_embedding", "latent",
+                   "logit_scale", "logit_bias"}
+
+
+def path_names(path) -> tuple[str, ...]:
+  """Key path of a pytree leaf -> tuple of names (drops nnx's `.value` attribute)."""
+  names = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      names.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      names.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
+      names.append(k.name)
+  return tuple(names)
+
+
+def decay_mask(params: PyTree) -> PyTree:
+  """Weight decay on matrices only: no decay on biases, norms, embeddings, logit scale/bias."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x.ndim >= 2 and not (set(path_names(p)) & _NO_DECAY_NAMES), params)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  warmup = min(config.warmup_steps, max(config.total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
+                                            max(config.total_steps, warmup + 1),
+                                            end_value=config.get("end_lr", 0.0))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: PyTree,
+                   trainable: Callable[[tuple[str, ...]], bool] | None) -> optax.GradientTransformation:
+  """AdamW with decay mask, global-norm clipping, warmup+cosine; frozen params get no update."""
+  parts = []
+  if config.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(config.grad_clip))
+  parts.append(optax.adamw(make_schedule(config), b1=config.get("b1", 0.9),
+                           b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
+                           weight_decay=config.weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  if trainable is None:
+    return tx
+  labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "train" if trainable(path_names(p)) else "freeze", params)
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def clamp_logit_scale(params: PyTree, max_scale: float) -> PyTree:
+  """Clamps the learned log temperature at log(max_scale) (CLIP's 100)."""
+  limit = float(np.log(max_scale))
+
+  def clamp(path, x):
+    names = path_names(path)
+    return jnp.clip(x, 0.0, limit) if names and names[-1] == "logit_scale" else x
+
+  return jax.tree_util.tree_map_with_path(clamp, params)
+
+
+def split_microbatches(batch: dict, num: int) -> dict:
+  """[B, ...] -> [num, B/num, ...] with microbatch a = rows a, a+num, ... so each device's
+  contiguous shard contributes equally to every microbatch (no resharding)."""
+  def split(x):
+    b = x.shape[0]
+    if b % num:
+      raise ValueError(f"batch of {b} is not divisible by grad_accum={num}")
+    return jnp.swapaxes(x.reshape(b // num, num, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
+                    tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> Callable:
+  """The pure train step (state, batch) -> (state, metrics); jitted by the caller."""
+  ctx = LossContext(config=config, mesh=mesh, impl=config.loss.impl)
+  accum = int(config.get("grad_accum", 1))
+
+  def loss_fn(params, batch, rng):
+    model = nnx.merge(graphdef, params, rest)
+    outputs = family.forward(model, batch, rng)
+    return family.loss(outputs, batch, ctx)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    params = state["params"]
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(params, batch, rng)
+    else:
+      micro = split_microbatches(batch, accum)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        acc_g, acc_l, acc_m = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
+                jax.tree.map(jnp.add, acc_m, m)), None
+
+      zero_m = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+      init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m))
+      (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      metrics = jax.tree.map(lambda m: m / accum, metrics)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    params = clamp_logit_scale(params, config.get("max_logit_scale", 100.0))
+    metrics = dict(metrics)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["lr"] = make_schedule(config)(state["step"])
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything built once: mesh, family, graphdef, shardings, jitted step, initial state."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  family: Family
+  graphdef: nnx.GraphDef
+  rest: nnx.State
+  state: dict
+  state_shardings: dict
+  step_fn: Callable
+  tx: optax.GradientTransformation
+
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state["step"]))
+
+  def model(self, state: dict | None = None) -> nnx.Module:
+    """The current model (a fresh NNX module over the state's parameters)."""
+    return nnx.merge(self.graphdef, (state or self.state)["params"], self.rest)
+
+
+def init_params_from(config: ml_collections.ConfigDict, model: nnx.Module) -> None:
+  """Fine-tuning: copy weights from `config.init_from` (a zoo.save directory) into `model`."""
+  src = config.get("init_from", "")
+  if not src:
+    return
+  from zoo import checkpoint
+
+  loaded, _, _ = checkpoint.load(src)
+  target = nnx.state(model, nnx.Param)
+  source = nnx.state(loaded, nnx.Param)
+  flat_t = dict(nnx.to_flat_state(target))
+  flat_s = dict(nnx.to_flat_state(source))
+  for key, var in flat_t.items():
+    if key in flat_s and flat_s[key].shape == var.shape:
+      var.value = flat_s[key].value
+  missing = [k for k in flat_t if k not in flat_s or flat_s[k].shape != flat_t[k].shape]
+  if missing:
+    log.info("init_from %s: %d parameters kept their fresh init (e.g. %s)", src, len(missing),
+             "/".join(map(str, missing[0])))
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+                  model: nnx.Module | None = None) -> Trainer:
+  """Builds the model sharded over the mesh, the optimizer state, and the jitted step."""
+  mesh = mesh or sharding.mesh_from_config(config.mesh)
+  family = get_family(config.get("family", "clip"))
+  if model is None:
+    model = model_builder(config, family)()
+    init_params_from(config, model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  param_sh = sharding.state_shardings(params, mesh)
+  params = sharding.shard_state(params, param_sh)
+  tx = make_optimizer(config, params, family.trainable)
+  # Optimizer state shardings follow the parameters (elementwise moments propagate).
+  opt_state = jax.jit(tx.init)(params)
+  repl = sharding.replicated(mesh)
+  opt_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+                        else repl, opt_state)
+  opt_state = sharding.shard_state(opt_state, opt_sh)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
+           "opt_state": opt_state,
+           "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
+  state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
+
+  raw_step = make_train_step(graphdef, rest, family, tx, config, mesh)
+
+  def step_with_key(state, batch):
+    # RNG is stored as raw key data so it checkpoints as a plain uint32 array.
+    st = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
+    new, metrics = raw_step(st, batch)
+    new["rng"] = jax.random.key_data(new["rng"])
+    return new, metrics
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(step_with_key, in_shardings=(state_sh, batch_sh),
+                    out_shardings=(state_sh, repl), donate_argnums=(0,))
+  return Trainer(config=config, mesh=mesh, family=family, graphdef=graphdef, rest=rest,
+                 state=state, state_shardings=state_sh, step_fn=step_fn, tx=tx)
+
+
+# ----------------------------------------------------------------------------- data / eval
+
+
+def context_length(config: ml_collections.ConfigDict, model: nnx.Module) -> int:
+  return int(config.get("context_length", 0) or model.config.text.context_length)
+
+
+def make_tokenizer(config: ml_collections.ConfigDict, model: nnx.Module):
+  from zoo import tokenizers
+
+  name = config.get("tokenizer", "") or config.model
+  return tokenizers.get_tokenizer(name, context_length=context_length(config, model))
+
+
+def build_data(config: ml_collections.ConfigDict, model: nnx.Module, family: Family, tokenizer):
+  from zoo import data
+
+  mc = model.config
+  return data.build_train_pipeline(
+      config.data, tokenizer=tokenizer, image_size=mc.vision.image_size, mean=mc.image_mean,
+      std=mc.image_std, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      fields=family.fields, context_length=context_length(config, model))
+
+
+def build_eval_sets(config: ml_collections.ConfigDict, model: nnx.Module, tokenizer) -> dict:
+  from zoo import data
+
+  mc = model.config
+  return data.build_eval_sets(config.data, tokenizer=tokenizer, image_size=mc.vision.image_size,
+                              mean=mc.image_mean, std=mc.image_std)
+
+
+def run_eval(trainer_or_model, config: ml_collections.ConfigDict, tokenizer, eval_sets: dict,
+             mesh: jax.sharding.Mesh | None, family: Family) -> dict[str, float]:
+  """Standard eval sets plus the family's own evaluator (if any)."""
+  from zoo import eval_lib
+
+  model = trainer_or_model
+  metrics = eval_lib.evaluate(model, eval_sets, tokenizer, mesh=mesh)
+  if family.evaluate is not None:
+    metrics.update(family.evaluate(model, config, tokenizer, mesh))
+  return {k: float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize from config.distributed or the environment (multi-host)."""
+  dist = config.get("distributed", None)
+  coordinator = (dist.get("coordinator_address", "") if dist else "") or os.environ.get(
+      "ZOO_COORDINATOR_ADDRESS", "")
+  if not coordinator:
+    return
+  num = int((dist.get("num_processes", 0) if dist else 0) or os.environ["ZOO_NUM_PROCESSES"])
+  pid = int(dist.get("process_id", -1) if dist else -1)
+  if pid < 0:
+    pid = int(os.environ["ZOO_PROCESS_ID"])
+  if jax.default_backend() == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+
+
+class _Logger:
+  """Progress bar, TensorBoard scalars and a JSONL log of train metrics (process 0 only)."""
+
+  def __init__(self, workdir: str, total: int, start: int, enabled: bool):
+    self.enabled = enabled
+    self.bar = None
+    self.tb = None
+    self.jsonl = None
+    if not enabled:
+      return
+    from tqdm.auto import tqdm
+
+    self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
+                    mininterval=1.0)
+    try:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    except ImportError:  # tensorboard is optional for logging
+      self.tb = None
+    self.jsonl = open(os.path.join(workdir, "train_log.jsonl"), "a")
+
+  def scalars(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+    if not self.enabled:
+      return
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    self.jsonl.write(json.dumps({"step": step, "prefix": prefix, **metrics}) + "\n")
+    self.jsonl.flush()
+
+  def progress(self, n: int, postfix: Mapping[str, Any]) -> None:
+    if self.bar is not None:
+      self.bar.update(n)
+      self.bar.set_postfix(postfix, refresh=False)
+
+  def write(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.write(text)
+    elif self.enabled:
+      print(text)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.tb is not None:
+      self.tb.close()
+    if self.jsonl is not None:
+      self.jsonl.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints); returns a summary dict.
+
+  `stop_after` ends the run after that many steps of this process (tests of resume).
+  """
+  from zoo import checkpoint, eval_lib
+
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  trainer = build_trainer(config)
+  model0 = trainer.model()
+  tokenizer = make_tokenizer(config, model0)
+  data_iter = build_data(config, model0, trainer.family, tokenizer)
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                      save_every=config.checkpoint_every,
+                                      keep=config.get("keep_checkpoints", 2))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    trainer.state, extra = ckpt.restore(latest, abstract_state(trainer))
+    if extra.get("data_state") is not None:
+      data_iter.set_state(extra["data_state"])
+    log.info("resumed from step %d", latest)
+  eval_sets = build_eval_sets(config, model0, tokenizer) if config.eval_every else {}
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  start = trainer.step
+  total = config.total_steps
+  logger = _Logger(workdir, total, start, is_main)
+  losses: list[float] = []
+  metrics_last: dict[str, float] = {}
+  eval_metrics: dict[str, float] = {}
+  t_last, n_last = time.perf_counter(), 0
+  log_every = max(1, int(config.get("log_every", 10)))
+  steps_run = 0
+  try:
+    for step in range(start, total):
+      host_batch = next(data_iter)
+      batch = sharding.host_to_global(
+          {k: v for k, v in host_batch.items() if k in trainer.family.fields}, trainer.mesh)
+      trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+      steps_run += 1
+      n_last += 1
+      done = step + 1
+      if done % log_every == 0 or done == total:
+        metrics_last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - t_last
+        metrics_last["samples_per_sec"] = n_last * config.batch_size / max(dt, 1e-9)
+        skipped = getattr(data_iter, "skipped", None)
+        if skipped is not None:
+          metrics_last["skipped_samples"] = float(skipped)
+        logger.scalars(done, metrics_last)
+        logger.progress(n_last, {"loss": f"{metrics_last['loss']:.4f}",
+                                 "samples/s": f"{metrics_last['samples_per_sec']:.1f}"})
+        t_last, n_last = time.perf_counter(), 0
+      losses.append(metrics["loss"])
+      if done % config.checkpoint_every == 0 or done == total:
+        ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()})
+      if config.eval_every and (done % config.eval_every == 0 or done == total):
+        eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
+                                trainer.family)
+        if is_main:
+          eval_lib.append_metrics(workdir, done, eval_metrics)
+          logger.scalars(done, eval_metrics, prefix="eval")
+          logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
+                                                      sorted(eval_metrics.items())))
+      if stop_after is not None and steps_run >= stop_after:
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    logger.close()
+  loss_values = [float(x) for x in jax.device_get(losses)]
+  return {"losses": loss_values, "metrics": metrics_last, "eval": eval_metrics,
+          "step": trainer.step, "trainer": trainer,
+          "skipped": getattr(data_iter, "skipped", None)}
+
+
+def abstract_state(trainer: Trainer) -> dict:
+  """Shape/dtype/sharding of the train state: the restore target."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      trainer.state, trainer.state_shardings)
+
+
+def restore_latest(trainer: Trainer, workdir: str) -> int | None:
+  """Restores the trainer's state from the latest complete checkpoint in `workdir`."""
+  from zoo import checkpoint
+
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                      save_every=trainer.config.checkpoint_every,
+                                      keep=trainer.config.get("keep_checkpoints", 2))
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      return None
+    trainer.state, _ = ckpt.restore(latest, abstract_state(trainer))
+    return latest
+  finally:
+    ckpt.close()
+
+
+def load_for_eval(config: ml_collections.ConfigDict, *, workdir: str | None = None,
+                  checkpoint: str | None = None) -> tuple[nnx.Module, int, str]:
+  """(model, step, where to write metrics) from a training workdir or a zoo.save directory."""
+  if checkpoint:
+    from zoo import checkpoint as ckpt_lib
+
+    model, _, _ = ckpt_lib.load(checkpoint)
+    return model, 0, workdir or checkpoint
+  trainer = build_trainer(config)
+  step = restore_latest(trainer, workdir)
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint under {os.path.join(workdir, 'checkpoints')}"
+                            "; train first or pass --checkpoint DIR")
+  return trainer.model(), step, workdir
