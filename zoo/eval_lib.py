@@ -1,0 +1,450 @@
+"""Evaluation: zero-shot classification, image<->text retrieval, metrics files and tables.
+
+Conventions follow open_clip / CLIP_benchmark (see REFERENCES.md, "Evaluation conventions"):
+
+* Embeddings are L2-normalized float32.
+* Zero-shot classifier: per class, normalize each template's text embedding, average over the
+  templates, re-normalize. Logits are `100 * image_features @ classifier`.
+* Ranking ties are broken by index (lower index ranks first), i.e. the order of a stable
+  descending sort; `top1` therefore agrees with `np.argmax`.
+* Retrieval: `image_retrieval_recall@k` = a text query finds one of its images in its top k;
+  `text_retrieval_recall@k` = an image query finds any of its positive texts in its top k.
+
+Eval sets (`evaluate`'s `eval_sets` argument) are a dict `name -> spec`, each spec a dict with a
+`"kind"` and that kind's arrays (all arrays host-local numpy, the full set on every host):
+
+* `"zeroshot"`: `images` float32 [N, H, W, 3] (preprocessed), `labels` int [N] in [0, C),
+  `class_names` list[str] (C), `templates` list of str with a `{}` or `{c}` placeholder, or
+  callables `class_name -> str`.
+* `"retrieval"`: `images` float32 [N, H, W, 3], `captions` list[str] (T),
+  `image_to_captions` list (N) of lists of caption indices (every caption belongs to >= 1 image).
+
+Optional keys for any kind: `tokenizer` (overrides `evaluate`'s), `batch_size`. Other kinds
+(long-caption retrieval, region classification, per-language zero-shot, ...) are added with
+`register_evaluator(kind, fn)`; `fn(model, spec, tokenizer, *, mesh, batch_size)` returns a
+dict of float metrics without the set prefix.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Tokenizer = Callable[[list[str]], Any]
+Template = str | Callable[[str], str]
+Evaluator = Callable[..., dict[str, float]]
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes the eval batch is sharded over (as in training)
+ZERO_SHOT_LOGIT_SCALE = 100.0
+METRICS_FILE = "metrics.json"
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_batch(graphdef: nnx.GraphDef, state: nnx.State, batch: Any, method: str) -> jax.Array:
+  """One fixed-shape batch through `model.<method>`, L2-normalized in float32."""
+  model = nnx.merge(graphdef, state)
+  x = getattr(model, method)(batch, normalize=False).astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}; "
+                     "build the mesh with zoo.sharding (axes data, fsdp, tensor)")
+  return axes
+
+
+def _place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """Keeps leaves already laid out on `mesh`'s devices; replicates the others over the mesh."""
+  devices = set(mesh.devices.flat)
+  replicated = NamedSharding(mesh, P())
+
+  def place(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+      return x
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(place, state)
+
+
+def _leading_dim(inputs: Any, what: str) -> int:
+  leaves = jax.tree.leaves(inputs)
+  if not leaves:
+    raise ValueError(f"{what}: no arrays given")
+  sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in leaves}
+  if len(sizes) != 1 or -1 in sizes:
+    raise ValueError(f"{what}: every array needs the same leading (batch) dimension, got "
+                     f"shapes {[np.shape(x) for x in leaves]}")
+  n = sizes.pop()
+  if n == 0:
+    raise ValueError(f"{what}: empty batch (leading dimension 0)")
+  return n
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """Pads the leading dim to `rows` by repeating the last row (real data: no NaNs, no masks)."""
+  if x.shape[0] == rows:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)], axis=0)
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # multi-host: gather the global array everywhere
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def encode_batched(model: nnx.Module, inputs: Any, method: str, *, batch_size: int = 256,
+                   mesh: Mesh | None = None) -> np.ndarray:
+  """`model.<method>(batch, normalize=False)` over `inputs` in fixed-size batches -> float32 [N, E].
+
+  `inputs` is an array or a pytree of arrays sharing the leading dimension N (e.g. a dict of
+  token ids and attention mask). The model is split once; one jitted pure function runs every
+  batch, and the last batch is padded to the same shape, so it compiles once per (model, batch
+  shape). With `mesh`, the batch is sharded over its ("data", "fsdp") axes and the batch size
+  is rounded up to a multiple of their device count; parameters not yet on the mesh are
+  replicated over it. Outputs are L2-normalized.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  inputs = jax.tree.map(np.asarray, inputs)
+  n = _leading_dim(inputs, f"{type(model).__name__}.{method} inputs")
+  graphdef, state = nnx.split(model)
+  if mesh is None:
+    shards, sharding = 1, None
+  else:
+    axes = _batch_axes(mesh)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    sharding = NamedSharding(mesh, P(axes))
+    state = _place_state(state, mesh)
+  # Small sets are not padded up to a large batch_size; either way a multiple of the shards.
+  bs = -(-min(batch_size, n) // shards) * shards
+
+  def put(batch):
+    if sharding is None:
+      return batch
+    # Each process fills its own shards from its (full, identical) host copy: multi-host safe.
+    return jax.tree.map(
+        lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]), batch)
+
+  outputs = []
+  for start in range(0, n, bs):
+    chunk = jax.tree.map(lambda a: _pad_rows(a[start:start + bs], bs), inputs)
+    outputs.append((_encode_batch(graphdef, state, put(chunk), method), min(bs, n - start)))
+  return np.concatenate([_to_numpy(out)[:valid] for out, valid in outputs], axis=0)
+
+
+def encode_images(model: nnx.Module, images: np.ndarray, batch_size: int = 256,
+                  mesh: Mesh | None = None) -> np.ndarray:
+  """Preprocessed NHWC images -> L2-normalized float32 [N, E] numpy (see `encode_batched`)."""
+  if np.ndim(images) != 4:
+    raise ValueError(f"images: expected [N, H, W, C], got shape {np.shape(images)}")
+  return encode_batched(model, images, "encode_image", batch_size=batch_size, mesh=mesh)
+
+
+def encode_texts(model: nnx.Module, tokens: Any, batch_size: int = 1024,
+                 mesh: Mesh | None = None) -> np.ndarray:
+  """Token ids int32 [N, L] (or a pytree of such arrays) -> L2-normalized float32 [N, E]."""
+  if isinstance(tokens, (np.ndarray, jax.Array)) and np.ndim(tokens) != 2:
+    raise ValueError(f"tokens: expected [N, L] token ids, got shape {np.shape(tokens)}")
+  return encode_batched(model, tokens, "encode_text", batch_size=batch_size, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+def format_template(template: Template, class_name: str) -> str:
+  """Fills a prompt template: `{}` or `{c}` placeholders, or a callable `class_name -> str`."""
+  if callable(template):
+    return template(class_name)
+  if "{}" not in template and "{c}" not in template:
+    raise ValueError(f"template {template!r} has no '{{}}' or '{{c}}' placeholder for the class name")
+  return template.replace("{c}", class_name).replace("{}", class_name)
+
+
+def zero_shot_classifier(model: nnx.Module, tokenizer: Tokenizer, class_names: Sequence[str],
+                         templates: Sequence[Template], *, batch_size: int = 1024,
+                         mesh: Mesh | None = None) -> np.ndarray:
+  """Class-name x template prompts -> zero-shot weights float32 [E, C].
+
+  Per class: each template's text embedding normalized, averaged over templates, re-normalized.
+  """
+  if not class_names:
+    raise ValueError("class_names is empty")
+  if not templates:
+    raise ValueError("templates is empty")
+  texts = [format_template(t, c) for c in class_names for t in templates]
+  emb = encode_texts(model, tokenizer(texts), batch_size=batch_size, mesh=mesh)
+  if emb.shape[0] != len(texts):
+    raise ValueError(f"tokenizer returned {emb.shape[0]} rows for {len(texts)} prompts")
+  emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
+  emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+  return np.ascontiguousarray(emb.T.astype(np.float32))
+
+
+def _stable_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """Rank of column targets[i] in row i of `scores` under a stable descending sort, [Q].
+
+  rank = #(scores > target score) + #(scores == target score at a lower index).
+  """
+  t = np.take_along_axis(scores, targets[:, None], axis=1)
+  lower = np.arange(scores.shape[1])[None, :] < targets[:, None]
+  return (scores > t).sum(axis=1) + ((scores == t) & lower).sum(axis=1)
+
+
+def zero_shot_metrics(image_features: np.ndarray, labels: np.ndarray, classifier: np.ndarray, *,
+                      logit_scale: float = ZERO_SHOT_LOGIT_SCALE) -> dict[str, float]:
+  """Top-1, top-5 (top-min(5, C)) accuracy and mean per-class recall of `scale * img @ W`.
+
+  Mean per-class recall averages the recall of the classes present in `labels` (balanced
+  accuracy, as CLIP_benchmark / sklearn compute it).
+  """
+  image_features = np.asarray(image_features, np.float32)
+  classifier = np.asarray(classifier, np.float32)
+  labels = np.asarray(labels)
+  if image_features.ndim != 2 or classifier.ndim != 2 or image_features.shape[1] != classifier.shape[0]:
+    raise ValueError(f"image_features [N, E] and classifier [E, C] do not fit: "
+                     f"{image_features.shape} vs {classifier.shape}")
+  num_classes = classifier.shape[1]
+  if labels.shape != (image_features.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels: expected int [{image_features.shape[0]}], got {labels.dtype} {labels.shape}")
+  if labels.size == 0:
+    raise ValueError("zero_shot_metrics: no images")
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+  logits = logit_scale * (image_features @ classifier)
+  ranks = _stable_ranks(logits, labels.astype(np.int64))
+  correct = ranks == 0
+  present = np.unique(labels)
+  recalls = [correct[labels == c].mean() for c in present]
+  return {
+      "top1": float(correct.mean()),
+      "top5": float((ranks < min(5, num_classes)).mean()),
+      "mean_per_class_recall": float(np.mean(recalls)),
+  }
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def _best_positive_ranks(scores: np.ndarray, positives: list[list[int]],
+                         chunk: int = 1024) -> np.ndarray:
+  """Per query row, the best (smallest) stable rank among its positive columns, [Q]."""
+  q = scores.shape[0]
+  width = max(len(p) for p in positives)
+  pos = np.array([list(p) + [p[0]] * (width - len(p)) for p in positives], np.int64)  # pad: repeat
+  best = np.empty(q, np.int64)
+  for s in range(0, q, chunk):  # bounded memory for large query sets
+    block, pb = scores[s:s + chunk], pos[s:s + chunk]
+    ranks = np.stack([_stable_ranks(block, pb[:, j]) for j in range(width)], axis=1)
+    best[s:s + chunk] = ranks.min(axis=1)
+  return best
+
+
+def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray,
+                      image_to_texts: Sequence[Sequence[int]],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """Image<->text recall@k (CLIP_benchmark): a query is a hit if any positive is in its top k.
+
+  `image_retrieval_recall@k`: text queries ranking images; `text_retrieval_recall@k`: image
+  queries ranking texts. `image_to_texts[i]` lists the texts describing image i.
+  """
+  img = np.asarray(image_features, np.float32)
+  txt = np.asarray(text_features, np.float32)
+  if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+    raise ValueError(f"image_features [N, E] and text_features [T, E] do not fit: {img.shape} vs {txt.shape}")
+  n, t = img.shape[0], txt.shape[0]
+  if len(image_to_texts) != n:
+    raise ValueError(f"image_to_texts has {len(image_to_texts)} entries for {n} images")
+  text_to_images: list[list[int]] = [[] for _ in range(t)]
+  for i, texts in enumerate(image_to_texts):
+    if len(texts) == 0:
+      raise ValueError(f"image_to_texts[{i}] is empty: every image needs at least one text")
+    for j in texts:
+      if not 0 <= int(j) < t:
+        raise ValueError(f"image_to_texts[{i}] holds text index {j}, outside [0, {t})")
+      text_to_images[int(j)].append(i)
+  orphans = [j for j, imgs in enumerate(text_to_images) if not imgs]
+  if orphans:
+    raise ValueError(f"texts {orphans[:10]} belong to no image in image_to_texts")
+  if not ks or min(ks) < 1:
+    raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+  scores = txt @ img.T  # [T, N]
+  image_ranks = _best_positive_ranks(scores, text_to_images)
+  text_ranks = _best_positive_ranks(np.ascontiguousarray(scores.T), [list(map(int, p)) for p in image_to_texts])
+  out = {}
+  for k in ks:
+    out[f"image_retrieval_recall@{k}"] = float((image_ranks < k).mean())
+    out[f"text_retrieval_recall@{k}"] = float((text_ranks < k).mean())
+  return out
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+_EVALUATORS: dict[str, Evaluator] = {}
+
+
+def register_evaluator(kind: str, fn: Evaluator, *, overwrite: bool = False) -> None:
+  """Adds an eval-set kind: `fn(model, spec, tokenizer, *, mesh, batch_size) -> {metric: float}`."""
+  if kind in _EVALUATORS and not overwrite:
+    raise ValueError(f"evaluator kind {kind!r} is already registered (pass overwrite=True)")
+  _EVALUATORS[kind] = fn
+
+
+def evaluator_kinds() -> list[str]:
+  """The registered eval-set kinds."""
+  return sorted(_EVALUATORS)
+
+
+def _require(spec: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
+  missing = [k for k in keys if k not in spec]
+  if missing:
+    raise ValueError(f"eval set {where} misses keys {missing}; it has {sorted(spec)}")
+
+
+def eval_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokenizer, *,
+                  mesh: Mesh | None = None, batch_size: int = 256) -> dict[str, float]:
+  """Zero-shot classification of `spec["images"]` against `class_names` x `templates`."""
+  _require(spec, ("images", "labels", "class_names", "templates"), "'zeroshot'")
+  classifier = zero_shot_classifier(model, tokenizer, spec["class_names"], spec["templates"],
+                                    batch_size=max(batch_size, 1024), mesh=mesh)
+  feats = encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
+  return zero_shot_metrics(feats, spec["labels"], classifier)
+
+
+def eval_retrieval(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokenizer, *,
+                   mesh: Mesh | None = None, batch_size: int = 256) -> dict[str, float]:
+  """Image<->caption retrieval recall@{1,5,10} (or `spec["ks"]`)."""
+  _require(spec, ("images", "captions", "image_to_captions"), "'retrieval'")
+  img = encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
+  txt = encode_texts(model, tokenizer(list(spec["captions"])), batch_size=max(batch_size, 1024), mesh=mesh)
+  return retrieval_metrics(img, txt, spec["image_to_captions"], ks=spec.get("ks", (1, 5, 10)))
+
+
+register_evaluator("zeroshot", eval_zeroshot)
+register_evaluator("retrieval", eval_retrieval)
+
+
+def evaluate(model: nnx.Module, eval_sets: Mapping[str, Mapping[str, Any]], tokenizer: Tokenizer | None,
+             *, mesh: Mesh | None = None, prefix_by_set: bool = True,
+             batch_size: int = 256) -> dict[str, float]:
+  """Runs every eval set (see the module docstring for the format) -> {"set/metric": float}.
+
+  With `prefix_by_set=False` metric names are unprefixed; two sets producing the same name is
+  then an error.
+  """
+  results: dict[str, float] = {}
+  for name, spec in eval_sets.items():
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+      raise ValueError(f"eval set {name!r} needs a dict with a 'kind' (one of {evaluator_kinds()})")
+    kind = spec["kind"]
+    if kind not in _EVALUATORS:
+      raise ValueError(f"eval set {name!r} has unknown kind {kind!r}; registered: {evaluator_kinds()} "
+                       "(add one with zoo.eval_lib.register_evaluator)")
+    tok = spec.get("tokenizer", tokenizer)
+    if tok is None:
+      raise ValueError(f"eval set {name!r}: no tokenizer given (pass one to evaluate or set spec['tokenizer'])")
+    metrics = _EVALUATORS[kind](model, spec, tok, mesh=mesh, batch_size=int(spec.get("batch_size", batch_size)))
+    for metric, value in metrics.items():
+      key = f"{name}/{metric}" if prefix_by_set else metric
+      if key in results:
+        raise ValueError(f"metric {key!r} produced twice (eval set {name!r}); use prefix_by_set=True")
+      results[key] = float(value)
+  return results
+
+
+# ----------------------------------------------------------------------------- metrics files
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of `workdir/metrics.json`, sorted by step ([] when the file does not exist)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    try:
+      records = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}); move it away to start a new metrics file") from e
+  if not isinstance(records, list) or not all(isinstance(r, dict) and "step" in r for r in records):
+    raise ValueError(f"{path}: expected a JSON list of records with a 'step' key")
+  return records
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, (np.generic, jax.Array)):
+    value = np.asarray(value).item()
+  return value
+
+
+def append_metrics(workdir: str | os.PathLike, step: int, metrics: Mapping[str, Any], *,
+                   merge: bool = False) -> str:
+  """Writes `{"step": step, **metrics}` into `workdir/metrics.json` atomically; returns the path.
+
+  One record per step, sorted by step: re-evaluating a step replaces its record (or, with
+  `merge=True`, updates it with the new keys). Call from one process only (process 0).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, METRICS_FILE)
+  step = int(step)
+  new = {k: _jsonable(v) for k, v in metrics.items()}
+  if "step" in new:
+    raise ValueError("metrics must not contain a 'step' key; pass the step separately")
+  records = {int(r["step"]): r for r in read_metrics(workdir)}
+  record = {**records[step], **new} if merge and step in records else {"step": step, **new}
+  record["step"] = step
+  records[step] = record
+  payload = json.dumps([records[s] for s in sorted(records)], indent=1)
+  fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=workdir)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(payload + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def format_table(metrics: Mapping[str, Any], *, title: str | None = None) -> str:
+  """A two-column (metric, value) text table, rendered with rich when installed."""
+  rows = [(k, f"{float(v):.4f}" if isinstance(v, (int, float, np.number)) else str(v))
+          for k, v in metrics.items()]
+  try:
+    from rich.console import Console
+    from rich.table import Table
+  except ImportError:
+    width = max([len("metric")] + [len(k) for k, _ in rows])
+    lines = ([title] if title else []) + [f"{'metric':<{width}}  value", "-" * (width + 8)]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+  table = Table(title=title)
+  table.add_column("metric")
+  table.add_column("value", justify="right")
+  for k, v in rows:
+    table.add_row(k, v)
+  buf = io.StringIO()
+  Console(file=buf, width=120, color_system=None, force_terminal=False).print(table)
+  return buf.getvalue().rstrip("\n")
