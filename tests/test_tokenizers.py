@@ -23,6 +23,8 @@ CORPUS = [
     "emoji: 😀🎉👍🏽 👨‍👩‍👧‍👦 🇯🇵 ❤️",
     "Tom &amp; Jerry &lt;3 it&#39;s &quot;fine&quot;",
     "double escaped: &amp;amp; &amp;lt;b&amp;gt; &amp;#39;",
+    # '<' stops ftfy's own unescaping, so only the double html.unescape handles these.
+    "<b>tags</b> &amp;amp; &amp;lt;i&amp;gt; &amp;amp;amp; &amp;#39;",
     "  lots   of\t\ttabs\n\nand\r\nnewlines   everywhere  ",
     "numbers 1234567890 3.14159 -42 1e-5 $9.99 100% #1 @home",
     "don't can't won't I'm you're we've they'll she'd it's IT'S DON'T",
