@@ -267,3 +267,16 @@ def test_get_tokenizer_dispatch(spm_model):
   siglip = get_tokenizer("ViT-B-16-SigLIP", model_path=spm_model)
   assert isinstance(siglip, SentencePieceTokenizer) and siglip.context_length == 64
   assert siglip(["a photo"]).shape == (1, 64)
+
+
+def test_tokenizers_pickle_for_data_workers(spm_model):
+  import pickle
+
+  texts = ["a photo of a cat", "kato rimu sepa"]
+  clip = ClipTokenizer(context_length=20)
+  clip_copy = pickle.loads(pickle.dumps(clip))
+  assert clip_copy.context_length == 20 and len(pickle.dumps(clip)) < 1000  # args, not tables
+  np.testing.assert_array_equal(clip_copy(texts), clip(texts))
+  sp = SentencePieceTokenizer(spm_model, 12, add_eos=True, clean="whitespace")
+  sp_copy = pickle.loads(pickle.dumps(sp))
+  np.testing.assert_array_equal(sp_copy(texts), sp(texts))

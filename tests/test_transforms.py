@@ -87,6 +87,10 @@ def test_get_preprocess_uses_model_config():
   assert pre.image_size == (cfg.vision.image_size,) * 2 and pre.mean == T.SIGLIP_MEAN
   white = np.full((50, 70, 3), 255, np.uint8)
   np.testing.assert_allclose(pre(white), 1.0, atol=1e-6)  # SigLIP: x / 127.5 - 1
+  small = registry.get_model_config("test-tiny")
+  assert T.get_preprocess(small) == T.make_preprocess(small.vision.image_size)
+  with pytest.raises(TypeError, match="CLIPConfig"):
+    T.get_preprocess(3)
 
 
 def test_preprocess_bad_input_errors():

@@ -70,11 +70,28 @@ def canonicalize_text(text: str) -> str:
   return whitespace_clean(text)
 
 
+def _clean_lower(text: str) -> str:
+  return whitespace_clean(basic_clean(text)).lower()
+
+
+def _clean_whitespace(text: str) -> str:
+  return whitespace_clean(basic_clean(text))
+
+
+def _clean_canonicalize(text: str) -> str:
+  return canonicalize_text(basic_clean(text))
+
+
+def _clean_none(text: str) -> str:
+  return text
+
+
+# Named module-level functions (not lambdas) so that tokenizers pickle into data workers.
 _CLEAN_FNS: dict[str, Callable[[str], str]] = {
-    "lower": lambda t: whitespace_clean(basic_clean(t)).lower(),
-    "whitespace": lambda t: whitespace_clean(basic_clean(t)),
-    "canonicalize": lambda t: canonicalize_text(basic_clean(t)),
-    "none": lambda t: t,
+    "lower": _clean_lower,
+    "whitespace": _clean_whitespace,
+    "canonicalize": _clean_canonicalize,
+    "none": _clean_none,
 }
 
 
@@ -201,6 +218,7 @@ class ClipTokenizer:
 
   def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH,
                bpe_path: str = DEFAULT_BPE_PATH, clean: str = "lower"):
+    self._init_args = (context_length, bpe_path, clean)
     self.context_length = _check_context_length(context_length)
     self.encoder, self._ranks = _load_bpe(os.path.abspath(bpe_path))
     self.decoder = {i: tok for tok, i in self.encoder.items()}
@@ -216,6 +234,14 @@ class ClipTokenizer:
         r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         regex.IGNORECASE)
     self._cache: dict[str, tuple[int, ...]] = {}
+
+  def __getstate__(self):
+    # Pickle the constructor arguments only (data workers reload the cached vocabulary).
+    return {"args": self._init_args, "context_length": self.context_length}
+
+  def __setstate__(self, state):
+    self.__init__(*state["args"])
+    self.context_length = state["context_length"]
 
   def _word_ids(self, word: str) -> tuple[int, ...]:
     """Ids of one regex piece (cached: captions repeat words a lot)."""
@@ -300,6 +326,19 @@ class SentencePieceTokenizer:
     self.eot_token_id = self.eos_token_id if add_eos else None
     self._clean = get_clean_fn(clean)
     self._lowercase = lowercase
+
+  def __getstate__(self):
+    # The processor itself does not pickle; its serialized model does (no file needed).
+    state = dict(self.__dict__)
+    state["sp"] = self.sp.serialized_model_proto()
+    return state
+
+  def __setstate__(self, state):
+    import sentencepiece as spm
+
+    state = dict(state)
+    state["sp"] = spm.SentencePieceProcessor(model_proto=state["sp"])
+    self.__dict__.update(state)
 
   def clean(self, text: str) -> str:
     """The text as it is fed to sentencepiece."""

@@ -184,12 +184,20 @@ def make_preprocess(image_size: int | Sequence[int], mean: Sequence[float] = OPE
                     resize_mode, interpolation, int(fill_color))
 
 
-def get_preprocess(name: str) -> Preprocess:
-  """The eval preprocess of registered model `name` (its image size, mean and std)."""
-  from zoo import registry
+def get_preprocess(model: str | object) -> Preprocess:
+  """The eval preprocess of a registered model name or a model config.
 
-  config = registry.get_model_config(name)
-  return make_preprocess(config.vision.image_size, config.image_mean, config.image_std)
+  A config needs `.vision.image_size`, `.image_mean` and `.image_std` (zoo.registry.CLIPConfig).
+  """
+  if isinstance(model, str):
+    from zoo import registry
+
+    model = registry.get_model_config(model)
+  try:
+    size, mean, std = model.vision.image_size, model.image_mean, model.image_std
+  except AttributeError as e:
+    raise TypeError(f"get_preprocess needs a model name or a CLIPConfig, got {type(model).__name__}") from e
+  return make_preprocess(size, mean, std)
 
 
 # ----------------------------------------------------------------------------- train augmentation
