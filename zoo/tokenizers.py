@@ -266,7 +266,10 @@ class ClipTokenizer:
     return ids
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    """Text of `ids` (end-of-word markers become spaces; SOT/EOT/pad ids are kept as text)."""
+    """Text of `ids`, as open_clip decodes: word ends become spaces, SOT/EOT stay as text.
+
+    Drop padding first (`ids[ids != 0]`): pad id 0 is also the byte "!".
+    """
     unknown = [int(i) for i in ids if int(i) not in self.decoder]
     if unknown:
       raise ValueError(f"decode: ids {unknown[:5]} are outside the vocabulary [0, {self.vocab_size})")
