@@ -436,10 +436,12 @@ class _Logger:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None,
+          on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints); returns a summary dict.
 
-  `stop_after` ends the run after that many steps of this process (tests of resume).
+  `stop_after` ends the run after that many steps of this process; `on_step_end(step)` runs
+  after each step (tests use both to interrupt a run).
   """
   from zoo import checkpoint, eval_lib
 
@@ -503,6 +505,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           logger.scalars(done, eval_metrics, prefix="eval")
           logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
                                                       sorted(eval_metrics.items())))
+      if on_step_end is not None:
+        on_step_end(done)
       if stop_after is not None and steps_run >= stop_after:
         break
   finally:
