@@ -9,10 +9,7 @@ import dataclasses
 import math
 from typing import Any
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
+from zoo.transforms import INCEPTION_MEAN, INCEPTION_STD, OPENAI_MEAN, OPENAI_STD
 
 
 @dataclasses.dataclass(frozen=True)
