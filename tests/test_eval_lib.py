@@ -176,6 +176,24 @@ def test_encode_images_sharded_equals_unsharded(model, images):
     eval_lib.encode_images(model, images, mesh=Mesh(np.array(jax.devices()), ("tensor",)))
 
 
+def test_encode_with_sharded_parameters(model, images):
+  """The training layout: parameters sharded by zoo.sharding's rules over a 4-axis mesh."""
+  from flax import nnx
+
+  from zoo import sharding
+
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  graphdef, state = nnx.split(model)
+  sharded_model = nnx.merge(graphdef, sharding.shard_state(state, sharding.state_shardings(state, mesh)))
+  assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+             for x in jax.tree.leaves(nnx.state(sharded_model)))
+  tokens = simple_tokenizer([f"text {i}" for i in range(11)])
+  np.testing.assert_allclose(eval_lib.encode_images(sharded_model, images, batch_size=8, mesh=mesh),
+                             eval_lib.encode_images(model, images), atol=2e-5)
+  np.testing.assert_allclose(eval_lib.encode_texts(sharded_model, tokens, batch_size=4, mesh=mesh),
+                             eval_lib.encode_texts(model, tokens), atol=2e-5)
+
+
 def test_encode_texts_matches_model(model):
   tokens = simple_tokenizer(["a", "bb cc", "a photo of a dog", "x" * 100, "z"])
   expected = normalize(np.asarray(model.encode_text(tokens), np.float64))

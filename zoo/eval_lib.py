@@ -42,11 +42,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from zoo import sharding
+
 Tokenizer = Callable[[list[str]], Any]
 Template = str | Callable[[str], str]
 Evaluator = Callable[..., dict[str, float]]
 
-BATCH_AXES = ("data", "fsdp")  # mesh axes the eval batch is sharded over (as in training)
+BATCH_AXES = sharding.BATCH_AXES  # mesh axes the eval batch is sharded over, as in training
 ZERO_SHOT_LOGIT_SCALE = 100.0
 METRICS_FILE = "metrics.json"
 
@@ -66,7 +68,7 @@ def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   if not axes:
     raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}; "
-                     "build the mesh with zoo.sharding (axes data, fsdp, tensor)")
+                     "build the mesh with zoo.sharding.make_mesh")
   return axes
 
 
@@ -119,9 +121,10 @@ def encode_batched(model: nnx.Module, inputs: Any, method: str, *, batch_size: i
   `inputs` is an array or a pytree of arrays sharing the leading dimension N (e.g. a dict of
   token ids and attention mask). The model is split once; one jitted pure function runs every
   batch, and the last batch is padded to the same shape, so it compiles once per (model, batch
-  shape). With `mesh`, the batch is sharded over its ("data", "fsdp") axes and the batch size
-  is rounded up to a multiple of their device count; parameters not yet on the mesh are
-  replicated over it. Outputs are L2-normalized.
+  shape). With `mesh`, the batch is sharded over its batch axes (those of `BATCH_AXES`, i.e.
+  "data", "expert", "fsdp", that the mesh has) and the batch size is rounded up to a multiple of
+  their device count; parameters not yet on the mesh are replicated over it. Multi-host runs
+  need `mesh` and the full `inputs` on every host. Outputs are L2-normalized.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -129,21 +132,22 @@ def encode_batched(model: nnx.Module, inputs: Any, method: str, *, batch_size: i
   n = _leading_dim(inputs, f"{type(model).__name__}.{method} inputs")
   graphdef, state = nnx.split(model)
   if mesh is None:
-    shards, sharding = 1, None
+    shards, batch_sharding = 1, None
   else:
     axes = _batch_axes(mesh)
     shards = math.prod(mesh.shape[a] for a in axes)
-    sharding = NamedSharding(mesh, P(axes))
+    batch_sharding = NamedSharding(mesh, P(axes))
     state = _place_state(state, mesh)
   # Small sets are not padded up to a large batch_size; either way a multiple of the shards.
   bs = -(-min(batch_size, n) // shards) * shards
 
   def put(batch):
-    if sharding is None:
+    if batch_sharding is None:
       return batch
     # Each process fills its own shards from its (full, identical) host copy: multi-host safe.
     return jax.tree.map(
-        lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]), batch)
+        lambda a: jax.make_array_from_callback(a.shape, batch_sharding, lambda idx, a=a: a[idx]),
+        batch)
 
   outputs = []
   for start in range(0, n, bs):
