@@ -1,0 +1,201 @@
+"""open_clip / OpenAI CLIP state dicts <-> zoo CLIP.
+
+Layout (open_clip `model.CLIP` with the built-in ViT and text transformer, which is also what
+OpenAI's released weights load into): `visual.conv1.weight`, `visual.class_embedding`,
+`visual.positional_embedding`, `visual.ln_pre`, `visual.transformer.resblocks.N.*`,
+`visual.ln_post`, `visual.proj`; text at the root: `token_embedding.weight`,
+`positional_embedding`, `transformer.resblocks.N.*`, `ln_final`, `text_projection`;
+`logit_scale` (and `logit_bias` when the config has one).
+
+SigLIP (`ViT-B-16-SigLIP`, open_clip's `CustomTextCLIP` with a timm trunk) uses
+`visual.trunk.*` and `text.*`; see `_siglip_rules`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flax import nnx
+
+from zoo import clip as clip_lib
+from zoo import registry
+from zoo.convert import common
+from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
+
+# Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _resblock_rules(zoo: tuple, key: str, width: int, heads: int) -> list[Rule]:
+  """open_clip ResidualAttentionBlock (nn.MultiheadAttention with a packed in_proj)."""
+  dh = width // heads
+  return [
+      *layer_norm(zoo + ("ln_1",), f"{key}.ln_1"),
+      Rule(zoo + ("attn", "qkv_kernel"), (f"{key}.attn.in_proj_weight",),
+           lambda a: (a.reshape(width, 3 * width).T,),
+           lambda a: a.T.reshape(width, 3, heads, dh)),
+      Rule(zoo + ("attn", "qkv_bias"), (f"{key}.attn.in_proj_bias",),
+           lambda a: (a.reshape(3 * width),), lambda a: a.reshape(3, heads, dh)),
+      *attn_out(zoo + ("attn",), f"{key}.attn.out_proj", heads, width),
+      *layer_norm(zoo + ("ln_2",), f"{key}.ln_2"),
+      *linear(zoo + ("mlp", "fc1"), f"{key}.mlp.c_fc"),
+      *linear(zoo + ("mlp", "fc2"), f"{key}.mlp.c_proj"),
+  ]
+
+
+def _transformer_rules(zoo: tuple, key: str, width: int, heads: int, layers: int) -> list[Rule]:
+  rules = []
+  for i in range(layers):
+    rules += _resblock_rules(zoo + ("resblocks", i), f"{key}.resblocks.{i}", width, heads)
+  return rules
+
+
+def _check_clip_layout(config: registry.CLIPConfig) -> None:
+  v, t = config.vision, config.text
+  unsupported = []
+  if v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection:
+    unsupported.append("vision tower (needs class-token pooling, ln_pre, no patch bias, proj)")
+  if t.pool != "argmax" or t.proj_bias:
+    unsupported.append("text tower (needs argmax pooling and a bias-free text_projection)")
+  if unsupported:
+    raise ValueError("open_clip's CLIP layout cannot hold this model's " + " and ".join(unsupported))
+
+
+def _clip_rules(config: registry.CLIPConfig) -> list[Rule]:
+  """Rules for open_clip `model.CLIP` (built-in VisionTransformer + text transformer)."""
+  _check_clip_layout(config)
+  v, t = config.vision, config.text
+  rules = [
+      conv_patch(("visual", "patch_kernel"), "visual.conv1.weight"),
+      identity(("visual", "class_embedding"), "visual.class_embedding"),
+      identity(("visual", "positional_embedding"), "visual.positional_embedding"),
+      *layer_norm(("visual", "ln_pre"), "visual.ln_pre"),
+      *_transformer_rules(("visual", "transformer"), "visual.transformer", v.width, v.heads,
+                          v.layers),
+      *layer_norm(("visual", "ln_post"), "visual.ln_post"),
+      identity(("visual", "proj"), "visual.proj"),
+      identity(("text", "token_embedding"), "token_embedding.weight"),
+      identity(("text", "positional_embedding"), "positional_embedding"),
+      *_transformer_rules(("text", "transformer"), "transformer", t.width, t.heads, t.layers),
+      *layer_norm(("text", "ln_final"), "ln_final"),
+      identity(("text", "text_projection"), "text_projection"),
+      identity(("logit_scale",), "logit_scale"),
+  ]
+  if config.init_logit_bias is not None:
+    rules.append(identity(("logit_bias",), "logit_bias"))
+  return rules
+
+
+# ----------------------------------------------------------------------------- SigLIP (timm)
+
+
+def _timm_block_rules(zoo: tuple, key: str, width: int, heads: int) -> list[Rule]:
+  """timm ViT Block: norm1, attn.qkv (Linear W->3W), attn.proj, norm2, mlp.fc1/fc2."""
+  dh = width // heads
+  return [
+      *layer_norm(zoo + ("ln_1",), f"{key}.norm1"),
+      Rule(zoo + ("attn", "qkv_kernel"), (f"{key}.attn.qkv.weight",),
+           lambda a: (a.reshape(width, 3 * width).T,),
+           lambda a: a.T.reshape(width, 3, heads, dh)),
+      Rule(zoo + ("attn", "qkv_bias"), (f"{key}.attn.qkv.bias",),
+           lambda a: (a.reshape(3 * width),), lambda a: a.reshape(3, heads, dh)),
+      *attn_out(zoo + ("attn",), f"{key}.attn.proj", heads, width),
+      *layer_norm(zoo + ("ln_2",), f"{key}.norm2"),
+      *linear(zoo + ("mlp", "fc1"), f"{key}.mlp.fc1"),
+      *linear(zoo + ("mlp", "fc2"), f"{key}.mlp.fc2"),
+  ]
+
+
+def _siglip_rules(config: registry.CLIPConfig) -> list[Rule]:
+  """Rules for open_clip `CustomTextCLIP` with a timm ViT trunk (MAP head) and `text.*` tower."""
+  v, t = config.vision, config.text
+  if (v.pool != "map" or v.class_token or v.ln_pre or not v.patch_bias or v.projection
+      or t.pool != "last" or t.causal or not t.proj_bias):
+    raise ValueError("open_clip's SigLIP (timm trunk) layout needs MAP pooling, no class token, "
+                     "no ln_pre, a patch bias, no vision projection, last-token text pooling, "
+                     "no causal mask and a text projection bias")
+  rules = [
+      conv_patch(("visual", "patch_kernel"), "visual.trunk.patch_embed.proj.weight"),
+      identity(("visual", "patch_bias"), "visual.trunk.patch_embed.proj.bias"),
+      # timm keeps a leading batch axis on the position table: [1, N, W].
+      Rule(("visual", "positional_embedding"), ("visual.trunk.pos_embed",),
+           lambda a: (a.reshape((1,) + a.shape),), lambda a: a[0]),
+  ]
+  for i in range(v.layers):
+    rules += _timm_block_rules(("visual", "transformer", "resblocks", i),
+                               f"visual.trunk.blocks.{i}", v.width, v.heads)
+  ap = ("visual", "attn_pool")
+  rules += [
+      *layer_norm(("visual", "ln_post"), "visual.trunk.norm"),
+      # timm's latent is [1, 1, W]; zoo's [1, W].
+      Rule(ap + ("latent",), ("visual.trunk.attn_pool.latent",),
+           lambda a: (a.reshape((1,) + a.shape),), lambda a: a[0]),
+      *linear(ap + ("q",), "visual.trunk.attn_pool.q"),
+      *linear(ap + ("kv",), "visual.trunk.attn_pool.kv"),
+      *linear(ap + ("proj",), "visual.trunk.attn_pool.proj"),
+      *layer_norm(ap + ("norm",), "visual.trunk.attn_pool.norm"),
+      *linear(ap + ("mlp", "fc1"), "visual.trunk.attn_pool.mlp.fc1"),
+      *linear(ap + ("mlp", "fc2"), "visual.trunk.attn_pool.mlp.fc2"),
+      identity(("text", "token_embedding"), "text.token_embedding.weight"),
+      identity(("text", "positional_embedding"), "text.positional_embedding"),
+      *_transformer_rules(("text", "transformer"), "text.transformer", t.width, t.heads,
+                          t.layers),
+      *layer_norm(("text", "ln_final"), "text.ln_final"),
+      # open_clip's text_projection with a bias is an nn.Linear: weight [E, W].
+      common.transposed(("text", "text_projection"), "text.text_projection.weight"),
+      identity(("text", "proj_bias"), "text.text_projection.bias"),
+      identity(("logit_scale",), "logit_scale"),
+  ]
+  if config.init_logit_bias is not None:
+    rules.append(identity(("logit_bias",), "logit_bias"))
+  return rules
+
+
+def rules_for(config: registry.CLIPConfig) -> list[Rule]:
+  """The open_clip layout of `config`: built-in CLIP, or the SigLIP timm-trunk layout."""
+  if config.vision.pool == "map":
+    return _siglip_rules(config)
+  return _clip_rules(config)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def config_from_open_clip(name: str, **overrides: Any) -> registry.CLIPConfig:
+  """The zoo config of open_clip model `name` (zoo's registry uses open_clip's names).
+
+  OpenAI weights use QuickGELU: pass the `-quickgelu` name (e.g. 'ViT-B-32-quickgelu').
+  """
+  return registry.get_model_config(name, **overrides)
+
+
+def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Drops a DistributedDataParallel `module.` prefix when every key has it."""
+  if state_dict and all(k.startswith("module.") for k in state_dict):
+    return {k[len("module."):]: v for k, v in state_dict.items()}
+  return dict(state_dict)
+
+
+def from_open_clip(state_dict: Mapping[str, Any], name: str | registry.CLIPConfig,
+                   **overrides: Any) -> clip_lib.CLIP:
+  """A zoo CLIP holding an open_clip (or OpenAI) state dict's weights.
+
+  `state_dict`: key -> numpy array or torch tensor (fp16/bf16 are widened to float32).
+  `name`: the open_clip architecture name ('ViT-B-32', 'ViT-B-16-quickgelu', ...) or a
+  CLIPConfig. Raises `StateDictError` listing every missing / unexpected / mis-shaped key.
+  """
+  config = common.resolve_config(name, **overrides)
+  sd = _strip_prefix(state_dict)
+  label = name if isinstance(name, str) else "<config>"
+  if any(k in sd for k in OPENAI_META_KEYS) and not config.quick_gelu:
+    raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
+                     f"present), which uses QuickGELU, but model {label!r} uses GELU; pass "
+                     f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
+  return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
+                                   model=label, ignore=lambda k: k in OPENAI_META_KEYS)
+
+
+def to_open_clip(model: nnx.Module) -> dict[str, np.ndarray]:
+  """The open_clip state dict of `model` (loads into open_clip with strict=True)."""
+  return common.convert_to_torch(model, rules_for(model.config), layout="open_clip")
