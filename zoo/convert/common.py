@@ -102,7 +102,7 @@ def as_float32(x: np.ndarray) -> np.ndarray:
 
 
 def shape_str(shape: Sequence[int]) -> str:
-  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+  return str(tuple(int(s) for s in shape))
 
 
 # ----------------------------------------------------------------------------- zoo side
