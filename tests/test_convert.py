@@ -203,6 +203,55 @@ def test_hf_layout_rejects_siglip_models():
     convert.to_hf(nnx.eval_shape(lambda: zoo.create("test-tiny-siglip")))
 
 
+# ----------------------------------------------------------------------------- SigLIP
+
+
+def tiny_open_clip_siglip(seed: int = 0):
+  """open_clip's SigLIP model class (timm ViT trunk + MAP head, custom text) at tiny size."""
+  timm = pytest.importorskip("timm")
+  torch.manual_seed(seed)
+  vision = dict(image_size=32, timm_model_name="vit_base_patch16_siglip_224",
+                timm_model_pretrained=False, timm_pool="map", timm_proj="none")
+  text = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2,
+              no_causal_mask=True, proj_bias=True, pool_type="last", norm_kwargs={"eps": 1e-6})
+  model = open_clip.model.CustomTextCLIP(64, vision, text, init_logit_bias=-10.0)
+  # Same timm architecture as ViT-B-16-SigLIP's trunk, shrunk.
+  model.visual.trunk = timm.create_model(
+      "vit_base_patch16_siglip_224", pretrained=False, num_classes=0, global_pool="map",
+      img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+  return model.eval()
+
+
+def test_siglip_timm_layout_parity_and_exact_round_trip():
+  torch_model = tiny_open_clip_siglip()
+  sd = torch_model.state_dict()
+  config = zoo.get_model_config("test-tiny-siglip", embed_dim=64, vision={"projection": False})
+  model = convert.from_open_clip(sd, config)
+  images, tokens = _images(2, 32, seed=5), _texts_tokens()
+  want = _torch_features(torch_model, images, tokens)
+  for g, w in zip(_zoo_features(model, images, tokens), want):
+    assert np.abs(g - w).max() <= TOL
+  assert float(model.logit_bias[...]) == -10.0
+  back = convert.to_open_clip(model)
+  _assert_same_state_dict(back, _as_numpy(sd))
+  _load_strict(torch_model, back)
+
+
+@pytest.mark.slow
+def test_siglip_vit_b16_parity_and_exact_round_trip():
+  pytest.importorskip("timm")
+  torch.manual_seed(0)
+  torch_model = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
+  sd = torch_model.state_dict()
+  model = convert.from_open_clip(sd, "ViT-B-16-SigLIP")
+  images = _images(1, 224, seed=6)
+  tokens = np.random.default_rng(0).integers(1, 32000, size=(2, 64))
+  want = _torch_features(torch_model, images, tokens)
+  for g, w in zip(_zoo_features(model, images, tokens), want):
+    assert np.abs(g - w).max() <= TOL
+  _assert_same_state_dict(convert.to_open_clip(model), _as_numpy(sd))
+
+
 # ----------------------------------------------------------------------------- HF
 
 
