@@ -290,6 +290,8 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   x, y = image_emb.astype(dtype), text_emb.astype(dtype)
   scale = jnp.reshape(logit_scale, ()).astype(jnp.float32)
   bias = None if logit_bias is None else jnp.reshape(logit_bias, ()).astype(jnp.float32)
+  if isinstance(axis_name, list):
+    axis_name = tuple(axis_name)
   if impl == "reference":
     return reference_loss(x, y, scale, bias, kind=kind, axis_name=axis_name)
   cfg = _Cfg(impl=impl, block=block_size or DEFAULT_BLOCK[impl], axis_name=axis_name)
