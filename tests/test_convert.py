@@ -152,6 +152,21 @@ def test_tiny_open_clip_parity_with_numpy_and_torch_inputs():
       assert np.abs(g - w).max() <= TOL
 
 
+def test_trim_padding_text_encoding_matches_open_clip():
+  """encode_text(trim_padding=True) runs a shorter bucket yet equals open_clip on full tokens."""
+  torch_model = tiny_open_clip(seed=2)
+  model = convert.from_open_clip(torch_model.state_dict(), "test-tiny")
+  tokenizer = open_clip.get_tokenizer("ViT-B-32")
+  short = tokenizer(["a cat", "two dogs on a red sofa", "x"]).numpy()
+  mixed = tokenizer(["a cat", "word " * 100]).numpy()  # the second fills all 77 positions
+  trimmed = jax.jit(lambda t: model.encode_text(t, trim_padding=True))
+  for tokens in (short, mixed):
+    with torch.no_grad():
+      want = torch_model.encode_text(torch.from_numpy(tokens)).numpy()
+    got = np.asarray(trimmed(tokens.astype(np.int32)))
+    assert np.abs(got - want).max() <= TOL
+
+
 def test_openai_state_dict_needs_quickgelu_and_fp16_is_widened():
   torch_model = tiny_open_clip(quick_gelu=True)
   sd = {k: v.half() for k, v in torch_model.state_dict().items()}

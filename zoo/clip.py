@@ -135,13 +135,39 @@ class TextTransformer(nnx.Module):
       return x[:, -1]
     raise ValueError(f"unknown text pool {self.cfg.pool!r}; expected 'argmax' or 'last'")
 
-  def __call__(self, token_ids: Array) -> Array:
-    """int32 [B, L] -> projected text embedding [B, E]."""
-    x = self.pool(self.tokens(token_ids), token_ids)
+  def __call__(self, token_ids: Array, *, trim_padding: bool = False) -> Array:
+    """int32 [B, L] -> projected text embedding [B, E].
+
+    `trim_padding` (causal towers with argmax pooling only; otherwise ignored): run the tower
+    on the shortest length bucket that holds every sequence's pooled (EOT) token. Causal
+    attention makes positions after it irrelevant, so the result is the same while captions
+    much shorter than the context cost proportionally less. Buckets are static shapes chosen
+    inside jit with lax.switch (one compiled branch per bucket).
+    """
+    if trim_padding and self.cfg.causal and self.cfg.pool == "argmax":
+      return self._bucketed(token_ids)
+    return self._project(self.pool(self.tokens(token_ids), token_ids))
+
+  def _project(self, x: Array) -> Array:
     x = x @ self.text_projection[...].astype(x.dtype)
     if self.proj_bias is not None:
       x = x + self.proj_bias[...].astype(x.dtype)
     return x
+
+  def _bucketed(self, token_ids: Array, buckets: tuple[int, ...] = (8, 16, 24, 32, 48, 64)
+                ) -> Array:
+    length = token_ids.shape[1]
+    sizes = sorted({b for b in buckets if b < length} | {length})
+    needed = jnp.max(jnp.argmax(token_ids, axis=-1)) + 1
+    index = jnp.searchsorted(jnp.asarray(sizes), needed)
+
+    def branch(size: int):
+      def run(ids: Array) -> Array:
+        ids = ids[:, :size]
+        return self._project(self.pool(self.tokens(ids), ids))
+      return run
+
+    return jax.lax.switch(index, [branch(s) for s in sizes], token_ids)
 
 
 class CLIP(nnx.Module):
@@ -168,9 +194,10 @@ class CLIP(nnx.Module):
     x = self.visual(images).astype(jnp.float32)
     return l2_normalize(x) if normalize else x
 
-  def encode_text(self, tokens: Array, normalize: bool = False) -> Array:
-    """tokens int32 [B, L] -> [B, E] float32."""
-    x = self.text(tokens).astype(jnp.float32)
+  def encode_text(self, tokens: Array, normalize: bool = False, *, trim_padding: bool = False
+                  ) -> Array:
+    """tokens int32 [B, L] -> [B, E] float32 (`trim_padding`: see TextTransformer)."""
+    x = self.text(tokens, trim_padding=trim_padding).astype(jnp.float32)
     return l2_normalize(x) if normalize else x
 
   def __call__(self, images: Array, tokens: Array) -> dict[str, Array]:
