@@ -28,7 +28,9 @@ Sharded (`axis_name`, inside `shard_map`, each device holds its B/n rows of both
   runs the ring again, sending each chunk's gradient accumulator along with the chunk, so no
   device holds more than two chunks (plus their gradients).
 Both return the global-batch mean loss on every device, and gradients equal those of the
-single-device loss over the global batch.
+single-device loss over the global batch, under `shard_map(check_vma=True)` and
+`check_vma=False` alike (the backward detects which from the inputs' varying-axes type). Pallas
+in interpret mode (CPU) needs check_vma=False: JAX 0.10.2's interpreter drops varying-axes types.
 """
 
 from __future__ import annotations
