@@ -158,7 +158,7 @@ def config_to_hf(config: registry.CLIPConfig) -> dict[str, Any]:
 
 def _resolve(name_or_config: str | registry.CLIPConfig | Mapping[str, Any]
              ) -> tuple[registry.CLIPConfig, str]:
-  if isinstance(name_or_config, Mapping) or hasattr(name_or_config, "to_dict"):
+  if not isinstance(name_or_config, (str, registry.CLIPConfig)):  # dict / transformers config
     return config_from_hf(name_or_config), "<hf config>"
   config = common.resolve_config(name_or_config)
   return config, name_or_config if isinstance(name_or_config, str) else "<config>"
