@@ -422,7 +422,15 @@ class TrainCheckpointer:
     step = int(step)
     if not force and step % self.save_every:
       return False
-    if step in self._manager.all_steps() or os.path.exists(self.step_dir(step)):
+    if os.path.exists(self.step_dir(step)) and not self.is_complete(step):
+      # Debris of a write that never finished (never restorable); replace it.
+      self._manager.wait_until_finished()
+      log.warning("removing incomplete checkpoint directory %s", self.step_dir(step))
+      if jax.process_index() == 0:
+        shutil.rmtree(self.step_dir(step))
+      _sync(f"zoo_ckpt_rm_{step}")
+      self._manager.reload()
+    if self.is_complete(step):
       log.info("checkpoint for step %d already exists; not overwriting", step)
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
