@@ -132,5 +132,14 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def _cli() -> int:
+  """main() with input errors printed as one clear message instead of a traceback."""
+  try:
+    return main()
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"python -m zoo.convert: error: {e}", file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_cli())
