@@ -197,7 +197,9 @@ class CLIP(nnx.Module):
   def encode_text(self, tokens: Array, normalize: bool = False, *, trim_padding: bool = False
                   ) -> Array:
     """tokens int32 [B, L] -> [B, E] float32 (`trim_padding`: see TextTransformer)."""
-    x = self.text(tokens, trim_padding=trim_padding).astype(jnp.float32)
+    # Only pass the flag when set, so replacement text towers (other families) need not take it.
+    x = (self.text(tokens, trim_padding=True) if trim_padding else self.text(tokens))
+    x = x.astype(jnp.float32)
     return l2_normalize(x) if normalize else x
 
   def __call__(self, images: Array, tokens: Array) -> dict[str, Array]:
