@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import unicodedata
 
@@ -163,7 +162,9 @@ def test_same_seed_same_batches_other_seed_differs():
   a = take(train_iter(demo_cfg()), 3)
   b = take(train_iter(demo_cfg()), 3)
   c = take(train_iter(demo_cfg(), seed=1), 3)
+  serial = take(train_iter(demo_cfg(num_threads=0)), 3)  # thread count does not matter
   assert_batches_equal(a, b)
+  assert_batches_equal(a, serial)
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
