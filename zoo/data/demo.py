@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-
 import numpy as np
 from PIL import Image, ImageDraw
 
