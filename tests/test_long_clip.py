@@ -283,6 +283,36 @@ def test_pcm_loss_global_batch_under_mesh():
   np.testing.assert_allclose(float(f_xla(put(img), put(lt), put(st))), got, rtol=1e-5)
 
 
+def test_build_model_stretches_a_clip_and_keeps_a_long_clip(models, tmp_path):
+  base, stretched = models
+  zoo.save(base, tmp_path / "clip77")
+  zoo.save(stretched, tmp_path / "long248")
+  from_clip = long_clip.build_model(long_clip_config_with(init_from=str(tmp_path / "clip77")))
+  np.testing.assert_array_equal(table(from_clip), table(stretched))
+  from_long = long_clip.build_model(long_clip_config_with(init_from=str(tmp_path / "long248")))
+  np.testing.assert_array_equal(table(from_long), table(stretched))
+  assert from_long.config.text.context_length == NEW and from_long.text.frozen_positions == KEEP
+
+
+def long_clip_config_with(**kw):
+  c = long_clip_config()
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_cli_round_trip(models, tmp_path):
+  _, stretched = models
+  zoo.save(stretched, tmp_path / "zoo")
+  assert long_clip.main(["to-long-clip", "--input", str(tmp_path / "zoo"),
+                         "--output", str(tmp_path / "lc.safetensors")]) == 0
+  assert long_clip.main(["from-long-clip", "--model", "test-tiny", "--input",
+                         str(tmp_path / "lc.safetensors"), "--output", str(tmp_path / "back")]) == 0
+  back, tok, _ = zoo.load(tmp_path / "back")
+  np.testing.assert_array_equal(table(back), table(stretched))
+  assert tok(["a red circle"]).shape == (1, NEW)
+
+
 def test_settings_reject_unknown_keys():
   c = long_clip_config()
   c.long_clip.unlocked = 1

@@ -213,9 +213,9 @@ def long_clip_forward(model: clip_lib.CLIP, batch: Mapping[str, Array], rng: Arr
   if missing:
     raise ValueError(f"long_clip batch lacks {missing}; it has {sorted(batch)}")
   text = _text_tower_with_frozen_prefix(model)
-  # trim_padding: exact for causal towers; short captions padded to 248 cost a short bucket.
-  encode = lambda tokens: clip_lib.l2_normalize(
-      text(tokens, trim_padding=True).astype(jnp.float32))
+  # Each field runs at the width the data delivers (causal towers give the same features for
+  # any padding), so short captions may come at 77 tokens to save compute.
+  encode = lambda tokens: clip_lib.l2_normalize(text(tokens).astype(jnp.float32))
   return {
       "image_features": model.encode_image(batch["image"], normalize=True),
       "long_text_features": encode(batch["long_tokens"]),
@@ -261,24 +261,36 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def build_model(config: ml_collections.ConfigDict) -> clip_lib.CLIP:
-  """`config.model` with `config.init_from`'s weights, stretched to `long_clip.context_length`.
+  """`config.model` with `config.init_from`'s weights, reading `long_clip.context_length` tokens.
 
-  A 77-position CLIP (fresh, or loaded from `init_from`) is stretched; a model that already
-  reads `context_length` tokens (e.g. a Long-CLIP checkpoint) is used as is. The loop's own
-  `init_from` copy afterwards only overwrites tensors of equal shape, i.e. the same weights.
+  `init_from` holding a CLIP of another context length (77) is loaded and stretched; one that
+  already reads `context_length` tokens (a Long-CLIP checkpoint) is loaded as is; without
+  `init_from` the fresh model is stretched. The loop's own `init_from` copy afterwards only
+  overwrites tensors of equal shape, i.e. with the same weights.
   """
+  from zoo import checkpoint
+
   lc = settings(config)
-  model = train_lib.build_clip_model(config)
+  target = lc["context_length"]
+  source_length = None
+  if config.get("init_from", ""):
+    source_length = checkpoint.load_config(config.init_from)[0].text.context_length
+  if source_length == target:  # as train_lib.build_clip_model, with the long text context
+    overrides = {k: (dict(v) if hasattr(v, "items") else v)
+                 for k, v in dict(config.get("model_overrides", {}) or {}).items()}
+    overrides["text"] = {**overrides.get("text", {}), "context_length": target}
+    model = clip_lib.create(config.model, seed=config.seed, dtype=config.dtype, **overrides)
+  else:
+    model = train_lib.build_clip_model(config)
   train_lib.init_params_from(config, model)
   length = model.config.text.context_length
-  if length != lc["context_length"]:
-    if length > lc["context_length"]:
-      raise ValueError(f"long_clip.context_length={lc['context_length']} is shorter than the "
-                       f"model's text context {length}; Long-CLIP only stretches")
-    model = stretch_positions(model, lc["context_length"], lc["keep"])
+  if length != target:
+    if length > target:
+      raise ValueError(f"long_clip.context_length={target} is shorter than the model's text "
+                       f"context {length}; Long-CLIP only stretches")
+    model = stretch_positions(model, target, lc["keep"])
   setattr(model.text, _FROZEN_ATTR, lc["keep"] if lc["freeze_kept_positions"] else 0)
   return model
-
 
 
 # ----------------------------------------------------------------------------- eval
@@ -359,3 +371,54 @@ def to_long_clip(model: clip_lib.CLIP) -> dict[str, np.ndarray]:
 train_lib.register_family(train_lib.Family(
     "long_clip", forward=long_clip_forward, loss=long_clip_loss, fields=LONG_CLIP_FIELDS,
     build_model=build_model))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+  """python -m zoo.long_clip {from-long-clip,to-long-clip} --input ... --output ... [--model]."""
+  import argparse
+  import os
+
+  from zoo import checkpoint
+  from zoo.convert.__main__ import read_state_dict, write_safetensors
+
+  parser = argparse.ArgumentParser(
+      prog="python -m zoo.long_clip",
+      description="Long-CLIP PyTorch checkpoints (e.g. longclip-B.pt) <-> zoo checkpoints.")
+  parser.add_argument("command", choices=["from-long-clip", "to-long-clip"])
+  parser.add_argument("--model", default="ViT-B-16-quickgelu",
+                      help="architecture (from-long-clip): ViT-B-16-quickgelu for LongCLIP-B, "
+                      "ViT-L-14-quickgelu for LongCLIP-L")
+  parser.add_argument("--input", required=True, help="weights file (from-*) or zoo checkpoint dir")
+  parser.add_argument("--output", required=True,
+                      help="zoo checkpoint dir (from-*) or a .pt (torch.save, what Long-CLIP's "
+                      "longclip.load reads) / .safetensors file (to-*)")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  if args.command == "from-long-clip":
+    model = from_long_clip(read_state_dict(args.input), args.model)
+    out = checkpoint.save(model, args.output, {"converted_from": args.input, "layout": "long_clip"},
+                          overwrite=args.overwrite)
+    print(f"wrote zoo checkpoint {out}")
+    return 0
+  model, _, _ = checkpoint.load(args.input)
+  state_dict = to_long_clip(model)
+  if os.path.exists(args.output) and not args.overwrite:
+    parser.error(f"{args.output} exists; pass --overwrite")
+  if args.output.endswith(".safetensors"):
+    write_safetensors(state_dict, args.output, {"format": "pt"})
+  elif args.output.endswith((".pt", ".pth")):
+    import torch
+
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
+               args.output)
+  else:
+    parser.error(f"--output {args.output!r} must end with .pt, .pth or .safetensors")
+  print(f"wrote {len(state_dict)} tensors to {args.output}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
