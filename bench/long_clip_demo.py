@@ -1,6 +1,6 @@
 """Long-CLIP on the demo data: does stretching + PCM beat plain fine-tuning on 77-token captions?
 
-python bench/long_clip_demo.py [--pretrain_steps 300 --finetune_steps 200 ...]
+python bench/long_clip_demo.py [--ablation] [--pretrain_steps 600 --finetune_steps 300 ...]
 
 1. Pre-train a tiny CLIP (demo-tiny) on the demo data's short captions (web-alt-text-like).
 2. From that checkpoint, fine-tune for the same steps, batches and optimizer:
@@ -42,16 +42,19 @@ from zoo.data import demo  # noqa: E402
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="demo-tiny")
-  p.add_argument("--train_size", type=int, default=12000)
-  p.add_argument("--eval_size", type=int, default=500)
+  p.add_argument("--model", default="test-tiny", help="32 px, 2+2 layers: fits a CPU")
+  p.add_argument("--train_size", type=int, default=8000)
+  p.add_argument("--eval_size", type=int, default=500, help="long/short retrieval images")
+  p.add_argument("--zeroshot_size", type=int, default=2000, help="zero-shot images")
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--pretrain_steps", type=int, default=600)
   p.add_argument("--pretrain_lr", type=float, default=1e-3)
   p.add_argument("--finetune_steps", type=int, default=300)
   p.add_argument("--finetune_lr", type=float, default=3e-4)
-  p.add_argument("--components", type=int, default=16)
+  p.add_argument("--components", type=int, default=8, help="PCA components (of 32 dims)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--ablation", action="store_true",
+                 help="also fine-tune Long-CLIP without the PCM term (short_weight 0)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "long_clip_demo.json"))
   return p.parse_args()
@@ -67,7 +70,7 @@ def load_data(args, image_size, mean, std):
   t = time.perf_counter()
   train = demo.samples(args.train_size, "train", image_size)
   retrieval = demo.samples(args.eval_size, "retrieval", image_size)
-  zs = demo.zero_shot_arrays(args.eval_size, image_size)
+  zs = demo.zero_shot_arrays(args.zeroshot_size, image_size)
   tok77 = zoo.get_tokenizer(args.model)
   tok248 = zoo.get_tokenizer(args.model, context_length=long_clip.LONG_CLIP_CONTEXT_LENGTH)
   data = {
@@ -89,12 +92,13 @@ def load_data(args, image_size, mean, std):
                    "labels": zs["labels"], "class_names": zs["class_names"],
                    "templates": zs["templates"]},
   }
-  print(f"data: {args.train_size} train / {args.eval_size} eval samples in "
+  print(f"data: {args.train_size} train / {args.eval_size} retrieval / {args.zeroshot_size} "
+        f"zero-shot samples in "
         f"{time.perf_counter() - t:.0f}s; long captions {data['long248'].shape[1]} tokens wide")
   return data, eval_sets, tok77
 
 
-def make_config(args, *, family, steps, lr, init_from=""):
+def make_config(args, *, family, steps, lr, init_from="", short_weight=1.0):
   c = base.base_config()
   c.family = family
   c.model = args.model
@@ -110,6 +114,7 @@ def make_config(args, *, family, steps, lr, init_from=""):
   if family == "long_clip":
     c.long_clip = long_clip.default_settings()
     c.long_clip.components = args.components
+    c.long_clip.short_weight = short_weight
   return c
 
 
@@ -162,6 +167,8 @@ def main():
                       {"image": "images", "long_tokens": "long248", "short_tokens": "short248"}),
         "truncated77": (dict(family="clip"), {"image": "images", "tokens": "long77"}),
     }
+    if args.ablation:
+      runs["long_clip_no_pcm"] = (dict(family="long_clip", short_weight=0.0), runs["long_clip"][1])
     for name, (kw, fields) in runs.items():
       print(f"fine-tuning: {name} for {args.finetune_steps} steps")
       ft_cfg = make_config(args, steps=args.finetune_steps, lr=args.finetune_lr, init_from=ckpt, **kw)
@@ -177,9 +184,9 @@ def main():
       "zeroshot_top1: long_clip >= pretrained - 0.02": a["zeroshot_top1"] >= p["zeroshot_top1"] - 0.02,
   }
   keys = list(a)
-  print("\n" + f"{'metric':<16}" + "".join(f"{n:>14}" for n in results))
+  print("\n" + f"{'metric':<16}" + "".join(f"{n:>18}" for n in results))
   for k in keys:
-    print(f"{k:<16}" + "".join(f"{results[n][k]:>14.4f}" for n in results))
+    print(f"{k:<16}" + "".join(f"{results[n][k]:>18.4f}" for n in results))
   for text, ok in checks.items():
     print(f"{'PASS' if ok else 'FAIL'}  {text}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -31,6 +31,8 @@ def get_config():
   c.log_every = 10
   c.data.size = 8000
   c.data.eval_size = 500
+  # zero-shot, short-caption and long-caption retrieval (the long captions tokenized at 248)
+  c.data.eval_sets = "zeroshot,retrieval,retrieval_long"
   c.long_clip = long_clip.default_settings()
   c.long_clip.components = 8  # of the 32-d embedding (Long-CLIP: 32 of 512 / 768)
   return c

@@ -245,12 +245,16 @@ def run_steps(mesh, config, batches):
 @pytest.fixture(scope="module")
 def single_run():
   mesh = sharding.make_mesh(devices=jax.devices()[:1], data=1, fsdp=1)
-  return run_steps(mesh, long_clip_config(), long_batches(3))
+  return run_steps(mesh, long_clip_config(), TRAIN_BATCHES)
+
+
+# one batch three times: the loss on it must fall (the family really trains)
+TRAIN_BATCHES = long_batches(1) * 3
 
 
 def test_family_trains_and_freezes_kept_positions(single_run):
   losses, trainer = single_run
-  assert np.isfinite(losses).all() and losses[-1, 0] < losses[0, 0]
+  assert np.isfinite(losses).all() and losses[2, 0] < losses[1, 0] < losses[0, 0]
   model = trainer.model()
   assert model.config.text.context_length == NEW
   fresh = long_clip.stretch_positions(zoo.create("test-tiny", seed=0), NEW, KEEP)
@@ -262,7 +266,7 @@ def test_family_trains_and_freezes_kept_positions(single_run):
 def test_sharded_equals_single_device(single_run):
   ref_losses, ref_trainer = single_run
   mesh = sharding.make_mesh(data=2, fsdp=4)
-  losses, trainer = run_steps(mesh, long_clip_config(), long_batches(3))
+  losses, trainer = run_steps(mesh, long_clip_config(), TRAIN_BATCHES)
   np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=2e-5)
   for a, b in zip(jax.tree.leaves(jax.device_get(ref_trainer.state["params"])),
                   jax.tree.leaves(jax.device_get(trainer.state["params"]))):
