@@ -254,7 +254,7 @@ TRAIN_BATCHES = long_batches(1) * 3
 
 def test_family_trains_and_freezes_kept_positions(single_run):
   losses, trainer = single_run
-  assert np.isfinite(losses).all() and losses[2, 0] < losses[1, 0] < losses[0, 0]
+  assert np.isfinite(losses).all() and losses[2, 0] < losses[0, 0] - 0.1  # step 0 has lr 0
   model = trainer.model()
   assert model.config.text.context_length == NEW
   fresh = long_clip.stretch_positions(zoo.create("test-tiny", seed=0), NEW, KEEP)
