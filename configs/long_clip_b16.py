@@ -9,7 +9,7 @@ components; loss = long + 1.0 * short.
   # 1. OpenAI weights -> zoo checkpoint (QuickGELU architecture)
   python -m zoo.convert from-open-clip --model ViT-B-16-quickgelu --input ViT-B-16.safetensors \
       --output ckpt/openai_vit_b16
-  # 2. fine-tune (WebDataset shards: KEY.jpg, KEY.txt = long caption, KEY.json {"short": ...}
+  # 2. fine-tune (WebDataset shards: KEY.jpg, KEY.txt = long caption, KEY.json {"short_caption": ...}
   #    optional, else the first sentence)
   python train.py --config configs/long_clip_b16.py --workdir runs/long_clip_b16 \
       --config.init_from=ckpt/openai_vit_b16 --config.data.shards='/data/sharegpt4v/{00000..00999}.tar'
