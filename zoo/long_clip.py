@@ -276,8 +276,7 @@ def build_model(config: ml_collections.ConfigDict) -> clip_lib.CLIP:
   if config.get("init_from", ""):
     source_length = checkpoint.load_config(config.init_from)[0].text.context_length
   if source_length == target:  # as train_lib.build_clip_model, with the long text context
-    overrides = {k: (dict(v) if hasattr(v, "items") else v)
-                 for k, v in dict(config.get("model_overrides", {}) or {}).items()}
+    overrides = train_lib.model_overrides(config)
     overrides["text"] = {**overrides.get("text", {}), "context_length": target}
     model = clip_lib.create(config.model, seed=config.seed, dtype=config.dtype, **overrides)
   else:

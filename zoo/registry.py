@@ -145,7 +145,8 @@ def apply_overrides(config: CLIPConfig, **overrides: Any) -> CLIPConfig:
   for key, value in overrides.items():
     if key not in valid:
       raise ValueError(f"Unknown model override {key!r}; valid keys: {', '.join(sorted(valid))}")
-    if key in ("vision", "text") and isinstance(value, dict):
+    if key in ("vision", "text") and not dataclasses.is_dataclass(value):
+      value = dict(value.to_dict() if hasattr(value, "to_dict") else value)  # dict / ConfigDict
       sub = getattr(config, key)
       sub_valid = {f.name for f in dataclasses.fields(sub)}
       bad = sorted(set(value) - sub_valid)

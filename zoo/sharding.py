@@ -83,6 +83,42 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def path_names(path) -> tuple[str, ...]:
+  """Key path of a pytree leaf -> tuple of names (drops nnx's `.value` attribute)."""
+  names = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      names.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      names.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
+      names.append(k.name)
+  return tuple(names)
+
+
+def follow_param_shardings(tree: Any, params: Any, mesh: Mesh) -> Any:
+  """Shardings for an optimizer-state tree: leaves that mirror a parameter get its sharding.
+
+  Optax states hold parameter-shaped copies (Adam moments, masked/multi_transform wrappers)
+  whose key paths end with the parameter's path; those follow the parameter, everything else
+  (counts, scalars) is replicated. Explicit, so nothing depends on jit's sharding propagation.
+  """
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    by_path[path_names(path)] = (tuple(leaf.shape), leaf.sharding)
+  repl = replicated(mesh)
+
+  def pick(path, leaf):
+    full = path_names(path)
+    for start in range(len(full)):
+      hit = by_path.get(full[start:])
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
+    return repl
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -82,10 +82,15 @@ def get_family(name: str) -> Family:
   return _FAMILIES[name]
 
 
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config.model_overrides` as plain python (nested ConfigDicts become dicts)."""
+  overrides = config.get("model_overrides", None) or {}
+  return dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
+
+
 def build_clip_model(config: ml_collections.ConfigDict) -> nnx.Module:
   """`config.model` with `config.model_overrides`, compute dtype from `config.dtype`."""
-  overrides = dict(config.get("model_overrides", {}) or {})
-  overrides = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in overrides.items()}
+  overrides = model_overrides(config)
   return clip_lib.create(config.model, seed=config.seed, dtype=config.dtype, **overrides)
 
 
@@ -115,17 +120,7 @@ _NO_DECAY_NAMES = {"token_embedding", "positional_embedding", "class_embedding",
                    "logit_scale", "logit_bias"}
 
 
-def path_names(path) -> tuple[str, ...]:
-  """Key path of a pytree leaf -> tuple of names (drops nnx's `.value` attribute)."""
-  names = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      names.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      names.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
-      names.append(k.name)
-  return tuple(names)
+path_names = sharding.path_names
 
 
 def decay_mask(params: PyTree) -> PyTree:
@@ -274,7 +269,7 @@ def init_params_from(config: ml_collections.ConfigDict, model: nnx.Module) -> No
   flat_s = dict(nnx.to_flat_state(source))
   for key, var in flat_t.items():
     if key in flat_s and flat_s[key].shape == var.shape:
-      var.value = flat_s[key].value
+      var[...] = flat_s[key][...]
   missing = [k for k in flat_t if k not in flat_s or flat_s[k].shape != flat_t[k].shape]
   if missing:
     log.info("init_from %s: %d parameters kept their fresh init (e.g. %s)", src, len(missing),
@@ -293,12 +288,10 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
   param_sh = sharding.state_shardings(params, mesh)
   params = sharding.shard_state(params, param_sh)
   tx = make_optimizer(config, params, family.trainable)
-  # Optimizer state shardings follow the parameters (elementwise moments propagate).
-  opt_state = jax.jit(tx.init)(params)
+  # Optimizer state shardings follow the parameters (Adam moments mirror them).
+  opt_sh = sharding.follow_param_shardings(jax.eval_shape(tx.init, params), params, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   repl = sharding.replicated(mesh)
-  opt_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
-                        else repl, opt_state)
-  opt_state = sharding.shard_state(opt_state, opt_sh)
   state = {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
            "opt_state": opt_state,
            "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
