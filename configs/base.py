@@ -41,9 +41,18 @@ def base_config() -> ml_collections.ConfigDict:
       shards="",  # webdataset: glob or comma-separated list of .tar files
       eval_shards="",  # webdataset: retrieval eval shards
       random_resized_crop_scale=(0.9, 1.0),
-      max_regions=4,
+      random_resized_crop_ratio=(3 / 4, 4 / 3),
+      hflip=False,  # off: demo captions name left / right
+      max_regions=4,  # boxes per sample (region heads)
+      min_box_visible=0.5,  # a box keeps this fraction inside the crop or is dropped
+      languages="",  # multilingual: comma-separated codes ("" = the demo's 8)
+      render_size=0,  # demo: render scenes at this size (0 = the model's image size)
       eval_size=1000,
+      eval_sets="zeroshot,retrieval",  # demo: + retrieval_long, regions, multilingual
       num_threads=2,
+      # A TFDS zero-shot eval set ("" name = none); needs `pip install -e ".[tfds]"`.
+      tfds=ml_collections.ConfigDict(dict(name="", split="test", data_dir="", size=0,
+                                          image_key="image", label_key="label")),
   ))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="",  # "host:port"; "" = single process (or ZOO_* env variables)

@@ -17,18 +17,19 @@ def get_tokenizer(name: str, context_length: int | None = None, **kwargs):
   return tokenizers.get_tokenizer(name, context_length=context_length, **kwargs)
 
 
-def save(model, directory, config=None):
-  """Writes `model`'s weights and config with Orbax; see zoo.checkpoint.save."""
+def save(model, directory, config=None, *, overwrite: bool = False) -> str:
+  """Writes `model`'s weights and config atomically with Orbax; see zoo.checkpoint.save."""
   from zoo import checkpoint
 
-  return checkpoint.save(model, directory, config)
+  return checkpoint.save(model, directory, config, overwrite=overwrite)
 
 
-def load(directory):
-  """(model, tokenizer, preprocess) from a directory written by `save`; see zoo.checkpoint.load."""
+def load(directory, *, config=None, verify: bool = True):
+  """(model, tokenizer, preprocess) from a directory written by `save` or a training workdir's
+  `model/`; `verify` checks file hashes; see zoo.checkpoint.load."""
   from zoo import checkpoint
 
-  return checkpoint.load(directory)
+  return checkpoint.load(directory, config=config, verify=verify)
 
 
 def __getattr__(name):

@@ -433,6 +433,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints); returns a summary dict.
 
+  A finished run also exports the final model to `workdir/model` (a zoo.save directory).
+
   `stop_after` ends the run after that many steps of this process; `on_step_end(step)` runs
   after each step (tests use both to interrupt a run).
   """
@@ -489,7 +491,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         t_last, n_last = time.perf_counter(), 0
       losses.append(metrics["loss"])
       if done % config.checkpoint_every == 0 or done == total:
-        ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()})
+        ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()},
+                  force=(done == total))
       if config.eval_every and (done % config.eval_every == 0 or done == total):
         eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
                                 trainer.family)
@@ -506,6 +509,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.wait()
     ckpt.close()
     logger.close()
+  if trainer.step >= total:
+    # The finished model as a zoo.save directory: what zoo.load / eval.py --checkpoint read.
+    checkpoint.save(trainer.model(), os.path.join(workdir, "model"), config, overwrite=True)
   loss_values = [float(x) for x in jax.device_get(losses)]
   return {"losses": loss_values, "metrics": metrics_last, "eval": eval_metrics,
           "step": trainer.step, "trainer": trainer,
