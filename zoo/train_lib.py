@@ -57,6 +57,13 @@ class Family:
   trainable: Callable[[tuple[str, ...]], bool] | None = None
   # (model, config, tokenizer, mesh) -> extra eval metrics; None = standard eval only.
   evaluate: Callable[..., dict[str, float]] | None = None
+  # config -> trainable predicate (or None = all); overrides `trainable` when the frozen set
+  # depends on the config (e.g. an MoE phase that trains only the router).
+  make_trainable: Callable[[ml_collections.ConfigDict],
+                           Callable[[tuple[str, ...]], bool] | None] | None = None
+  # (config, workdir) -> summary dict, or None to run the plain loop: a multi-phase recipe
+  # that calls `train` once per phase with a phase config (e.g. CLIP-MoE's DMU stages).
+  recipe: Callable[[ml_collections.ConfigDict, str], dict[str, Any] | None] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -287,7 +294,9 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   param_sh = sharding.state_shardings(params, mesh)
   params = sharding.shard_state(params, param_sh)
-  tx = make_optimizer(config, params, family.trainable)
+  trainable = (family.make_trainable(config) if family.make_trainable is not None
+               else family.trainable)
+  tx = make_optimizer(config, params, trainable)
   # Optimizer state shardings follow the parameters (Adam moments mirror them).
   opt_sh = sharding.follow_param_shardings(jax.eval_shape(tx.init, params), params, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -302,7 +311,10 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
   def step_with_key(state, batch):
     # RNG is stored as raw key data so it checkpoints as a plain uint32 array.
     st = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
-    new, metrics = raw_step(st, batch)
+    # The mesh is visible to model code while tracing (jax.sharding.get_abstract_mesh()), so
+    # layers may add sharding constraints (e.g. MoE dispatch over the `expert` axis).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      new, metrics = raw_step(st, batch)
     new["rng"] = jax.random.key_data(new["rng"])
     return new, metrics
 
@@ -430,15 +442,25 @@ class _Logger:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None,
-          on_step_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+          on_step_end: Callable[[int], None] | None = None,
+          batch_fn: Callable[[dict], dict] | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints); returns a summary dict.
 
   A finished run also exports the final model to `workdir/model` (a zoo.save directory).
 
   `stop_after` ends the run after that many steps of this process; `on_step_end(step)` runs
-  after each step (tests use both to interrupt a run).
+  after each step (tests use both to interrupt a run). `batch_fn` maps each host-local batch
+  (numpy, the family's fields) before it is sharded, e.g. to add derived fields; it must be a
+  deterministic function of the batch so resumed runs stay exact. A family with a `recipe`
+  hands the whole run to it (which calls `train` per phase) unless the recipe returns None.
   """
   from zoo import checkpoint, eval_lib
+
+  recipe = get_family(config.get("family", "clip")).recipe
+  if recipe is not None:
+    summary = recipe(config, workdir)
+    if summary is not None:
+      return summary
 
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -472,8 +494,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for step in range(start, total):
       host_batch = next(data_iter)
-      batch = sharding.host_to_global(
-          {k: v for k, v in host_batch.items() if k in trainer.family.fields}, trainer.mesh)
+      host_batch = {k: v for k, v in host_batch.items() if k in trainer.family.fields}
+      if batch_fn is not None:
+        host_batch = batch_fn(host_batch)
+      batch = sharding.host_to_global(host_batch, trainer.mesh)
       trainer.state, metrics = trainer.step_fn(trainer.state, batch)
       steps_run += 1
       n_last += 1
