@@ -27,20 +27,28 @@ from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm,
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def _resblock_rules(zoo: tuple, key: str, width: int, heads: int) -> list[Rule]:
-  """open_clip ResidualAttentionBlock (nn.MultiheadAttention with a packed in_proj)."""
+# PyTorch names of a pre-LN block's parts: open_clip's ResidualAttentionBlock and timm's Block.
+OPEN_CLIP_BLOCK = dict(ln_1="ln_1", qkv="attn.in_proj_weight", qkv_bias="attn.in_proj_bias",
+                       out="attn.out_proj", ln_2="ln_2", fc1="mlp.c_fc", fc2="mlp.c_proj")
+TIMM_BLOCK = dict(ln_1="norm1", qkv="attn.qkv.weight", qkv_bias="attn.qkv.bias",
+                  out="attn.proj", ln_2="norm2", fc1="mlp.fc1", fc2="mlp.fc2")
+
+
+def _resblock_rules(zoo: tuple, key: str, width: int, heads: int,
+                    names: dict[str, str] = OPEN_CLIP_BLOCK) -> list[Rule]:
+  """A pre-LN block with a packed [3W, W] qkv projection (open_clip or timm naming)."""
   dh = width // heads
   return [
-      *layer_norm(zoo + ("ln_1",), f"{key}.ln_1"),
-      Rule(zoo + ("attn", "qkv_kernel"), (f"{key}.attn.in_proj_weight",),
+      *layer_norm(zoo + ("ln_1",), f"{key}.{names['ln_1']}"),
+      Rule(zoo + ("attn", "qkv_kernel"), (f"{key}.{names['qkv']}",),
            lambda a: (a.reshape(width, 3 * width).T,),
            lambda a: a.T.reshape(width, 3, heads, dh)),
-      Rule(zoo + ("attn", "qkv_bias"), (f"{key}.attn.in_proj_bias",),
+      Rule(zoo + ("attn", "qkv_bias"), (f"{key}.{names['qkv_bias']}",),
            lambda a: (a.reshape(3 * width),), lambda a: a.reshape(3, heads, dh)),
-      *attn_out(zoo + ("attn",), f"{key}.attn.out_proj", heads, width),
-      *layer_norm(zoo + ("ln_2",), f"{key}.ln_2"),
-      *linear(zoo + ("mlp", "fc1"), f"{key}.mlp.c_fc"),
-      *linear(zoo + ("mlp", "fc2"), f"{key}.mlp.c_proj"),
+      *attn_out(zoo + ("attn",), f"{key}.{names['out']}", heads, width),
+      *layer_norm(zoo + ("ln_2",), f"{key}.{names['ln_2']}"),
+      *linear(zoo + ("mlp", "fc1"), f"{key}.{names['fc1']}"),
+      *linear(zoo + ("mlp", "fc2"), f"{key}.{names['fc2']}"),
   ]
 
 
@@ -90,23 +98,6 @@ def _clip_rules(config: registry.CLIPConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------- SigLIP (timm)
 
 
-def _timm_block_rules(zoo: tuple, key: str, width: int, heads: int) -> list[Rule]:
-  """timm ViT Block: norm1, attn.qkv (Linear W->3W), attn.proj, norm2, mlp.fc1/fc2."""
-  dh = width // heads
-  return [
-      *layer_norm(zoo + ("ln_1",), f"{key}.norm1"),
-      Rule(zoo + ("attn", "qkv_kernel"), (f"{key}.attn.qkv.weight",),
-           lambda a: (a.reshape(width, 3 * width).T,),
-           lambda a: a.T.reshape(width, 3, heads, dh)),
-      Rule(zoo + ("attn", "qkv_bias"), (f"{key}.attn.qkv.bias",),
-           lambda a: (a.reshape(3 * width),), lambda a: a.reshape(3, heads, dh)),
-      *attn_out(zoo + ("attn",), f"{key}.attn.proj", heads, width),
-      *layer_norm(zoo + ("ln_2",), f"{key}.norm2"),
-      *linear(zoo + ("mlp", "fc1"), f"{key}.mlp.fc1"),
-      *linear(zoo + ("mlp", "fc2"), f"{key}.mlp.fc2"),
-  ]
-
-
 def _siglip_rules(config: registry.CLIPConfig) -> list[Rule]:
   """Rules for open_clip `CustomTextCLIP` with a timm ViT trunk (MAP head) and `text.*` tower."""
   v, t = config.vision, config.text
@@ -123,8 +114,8 @@ def _siglip_rules(config: registry.CLIPConfig) -> list[Rule]:
            lambda a: (a.reshape((1,) + a.shape),), lambda a: a[0]),
   ]
   for i in range(v.layers):
-    rules += _timm_block_rules(("visual", "transformer", "resblocks", i),
-                               f"visual.trunk.blocks.{i}", v.width, v.heads)
+    rules += _resblock_rules(("visual", "transformer", "resblocks", i),
+                             f"visual.trunk.blocks.{i}", v.width, v.heads, TIMM_BLOCK)
   ap = ("visual", "attn_pool")
   rules += [
       *layer_norm(("visual", "ln_post"), "visual.trunk.norm"),
