@@ -32,6 +32,20 @@ def dense():
   return zoo.create("test-tiny", seed=1)
 
 
+def jitted_forward(model):
+  """model(images, tokens) and the summarized MoE aux, jitted over the model's state."""
+  graphdef, _ = nnx.split(model)
+
+  @jax.jit
+  def run(state, images, tokens):
+    m = nnx.merge(graphdef, state)
+    with moe.collect_aux() as aux:
+      out = m(images, tokens)
+    return out, moe.summarize_aux(aux), len(aux)
+
+  return lambda m, images, tokens: run(nnx.state(m), images, tokens)
+
+
 def randomize_routers(model, seed, std=3.0):
   """Large random router weights: confident, uneven routing."""
   key = jax.random.key(seed)
@@ -71,14 +85,15 @@ def numpy_moe(x, layer, capacity):
   w2, b2 = np.asarray(layer.fc2_kernel[...]), np.asarray(layer.fc2_bias[...])
   logits = np.einsum("gsw,we->gse", x, np.asarray(layer.router.kernel[...]))
   _, index, gates, kept, _ = numpy_route(logits, layer.moe.top_k, capacity)
+  # every expert on every token (exact GELU), then pick per token
+  hidden = np.asarray(layers.gelu(np.einsum("gsw,ewh->egsh", x, w1) + b1[:, None, None]))
+  out = np.einsum("egsh,ehw->egsw", hidden, w2) + b2[:, None, None]
   y = np.zeros_like(x)
   for gi in range(x.shape[0]):
     for si in range(x.shape[1]):
       for j in range(layer.moe.top_k):
         if kept[gi, si, j]:
-          ex = index[gi, si, j]
-          h = np.asarray(layers.gelu(x[gi, si] @ w1[ex] + b1[ex]))
-          y[gi, si] += gates[gi, si, j] * (h @ w2[ex] + b2[ex])
+          y[gi, si] += gates[gi, si, j] * out[index[gi, si, j], gi, si]
   return y, int((~kept).sum())
 
 
@@ -140,13 +155,14 @@ def test_layer_output_and_dropped_count_equal_numpy(capacity_factor, dropless):
 def test_upcycled_identical_experts_equal_dense(dense, kw):
   images, tokens = tiny_inputs()
   ref = dense(images, tokens)
+  forward = None
   for seed in (0, 1):
     m = moe.upcycle(dense, E, K, "all", **kw)
     randomize_routers(m, seed)
-    with moe.collect_aux() as aux:
-      out = m(images, tokens)
-    assert len(aux) == 4  # 2 vision + 2 text blocks
-    assert float(moe.summarize_aux(aux)["moe_dropped"]) == 0
+    forward = forward or jitted_forward(m)
+    out, aux, n_layers = forward(m, images, tokens)
+    assert n_layers == 4  # 2 vision + 2 text blocks
+    assert float(aux["moe_dropped"]) == 0
     for key in ("image_features", "text_features"):
       np.testing.assert_allclose(np.asarray(out[key]), np.asarray(ref[key]), atol=1e-5)
 
@@ -180,7 +196,8 @@ def test_save_load_keeps_moe_config_and_outputs(dense, tmp_path):
   loaded, _, _ = zoo.load(path)
   assert isinstance(loaded, moe.MoECLIP) and loaded.config == m.config
   images, tokens = tiny_inputs()
-  a, b = m(images, tokens), loaded(images, tokens)
+  forward = jitted_forward(m)
+  (a, _, _), (b, _, _) = forward(m, images, tokens), forward(loaded, images, tokens)
   for key in ("image_features", "text_features"):
     np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
@@ -246,10 +263,15 @@ def flat(tree):
   return {sharding.path_names(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_gradients_reach_router_and_experts():
+@pytest.fixture(scope="module")
+def single_device_result():
   batch = synthetic_batches(1, 16)[0]
   mesh = sharding.make_mesh(devices=jax.devices()[:1], fsdp=1)
-  loss, metrics, grads, _, _ = loss_and_grads(moe_config(), mesh, batch)
+  return batch, loss_and_grads(moe_config(), mesh, batch)
+
+
+def test_gradients_reach_router_and_experts(single_device_result):
+  _, (loss, metrics, grads, _, _) = single_device_result
   g = flat(grads)
   for tower in ("visual", "text"):
     for i in (0, 1):
@@ -262,13 +284,6 @@ def test_gradients_reach_router_and_experts():
   assert metrics["moe_dropped_fraction"] > 0
   assert loss == pytest.approx(metrics["contrastive_loss"] + 0.01 * metrics["moe_balance_loss"]
                                + 0.001 * metrics["moe_z_loss"], rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def single_device_result():
-  batch = synthetic_batches(1, 16)[0]
-  mesh = sharding.make_mesh(devices=jax.devices()[:1], fsdp=1)
-  return batch, loss_and_grads(moe_config(), mesh, batch)
 
 
 def test_expert_parallel_equals_single_device(single_device_result):
@@ -290,21 +305,14 @@ def test_expert_parallel_equals_single_device(single_device_result):
   assert "all-to-all" in hlo
 
 
-def test_train_steps_sharded_equal_and_router_only_freezes_the_rest():
+def test_router_only_training_freezes_the_rest():
   cfg = moe_config(trainable="router")
-  batches = synthetic_batches(2, 16)
-  runs = {}
-  for name, mesh in (("one", sharding.make_mesh(devices=jax.devices()[:1], fsdp=1)),
-                     ("eight", sharding.make_mesh(expert=4, fsdp=2))):
-    trainer = train_lib.build_trainer(cfg, mesh)
-    before = flat(jax.device_get(trainer.state["params"]))
-    losses_ = []
-    for b in batches:
-      trainer.state, m = trainer.step_fn(trainer.state, sharding.host_to_global(b, mesh))
-      losses_.append(float(m["loss"]))
-    runs[name] = (losses_, before, flat(jax.device_get(trainer.state["params"])))
-  np.testing.assert_allclose(runs["eight"][0], runs["one"][0], atol=1e-5)
-  _, before, after = runs["one"]
+  mesh = sharding.make_mesh(devices=jax.devices()[:1], fsdp=1)
+  trainer = train_lib.build_trainer(cfg, mesh)
+  before = flat(jax.device_get(trainer.state["params"]))
+  for b in synthetic_batches(2, 16):  # step 0 has lr 0 (warmup)
+    trainer.state, _ = trainer.step_fn(trainer.state, sharding.host_to_global(b, mesh))
+  after = flat(jax.device_get(trainer.state["params"]))
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and all("router" in k for k in changed)
   assert len(changed) == 4  # every router of the 4 MoE blocks
