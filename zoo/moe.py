@@ -780,9 +780,9 @@ def _features_for_clustering(model: clip_lib.CLIP, batch: Mapping[str, np.ndarra
 
   parts = []
   if on in ("image", "both"):
-    parts.append(np.asarray(eval_lib.encode_images(model, batch["image"], normalize=True)))
+    parts.append(np.asarray(eval_lib.encode_images(model, batch["image"])))
   if on in ("text", "both"):
-    parts.append(np.asarray(eval_lib.encode_texts(model, batch["tokens"], normalize=True)))
+    parts.append(np.asarray(eval_lib.encode_texts(model, batch["tokens"])))
   return np.concatenate(parts, axis=1) / math.sqrt(len(parts))
 
 
