@@ -37,7 +37,7 @@ def get_config():
   c.moe.num_experts = 4
   c.moe.top_k = 2
   c.moe.layers = "every_other"
-  c.moe.capacity_factor = 1.25
+  c.moe.dropless = True  # as CLIP-MoE; set False + capacity_factor to drop over capacity
   c.moe.trainable = "router"
   c.moe.dmu.stages = 4
   c.moe.dmu.steps_per_stage = 50
