@@ -383,3 +383,56 @@ def test_settings_reject_unknown_keys():
   c.moe.dmu.bogus = 1
   with pytest.raises(ValueError, match="config.moe.dmu key 'bogus'"):
     moe.settings(c)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("context", [77, 248])
+def test_clip_moe_layout_round_trip(context, tmp_path):
+  dense = zoo.create("test-tiny", seed=4, text={"context_length": context})
+  m = moe.upcycle(dense, E, K, {"vision": "last:1", "text": "all"}, dropless=True,
+                  expert_sources=[zoo.create("test-tiny", seed=s, text={"context_length": context})
+                                  for s in range(E)])
+  randomize_routers(m, 5, std=0.3)
+  sd = moe.to_clip_moe(m)
+  assert sd["visual.transformer.resblocks.1.gate.weight"].shape == (E, 64)
+  assert sd["transformer.resblocks.0.experts.3.c_fc.weight"].shape == (256, 64)
+  assert "visual.transformer.resblocks.1.mlp.c_fc.weight" not in sd
+  assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in sd  # dense block stays dense
+  assert ("positional_embedding_res" in sd) == (context == 248)
+  back = moe.from_clip_moe(sd, dense.config)
+  assert back.config.moe == m.config.moe
+  a, b = flat(nnx.state(m, nnx.Param)), flat(nnx.state(back, nnx.Param))
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+  moe.export_safetensors(m, str(tmp_path / "m.safetensors"))
+  from safetensors.numpy import load_file
+  assert set(load_file(str(tmp_path / "m.safetensors"))) == set(sd)
+
+
+def test_clip_moe_block_matches_torch_routing():
+  """CLIP-MoE's block FFN in torch terms (softmax gate, top-k, renormalize, sum of experts)
+  on the exported weights equals zoo's MoEMLP."""
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  dense = zoo.create("test-tiny", seed=4)
+  m = moe.upcycle(dense, E, K, "all", dropless=True,
+                  expert_sources=[zoo.create("test-tiny", seed=s) for s in range(E)])
+  randomize_routers(m, 6, std=0.5)
+  sd = {k: torch.from_numpy(np.asarray(v)) for k, v in moe.to_clip_moe(m).items()}
+  x = np.random.default_rng(0).normal(size=(2, 9, 64)).astype(np.float32)
+  ours = np.asarray(m.text.transformer.resblocks[1].mlp(jnp.asarray(x)))
+  p = "transformer.resblocks.1"
+  h = torch.from_numpy(x).reshape(-1, 64)
+  weights = F.softmax(F.linear(h, sd[f"{p}.gate.weight"]), dim=-1)
+  top, chosen = torch.topk(weights, K, dim=-1)
+  top = top / top.sum(-1, keepdim=True)
+  out = torch.zeros_like(h)
+  for e in range(E):
+    y = F.linear(F.gelu(F.linear(h, sd[f"{p}.experts.{e}.c_fc.weight"], sd[f"{p}.experts.{e}.c_fc.bias"])),
+                 sd[f"{p}.experts.{e}.c_proj.weight"], sd[f"{p}.experts.{e}.c_proj.bias"])
+    w = (top * (chosen == e)).sum(-1, keepdim=True)
+    out += w * y
+  np.testing.assert_allclose(ours, out.reshape(2, 9, 64).numpy(), atol=1e-5)

@@ -882,6 +882,151 @@ def run_dmu(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] |
   return result
 
 
+# ----------------------------------------------------------------------------- conversion
+
+_MOE_BLOCK = __import__("re").compile(r"^((?:visual\.)?transformer\.resblocks\.(\d+))\.gate\.weight$")
+
+
+def _np(x: Any) -> np.ndarray:
+  from zoo.convert import common
+
+  return common.as_float32(common.to_numpy(x))
+
+
+def from_clip_moe(state_dict: Mapping[str, Any], name: str | registry.CLIPConfig = "ViT-L-14-quickgelu",
+                  *, top_k: int = 2, keep: int = 20, **overrides: Any) -> MoECLIP:
+  """A MoECLIP from a CLIP-MoE PyTorch state dict (OpenSparseLLMs/CLIP-MoE layout).
+
+  Layout: OpenAI CLIP keys (text positions as Long-CLIP's `positional_embedding` +
+  `positional_embedding_res` when present, see `zoo.long_clip.from_long_clip`); a block N of
+  either tower that is an MoE block has `...resblocks.N.gate.weight` [E, W] (router, no bias)
+  and `...resblocks.N.experts.e.c_fc.{weight,bias}`, `...experts.e.c_proj.{weight,bias}`
+  instead of `...resblocks.N.mlp.*`. CLIP-MoE routes dropless with renormalized top-k gates,
+  so the model gets dropless=True; `top_k` is not stored in the weights (CLIP-MoE: 2).
+  """
+  from zoo import long_clip
+  from zoo.convert import common
+  from zoo.convert import open_clip as oc
+
+  sd = oc._strip_prefix(state_dict)
+  blocks: dict[str, list[int]] = {"visual": [], "text": []}
+  num_experts = None
+  dense_sd = {k: v for k, v in sd.items() if ".experts." not in k and not k.endswith(".gate.weight")}
+  for key in sd:
+    m = _MOE_BLOCK.match(key)
+    if not m:
+      continue
+    prefix, index = m.group(1), int(m.group(2))
+    e = int(np.shape(sd[key])[0])
+    if num_experts not in (None, e):
+      raise common.StateDictError(f"{key}: {e} experts but other MoE blocks have {num_experts}")
+    num_experts = e
+    blocks["visual" if prefix.startswith("visual.") else "text"].append(index)
+    for part in ("c_fc", "c_proj"):
+      for leaf in ("weight", "bias"):
+        src = f"{prefix}.experts.0.{part}.{leaf}"
+        if src not in sd:
+          raise common.StateDictError(f"CLIP-MoE state dict lacks {src!r} for MoE block {prefix}")
+        dense_sd[f"{prefix}.mlp.{part}.{leaf}"] = sd[src]
+  if num_experts is None:
+    raise common.StateDictError("no `...resblocks.N.gate.weight` keys: not a CLIP-MoE state dict "
+                                "(use zoo.convert.from_open_clip for a dense CLIP)")
+  if "positional_embedding_res" in dense_sd:
+    dense = long_clip.from_long_clip(dense_sd, name, keep=keep, **overrides)
+  else:
+    dense = oc.from_open_clip(dense_sd, name, **overrides)
+  model = upcycle(dense, num_experts, top_k, {"vision": blocks["visual"], "text": blocks["text"]},
+                  dropless=True)
+  for layer_name, layer in model.moe_layers().items():
+    tower, index = layer_name.split(".")
+    prefix = f"{'visual.' if tower == 'visual' else ''}transformer.resblocks.{index}"
+    gate = _np(sd[f"{prefix}.gate.weight"])
+    if gate.shape != (num_experts, layer.router.kernel.shape[0]):
+      raise common.StateDictError(f"{prefix}.gate.weight has shape {gate.shape}, expected "
+                                  f"{(num_experts, layer.router.kernel.shape[0])}")
+    layer.router.kernel.set_value(jnp.asarray(gate.T))
+    for zoo_leaf, key, transpose in (("fc1_kernel", "c_fc.weight", True),
+                                     ("fc1_bias", "c_fc.bias", False),
+                                     ("fc2_kernel", "c_proj.weight", True),
+                                     ("fc2_bias", "c_proj.bias", False)):
+      var = getattr(layer, zoo_leaf)
+      arrays = []
+      for e in range(num_experts):
+        k = f"{prefix}.experts.{e}.{key}"
+        if k not in sd:
+          raise common.StateDictError(f"CLIP-MoE state dict lacks {k!r}")
+        a = _np(sd[k])
+        arrays.append(a.T if transpose else a)
+      stacked = np.stack(arrays)
+      if stacked.shape != tuple(var.shape):
+        raise common.StateDictError(f"{prefix}.experts.*.{key}: stacked shape {stacked.shape}, "
+                                    f"expected {tuple(var.shape)}")
+      var.set_value(jnp.asarray(stacked))
+  return model
+
+
+def dense_view(model: MoECLIP, expert: int = 0) -> clip_lib.CLIP:
+  """A dense CLIP with every non-MoE weight of `model` and expert `expert`'s FFN in MoE blocks."""
+  fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(registry.CLIPConfig)}
+  dense = nnx.eval_shape(lambda: clip_lib.CLIP(registry.CLIPConfig(**fields), rngs=nnx.Rngs(0)))
+  src = dict(nnx.to_flat_state(nnx.state(model)))
+  flat = dict(nnx.to_flat_state(nnx.state(dense)))
+  moe_names = {(n.split(".")[0], int(n.split(".")[1])) for n in model.moe_layers()}
+  for path, var in flat.items():
+    if len(path) > 4 and path[1:3] == ("transformer", "resblocks") and (path[0], path[3]) in moe_names:
+      if path[4] == "mlp":
+        leaf = {("fc1", "kernel"): "fc1_kernel", ("fc1", "bias"): "fc1_bias",
+                ("fc2", "kernel"): "fc2_kernel", ("fc2", "bias"): "fc2_bias"}[path[5:7]]
+        var.set_value(src[path[:5] + (leaf,)].get_value()[expert])
+        continue
+    var.set_value(src[path].get_value())
+  nnx.update(dense, nnx.from_flat_state(flat))
+  return dense
+
+
+def to_clip_moe(model: MoECLIP) -> dict[str, np.ndarray]:
+  """CLIP-MoE's PyTorch state-dict layout of `model` (inverse of `from_clip_moe`).
+
+  Text positions: Long-CLIP's pair (`positional_embedding` and `positional_embedding_res`, both
+  the full table) when the text context is 248, as CLIP-MoE's released models; otherwise
+  OpenAI's single `positional_embedding`.
+  """
+  from zoo import long_clip
+  from zoo.convert import open_clip as oc
+
+  if not isinstance(model, MoECLIP):
+    raise TypeError(f"to_clip_moe needs a MoECLIP, got {type(model).__name__}")
+  dense = dense_view(model)
+  long = model.config.text.context_length == long_clip.LONG_CLIP_CONTEXT_LENGTH
+  sd = long_clip.to_long_clip(dense) if long else oc.to_open_clip(dense)
+  for layer_name, layer in model.moe_layers().items():
+    tower, index = layer_name.split(".")
+    prefix = f"{'visual.' if tower == 'visual' else ''}transformer.resblocks.{index}"
+    for part in ("c_fc", "c_proj"):
+      for leaf in ("weight", "bias"):
+        sd.pop(f"{prefix}.mlp.{part}.{leaf}")
+    sd[f"{prefix}.gate.weight"] = np.asarray(layer.router.kernel[...]).T.copy()
+    get = lambda v: np.asarray(jax.device_get(v[...]))
+    w1, b1, w2, b2 = (get(layer.fc1_kernel), get(layer.fc1_bias), get(layer.fc2_kernel),
+                      get(layer.fc2_bias))
+    for e in range(model.config.moe.num_experts):
+      sd[f"{prefix}.experts.{e}.c_fc.weight"] = w1[e].T.copy()
+      sd[f"{prefix}.experts.{e}.c_fc.bias"] = b1[e].copy()
+      sd[f"{prefix}.experts.{e}.c_proj.weight"] = w2[e].T.copy()
+      sd[f"{prefix}.experts.{e}.c_proj.bias"] = b2[e].copy()
+  return sd
+
+
+def export_safetensors(model: MoECLIP, path: str) -> None:
+  """`to_clip_moe(model)` written as safetensors, with the MoE settings in its metadata."""
+  import json
+
+  from zoo.convert.__main__ import write_safetensors
+
+  write_safetensors(to_clip_moe(model), path, {"format": "pt", "layout": "clip_moe",
+                                               "moe": json.dumps(dataclasses.asdict(model.config.moe))})
+
+
 train_lib.register_family(train_lib.Family(
     "moe", forward=moe_forward, loss=moe_loss, fields=("image", "tokens"),
     build_model=build_model, make_trainable=trainable_for, recipe=run_dmu))
