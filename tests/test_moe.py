@@ -436,3 +436,63 @@ def test_clip_moe_block_matches_torch_routing():
     w = (top * (chosen == e)).sum(-1, keepdim=True)
     out += w * y
   np.testing.assert_allclose(ours, out.reshape(2, 9, 64).numpy(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- DMU recipe
+
+
+@pytest.mark.slow
+def test_dmu_recipe_end_to_end(tmp_path):
+  """Two DMU stages then a router-only MoE phase, all through train_lib.train."""
+  base_model = zoo.create("test-tiny", seed=0)
+  base_dir = zoo.save(base_model, tmp_path / "base")
+  c = moe_config(num_experts=2, top_k=1, layers="every_other", trainable="router")
+  c.init_from = base_dir
+  c.total_steps = 2
+  c.batch_size = 16
+  c.context_length = 32
+  c.data.size = 256
+  c.data.eval_size = 32
+  c.checkpoint_every = 2
+  c.moe.dmu.stages = 2
+  c.moe.dmu.steps_per_stage = 3
+  c.moe.dmu.lr = 1e-3
+  c.moe.dmu.clusters = 3
+  c.moe.dmu.kmeans_samples = 48
+  labels_seen = []
+  original = moe.ClusterLabeler.__call__
+
+  def spy(self, batch):
+    out = original(self, batch)
+    labels_seen.append(out["cluster"])
+    return out
+
+  moe.ClusterLabeler.__call__ = spy
+  try:
+    result = train_lib.train(c, str(tmp_path / "run"))
+  finally:
+    moe.ClusterLabeler.__call__ = original
+  stage_dirs = result["dmu"]["stage_dirs"]
+  assert len(stage_dirs) == 2 and result["step"] == 2
+  # stage 2 trained on cluster labels of stage 1's features
+  assert len(labels_seen) == 3 and all(l.shape == (16,) and l.max() < 3 for l in labels_seen)
+  final, _, _ = zoo.load(tmp_path / "run" / "model")
+  assert isinstance(final, moe.MoECLIP) and final.config.moe.vision_layers == (1,)
+  base = flat(nnx.state(base_model, nnx.Param))
+  stages = [flat(nnx.state(zoo.load(d)[0], nnx.Param)) for d in stage_dirs]
+  for s in stages:  # stages fine-tune FFNs only
+    for key in base:
+      same = np.array_equal(s[key], base[key])
+      assert same != ("mlp" in key), key
+  got = flat(nnx.state(final, nnx.Param))
+  for tower in ("visual", "text"):
+    moe_prefix = (tower, "transformer", "resblocks", "1", "mlp")
+    dense_prefix = moe_prefix
+    for e, s in enumerate(stages):  # the router phase leaves the experts as the stages made them
+      np.testing.assert_array_equal(got[moe_prefix + ("fc1_kernel",)][e],
+                                    s[dense_prefix + ("fc1", "kernel")])
+      np.testing.assert_array_equal(got[moe_prefix + ("fc2_bias",)][e],
+                                    s[dense_prefix + ("fc2", "bias")])
+  assert not np.array_equal(got[("visual", "transformer", "resblocks", "1", "mlp", "fc1_kernel")][0],
+                            got[("visual", "transformer", "resblocks", "1", "mlp", "fc1_kernel")][1])
+  np.testing.assert_array_equal(got[("visual", "proj")], base[("visual", "proj")])
