@@ -1,0 +1,456 @@
+"""Region heads: RoIAlign vs numpy / torchvision, whole-image box = mean patch tokens, boxes
+through crop / flip / resize, losses vs numpy references, padded boxes inert, sharded =
+single device, save / load, the region family and the region_zeroshot eval."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zoo
+from tests.train_utils import tiny_config
+from zoo import clip as clip_lib
+from zoo import eval_lib, losses, region, sharding, train_lib, transforms
+from zoo.data import pipeline
+
+RNG = np.random.default_rng(0)
+
+
+def random_boxes(rng, shape, min_size=0.05):
+  """Normalized xyxy boxes [*shape, 4] with positive size."""
+  a = rng.uniform(0, 1, size=(*shape, 2, 2))
+  lo, hi = a.min(-2), a.max(-2)
+  hi = np.maximum(hi, np.minimum(lo + min_size, 1.0))
+  return np.concatenate([lo, hi], -1).astype(np.float32)
+
+
+def numpy_roi_align(features, boxes, out, sr):
+  """Direct per-sample bilinear RoIAlign (torchvision's aligned=True algorithm), loops."""
+  b, gh, gw, c = features.shape
+  r = boxes.shape[1]
+  result = np.zeros((b, r, out, out, c), np.float64)
+
+  def bilinear(f, y, x):
+    y = min(max(y, 0.0), gh - 1.0)
+    x = min(max(x, 0.0), gw - 1.0)
+    y0, x0 = int(np.floor(y)), int(np.floor(x))
+    y1, x1 = min(y0 + 1, gh - 1), min(x0 + 1, gw - 1)
+    ly, lx = y - y0, x - x0
+    return ((1 - ly) * (1 - lx) * f[y0, x0] + (1 - ly) * lx * f[y0, x1]
+            + ly * (1 - lx) * f[y1, x0] + ly * lx * f[y1, x1])
+
+  for i in range(b):
+    for j in range(r):
+      x0, y0, x1, y1 = boxes[i, j].astype(np.float64)
+      sx, sy = x0 * gw - 0.5, y0 * gh - 0.5
+      bw, bh = (x1 - x0) * gw / out, (y1 - y0) * gh / out
+      for p in range(out):
+        for q in range(out):
+          acc = 0.0
+          for u in range(sr):
+            for v in range(sr):
+              y = sy + p * bh + (u + 0.5) * bh / sr
+              x = sx + q * bw + (v + 0.5) * bw / sr
+              acc = acc + bilinear(features[i].astype(np.float64), y, x)
+          result[i, j, p, q] = acc / sr ** 2
+  return result
+
+
+# ----------------------------------------------------------------------------- RoIAlign
+
+
+@pytest.mark.parametrize("grid,out,sr", [((6, 5), 3, 2), ((8, 8), 4, 0), ((4, 7), 2, 3)])
+def test_roi_align_equals_numpy_bilinear(grid, out, sr):
+  f = RNG.normal(size=(2, *grid, 3)).astype(np.float32)
+  boxes = random_boxes(RNG, (2, 3))
+  boxes[0, 0] = [0.0, 0.0, 1.0, 1.0]  # whole image (samples clamp at the border)
+  boxes[1, 2] = [0.9, 0.05, 0.97, 0.12]  # tiny box near a corner
+  got = np.asarray(region.roi_align(jnp.asarray(f), jnp.asarray(boxes), out, sr))
+  want = numpy_roi_align(f, boxes, out, region.sampling_ratio_for(max(grid), out, sr))
+  assert got.shape == (2, 3, out, out, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_align_equals_torchvision():
+  torch = pytest.importorskip("torch")
+  tv_ops = pytest.importorskip("torchvision.ops")
+  f = RNG.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  boxes = random_boxes(RNG, (2, 5))
+  got = np.asarray(region.roi_align(jnp.asarray(f), jnp.asarray(boxes), 4, 2))
+  rois = np.concatenate([np.repeat(np.arange(2.0), 5)[:, None], boxes.reshape(-1, 4) * 8], 1)
+  want = tv_ops.roi_align(torch.from_numpy(f).permute(0, 3, 1, 2),
+                          torch.from_numpy(rois.astype(np.float32)), output_size=4,
+                          spatial_scale=1.0, sampling_ratio=2, aligned=True)
+  np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy().reshape(got.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("grid,out", [(8, 4), (14, 7), (4, 2), (8, 2)])
+def test_whole_image_box_is_mean_of_patch_tokens(grid, out):
+  tokens = RNG.normal(size=(3, grid * grid, 6)).astype(np.float32)  # [B, N, C] as the ViT gives
+  whole = jnp.tile(jnp.array([[[0.0, 0.0, 1.0, 1.0]]]), (3, 1, 1))
+  got = np.asarray(region.roi_mean(jnp.asarray(tokens), whole, out))
+  np.testing.assert_allclose(got[:, 0], tokens.mean(1), atol=1e-5)
+
+
+def test_roi_align_gradients_match_finite_differences():
+  from jax.test_util import check_grads
+
+  f = jnp.asarray(RNG.normal(size=(1, 4, 4, 2)).astype(np.float32))
+  boxes = jnp.asarray(random_boxes(RNG, (1, 2), min_size=0.3))
+  check_grads(lambda x: region.roi_align(x, boxes, 2, 2), (f,), order=1, modes=("rev",),
+              atol=1e-2, rtol=1e-2)
+  # Interior boxes: coordinates get gradients too (a box is differentiable).
+  inner = jnp.array([[[0.2, 0.3, 0.7, 0.8]]], jnp.float32)
+  check_grads(lambda b: region.roi_align(f, b, 2, 2), (inner,), order=1, modes=("rev",),
+              atol=2e-2, rtol=2e-2, eps=1e-3)
+
+
+def test_roi_align_bad_input_errors():
+  with pytest.raises(ValueError, match=r"\[B, R, 4\]"):
+    region.roi_align(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4)), 2)
+  with pytest.raises(ValueError, match="square grid"):
+    region.roi_align(jnp.zeros((1, 10, 2)), jnp.zeros((1, 1, 4)), 2)
+  with pytest.raises(ValueError, match="box rows"):
+    region.roi_align(jnp.zeros((2, 4, 4, 2)), jnp.zeros((1, 1, 4)), 2)
+  with pytest.raises(ValueError, match="unknown region config key 'roi'"):
+    region.region_config("test-tiny", roi=3)
+
+
+# ----------------------------------------------------------------------------- data: boxes
+
+
+def test_boxes_follow_crop_flip_resize_so_roi_align_reads_the_object():
+  """A coloured rectangle through the train transform (strong random-resized crop, random
+  flip, resize to 48 px): the output box matches the rectangle's pixels, and RoIAlign of the
+  output image inside that box reads the rectangle's colour."""
+  size, hw = 48, (96, 128)
+  colour = np.array([230, 40, 20], np.uint8)
+  proc = pipeline.SampleProcessor(fields=("image", "boxes", "box_mask"), tokenizer=None,
+                                  image_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                                  scale=(0.3, 0.7), hflip=True, max_regions=2, min_box_visible=0.3)
+  checked, flips = 0, set()
+  rng = np.random.default_rng(3)
+  for trial in range(30):
+    x0, y0 = int(rng.integers(0, 80)), int(rng.integers(0, 50))
+    x1, y1 = x0 + int(rng.integers(24, 48)), y0 + int(rng.integers(24, 46))
+    image = np.full((*hw, 3), 90, np.uint8)
+    image[y0:y1, x0:x1] = colour
+    box = np.array([[x0 / hw[1], y0 / hw[0], x1 / hw[1], y1 / hw[0]]], np.float32)
+    sample = {"image": image, "caption": "", "boxes": box, "region_captions": ["r"],
+              "region_labels": np.array([0], np.int32)}
+    srng = np.random.default_rng(trial)
+    out = proc(sample, srng)
+    # the same draws the processor made: crop, then flip
+    srng = np.random.default_rng(trial)
+    crop = transforms.random_resized_crop_params(srng, *hw, (0.3, 0.7), pipeline.DEFAULT_RATIO)
+    flip = bool(srng.random() < 0.5)
+    want, keep = transforms.transform_boxes(box, crop, hw, flip, min_visible=0.3)
+    assert out["box_mask"].tolist() == [bool(keep[0]), False]
+    if not keep[0]:
+      assert not out["boxes"].any()
+      continue
+    np.testing.assert_allclose(out["boxes"][0], want[0], atol=1e-6)
+    pixels = out["image"] * 255.0  # mean 0, std 1
+    red = pixels[..., 0] > 160
+    ys, xs = np.nonzero(red)
+    measured = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / size
+    assert np.abs(measured - out["boxes"][0]).max() <= 1.5 / size, (trial, measured, out["boxes"][0])
+    # RoIAlign over the pixel grid inside the (slightly shrunk) box reads the object's colour
+    b = out["boxes"][0]
+    inner = b + np.array([1, 1, -1, -1]) * 2.0 / size
+    mean = np.asarray(region.roi_mean(jnp.asarray(pixels[None]), jnp.asarray(inner[None, None]), 4, 4))
+    np.testing.assert_allclose(mean[0, 0], colour, atol=12)
+    checked += 1
+    flips.add(flip)
+  assert checked >= 10 and flips == {True, False}
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def numpy_multi_positive_ce(logits, pos, valid):
+  rows = []
+  for i in np.flatnonzero(valid):
+    cols = np.flatnonzero(valid)
+    l = logits[i, cols]
+    p = pos[i, cols]
+    lse = np.log(np.exp(l - l.max()).sum()) + l.max()
+    lse_pos = np.log(np.exp(l[p] - l.max()).sum()) + l.max()
+    rows.append(lse - lse_pos)
+  return np.mean(rows)
+
+
+def normalized(rng, shape):
+  x = rng.normal(size=shape).astype(np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_region_text_loss_equals_contrastive_loss_on_valid_regions():
+  r, t = normalized(RNG, (4, 3, 8)), normalized(RNG, (4, 3, 8))
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], bool)
+  scale = jnp.float32(7.0)
+  got = region.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(mask), scale)
+  want = losses.contrastive_loss(jnp.asarray(r[mask]), jnp.asarray(t[mask]), scale,
+                                 kind="softmax", impl="reference")
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_region_text_loss_same_captions_are_positives_and_ids_are_exact():
+  tokens = np.zeros((3, 2, 6), np.int32)
+  tokens[0, 0, :3] = [49406, 7, 49407]
+  tokens[1, 1, :3] = [49406, 7, 49407]  # same caption as (0, 0)
+  tokens[2, 0, :4] = [49406, 7, 9, 49407]
+  tokens[0, 1, :3] = [49406, 8, 49407]
+  tokens[2, 1, :3] = [49406, 9, 49407]
+  mask = np.array([[1, 1], [0, 1], [1, 1]], bool)
+  ids = np.asarray(region.caption_ids(jnp.asarray(tokens))).reshape(-1)
+  flat = tokens.reshape(6, -1)
+  same = (flat[:, None] == flat[None]).all(-1)
+  np.testing.assert_array_equal(ids[:, None] == ids[None], same)
+  r, t = normalized(RNG, (3, 2, 8)), normalized(RNG, (3, 2, 8))
+  got = region.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(mask), 5.0,
+                                ids=jnp.asarray(ids.reshape(3, 2)))
+  logits = 5.0 * r.reshape(6, -1) @ t.reshape(6, -1).T
+  valid = mask.reshape(-1)
+  want = 0.5 * (numpy_multi_positive_ce(logits, same, valid)
+                + numpy_multi_positive_ce(logits.T, same.T, valid))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # TIC: captions against captions, identical ones positive
+  tic = region.tic_loss(jnp.asarray(t), jnp.asarray(mask), 5.0, jnp.asarray(ids))
+  tt = t.reshape(6, -1)
+  np.testing.assert_allclose(float(tic), numpy_multi_positive_ce(5.0 * tt @ tt.T, same, valid),
+                             rtol=1e-5)
+  # no valid region: zero, not NaN
+  zero = region.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.zeros((3, 2), bool), 5.0)
+  assert float(zero) == 0.0
+
+
+def test_generalized_iou_and_grounding_loss():
+  torch = pytest.importorskip("torch")
+  tv_ops = pytest.importorskip("torchvision.ops")
+  a, b = random_boxes(RNG, (7,)), random_boxes(RNG, (7,))
+  got = np.asarray(region.generalized_iou(jnp.asarray(a), jnp.asarray(b)))
+  want = np.diag(tv_ops.generalized_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy())
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  mask = np.array([True] * 5 + [False] * 2)
+  loss = region.grounding_loss(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask))
+  want_loss = np.mean(np.abs(a - b).sum(-1)[mask] + 1 - want[mask])
+  np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+  assert float(region.grounding_loss(jnp.asarray(a), jnp.asarray(a), jnp.asarray(mask))) < 1e-5
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def tiny_region():
+  return region.create("test-tiny", roi_size=2, width=32, grounding=True, seed=1)
+
+
+def region_batch(rng, b=8, r=3, length=12, image_size=32):
+  boxes = random_boxes(rng, (b, r), min_size=0.2)
+  mask = rng.uniform(size=(b, r)) < 0.7
+  mask[0, 0] = True
+  boxes = np.where(mask[..., None], boxes, 0.0).astype(np.float32)
+  tokens = np.zeros((b, length), np.int32)
+  rtoks = np.zeros((b, r, length), np.int32)
+  tokens[:, 0], tokens[:, 1:4], tokens[:, 4] = 49406, rng.integers(1, 400, (b, 3)), 49407
+  for i in range(b):
+    for j in range(r):
+      if mask[i, j]:
+        rtoks[i, j, :3] = [49406, int(rng.integers(1, 6)), 49407]  # few distinct: duplicates
+  return {"image": rng.normal(size=(b, image_size, image_size, 3)).astype(np.float32),
+          "tokens": tokens, "boxes": boxes, "box_mask": mask, "region_tokens": rtoks}
+
+
+def test_fresh_residual_head_equals_pooled_patch_baseline(tiny_region):
+  images = jnp.asarray(RNG.normal(size=(2, 32, 32, 3)).astype(np.float32))
+  boxes = jnp.asarray(random_boxes(RNG, (2, 3), min_size=0.2))
+  fresh = region.create("test-tiny", roi_size=2, width=32)  # zero-initialised output projection
+  emb, mask = fresh.encode_regions(images, boxes)
+  base = region.RegionBaselines(fresh, roi_size=2).pooled_regions({"images": images, "boxes": boxes})
+  assert mask.all()
+  np.testing.assert_allclose(np.asarray(emb), np.asarray(base), atol=1e-5)
+  # Whole-image box: mean of the patch tokens through the projection.
+  _, patches = fresh.visual(images, return_tokens=True)
+  whole, _ = fresh.encode_regions(images, jnp.tile(jnp.array([[[0.0, 0.0, 1.0, 1.0]]]), (2, 1, 1)))
+  np.testing.assert_allclose(np.asarray(whole[:, 0]),
+                             np.asarray(patches.mean(1) @ fresh.visual.proj[...]), atol=1e-5)
+  # A trained-like (non-zero) head differs from the baseline, and masks padded boxes.
+  emb2, mask2 = tiny_region.encode_regions(images, boxes.at[1, 2].set(0.0))
+  assert not mask2[1, 2] and not np.asarray(emb2[1, 2]).any() and np.asarray(emb2[0]).any()
+
+
+def test_padded_boxes_never_contribute_to_loss_or_gradients(tiny_region):
+  config = tiny_config(family="region")
+  config.region = region.default_settings()
+  config.region.grounding_weight = 1.0
+  config.region.tic_weight = 0.5
+  ctx = train_lib.LossContext(config=config, mesh=None, impl="reference")
+  graphdef, params, rest = nnx.split(tiny_region, nnx.Param, ...)
+
+  def loss_fn(p, batch):
+    model = nnx.merge(graphdef, p, rest)
+    return region.region_loss(region.region_forward(model, batch, None), batch, ctx)
+
+  batch = region_batch(np.random.default_rng(5))
+  assert not batch["box_mask"].all()
+  other = {k: v.copy() for k, v in batch.items()}
+  pad = ~batch["box_mask"]
+  other["boxes"][pad] = [0.1, 0.2, 0.9, 0.7]  # garbage in the padded slots
+  other["region_tokens"][pad] = np.array([49406, 123, 456, 49407] + [0] * 8, np.int32)
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (l1, m1), g1 = grad_fn(params, batch)
+  (l2, m2), g2 = grad_fn(params, other)
+  assert np.isfinite(float(l1)) and float(m1["grounding_loss"]) > 0 and float(m1["tic_loss"]) > 0
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # The loss's gradient w.r.t. padded regions' features is exactly zero.
+  r, t = normalized(RNG, (4, 3, 8)), normalized(RNG, (4, 3, 8))
+  mask = jnp.asarray(RNG.uniform(size=(4, 3)) < 0.6).at[0, 0].set(True)
+  grads = jax.grad(lambda r, t: region.region_text_loss(r, t, mask, 5.0), argnums=(0, 1))(
+      jnp.asarray(r), jnp.asarray(t))
+  for g in grads:
+    assert not np.asarray(g)[~np.asarray(mask)].any()
+    assert np.asarray(g)[np.asarray(mask)].any()
+
+
+def run_region_steps(mesh_kw, steps=3, **overrides):
+  devices = jax.devices()[:1] if mesh_kw.get("data", 1) * mesh_kw.get("fsdp", 1) == 1 else jax.devices()
+  mesh = sharding.make_mesh(devices=devices, **mesh_kw)
+  config = tiny_config(family="region", batch_size=8)
+  config.region = region.default_settings()
+  config.region.roi_size = 2
+  config.region.width = 32
+  config.region.grounding_weight = 1.0
+  config.region.tic_weight = 0.5
+  for k, v in overrides.items():
+    config.region[k] = v
+  trainer = train_lib.build_trainer(config, mesh)
+  batch = region_batch(np.random.default_rng(11))  # one batch, repeated: the loss must fall
+  out = []
+  for _ in range(steps):
+    trainer.state, metrics = trainer.step_fn(trainer.state, sharding.host_to_global(batch, mesh))
+    out.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+  return out, trainer
+
+
+def test_sharded_equals_single_device():
+  single, t1 = run_region_steps(dict(data=1, fsdp=1, tensor=1))
+  sharded, t8 = run_region_steps(dict(data=2, fsdp=2, tensor=2))
+  for a, b in zip(single, sharded):
+    for k in ("loss", "image_text_loss", "region_text_loss", "grounding_loss", "tic_loss"):
+      np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2e-5, err_msg=k)
+  assert single[-1]["loss"] < single[0]["loss"]  # it trains
+  p1, p8 = jax.device_get(t1.state["params"]), jax.device_get(t8.state["params"])
+  for a, b in zip(jax.tree.leaves(p1["prompter"]), jax.tree.leaves(p8["prompter"])):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_trainable_region_only_freezes_the_towers():
+  _, trainer = run_region_steps(dict(data=1, fsdp=1, tensor=1), steps=2, trainable="region")
+  fresh = region.build_model(trainer.config)
+  after = nnx.state(trainer.model(), nnx.Param)
+  before = nnx.state(fresh, nnx.Param)
+  flat_a, flat_b = dict(nnx.to_flat_state(after)), dict(nnx.to_flat_state(before))
+  changed = {p[0] for p in flat_a if not np.array_equal(np.asarray(flat_a[p][...]),
+                                                         np.asarray(flat_b[p][...]))}
+  assert changed == {"prompter", "grounding"}
+
+
+def test_save_load_and_init_from_clip(tmp_path, tiny_region):
+  images = jnp.asarray(RNG.normal(size=(2, 32, 32, 3)).astype(np.float32))
+  boxes = jnp.asarray(random_boxes(RNG, (2, 2), min_size=0.2))
+  path = zoo.save(tiny_region, str(tmp_path / "region"))
+  loaded, tokenizer, preprocess = zoo.load(path)
+  assert isinstance(loaded, region.RegionCLIP) and loaded.config == tiny_region.config
+  np.testing.assert_allclose(np.asarray(loaded.encode_regions(images, boxes)[0]),
+                             np.asarray(tiny_region.encode_regions(images, boxes)[0]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(loaded.encode_image(images)),
+                             np.asarray(tiny_region.encode_image(images)), atol=1e-6)
+  # fine-tuning from a plain CLIP: towers copied, head fresh
+  clip = clip_lib.create("test-tiny", seed=3)
+  clip_dir = zoo.save(clip, str(tmp_path / "clip"))
+  config = tiny_config(family="region", init_from=clip_dir)
+  config.region = region.default_settings()
+  trainer = train_lib.build_trainer(config, sharding.make_mesh(devices=jax.devices()[:1]))
+  model = trainer.model()
+  np.testing.assert_allclose(np.asarray(model.encode_image(images)),
+                             np.asarray(clip.encode_image(images)), atol=1e-6)
+  same = region.from_clip(clip, roi_size=4)
+  np.testing.assert_allclose(np.asarray(same.encode_regions(images, boxes)[0]),
+                             np.asarray(model.encode_regions(images, boxes)[0]), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_crop_and_resize_exact_on_pixel_aligned_boxes():
+  images = RNG.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  boxes = np.array([[[0.25, 0.25, 0.75, 0.75], [0.0, 0.5, 0.5, 1.0]]] * 2, np.float32)
+  crops = np.asarray(region.crop_and_resize(jnp.asarray(images), jnp.asarray(boxes), 8))
+  np.testing.assert_allclose(crops[:, 0], images[:, 4:12, 4:12], atol=1e-5)
+  np.testing.assert_allclose(crops[:, 1], images[:, 8:16, 0:8], atol=1e-5)
+  up = np.asarray(region.crop_and_resize(jnp.asarray(images), jnp.asarray(boxes[:, :1]), 16))
+  want = jax.image.resize(jnp.asarray(images[:, 4:12, 4:12]), (2, 16, 16, 3), "linear")
+  # (the outermost output pixels also read the image just outside the box; resize of the cut
+  # crop clamps there instead)
+  np.testing.assert_allclose(up[:, 0, 1:-1, 1:-1], np.asarray(want)[:, 1:-1, 1:-1], atol=1e-5)
+
+
+def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
+  tok = zoo.get_tokenizer("test-tiny")
+  n, r = 6, 3
+  images = RNG.normal(size=(n, 32, 32, 3)).astype(np.float32)
+  boxes = random_boxes(RNG, (n, r), min_size=0.2)
+  counts = [3, 1, 2, 3, 2, 1]
+  mask = np.arange(r)[None] < np.array(counts)[:, None]
+  boxes = np.where(mask[..., None], boxes, 0.0)
+  classes = ["red circle", "blue square", "green star"]
+  labels = np.where(mask, RNG.integers(0, 3, (n, r)), -1)
+  captions = [[f"a {classes[labels[i, j]]}" for j in range(counts[i])] for i in range(n)]
+  spec = {"kind": "region_zeroshot", "images": images, "boxes": boxes, "box_mask": mask,
+          "region_labels": labels, "region_captions": captions, "class_names": classes,
+          "templates": ["a {}.", "a photo of a {}."]}
+  metrics = eval_lib.evaluate(tiny_region, {"regions": spec}, tok, batch_size=4)
+  feats, _ = tiny_region.encode_regions(jnp.asarray(images), jnp.asarray(boxes), normalize=True)
+  feats = np.asarray(feats)[mask]
+  classifier = eval_lib.zero_shot_classifier(tiny_region, tok, classes, spec["templates"])
+  top1 = np.mean(np.argmax(feats @ classifier, -1) == labels[mask])
+  np.testing.assert_allclose(metrics["regions/top1"], top1, atol=1e-6)
+  assert metrics["regions/num_regions"] == mask.sum()
+  for key in ("text_to_region_recall@1", "region_to_text_recall@1", "region_to_text_recall@5"):
+    assert 0.0 <= metrics[f"regions/{key}"] <= 1.0
+  # region -> text: caption set is the 3 distinct "a <class>" strings -> top-5 always hits
+  assert metrics["regions/region_to_text_recall@5"] == 1.0
+  # a plain CLIP is evaluated on box crops; both baselines run and mask padded boxes
+  clip = clip_lib.create("test-tiny")
+  crop = eval_lib.evaluate(clip, {"regions": spec}, tok)
+  assert 0.0 <= crop["regions/top1"] <= 1.0
+  pooled = region.region_features(clip, images, boxes, method="pooled_patches")
+  assert pooled.shape == (n, r, 32) and not pooled[~mask].any()
+  np.testing.assert_allclose(np.linalg.norm(pooled[mask], axis=-1), 1.0, atol=1e-5)
+  with pytest.raises(ValueError, match="needs a RegionCLIP"):
+    region.region_features(clip, images, boxes, method="head")
+
+
+@pytest.mark.slow
+def test_train_loop_reports_region_metrics(tmp_path):
+  from configs import cloc_demo
+
+  config = cloc_demo.get_config()
+  config.model = "test-tiny"
+  config.batch_size = 16
+  config.total_steps = 2
+  config.eval_every = 2
+  config.checkpoint_every = 2
+  config.data.size = 64
+  config.data.eval_size = 16
+  summary = train_lib.train(config, str(tmp_path / "run"))
+  ev = summary["eval"]
+  for key in ("regions/top1", "regions/text_to_region_recall@1", "zeroshot/top1"):
+    assert key in ev and np.isfinite(ev[key])
+  loaded, _, _ = zoo.load(str(tmp_path / "run" / "model"))
+  assert isinstance(loaded, region.RegionCLIP)
