@@ -703,7 +703,8 @@ def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenize
 
   Spec: images [N, H, W, 3] preprocessed, boxes [N, R, 4], box_mask [N, R], region_labels
   [N, R] (-1 = none), class_names, templates; optional region_captions (per image, the real
-  boxes' captions), `method` (REGION_METHODS; default 'head' for a RegionCLIP, else 'crop').
+  boxes' captions), `method` (REGION_METHODS; default 'head' for a RegionCLIP, else 'crop'),
+  `roi_size` (pooled_patches: RoIAlign bins per side).
   """
   for key in ("images", "boxes", "box_mask", "region_labels", "class_names", "templates"):
     if key not in spec:
@@ -713,7 +714,7 @@ def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenize
   mask, captions = _valid_region_lists(spec)
   boxes = np.where(mask[..., None], boxes, 0.0)
   feats = region_features(model, spec["images"], boxes, method=method, batch_size=batch_size,
-                          mesh=mesh)
+                          mesh=mesh, roi_size=spec.get("roi_size"))
   labels = np.asarray(spec["region_labels"])
   labelled = mask & (labels >= 0)
   classifier = eval_lib.zero_shot_classifier(model, tokenizer, spec["class_names"],
