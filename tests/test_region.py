@@ -409,6 +409,8 @@ def test_crop_and_resize_exact_on_pixel_aligned_boxes():
   crops = np.asarray(region.crop_and_resize(jnp.asarray(images), jnp.asarray(boxes), 8))
   np.testing.assert_allclose(crops[:, 0], images[:, 4:12, 4:12], atol=1e-5)
   np.testing.assert_allclose(crops[:, 1], images[:, 8:16, 0:8], atol=1e-5)
+  wide = np.asarray(region.expand_boxes(jnp.asarray(boxes[0]), 2.0))
+  np.testing.assert_allclose(wide, [[0.0, 0.0, 1.0, 1.0], [0.0, 0.25, 0.75, 1.0]], atol=1e-6)
   up = np.asarray(region.crop_and_resize(jnp.asarray(images), jnp.asarray(boxes[:, :1]), 16))
   want = jax.image.resize(jnp.asarray(images[:, 4:12, 4:12]), (2, 16, 16, 3), "linear")
   # (the outermost output pixels also read the image just outside the box; resize of the cut

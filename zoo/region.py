@@ -370,6 +370,13 @@ def from_clip(model: clip_lib.CLIP, *, seed: int = 0, **region: Any) -> RegionCL
 # ----------------------------------------------------------------------------- baselines
 
 
+def expand_boxes(boxes: Array, factor: float) -> Array:
+  """Boxes [..., 4] scaled by `factor` about their centres, clipped to [0, 1]."""
+  centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+  half = (boxes[..., 2:] - boxes[..., :2]) * (factor / 2)
+  return jnp.clip(jnp.concatenate([centre - half, centre + half], axis=-1), 0.0, 1.0)
+
+
 def crop_and_resize(images: Array, boxes: Array, size: int) -> Array:
   """Box crops of images [B, H, W, C] resized (bilinear, antialiased) -> [B, R, size, size, C].
 
@@ -394,19 +401,23 @@ def crop_and_resize(images: Array, boxes: Array, size: int) -> Array:
 class RegionBaselines(nnx.Module):
   """Region features of a plain CLIP, for comparison with the region head:
 
-  * `crop_regions`: the global image embedding of each box crop (resized to the input size);
+  * `crop_regions`: the global image embedding of each box crop (resized to the input size;
+    `crop_context` > 1 enlarges the box about its centre first, keeping some surroundings);
   * `pooled_regions`: the box's mean-pooled patch tokens (RoIAlign) through the image tower's
     projection.
   Both take {"images", "boxes"} and return [B, R, E] with padded boxes zeroed.
   """
 
-  def __init__(self, model: clip_lib.CLIP, roi_size: int = 4, sampling_ratio: int = 0):
+  def __init__(self, model: clip_lib.CLIP, roi_size: int = 4, sampling_ratio: int = 0,
+               crop_context: float = 1.0):
     self.model, self.roi_size, self.sampling_ratio = model, roi_size, sampling_ratio
+    self.crop_context = float(crop_context)
 
   def crop_regions(self, batch: Mapping[str, Array], normalize: bool = False) -> Array:
     images, boxes = batch["images"], batch["boxes"]
     b, r = boxes.shape[:2]
-    crops = crop_and_resize(images, boxes, images.shape[1])
+    crop = boxes if self.crop_context == 1.0 else expand_boxes(boxes, self.crop_context)
+    crops = crop_and_resize(images, crop, images.shape[1])
     x = self.model.encode_image(crops.reshape(b * r, *crops.shape[2:]), normalize=normalize)
     return jnp.where(valid_boxes(boxes)[..., None], x.reshape(b, r, -1), 0.0)
 
@@ -425,10 +436,10 @@ REGION_METHODS = ("head", "crop", "pooled_patches")
 
 def region_features(model: clip_lib.CLIP, images: Any, boxes: Any, *, method: str = "head",
                     batch_size: int = 256, mesh: jax.sharding.Mesh | None = None,
-                    roi_size: int | None = None) -> np.ndarray:
+                    roi_size: int | None = None, crop_context: float = 1.0) -> np.ndarray:
   """L2-normalized region features [N, R, E] (numpy) of `method` (REGION_METHODS); padded
   boxes (zero width or height) give zero rows. `roi_size` (pooled_patches): default the
-  model's region roi_size, else 4."""
+  model's region roi_size, else 4. `crop_context` (crop): box enlargement factor."""
   if method not in REGION_METHODS:
     raise ValueError(f"region method {method!r}; expected one of {REGION_METHODS}")
   boxes = np.asarray(boxes, np.float32)
@@ -444,7 +455,7 @@ def region_features(model: clip_lib.CLIP, images: Any, boxes: Any, *, method: st
   rc = getattr(model.config, "region", None)
   size = roi_size or (rc.roi_size if rc is not None else 4)
   sr = rc.sampling_ratio if (rc is not None and roi_size is None) else 0
-  wrapper = RegionBaselines(model, size, sr)
+  wrapper = RegionBaselines(model, size, sr, crop_context)
   name = "crop_regions" if method == "crop" else "pooled_regions"
   # crops multiply the batch by R: keep the image-tower batch near `batch_size`
   bs = max(1, batch_size // boxes.shape[1]) if method == "crop" else batch_size
@@ -704,7 +715,7 @@ def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenize
   Spec: images [N, H, W, 3] preprocessed, boxes [N, R, 4], box_mask [N, R], region_labels
   [N, R] (-1 = none), class_names, templates; optional region_captions (per image, the real
   boxes' captions), `method` (REGION_METHODS; default 'head' for a RegionCLIP, else 'crop'),
-  `roi_size` (pooled_patches: RoIAlign bins per side).
+  `roi_size` (pooled_patches: RoIAlign bins per side), `crop_context` (crop: box scale).
   """
   for key in ("images", "boxes", "box_mask", "region_labels", "class_names", "templates"):
     if key not in spec:
@@ -714,7 +725,8 @@ def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenize
   mask, captions = _valid_region_lists(spec)
   boxes = np.where(mask[..., None], boxes, 0.0)
   feats = region_features(model, spec["images"], boxes, method=method, batch_size=batch_size,
-                          mesh=mesh, roi_size=spec.get("roi_size"))
+                          mesh=mesh, roi_size=spec.get("roi_size"),
+                          crop_context=float(spec.get("crop_context", 1.0)))
   labels = np.asarray(spec["region_labels"])
   labelled = mask & (labels >= 0)
   classifier = eval_lib.zero_shot_classifier(model, tokenizer, spec["class_names"],
