@@ -473,3 +473,21 @@ def test_train_loop_reports_region_metrics(tmp_path):
     assert key in ev and np.isfinite(ev[key])
   loaded, _, _ = zoo.load(str(tmp_path / "run" / "model"))
   assert isinstance(loaded, region.RegionCLIP)
+
+
+def test_configs_build_region_models():
+  from configs import cloc_b16, cloc_demo
+
+  for module, model, grid in ((cloc_b16, "ViT-B-16-quickgelu", 14), (cloc_demo, "region-tiny", 8)):
+    config = module.get_config()
+    assert config.family == "region" and config.model == model
+    built = nnx.eval_shape(lambda: region.build_model(config))  # shapes only, no allocation
+    rc = built.config.region
+    assert built.config.vision.grid_size == grid
+    # RoIAlign samples once per patch of the grid: the whole-image box = mean patch tokens
+    assert rc.roi_size * region.sampling_ratio_for(grid, rc.roi_size, rc.sampling_ratio) == grid
+    assert (built.grounding is not None) == (config.region.grounding_weight > 0)
+  config = cloc_demo.get_config()
+  config.region.roi = 3
+  with pytest.raises(ValueError, match="unknown config.region key 'roi'"):
+    region.settings(config)

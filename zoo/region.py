@@ -29,17 +29,23 @@ intra-modal contrastive (TIC) term that separates similar captions. Here:
   input GSPMD computes exactly the single-device loss. Padded boxes (box_mask False) are
   excluded as rows and as columns, so they contribute neither loss nor gradient. Region
   captions that are identical (same token ids) are positives of each other
-  (`same_caption_positive`), not false negatives.
+  (`same_caption_positive`), not false negatives. The region-text loss is the softmax
+  (InfoNCE) form for every model, SigLIP ones included.
+* Our readings where the papers leave details open: the grounding head (`GroundingHead`: the
+  caption embedding queries the patch tokens with one cross-attention, an MLP predicts
+  (cx, cy, w, h); loss L1 + (1 - GIoU)) and TIC (`tic_loss`: each region caption against all
+  region captions of the batch, identical captions positive) are our formulations of the two
+  terms, not ports of the authors' code.
 * The `region` family for the one train loop, and the `region_zeroshot` eval kind (region
   classification top-1 / top-5 over the valid boxes + region <-> caption retrieval), with the
-  two baselines the bench compares against: the global embedding of the box crop
-  (`crop_region_features`) and mean-pooled patch tokens projected (`pooled_patch_features`).
+  two baselines the bench compares against (`region_features(method=...)`,
+  `RegionBaselines`): the global embedding of the box crop ('crop') and the box's mean-pooled
+  patch tokens through the image tower's projection ('pooled_patches').
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Mapping
 
