@@ -311,6 +311,7 @@ def single_device_run():
   return run_region_steps(dict(data=1, fsdp=1, tensor=1))
 
 
+@pytest.mark.slow  # ~20 s: compiles the region train step for a second (2x2x2) mesh
 def test_sharded_equals_single_device(single_device_run):
   single, t1 = single_device_run
   sharded, t8 = run_region_steps(dict(data=2, fsdp=2, tensor=2))
