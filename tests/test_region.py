@@ -445,6 +445,17 @@ def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
     assert 0.0 <= metrics[f"regions/{key}"] <= 1.0
   # region -> text: caption set is the 3 distinct "a <class>" strings -> top-5 always hits
   assert metrics["regions/region_to_text_recall@5"] == 1.0
+  # grounding head: IoU of the boxes it predicts from the (normalized) caption embeddings
+  txt = eval_lib.encode_texts(tiny_region, tok([c for row in captions for c in row]))
+  text = np.zeros((n, r, txt.shape[1]), np.float32)
+  text[mask] = txt
+  pred = np.asarray(nnx.jit(lambda m, x, t: m.ground(m.image_and_patches(x)[1], t))(
+      tiny_region, jnp.asarray(images), jnp.asarray(text)))
+  torch = pytest.importorskip("torch")
+  tv_ops = pytest.importorskip("torchvision.ops")
+  iou = np.diag(tv_ops.box_iou(torch.from_numpy(pred[mask]), torch.from_numpy(boxes[mask])).numpy())
+  np.testing.assert_allclose(metrics["regions/grounding_miou"], iou.mean(), atol=1e-5)
+  np.testing.assert_allclose(metrics["regions/grounding_acc@0.5"], (iou >= 0.5).mean(), atol=1e-6)
   # a plain CLIP is evaluated on box crops; both baselines run and mask padded boxes
   clip = clip_lib.create("test-tiny")
   crop = eval_lib.evaluate(clip, {"regions": spec}, tok)
@@ -492,3 +503,32 @@ def test_configs_build_region_models():
   config.region.roi = 3
   with pytest.raises(ValueError, match="unknown config.region key 'roi'"):
     region.settings(config)
+
+
+def test_webdataset_region_eval_set(tmp_path, tiny_region):
+  from zoo.data import demo
+  from zoo.data import webdataset as wds
+
+  samples = demo.samples(6, "regions", 40)  # 40 px scenes: the eval transform resizes them
+  paths = wds.write_shards(samples, str(tmp_path), samples_per_shard=3)
+  config = tiny_config(family="region")
+  config.data.name = "webdataset"
+  config.data.eval_shards = ",".join(paths)
+  config.data.max_regions = 3
+  spec = region.webdataset_region_set(config.data.eval_shards, image_size=32,
+                                      mean=tiny_region.config.image_mean,
+                                      std=tiny_region.config.image_std, max_regions=3)
+  pre = transforms.make_preprocess(32, tiny_region.config.image_mean, tiny_region.config.image_std)
+  assert spec["images"].shape == (6, 32, 32, 3)
+  for i, s in enumerate(samples):  # shards keep the sample order
+    moved, keep = transforms.transform_boxes(s["boxes"], pre.crop_box(40, 40), (40, 40))
+    k = int(keep.sum())
+    np.testing.assert_allclose(spec["boxes"][i, :k], moved[keep], atol=1e-6)
+    assert spec["box_mask"][i].sum() == k
+    assert spec["region_captions"][i] == [c for c, kk in zip(s["region_captions"], keep) if kk]
+  metrics = region.region_family_evaluate(tiny_region, config, zoo.get_tokenizer("test-tiny"), None)
+  for key in ("text_to_region_recall@1", "region_to_text_recall@5", "grounding_miou"):
+    assert 0.0 <= metrics[f"regions/{key}"] <= 1.0
+  assert metrics["regions/num_regions"] == spec["box_mask"].sum()
+  config.data.name = "demo"
+  assert region.region_family_evaluate(tiny_region, config, None, None) == {}

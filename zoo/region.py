@@ -46,6 +46,7 @@ intra-modal contrastive (TIC) term that separates similar captions. Here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -56,7 +57,7 @@ import numpy as np
 from flax import nnx
 
 from zoo import clip as clip_lib
-from zoo import eval_lib, losses, registry, train_lib
+from zoo import eval_lib, losses, registry, train_lib, transforms
 from zoo.layers import LayerNorm, Linear, Transformer, get_activation, param
 
 Array = jax.Array
@@ -711,12 +712,78 @@ def _valid_region_lists(spec: Mapping[str, Any]) -> tuple[np.ndarray, list[str]]
   return mask, flat
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _ground_batch(graphdef: nnx.GraphDef, state: nnx.State, images: Array, text: Array) -> Array:
+  model = nnx.merge(graphdef, state)
+  _, patches = model.image_and_patches(images)
+  return model.ground(patches, text)
+
+
+def predict_boxes(model: RegionCLIP, images: Any, text_features: Any, *, batch_size: int = 64
+                  ) -> np.ndarray:
+  """The grounding head's boxes [N, R, 4] for caption embeddings [N, R, E] (normalized, as in
+  training) over preprocessed images [N, H, W, 3]; fixed-size jitted batches, one device."""
+  images, text = np.asarray(images, np.float32), np.asarray(text_features, np.float32)
+  n = images.shape[0]
+  graphdef, state = nnx.split(model)
+  bs = min(batch_size, n)
+  out = []
+  for start in range(0, n, bs):
+    chunk = [eval_lib._pad_rows(a[start:start + bs], bs) for a in (images, text)]
+    out.append(np.asarray(_ground_batch(graphdef, state, *chunk))[:min(bs, n - start)])
+  return np.concatenate(out, axis=0)
+
+
+def _region_text_metrics(model: clip_lib.CLIP, spec: Mapping[str, Any], feats: np.ndarray,
+                         mask: np.ndarray, captions: list[str], tokenizer, *,
+                         mesh: jax.sharding.Mesh | None, batch_size: int) -> dict[str, float]:
+  """Region <-> caption recall@{1,5} (identical captions merged into one text; a text query
+  is a hit when any region it describes ranks in its top k) and, for a model with a grounding
+  head, the IoU of the boxes it predicts from the captions (mean, and the share >= 0.5)."""
+  unique = sorted(set(captions))
+  index = {c: j for j, c in enumerate(unique)}
+  txt = eval_lib.encode_texts(model, tokenizer(unique), batch_size=max(batch_size, 1024), mesh=mesh)
+  which = np.array([index[c] for c in captions], np.int64)
+  ret = eval_lib.retrieval_metrics(feats[mask], txt, [[j] for j in which], ks=(1, 5))
+  out = {}
+  for k in (1, 5):
+    out[f"text_to_region_recall@{k}"] = ret[f"image_retrieval_recall@{k}"]
+    out[f"region_to_text_recall@{k}"] = ret[f"text_retrieval_recall@{k}"]
+  if isinstance(model, RegionCLIP) and model.grounding is not None:
+    text = np.zeros((*mask.shape, txt.shape[1]), np.float32)
+    text[mask] = txt[which]
+    pred = predict_boxes(model, spec["images"], text)
+    iou = box_iou_numpy(pred[mask], np.asarray(spec["boxes"], np.float32)[mask])
+    out["grounding_miou"] = float(iou.mean())
+    out["grounding_acc@0.5"] = float((iou >= 0.5).mean())
+  return out
+
+
+def box_iou_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """IoU of paired xyxy boxes [M, 4] -> [M] (numpy)."""
+  lt = np.maximum(a[:, :2], b[:, :2])
+  rb = np.minimum(a[:, 2:], b[:, 2:])
+  inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+  area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)
+  return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
+
+
+def _spec_features(model: clip_lib.CLIP, spec: Mapping[str, Any], *, batch_size: int,
+                   mesh: jax.sharding.Mesh | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  method = spec.get("method") or ("head" if isinstance(model, RegionCLIP) else "crop")
+  mask, captions = _valid_region_lists(spec)
+  boxes = np.where(mask[..., None], np.asarray(spec["boxes"], np.float32), 0.0)
+  feats = region_features(model, spec["images"], boxes, method=method, batch_size=batch_size,
+                          mesh=mesh, roi_size=spec.get("roi_size"),
+                          crop_context=float(spec.get("crop_context", 1.0)))
+  return feats, mask, captions
+
+
 def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenizer, *,
                          mesh: jax.sharding.Mesh | None = None, batch_size: int = 256
                          ) -> dict[str, float]:
   """Region classification (zero-shot top-1 / top-5 / mean per-class recall over the valid
-  boxes with a label) and region <-> caption retrieval recall@{1,5} (identical captions
-  merged: a text query is a hit when any region it describes ranks in its top k).
+  boxes with a label) and, with region_captions, the `_region_text_metrics`.
 
   Spec: images [N, H, W, 3] preprocessed, boxes [N, R, 4], box_mask [N, R], region_labels
   [N, R] (-1 = none), class_names, templates; optional region_captions (per image, the real
@@ -726,13 +793,7 @@ def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenize
   for key in ("images", "boxes", "box_mask", "region_labels", "class_names", "templates"):
     if key not in spec:
       raise ValueError(f"eval set kind 'region_zeroshot' misses key {key!r}; it has {sorted(spec)}")
-  method = spec.get("method") or ("head" if isinstance(model, RegionCLIP) else "crop")
-  boxes = np.asarray(spec["boxes"], np.float32)
-  mask, captions = _valid_region_lists(spec)
-  boxes = np.where(mask[..., None], boxes, 0.0)
-  feats = region_features(model, spec["images"], boxes, method=method, batch_size=batch_size,
-                          mesh=mesh, roi_size=spec.get("roi_size"),
-                          crop_context=float(spec.get("crop_context", 1.0)))
+  feats, mask, captions = _spec_features(model, spec, batch_size=batch_size, mesh=mesh)
   labels = np.asarray(spec["region_labels"])
   labelled = mask & (labels >= 0)
   classifier = eval_lib.zero_shot_classifier(model, tokenizer, spec["class_names"],
@@ -741,18 +802,94 @@ def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenize
   out = eval_lib.zero_shot_metrics(feats[labelled], labels[labelled].astype(np.int64), classifier)
   out["num_regions"] = float(labelled.sum())
   if captions:
-    unique = sorted(set(captions))
-    index = {c: j for j, c in enumerate(unique)}
-    txt = eval_lib.encode_texts(model, tokenizer(unique), batch_size=max(batch_size, 1024), mesh=mesh)
-    ret = eval_lib.retrieval_metrics(feats[mask], txt, [[index[c]] for c in captions], ks=(1, 5))
-    for k in (1, 5):
-      out[f"text_to_region_recall@{k}"] = ret[f"image_retrieval_recall@{k}"]
-      out[f"region_to_text_recall@{k}"] = ret[f"text_retrieval_recall@{k}"]
+    out.update(_region_text_metrics(model, spec, feats, mask, captions, tokenizer, mesh=mesh,
+                                    batch_size=batch_size))
   return out
 
 
-if "region_zeroshot" not in eval_lib.evaluator_kinds():
-  eval_lib.register_evaluator("region_zeroshot", eval_region_zeroshot)
+def eval_region_retrieval(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenizer, *,
+                          mesh: jax.sharding.Mesh | None = None, batch_size: int = 256
+                          ) -> dict[str, float]:
+  """Region <-> caption retrieval (+ grounding IoU) of a set without class names: images,
+  boxes, box_mask, region_captions (e.g. `webdataset_region_set`)."""
+  for key in ("images", "boxes", "box_mask", "region_captions"):
+    if key not in spec:
+      raise ValueError(f"eval set kind 'region_retrieval' misses key {key!r}; it has {sorted(spec)}")
+  feats, mask, captions = _spec_features(model, spec, batch_size=batch_size, mesh=mesh)
+  if not captions:
+    raise ValueError("eval set kind 'region_retrieval' holds no region")
+  out = _region_text_metrics(model, spec, feats, mask, captions, tokenizer, mesh=mesh,
+                             batch_size=batch_size)
+  out["num_regions"] = float(mask.sum())
+  return out
+
+
+for _kind, _fn in (("region_zeroshot", eval_region_zeroshot),
+                   ("region_retrieval", eval_region_retrieval)):
+  if _kind not in eval_lib.evaluator_kinds():
+    eval_lib.register_evaluator(_kind, _fn)
+
+
+def webdataset_region_set(shards: Any, *, image_size: int, mean: Any, std: Any,
+                          max_regions: int = 8, max_samples: int = 0) -> dict[str, Any]:
+  """A `region_retrieval` eval set from WebDataset shards whose KEY.json has `regions`
+  ({bbox, caption} with normalized boxes): eval preprocessing (resize + centre crop), boxes
+  moved into the crop, regions that leave it dropped, samples without a region skipped."""
+  from zoo.data import webdataset as wds
+
+  source = wds.TarShardSource(wds.expand_shards(shards))
+  pre = transforms.make_preprocess(image_size, mean, std)
+  images, all_boxes, masks, captions = [], [], [], []
+  try:
+    for i in range(len(source)):
+      if max_samples and len(images) >= max_samples:
+        break
+      try:
+        s = wds.decode_sample(source[i])
+      except wds.SkipSample:
+        continue
+      h, w = s["image"].shape[:2]
+      if not len(s["boxes"]):
+        continue
+      moved, keep = transforms.transform_boxes(s["boxes"], pre.crop_box(h, w), (h, w))
+      idx = np.flatnonzero(keep)[:max_regions]
+      if not len(idx):
+        continue
+      boxes = np.zeros((max_regions, 4), np.float32)
+      boxes[:len(idx)] = moved[idx]
+      images.append(pre(s["image"]))
+      all_boxes.append(boxes)
+      masks.append(np.arange(max_regions) < len(idx))
+      captions.append([s["region_captions"][j] for j in idx])
+  finally:
+    source.close()
+  if not images:
+    raise ValueError(f"webdataset shards {shards!r} hold no sample with a region inside the "
+                     "eval crop (KEY.json 'regions': [{'bbox': [x0, y0, x1, y1], 'caption': ...}])")
+  return {"kind": "region_retrieval", "images": np.stack(images), "boxes": np.stack(all_boxes),
+          "box_mask": np.stack(masks), "region_captions": captions}
+
+
+_WDS_SETS: dict[tuple, dict[str, Any]] = {}
+
+
+def region_family_evaluate(model: clip_lib.CLIP, config: ml_collections.ConfigDict, tokenizer,
+                           mesh: jax.sharding.Mesh | None) -> dict[str, float]:
+  """The region family's extra eval: with WebDataset data and `data.eval_shards`, region <->
+  caption retrieval (+ grounding) over the eval shards' regions as `regions/...` (demo data
+  gets its `regions` set from data.eval_sets instead)."""
+  data = config.data
+  if data.get("name", "demo") != "webdataset" or not data.get("eval_shards", ""):
+    return {}
+  mc = model.config
+  key = (str(data.eval_shards), mc.vision.image_size, int(data.get("max_regions", 4)),
+         int(data.get("eval_size", 0)))
+  if key not in _WDS_SETS:
+    _WDS_SETS[key] = webdataset_region_set(
+        data.eval_shards, image_size=mc.vision.image_size, mean=mc.image_mean, std=mc.image_std,
+        max_regions=key[2], max_samples=key[3])
+  metrics = eval_region_retrieval(model, _WDS_SETS[key], tokenizer, mesh=mesh)
+  return {f"regions/{k}": v for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------- register
@@ -760,4 +897,4 @@ if "region_zeroshot" not in eval_lib.evaluator_kinds():
 
 train_lib.register_family(train_lib.Family(
     "region", forward=region_forward, loss=region_loss, fields=REGION_FIELDS,
-    build_model=build_model, make_trainable=trainable_for))
+    build_model=build_model, make_trainable=trainable_for, evaluate=region_family_evaluate))
