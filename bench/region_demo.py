@@ -1,6 +1,6 @@
 """Region heads on the demo data: does a CLOC-style prompter beat crop / pooled-patch baselines?
 
-python bench/region_demo.py [--pretrain_steps 600 --finetune_steps 300 ...]
+python bench/region_demo.py [--ablation] [--pretrain_steps 600 --finetune_steps 300 ...]
 
 1. Pre-train a tiny CLIP (region-tiny: 64 px, 8 x 8 patch grid) on the demo captions.
 2. From that checkpoint, train the `region` family (image-text + region-text contrastive
@@ -14,6 +14,8 @@ python bench/region_demo.py [--pretrain_steps 600 --finetune_steps 300 ...]
        projected with the image tower's projection.
    (b) and (c) are also reported for the fine-tuned towers (same model as (a)) for reference,
    as are region <-> caption retrieval R@1 and image-level zero-shot top-1.
+   --ablation adds two more region runs (same base, batches, steps): + CLOC's grounding term
+   (reports the grounding head's mean IoU) and + FG-CLIP 2's TIC term.
 
 Prints a table and writes JSON (default bench/results/region_demo.json). The claim checked:
 (a) beats (b) (both crops) and (c) of the base model on region top-1.
@@ -56,6 +58,8 @@ def parse_args():
   p.add_argument("--crop_context", type=float, default=1.5,
                  help="also crop boxes enlarged by this factor (some surroundings)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--ablation", action="store_true",
+                 help="also train with the grounding term, and with the TIC term")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "region_demo.json"))
   return p.parse_args()
@@ -96,7 +100,7 @@ def load_data(args, image_size, mean, std):
   return data, eval_sets, tok
 
 
-def make_config(args, *, family, steps, lr, init_from=""):
+def make_config(args, *, family, steps, lr, init_from="", **region_settings):
   c = base.base_config()
   c.family = family
   c.model = args.model
@@ -113,6 +117,8 @@ def make_config(args, *, family, steps, lr, init_from=""):
     c.region = region.default_settings()
     c.region.roi_size = args.roi_size
     c.region.width = 64
+    for k, v in region_settings.items():
+      c.region[k] = v
   return c
 
 
@@ -129,7 +135,8 @@ def train(config, data, fields, mesh, seed, log_name):
     trainer.state, metrics = trainer.step_fn(trainer.state, sharding.host_to_global(batch, mesh))
     if (step + 1) % 100 == 0 or step + 1 == config.total_steps:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      extra = "".join(f" {k}={m[k]:.3f}" for k in ("image_text_loss", "region_text_loss") if k in m)
+      extra = "".join(f" {k}={m[k]:.3f}" for k in ("image_text_loss", "region_text_loss",
+                                                    "grounding_loss", "tic_loss") if k in m)
       print(f"  [{log_name}] step {step + 1}/{config.total_steps} loss={m['loss']:.3f}{extra} "
             f"({time.perf_counter() - t:.0f}s)", flush=True)
   return trainer.model(), time.perf_counter() - t
@@ -142,7 +149,8 @@ def region_eval(model, eval_sets, tok, method, roi_size, crop_context=1.0):
                         tok)
   return {"region_top1": m["regions/top1"], "region_top5": m["regions/top5"],
           "text_to_region_R@1": m["regions/text_to_region_recall@1"],
-          "region_to_text_R@1": m["regions/region_to_text_recall@1"]}
+          "region_to_text_R@1": m["regions/region_to_text_recall@1"],
+          "grounding_mIoU": m.get("regions/grounding_miou", float("nan"))}
 
 
 def main():
@@ -164,11 +172,22 @@ def main():
     fields = {"image": "images", "tokens": "caption", "boxes": "boxes", "box_mask": "box_mask",
               "region_tokens": "region_tokens"}
     head_model, timings["region_train_s"] = train(ft_cfg, data, fields, mesh, args.seed + 1, "region")
+    ablations = {}
+    if args.ablation:  # the optional loss terms, each on its own, same batches and steps
+      for name, kw in (("region_head+grounding", dict(grounding_weight=1.0)),
+                       ("region_head+tic", dict(tic_weight=0.5))):
+        print(f"training {name} for {args.finetune_steps} steps from the base", flush=True)
+        cfg_a = make_config(args, family="region", steps=args.finetune_steps,
+                            lr=args.finetune_lr, init_from=ckpt, **kw)
+        ablations[name], timings[f"{name}_s"] = train(cfg_a, data, fields, mesh, args.seed + 1, name)
   t = time.perf_counter()
   base_zs = eval_lib.evaluate(base_model, zs, tok)["zeroshot/top1"]
   head_zs = eval_lib.evaluate(head_model, zs, tok)["zeroshot/top1"]
   results["region_head"] = {**region_eval(head_model, eval_sets, tok, "head", args.roi_size),
                             "image_zeroshot_top1": head_zs}
+  for name, model in ablations.items():
+    results[name] = {**region_eval(model, eval_sets, tok, "head", args.roi_size),
+                     "image_zeroshot_top1": eval_lib.evaluate(model, zs, tok)["zeroshot/top1"]}
   for name, model, zs_top1 in (("base", base_model, base_zs), ("finetuned", head_model, head_zs)):
     for method, context in (("crop", 1.0), ("crop", args.crop_context), ("pooled_patches", 1.0)):
       label = method if context == 1.0 else f"crop_x{context:g}"
@@ -194,7 +213,9 @@ def main():
     print(f"{'PASS' if ok else 'FAIL'}  {text}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"args": vars(args), "results": results, "checks": checks, "timings_s": timings,
+    clean = {name: {k: (None if v != v else v) for k, v in row.items()}  # NaN -> null
+             for name, row in results.items()}
+    json.dump({"args": vars(args), "results": clean, "checks": checks, "timings_s": timings,
                "num_eval_regions": int(eval_sets["regions"]["box_mask"].sum()),
                "device": str(jax.devices()[0]), "jax": jax.__version__}, f, indent=1)
   print(f"wrote {args.out}")
