@@ -115,6 +115,13 @@ def test_roi_align_bad_input_errors():
     region.roi_align(jnp.zeros((2, 4, 4, 2)), jnp.zeros((1, 1, 4)), 2)
   with pytest.raises(ValueError, match="unknown region config key 'roi'"):
     region.region_config("test-tiny", roi=3)
+  with pytest.raises(TypeError, match="needs a RegionCLIP"):
+    region.region_forward(clip_lib.create("test-tiny"), {}, None)
+  abstract = nnx.eval_shape(lambda: region.create("test-tiny"))
+  with pytest.raises(ValueError, match=r"region batch lacks \['boxes', 'box_mask', 'region_tokens'\]"):
+    region.region_forward(abstract, {"image": None, "tokens": None}, None)
+  with pytest.raises(TypeError, match="needs a RegionCLIPConfig"):
+    region.RegionCLIP(zoo.get_model_config("test-tiny"), rngs=nnx.Rngs(0))
 
 
 # ----------------------------------------------------------------------------- data: boxes
