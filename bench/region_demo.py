@@ -58,6 +58,9 @@ def parse_args():
   p.add_argument("--crop_context", type=float, default=1.5,
                  help="also crop boxes enlarged by this factor (some surroundings)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--save_base", default="",
+                 help="also keep the pre-trained CLIP here (a zoo.save dir: init_from for "
+                 "configs/cloc_demo.py)")
   p.add_argument("--ablation", action="store_true",
                  help="also train with the grounding term, and with the TIC term")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -165,7 +168,8 @@ def main():
     pre_cfg = make_config(args, family="clip", steps=args.pretrain_steps, lr=args.pretrain_lr)
     base_model, timings["pretrain_s"] = train(pre_cfg, data, {"image": "images", "tokens": "caption"},
                                               mesh, args.seed, "pretrain")
-    ckpt = zoo.save(base_model, os.path.join(tmp, "pretrained"), pre_cfg)
+    ckpt = zoo.save(base_model, args.save_base or os.path.join(tmp, "pretrained"), pre_cfg,
+                    overwrite=bool(args.save_base))
     print(f"training the region family for {args.finetune_steps} steps from the base", flush=True)
     ft_cfg = make_config(args, family="region", steps=args.finetune_steps, lr=args.finetune_lr,
                          init_from=ckpt)

@@ -1,9 +1,10 @@
 """Region-aligned heads (CLOC-style) on the embedded demo data, CPU-sized (minutes).
 
-  # a CLIP to start from: any zoo.save directory of `c.model`, e.g. a finished demo run's
-  # export (python train.py --config configs/demo.py --workdir runs/demo -> runs/demo/model)
+  # a CLIP to start from: any zoo.save directory of a `c.model` (region-tiny) CLIP, e.g. the
+  # base the bench pre-trains (the whole bench takes ~4 min on 2 CPU cores):
+  python bench/region_demo.py --save_base runs/region_tiny_base
   python train.py --config configs/cloc_demo.py --workdir runs/cloc_demo \
-      --config.init_from=runs/demo/model
+      --config.init_from=runs/region_tiny_base
   python eval.py --config configs/cloc_demo.py --workdir runs/cloc_demo
 
 The demo scenes carry a box and a caption ("a red circle") per object; region classification
