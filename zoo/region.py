@@ -729,7 +729,9 @@ def predict_boxes(model: RegionCLIP, images: Any, text_features: Any, *, batch_s
   bs = min(batch_size, n)
   out = []
   for start in range(0, n, bs):
-    chunk = [eval_lib._pad_rows(a[start:start + bs], bs) for a in (images, text)]
+    # the last batch is padded (repeating its last row) to the same shape: one compilation
+    chunk = [np.concatenate([a[start:start + bs]] + [a[-1:]] * (start + bs - n)) if start + bs > n
+             else a[start:start + bs] for a in (images, text)]
     out.append(np.asarray(_ground_batch(graphdef, state, *chunk))[:min(bs, n - start)])
   return np.concatenate(out, axis=0)
 
