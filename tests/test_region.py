@@ -458,6 +458,9 @@ def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
   text[mask] = txt
   pred = np.asarray(nnx.jit(lambda m, x, t: m.ground(m.image_and_patches(x)[1], t))(
       tiny_region, jnp.asarray(images), jnp.asarray(text)))
+  # batched prediction (ragged last batch padded) equals the direct call
+  np.testing.assert_allclose(region.predict_boxes(tiny_region, images, text, batch_size=4), pred,
+                             atol=1e-5)
   torch = pytest.importorskip("torch")
   tv_ops = pytest.importorskip("torchvision.ops")
   iou = np.diag(tv_ops.box_iou(torch.from_numpy(pred[mask]), torch.from_numpy(boxes[mask])).numpy())
