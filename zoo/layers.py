@@ -66,9 +66,14 @@ class Linear(nnx.Module):
     self.kernel = param(rngs, nnx.initializers.normal(std), (d_in, d_out), axes)
     self.bias = (nnx.Param(jnp.zeros((d_out,), jnp.float32), eager_sharding=False, out_sharding=(axes[1],))
                  if use_bias else None)
+    # Low-rank update (a zoo.peft.LoRA) attached by zoo.peft.apply_lora; None = plain layer.
+    self.kernel_lora = nnx.data(None)
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.kernel_lora is not None:
+      y = y + self.kernel_lora(x)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -78,7 +83,8 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection, via jax.nn.dot_product_attention.
 
   qkv kernel [W, 3, H, Dh] and out kernel [H, Dh, W] keep heads on their own axis so tensor
-  parallelism can shard them.
+  parallelism can shard them. `qkv_lora` / `out_lora` (zoo.peft.LoRA, attached by
+  zoo.peft.apply_lora) add low-rank updates of those kernels seen as [W, 3*H*Dh] / [H*Dh, W].
   """
 
   def __init__(self, width: int, heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
@@ -94,14 +100,22 @@ class Attention(nnx.Module):
     self.out_kernel = param(rngs, nnx.initializers.normal(out_std or width ** -0.5),
                             (heads, head_dim, width), ("heads", "head_dim", "embed"))
     self.out_bias = nnx.Param(jnp.zeros((width,), jnp.float32), eager_sharding=False, out_sharding=("embed",))
+    self.qkv_lora = nnx.data(None)
+    self.out_lora = nnx.data(None)
 
   def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
     """x [B, L, W]; mask broadcastable to [B, H, L, L] (True = attend)."""
     dt = self.dtype
-    qkv = jnp.einsum("bld,dthk->tblhk", x.astype(dt), self.qkv_kernel[...].astype(dt))
+    x = x.astype(dt)
+    qkv = jnp.einsum("bld,dthk->tblhk", x, self.qkv_kernel[...].astype(dt))
+    if self.qkv_lora is not None:
+      delta = self.qkv_lora(x).reshape(*x.shape[:-1], 3, self.heads, self.head_dim)
+      qkv = qkv + jnp.moveaxis(delta, -3, 0)
     qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    out = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], mask=mask, is_causal=is_causal)
-    out = jnp.einsum("blhk,hkd->bld", out, self.out_kernel[...].astype(dt))
+    heads = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], mask=mask, is_causal=is_causal)
+    out = jnp.einsum("blhk,hkd->bld", heads, self.out_kernel[...].astype(dt))
+    if self.out_lora is not None:
+      out = out + self.out_lora(heads.reshape(*heads.shape[:-2], -1))
     return out + self.out_bias[...].astype(dt)
 
 
