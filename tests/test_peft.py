@@ -107,6 +107,18 @@ def test_lora_module_init_and_delta():
     peft.LoRA(4, 4, rank=0, alpha=1.0, rngs=nnx.Rngs(0))
 
 
+def test_adapter_init_depends_on_seed_and_path_only():
+  one, two = zoo.create("test-tiny"), zoo.create("test-tiny")
+  peft.apply_lora(one, targets="fc1", rank=2, alpha=1.0, seed=3)
+  peft.apply_lora(two, targets="kernel$", rank=2, alpha=1.0, seed=3)
+  a = lambda m, tower="visual": np.asarray(
+      getattr(m, tower).transformer.resblocks[1].mlp.fc1.kernel_lora.a[...])
+  np.testing.assert_array_equal(a(one), a(two))
+  assert not np.array_equal(a(one, "text"), a(one))
+  peft.apply_lora(two, targets="fc1", rank=2, alpha=1.0, seed=4, replace=True)
+  assert not np.array_equal(a(one), a(two))
+
+
 def test_target_errors():
   model = zoo.create("test-tiny")
   with pytest.raises(ValueError, match=r"match no kernel of CLIP; available kernels: "
@@ -204,12 +216,14 @@ def test_save_load_adapters_round_trip(tmp_path):
   with open(os.path.join(path, peft.CONFIG_FILE)) as f:
     config = json.load(f)
   assert (config["rank"], config["alpha"], config["metadata"]) == (4, 8.0, {"language": "ar"})
-  assert len(config["kernel_paths"]) == 8
+  assert len(config["kernel_paths"]) == 8 and config["patterns"] == [r"^text/.*kernel$"]
 
   fresh = zoo.create("test-tiny")
   assert peft.load_adapters(fresh, path)["metadata"]["language"] == "ar"
   assert peft.lora_paths(fresh) == peft.lora_paths(source)
   assert_same(outputs(fresh), outputs(source))
+  again = peft.save_adapters(fresh, tmp_path / "again")
+  assert peft.read_adapter_config(again)["patterns"] == config["patterns"]
   with pytest.raises(FileExistsError, match="overwrite=True"):
     peft.save_adapters(source, path)
   set_lora(source, seed=5)

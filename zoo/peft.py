@@ -44,6 +44,7 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT = "zoo-lora"
 FORMAT_VERSION = 1
 _TMP_SUFFIX = ".zoo-tmp"
+_OLD_SUFFIX = ".zoo-old"
 
 
 def default_settings() -> ml_collections.ConfigDict:
@@ -80,6 +81,7 @@ class LoRA(nnx.Module):
       raise ValueError(f"LoRA rank must be a positive int; got {rank!r}")
     self.rank, self.alpha = int(rank), float(alpha)
     self.scale = self.alpha / self.rank
+    self.patterns: tuple[str, ...] = ()  # the apply_lora targets that chose this kernel
     self.a = layers.param(rngs, _lora_a_init, (d_in, self.rank), (axes[0], None))
     self.b = nnx.Param(jnp.zeros((self.rank, d_out), jnp.float32), eager_sharding=False,
                        out_sharding=(None, axes[1]))
@@ -204,8 +206,9 @@ def apply_lora(model: nnx.Module, *, targets: str | Sequence[str], rank: int, al
   for site in matched:
     d_in, d_out = site.dims
     key = jax.random.fold_in(root, zlib.crc32(site.path.encode()))
-    setattr(site.layer, site.lora, LoRA(d_in, d_out, rank=rank, alpha=alpha, axes=site.axes,
-                                        rngs=nnx.Rngs(params=key)))
+    lora = LoRA(d_in, d_out, rank=rank, alpha=alpha, axes=site.axes, rngs=nnx.Rngs(params=key))
+    lora.patterns = tuple(p for p in patterns if re.search(p, site.path))
+    setattr(site.layer, site.lora, lora)
   return [s.path for s in matched]
 
 
@@ -297,8 +300,8 @@ def lora_state(model: nnx.Module) -> dict[str, np.ndarray]:
   return out
 
 
-def _uniform(model: nnx.Module) -> tuple[int, float, list[str]]:
-  """(rank, alpha, targets) shared by all of the model's LoRAs (error if none or mixed)."""
+def _uniform(model: nnx.Module) -> tuple[int, float, list[str], list[str]]:
+  """(rank, alpha, kernel paths, patterns) of the model's LoRAs (error if none or mixed)."""
   loras = [(s.path, s.attached) for s in _sites(model) if s.attached is not None]
   if not loras:
     raise ValueError(f"{type(model).__name__} has no LoRA to save; call apply_lora first")
@@ -306,15 +309,18 @@ def _uniform(model: nnx.Module) -> tuple[int, float, list[str]]:
   if len(kinds) > 1:
     raise ValueError(f"save_adapters needs one (rank, alpha) for all LoRAs; found {sorted(kinds)}")
   rank, alpha = kinds.pop()
-  return rank, alpha, [p for p, _ in loras]
+  patterns = list(dict.fromkeys(p for _, l in loras for p in l.patterns))
+  return rank, alpha, [p for p, _ in loras], patterns
 
 
 def save_adapters(model: nnx.Module, directory: str | os.PathLike, *,
                   metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
   """Writes only the LoRA parameters (adapter.safetensors) and adapter_config.json, atomically.
 
-  The config holds rank, alpha, targets (the exact kernel paths, anchored), the kernel paths
-  and `metadata` (JSON, e.g. {"language": "ar"}). Returns the directory path.
+  The config holds rank, alpha, targets (the exact kernel paths, anchored: what
+  load_adapters applies), the kernel paths, the regexes originally given to apply_lora
+  (`patterns`, for the record) and `metadata` (JSON, e.g. {"language": "ar"}). Returns the
+  directory path.
   """
   from safetensors.numpy import save_file
 
@@ -322,11 +328,12 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike, *,
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f"{directory} already exists; pass overwrite=True or pick a new "
                           "directory")
-  rank, alpha, paths = _uniform(model)
+  rank, alpha, paths, patterns = _uniform(model)
   tensors = {k: np.ascontiguousarray(v) for k, v in lora_state(model).items()}
   config = {
       "format": FORMAT, "format_version": FORMAT_VERSION, "rank": rank, "alpha": alpha,
       "targets": [f"^{re.escape(p)}$" for p in paths], "kernel_paths": paths,
+      "patterns": patterns,
       "metadata": dict(metadata or {}), "model_class": type(model).__name__,
   }
   json.dumps(config)  # fail before writing anything when metadata is not JSON
@@ -338,9 +345,12 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike, *,
   save_file(tensors, os.path.join(tmp, ADAPTER_FILE), metadata={"format": FORMAT})
   with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  os.rename(tmp, directory)
+  if os.path.exists(directory):  # swap in place, then drop the old copy
+    os.rename(directory, directory + _OLD_SUFFIX)
+    os.rename(tmp, directory)
+    shutil.rmtree(directory + _OLD_SUFFIX)
+  else:
+    os.rename(tmp, directory)
   return directory
 
 
@@ -420,6 +430,9 @@ def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> dict[str, 
   if to_attach:
     apply_lora(model, targets=[f"^{re.escape(s.path)}$" for s in to_attach],
                rank=int(config["rank"]), alpha=float(config["alpha"]))
+    for site in to_attach:  # keep the original regexes for a later save_adapters
+      site.attached.patterns = tuple(p for p in config.get("patterns", ())
+                                     if re.search(p, site.path))
   for site in _sites(model):
     lora = site.attached
     if lora is None:
