@@ -36,8 +36,11 @@ def main(argv):
   metrics = train_lib.run_eval(model, config, tokenizer, eval_sets, mesh, family)
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    eval_lib.append_metrics(out_dir, step, metrics)
+    records = eval_lib.language_records(metrics)  # Babel-style per-language zero-shot
+    eval_lib.append_metrics(out_dir, step, {**metrics, "per_language": records} if records else metrics)
     print(eval_lib.format_table(metrics))
+    if records:
+      print(eval_lib.format_language_table(records, title="per-language zero-shot"))
     print(f"metrics written to {os.path.join(out_dir, 'metrics.json')} (step {step})")
 
 

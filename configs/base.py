@@ -49,11 +49,19 @@ def base_config() -> ml_collections.ConfigDict:
       render_size=0,  # demo: render scenes at this size (0 = the model's image size)
       eval_size=1000,
       eval_sets="zeroshot,retrieval",  # demo: + retrieval_long, regions, multilingual
+      # Babel-ImageNet files, unchanged ({"DE": [[indices], [names]]}, {"DE": ["...{}..."]}):
+      # per-language zero-shot on the demo's images or the data.tfds set (e.g. imagenet2012).
+      babel_labels="",
+      babel_prompts="",
+      language_adapters="",  # "AR=dir,SW=dir": zoo.peft adapters used for those languages
       num_threads=2,
       # A TFDS zero-shot eval set ("" name = none); needs `pip install -e ".[tfds]"`.
       tfds=ml_collections.ConfigDict(dict(name="", split="test", data_dir="", size=0,
                                           image_key="image", label_key="label")),
   ))
+  # LoRA (zoo.peft): rank > 0 trains only adapters on the kernels matching `targets`.
+  c.peft = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="", adapter_from="",
+                                          language=""))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="",  # "host:port"; "" = single process (or ZOO_* env variables)
       num_processes=0,

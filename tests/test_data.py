@@ -431,8 +431,10 @@ def test_demo_eval_sets():
       demo.SPLIT_SEEDS["retrieval"], 0, 32)["long_caption"]
   reg = sets["regions"]
   assert reg["boxes"].shape == (12, 4, 4) and reg["box_mask"].any(1).all()
-  ml = sets["multilingual"]
-  assert set(ml["class_names"]) == set(demo.LANGUAGES) and len(ml["captions"]["zh"]) == 12
+  ml = sets["multilingual"]  # Babel-ImageNet's format: upper-case codes, [[indices], [names]]
+  assert ml["kind"] == "babel_zeroshot" and set(ml["class_labels"]) == {x.upper() for x in demo.LANGUAGES}
+  assert ml["class_labels"]["ZH"] == [list(range(24)), demo.class_names("zh")]
+  assert ml["prompts"]["JA"] == demo.templates("ja") and len(ml["labels"]) == 12
   # Held-out images are not training images.
   train = {demo.make_sample(0, i, 32)["image"].tobytes() for i in range(12)}
   assert not train & {s["image"].tobytes() for s in ref}

@@ -199,6 +199,7 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
     raise TypeError(f"zoo.save needs a zoo model with a .config (got {type(model).__name__})")
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f"{directory} already exists; pass overwrite=True or pick a new directory")
+  _check_rebuildable(model)
   tmp = directory + _TMP_SUFFIX
   primary = jax.process_index() == 0
   if primary:
@@ -233,6 +234,20 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
       os.rename(tmp, directory)
   _sync("zoo_save_done")
   return directory
+
+
+def _check_rebuildable(model: nnx.Module) -> None:
+  """zoo.load rebuilds `type(model)(model.config)`; state it would not have cannot be saved."""
+  fresh = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0)))
+  want = {_path_key(p) for p, _ in nnx.to_flat_state(nnx.split(fresh)[1])}
+  have = {_path_key(p) for p, _ in nnx.to_flat_state(nnx.split(model)[1])}
+  extra, missing = sorted(have - want), sorted(want - have)
+  if extra or missing:
+    raise ValueError(
+        f"zoo.save: this {type(model).__name__} has state its config does not rebuild "
+        f"(extra: {extra[:3]}{'...' if len(extra) > 3 else ''}; missing: {missing[:3]}); "
+        "merge LoRA adapters first (zoo.peft.merge_lora, or save them alone with "
+        "zoo.peft.save_adapters) and drop a distillation teacher (zoo.multilingual.student_only)")
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:
@@ -353,9 +368,25 @@ def load(directory: str | os.PathLike, *, config: Any = None, verify: bool = Tru
   return model, _tokenizer(model_config, directory, tokenizers), _preprocess(model_config, transforms)
 
 
-def _tokenizer(model_config: Any, directory: str, tokenizers: Any):
+def load_tokenizer(directory: str | os.PathLike, *, context_length: int | None = None):
+  """The tokenizer of the model saved in `directory` (without loading its weights)."""
+  from zoo import tokenizers
+
+  model_config, _ = load_config(directory)
+  return _tokenizer(model_config, os.fspath(directory), tokenizers, context_length)
+
+
+def _tokenizer(model_config: Any, directory: str, tokenizers: Any,
+               context_length: int | None = None):
   kind = getattr(model_config, "tokenizer", "clip")
-  length = model_config.text.context_length
+  length = context_length or model_config.text.context_length
+  if getattr(model_config, "tokenizer_format", "") == "xlmr":
+    local = os.path.join(directory, TOKENIZER_FILE)
+    path = local if os.path.isfile(local) else kind
+    if os.path.isfile(path):
+      return tokenizers.XLMRobertaTokenizer(path, length)
+    log.warning("no sentencepiece .model for tokenizer %r; load returns tokenizer=None", kind)
+    return None
   if kind == "clip":
     return tokenizers.ClipTokenizer(length)
   local = os.path.join(directory, TOKENIZER_FILE)

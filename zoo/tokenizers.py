@@ -369,10 +369,63 @@ class SentencePieceTokenizer:
     return _pack_rows(rows, length, self.pad_token_id, self.eot_token_id)
 
 
+class XLMRobertaTokenizer:
+  """XLM-R / M-CLIP ids from a sentencepiece model (fairseq dictionary convention).
+
+  As Hugging Face's (slow) XLMRobertaTokenizer: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, every
+  other sentencepiece id i maps to i + 1, and `<mask>` is the last id; a row is
+  `<s> pieces </s>`, padded with `<pad>`, and an overlong row keeps `</s>` last. No cleaning
+  beyond sentencepiece's own normalization (no lowercasing). Vocabulary size = pieces + 2.
+  """
+
+  BOS, PAD, EOS, UNK = 0, 1, 2, 3
+  OFFSET = 1
+
+  def __init__(self, model_path: str, context_length: int = DEFAULT_CONTEXT_LENGTH):
+    import sentencepiece as spm
+
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f"sentencepiece model not found: {model_path}")
+    self.model_path = model_path
+    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.context_length = _check_context_length(context_length)
+    self.vocab_size = int(self.sp.get_piece_size()) + self.OFFSET + 1
+    self.mask_token_id = self.vocab_size - 1
+    self.pad_token_id, self.bos_token_id, self.eos_token_id = self.PAD, self.BOS, self.EOS
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["sp"] = self.sp.serialized_model_proto()
+    return state
+
+  def __setstate__(self, state):
+    import sentencepiece as spm
+
+    state = dict(state)
+    state["sp"] = spm.SentencePieceProcessor(model_proto=state["sp"])
+    self.__dict__.update(state)
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text` without `<s>` / `</s>`."""
+    unk = self.sp.unk_id()
+    return [i + self.OFFSET if i != unk else self.UNK for i in self.sp.encode(text)]
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of `ids`; special ids are dropped."""
+    pieces = [int(i) - self.OFFSET for i in ids if int(i) > self.UNK and int(i) != self.mask_token_id]
+    return self.sp.decode(pieces)
+
+  def __call__(self, texts: Texts, context_length: int | None = None) -> np.ndarray:
+    """int32 [N, context_length]: `<s>` ids `</s>`, padded with `<pad>` (1)."""
+    length = _check_context_length(context_length or self.context_length)
+    rows = [[self.BOS] + self.encode(t) + [self.EOS] for t in _as_list(texts)]
+    return _pack_rows(rows, length, self.PAD, self.EOS)
+
+
 # ----------------------------------------------------------------------------- by model name
 
 
-Tokenizer = ClipTokenizer | SentencePieceTokenizer
+Tokenizer = ClipTokenizer | SentencePieceTokenizer | XLMRobertaTokenizer
 
 
 def _model_config(name: str):

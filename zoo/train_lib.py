@@ -64,6 +64,11 @@ class Family:
   # (config, workdir) -> summary dict, or None to run the plain loop: a multi-phase recipe
   # that calls `train` once per phase with a phase config (e.g. CLIP-MoE's DMU stages).
   recipe: Callable[[ml_collections.ConfigDict, str], dict[str, Any] | None] | None = None
+  # model -> the model a finished run exports (e.g. without a distillation teacher); None = as is.
+  export: Callable[[nnx.Module], nnx.Module] | None = None
+  # (config, model) -> {batch field: tokenizer} for fields not tokenized with the model's own
+  # tokenizer (e.g. the teacher's English caption when distilling).
+  text_tokenizers: Callable[[ml_collections.ConfigDict, nnx.Module], dict[str, Any]] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -114,6 +119,30 @@ def clip_family_loss(outputs: dict, batch: dict, ctx: LossContext) -> tuple[Arra
 
 register_family(Family("clip", forward=clip_forward, loss=clip_family_loss,
                        build_model=build_clip_model))
+
+
+def peft_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config.peft` over zoo.peft's defaults; {"rank": 0} when LoRA is off."""
+  given = dict(config.get("peft", None) or {})
+  if not (given.get("rank", 0) or given.get("adapter_from", "")):
+    return {"rank": 0}
+  from zoo import peft
+
+  defaults = dict(peft.default_settings())
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown config.peft key {unknown[0]!r}; valid keys: {', '.join(sorted(defaults))}")
+  return {**defaults, **given}
+
+
+def apply_peft(config: ml_collections.ConfigDict, model: nnx.Module) -> bool:
+  """Attaches `config.peft`'s LoRA adapters (fresh, or `peft.adapter_from`); True if any."""
+  lora = peft_settings(config)
+  if not (lora["rank"] or lora.get("adapter_from", "")):
+    return False
+  from zoo import peft
+
+  return bool(peft.apply_settings(model, {**lora, "seed": int(config.seed)}))
 
 
 def model_builder(config: ml_collections.ConfigDict, family: Family) -> Callable[[], nnx.Module]:
@@ -291,11 +320,15 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
   if model is None:
     model = model_builder(config, family)()
     init_params_from(config, model)
+  trainable = (family.make_trainable(config) if family.make_trainable is not None
+               else family.trainable)
+  if apply_peft(config, model):
+    from zoo import peft
+
+    trainable = peft.is_lora_path  # LoRA: only the adapters train
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   param_sh = sharding.state_shardings(params, mesh)
   params = sharding.shard_state(params, param_sh)
-  trainable = (family.make_trainable(config) if family.make_trainable is not None
-               else family.trainable)
   tx = make_optimizer(config, params, trainable)
   # Optimizer state shardings follow the parameters (Adam moments mirror them).
   opt_sh = sharding.follow_param_shardings(jax.eval_shape(tx.init, params), params, mesh)
@@ -335,6 +368,8 @@ def context_length(config: ml_collections.ConfigDict, model: nnx.Module) -> int:
 def make_tokenizer(config: ml_collections.ConfigDict, model: nnx.Module):
   from zoo import tokenizers
 
+  if getattr(model.config, "tokenizer_format", "") == "xlmr" and not config.get("tokenizer", ""):
+    return tokenizers.XLMRobertaTokenizer(model.config.tokenizer, context_length(config, model))
   name = config.get("tokenizer", "") or config.model
   return tokenizers.get_tokenizer(name, context_length=context_length(config, model))
 
@@ -347,7 +382,8 @@ def build_data(config: ml_collections.ConfigDict, model: nnx.Module, family: Fam
       config.data, tokenizer=tokenizer, image_size=mc.vision.image_size, mean=mc.image_mean,
       std=mc.image_std, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      fields=family.fields, context_length=context_length(config, model))
+      fields=family.fields, context_length=context_length(config, model),
+      text_tokenizers=(family.text_tokenizers(config, model) if family.text_tokenizers else None))
 
 
 def build_eval_sets(config: ml_collections.ConfigDict, model: nnx.Module, tokenizer) -> dict:
@@ -534,12 +570,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
     logger.close()
   if trainer.step >= total:
-    # The finished model as a zoo.save directory: what zoo.load / eval.py --checkpoint read.
-    checkpoint.save(trainer.model(), os.path.join(workdir, "model"), config, overwrite=True)
+    export_model(trainer, workdir)
   loss_values = [float(x) for x in jax.device_get(losses)]
   return {"losses": loss_values, "metrics": metrics_last, "eval": eval_metrics,
           "step": trainer.step, "trainer": trainer,
           "skipped": getattr(data_iter, "skipped", None)}
+
+
+def export_model(trainer: Trainer, workdir: str) -> str:
+  """Writes the finished model to `workdir/model` (a zoo.save directory: what zoo.load and
+  eval.py --checkpoint read): the family's export form, LoRA merged into the base weights
+  (the adapters alone also go to `workdir/adapter`)."""
+  from zoo import checkpoint
+
+  model = trainer.model()
+  if trainer.family.export is not None:
+    model = trainer.family.export(model)
+  lora = peft_settings(trainer.config)
+  if lora["rank"] or lora.get("adapter_from", ""):
+    from zoo import peft
+
+    peft.save_adapters(model, os.path.join(workdir, "adapter"), overwrite=True,
+                       metadata={"language": lora.get("language", "")})
+    # merge_lora works in place and the trainer's model shares its Variables: merge a copy.
+    model = peft.merge_lora(nnx.clone(model))
+  return checkpoint.save(model, os.path.join(workdir, "model"), trainer.config, overwrite=True)
 
 
 def abstract_state(trainer: Trainer) -> dict:

@@ -70,6 +70,22 @@ def conv_patch(zoo: Path, key: str) -> Rule:
               lambda a: a.transpose(2, 3, 1, 0))
 
 
+def split_qkv(zoo: Path, keys: Sequence[str], width: int, heads: int) -> list[Rule]:
+  """Separate q/k/v nn.Linear modules (`keys`, in q, k, v order) <-> zoo's fused attention.
+
+  zoo packs them along axis 1 of qkv_kernel [W, 3, H, Dh] and axis 0 of qkv_bias [3, H, Dh].
+  """
+  dh = width // heads
+  return [
+      Rule(zoo + ("qkv_kernel",), tuple(f"{k}.weight" for k in keys),
+           lambda a: tuple(a[:, t].reshape(width, width).T for t in range(3)),
+           lambda *ws: np.stack([w.T.reshape(width, heads, dh) for w in ws], axis=1)),
+      Rule(zoo + ("qkv_bias",), tuple(f"{k}.bias" for k in keys),
+           lambda a: tuple(a[t].reshape(width) for t in range(3)),
+           lambda *bs: np.stack([b.reshape(heads, dh) for b in bs], axis=0)),
+  ]
+
+
 def attn_out(zoo: Path, key: str, heads: int, width: int) -> list[Rule]:
   """Attention output projection: zoo [H, Dh, W] + bias <-> nn.Linear [W, W] + bias."""
   dh = width // heads
@@ -118,9 +134,16 @@ def resolve_config(name_or_config: str | registry.CLIPConfig, **overrides: Any
   raise TypeError(f"expected a model name or a zoo CLIPConfig, got {type(name_or_config).__name__}")
 
 
-def abstract_state(config: registry.CLIPConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """Graph definition and shape-only state of CLIP(config), without allocating weights."""
-  abstract = nnx.eval_shape(lambda: clip_lib.CLIP(config, rngs=nnx.Rngs(0)))
+Builder = Callable[[Any], nnx.Module]  # config -> module (fresh weights)
+
+
+def build_clip(config: registry.CLIPConfig) -> nnx.Module:
+  return clip_lib.CLIP(config, rngs=nnx.Rngs(0))
+
+
+def abstract_state(config: Any, build: Builder = build_clip) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph definition and shape-only state of build(config), without allocating weights."""
+  abstract = nnx.eval_shape(lambda: build(config))
   return nnx.split(abstract)
 
 
@@ -132,10 +155,10 @@ def path_str(path: Path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def model_from_flat(config: registry.CLIPConfig, arrays: Mapping[Path, np.ndarray]
-                    ) -> clip_lib.CLIP:
-  """CLIP(config) whose every state entry is taken from `arrays` (checked for shape)."""
-  graphdef, state = abstract_state(config)
+def model_from_flat(config: Any, arrays: Mapping[Path, np.ndarray], build: Builder = build_clip
+                    ) -> nnx.Module:
+  """build(config) (CLIP by default) whose every state entry is taken from `arrays`."""
+  graphdef, state = abstract_state(config, build)
   flat = nnx.to_flat_state(state)
   missing = [path_str(p) for p, _ in flat if p not in arrays]
   if missing:  # a bug in a layout's rule table, not a user error
@@ -210,10 +233,12 @@ def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
 
 
 def convert_from_torch(state_dict: Mapping[str, Any], rules: Sequence[Rule],
-                       config: registry.CLIPConfig, *, layout: str, model: str,
-                       ignore: Callable[[str], bool] = lambda k: False) -> clip_lib.CLIP:
-  """Checks `state_dict` against the rules for `config`, then builds the zoo model."""
-  _, state = abstract_state(config)
+                       config: Any, *, layout: str, model: str,
+                       ignore: Callable[[str], bool] = lambda k: False,
+                       build: Builder = build_clip) -> nnx.Module:
+  """Checks `state_dict` against the rules for `config`, then builds the zoo model
+  (`build(config)`, CLIP by default)."""
+  _, state = abstract_state(config, build)
   zoo_shapes = flat_shapes(state)
   check_coverage(rules, zoo_shapes, layout)
   check_state_dict(state_dict, expected_torch_shapes(rules, zoo_shapes), layout=layout,
@@ -222,7 +247,7 @@ def convert_from_torch(state_dict: Mapping[str, Any], rules: Sequence[Rule],
   for rule in rules:
     parts = [as_float32(to_numpy(state_dict[k])) for k in rule.torch]
     arrays[rule.zoo] = np.asarray(rule.to_zoo(*parts), order="C")
-  return model_from_flat(config, arrays)
+  return model_from_flat(config, arrays, build)
 
 
 def convert_to_torch(model: nnx.Module, rules: Sequence[Rule], *, layout: str

@@ -26,18 +26,9 @@ def _ignored(key: str) -> bool:
 
 
 def _layer_rules(zoo: tuple, key: str, width: int, heads: int) -> list[Rule]:
-  dh = width // heads
   rules = [*layer_norm(zoo + ("ln_1",), f"{key}.layer_norm1")]
-  # Three HF tensors per zoo parameter: q, k, v along zoo's axis 1 (kernel) / axis 0 (bias).
-  names = tuple(f"{key}.self_attn.{n}_proj" for n in ("q", "k", "v"))
-  rules.append(Rule(
-      zoo + ("attn", "qkv_kernel"), tuple(f"{n}.weight" for n in names),
-      lambda a: tuple(a[:, t].reshape(width, width).T for t in range(3)),
-      lambda *ws: np.stack([w.T.reshape(width, heads, dh) for w in ws], axis=1)))
-  rules.append(Rule(
-      zoo + ("attn", "qkv_bias"), tuple(f"{n}.bias" for n in names),
-      lambda a: tuple(a[t].reshape(width) for t in range(3)),
-      lambda *bs: np.stack([b.reshape(heads, dh) for b in bs], axis=0)))
+  rules += common.split_qkv(zoo + ("attn",), [f"{key}.self_attn.{n}_proj" for n in "qkv"],
+                            width, heads)
   rules += attn_out(zoo + ("attn",), f"{key}.self_attn.out_proj", heads, width)
   rules += layer_norm(zoo + ("ln_2",), f"{key}.layer_norm2")
   rules += linear(zoo + ("mlp", "fc1"), f"{key}.mlp.fc1")

@@ -76,7 +76,7 @@ def languages(data_cfg: Any) -> tuple[str, ...]:
   langs = _cfg(data_cfg, "languages", demo_lib.LANGUAGES)
   if isinstance(langs, str):
     langs = [x.strip() for x in langs.split(",") if x.strip()]
-  return tuple(langs)
+  return tuple(langs) or demo_lib.LANGUAGES
 
 
 def check_fields(fields: Sequence[str]) -> tuple[str, ...]:
@@ -448,8 +448,10 @@ def demo_eval_sets(data_cfg: Any, *, image_size: int, mean: Sequence[float],
   * retrieval_long (kind "retrieval"): the same images with their long captions;
   * regions (kind "region_zeroshot"): images, boxes [N, R, 4], box_mask, region_labels,
     region_captions, class_names, templates — for region heads;
-  * multilingual (kind "multilingual_zeroshot"): images, labels, languages, and per-language
-    class_names / templates dicts — for Babel-ImageNet-style per-language zero-shot.
+  * multilingual (kind "babel_zeroshot"): images, labels, and Babel-ImageNet-format
+    `class_labels` / `prompts` for every demo language (upper-case codes), all 24 classes;
+  * babel (kind "babel_zeroshot", when `data.babel_labels` names a Babel label file): the
+    multilingual split's images scored with that file (and `data.babel_prompts`).
   """
   size = int(_cfg(data_cfg, "eval_size", 1000))
   render = int(_cfg(data_cfg, "render_size", 0)) or int(image_size)
@@ -489,16 +491,55 @@ def demo_eval_sets(data_cfg: Any, *, image_size: int, mean: Sequence[float],
     sets["regions"] = {"kind": "region_zeroshot", "images": images("regions"), "boxes": boxes,
                        "box_mask": mask, "region_labels": labels, "region_captions": caps,
                        "class_names": demo_lib.class_names(), "templates": demo_lib.templates()}
+  if "multilingual" in names or _cfg(data_cfg, "babel_labels", ""):
+    ml_images = images("multilingual")
+    ml_labels = np.asarray([s["label"] for s in items("multilingual")], np.int32)
   if "multilingual" in names:
-    langs = languages(data_cfg)
+    # Babel-ImageNet's format, in memory: every demo language (not only the training ones)
+    # names all classes.
+    langs = demo_lib.LANGUAGES
+    every = list(range(demo_lib.num_classes()))
     sets["multilingual"] = {
-        "kind": "multilingual_zeroshot", "images": images("multilingual"),
-        "labels": np.asarray([s["label"] for s in items("multilingual")], np.int32),
-        "languages": list(langs),
-        "class_names": {lang: demo_lib.class_names(lang) for lang in langs},
-        "templates": {lang: demo_lib.templates(lang) for lang in langs},
-        "captions": {lang: [s["captions_ml"][lang] for s in items("multilingual")] for lang in langs}}
+        "kind": "babel_zeroshot", "images": ml_images, "labels": ml_labels,
+        "class_labels": {lang.upper(): [every, demo_lib.class_names(lang)] for lang in langs},
+        "prompts": {lang.upper(): demo_lib.templates(lang) for lang in langs},
+        "templates": demo_lib.templates("en")}
+  if _cfg(data_cfg, "babel_labels", ""):
+    sets["babel"] = babel_set(data_cfg, ml_images, ml_labels)
   return sets
+
+
+def babel_set(data_cfg: Any, images: np.ndarray, labels: np.ndarray) -> dict:
+  """A "babel_zeroshot" eval set over (images, labels) from Babel-ImageNet's own files:
+  `data.babel_labels` (labels JSON), `data.babel_prompts` (optional prompts JSON)."""
+  from zoo import eval_lib
+
+  labels_file = _cfg(data_cfg, "babel_labels", "")
+  prompts_file = _cfg(data_cfg, "babel_prompts", "")
+  spec = {"kind": "babel_zeroshot", "images": images, "labels": labels,
+          "class_labels": eval_lib.load_babel_labels(labels_file),
+          "prompts": eval_lib.load_babel_prompts(prompts_file) if prompts_file else None}
+  top = max(max(idx) for idx, _ in spec["class_labels"].values())
+  if labels.size and top > int(labels.max()) and top >= 1000:
+    log.warning("babel labels %s index classes up to %d; the eval images' labels reach %d",
+                labels_file, top, int(labels.max()))
+  return spec
+
+
+def language_adapters(data_cfg: Any) -> dict[str, str]:
+  """`data.language_adapters` ("AR=dir,SW=dir") -> {language: zoo.peft adapter directory}."""
+  given = _cfg(data_cfg, "language_adapters", "")
+  if not given:
+    return {}
+  if isinstance(given, Mapping):
+    return {str(k): str(v) for k, v in given.items()}
+  out = {}
+  for item in str(given).split(","):
+    lang, sep, path = item.strip().partition("=")
+    if not sep or not lang or not path:
+      raise ValueError(f"data.language_adapters entry {item!r}: expected LANG=adapter_directory")
+    out[lang.strip()] = path.strip()
+  return out
 
 
 def webdataset_retrieval_set(shards: str | Sequence[str], *, image_size: int, mean: Sequence[float],
@@ -559,8 +600,18 @@ def build_eval_sets(data_cfg: Any, *, tokenizer: Tokenizer | None = None, image_
     from zoo.data import tfds as tfds_lib
 
     tfds_name = _cfg(tfds_cfg, "name", "")
-    sets[f"tfds_{tfds_name.split('/')[0].split(':')[0]}"] = tfds_lib.zero_shot_set(
+    tfds_set = tfds_lib.zero_shot_set(
         tfds_name, split=_cfg(tfds_cfg, "split", "test"), data_dir=_cfg(tfds_cfg, "data_dir", None),
         image_size=image_size, mean=mean, std=std, size=int(_cfg(tfds_cfg, "size", 0)),
         image_key=_cfg(tfds_cfg, "image_key", "image"), label_key=_cfg(tfds_cfg, "label_key", "label"))
+    sets[f"tfds_{tfds_name.split('/')[0].split(':')[0]}"] = tfds_set
+    if _cfg(data_cfg, "babel_labels", ""):  # Babel-ImageNet over the TFDS set (e.g. imagenet2012)
+      sets["babel"] = babel_set(data_cfg, tfds_set["images"], tfds_set["labels"])
+  elif name != "demo" and _cfg(data_cfg, "babel_labels", ""):
+    raise ValueError("data.babel_labels needs class-indexed eval images: the demo data or a "
+                     "data.tfds set (e.g. imagenet2012)")
+  adapters = language_adapters(data_cfg)
+  for spec in sets.values():
+    if adapters and spec["kind"] == "babel_zeroshot":
+      spec["adapters"] = adapters
   return sets

@@ -1,0 +1,318 @@
+"""Multilingual CLIP: XLM-R tokenizer ids, HF XLM-R / BERT / M-CLIP parity and layouts, the
+student over a teacher's image tower, distillation through the train loop (+ a LoRA language
+adapter), and Babel-ImageNet-style per-language evaluation."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zoo
+from tests.train_utils import tiny_config
+from zoo import checkpoint, eval_lib, multilingual, peft, tokenizers, train_lib
+from zoo.convert.common import StateDictError
+from zoo.data import demo, pipeline
+
+TEXTS = ["Ein Foto: ein grünes Quadrat.", "hi", "一张绿色正方形的照片。", "صورة مربع أخضر.",
+         "фотография: зелёный квадрат."]
+
+
+@pytest.fixture(scope="module")
+def xlmr_tok():
+  return tokenizers.XLMRobertaTokenizer(multilingual.DEMO_TOKENIZER, context_length=24)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  return zoo.save(zoo.create("test-tiny", seed=3), tmp_path_factory.mktemp("teacher") / "clip")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_xlmr_tokenizer_follows_fairseq_ids(xlmr_tok):
+  sp = xlmr_tok.sp
+  ids = xlmr_tok(TEXTS)
+  assert ids.shape == (len(TEXTS), 24) and ids.dtype == np.int32
+  for row, text in zip(ids, TEXTS):
+    pieces = sp.encode(text)
+    expected = [0] + [p + 1 if p != sp.unk_id() else 3 for p in pieces] + [2]
+    assert row[:len(expected)].tolist() == expected
+    assert (row[len(expected):] == 1).all()  # <pad> = 1
+    assert xlmr_tok.decode(row) == text
+  assert xlmr_tok.vocab_size == sp.get_piece_size() + 2
+  assert xlmr_tok.vocab_size <= multilingual.text_config("xlmr-tiny").vocab_size
+  long = xlmr_tok(["ein " * 50], context_length=10)[0]
+  assert long[0] == 0 and long[-1] == 2 and (long != 1).all()  # </s> kept last
+
+
+def test_demo_vocabulary_covers_every_demo_language(xlmr_tok):
+  for lang in demo.LANGUAGES:
+    for text in [t.format(n) for t in demo.templates(lang) for n in demo.class_names(lang)]:
+      assert tokenizers.XLMRobertaTokenizer.UNK not in xlmr_tok.encode(text), (lang, text)
+
+
+# ----------------------------------------------------------------------------- HF parity
+
+
+def _mclip_torch(hf_config_kwargs, embed_dim=32, bert=False, seed=0):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(seed)
+  if bert:
+    cfg = transformers.BertConfig(**hf_config_kwargs)
+    enc = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+  else:
+    cfg = transformers.XLMRobertaConfig(**hf_config_kwargs)
+    enc = transformers.XLMRobertaModel(cfg, add_pooling_layer=False).eval()
+  lin = torch.nn.Linear(cfg.hidden_size, embed_dim)
+  return torch, cfg, enc, lin
+
+
+def _torch_mean_pool(torch, enc, lin, ids, pad):
+  with torch.no_grad():
+    t = torch.tensor(np.asarray(ids), dtype=torch.long)
+    att = (t != pad).long()
+    hidden = enc(input_ids=t, attention_mask=att).last_hidden_state
+    pooled = (hidden * att[..., None]).sum(1) / att.sum(1)[:, None]
+    return hidden.numpy(), lin(pooled).numpy(), att.numpy().astype(bool)
+
+
+XLMR_SMALL = dict(vocab_size=347, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=40, type_vocab_size=1,
+                  layer_norm_eps=1e-5)
+
+
+def test_mclip_layout_matches_transformers(xlmr_tok):
+  torch, cfg, enc, lin = _mclip_torch(XLMR_SMALL)
+  sd = {f"transformer.{k}": v.numpy() for k, v in enc.state_dict().items()}
+  sd["LinearTransformation.weight"] = lin.weight.detach().numpy()
+  sd["LinearTransformation.bias"] = lin.bias.detach().numpy()
+  tower = multilingual.from_hf_text(sd, cfg.to_dict())
+  ids = xlmr_tok(TEXTS)
+  hidden, ref, real = _torch_mean_pool(torch, enc, lin, ids, pad=1)
+  np.testing.assert_allclose(np.asarray(tower(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
+  got_hidden = np.asarray(tower.tokens(jnp.asarray(ids)))
+  assert np.abs(got_hidden - hidden)[real].max() <= 1e-4
+  back = multilingual.to_hf_text(tower)  # exact round trip
+  assert set(back) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k])
+
+
+def test_bare_xlmr_and_bert_encoders(xlmr_tok):
+  # A bare XLMRobertaModel (prefix "roberta." as in XLMRobertaForMaskedLM): encoder parity,
+  # fresh projection to the requested embedding width.
+  torch, cfg, enc, _ = _mclip_torch(XLMR_SMALL, seed=1)
+  sd = {f"roberta.{k}": v.numpy() for k, v in enc.state_dict().items()}
+  tower = multilingual.from_hf_text(sd, cfg.to_dict(), embed_dim=16)
+  ids = xlmr_tok(TEXTS)
+  hidden, _, real = _torch_mean_pool(torch, enc, torch.nn.Identity(), ids, pad=1)
+  assert np.abs(np.asarray(tower.tokens(jnp.asarray(ids))) - hidden)[real].max() <= 1e-4
+  assert tower(jnp.asarray(ids)).shape == (len(TEXTS), 16)
+  # BERT: absolute positions 0..L-1, two token types, pad id 0, CLS pooling also available.
+  bert_cfg = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=40)
+  torch, cfg, enc, lin = _mclip_torch(bert_cfg, embed_dim=8, bert=True, seed=2)
+  sd = {k: v.numpy() for k, v in enc.state_dict().items()}
+  sd.update({"LinearTransformation.weight": lin.weight.detach().numpy(),
+             "LinearTransformation.bias": lin.bias.detach().numpy()})
+  tower = multilingual.from_hf_text(sd, cfg.to_dict())
+  assert tower.cfg.positions == "bert" and tower.cfg.pad_token_id == 0
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 300, size=(3, 12)).astype(np.int32)
+  ids[0, 7:] = 0
+  _, ref, _ = _torch_mean_pool(torch, enc, lin, ids, pad=0)
+  np.testing.assert_allclose(np.asarray(tower(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
+
+
+def test_conversion_errors_and_mclip_config():
+  torch, cfg, enc, _ = _mclip_torch(XLMR_SMALL)
+  sd = {k: v.numpy() for k, v in enc.state_dict().items()}
+  del sd["encoder.layer.1.output.dense.bias"]
+  sd["encoder.layer.0.output.dense.weight"] = sd["encoder.layer.0.output.dense.weight"][:, :5]
+  with pytest.raises(StateDictError) as err:
+    multilingual.from_hf_text(sd, cfg.to_dict())
+  assert "missing    encoder.layer.1.output.dense.bias" in str(err.value)
+  assert "mis-shaped encoder.layer.0.output.dense.weight" in str(err.value)
+  with pytest.raises(ValueError, match="not an XLM-R / BERT state dict"):
+    multilingual.from_hf_text({"foo": np.zeros(3)}, cfg.to_dict())
+  # M-CLIP's released config names the encoder by modelBase.
+  text, dim = multilingual.text_config_from_hf(
+      {"model_type": "M-CLIP", "modelBase": "xlm-roberta-large", "transformerDimensions": 1024,
+       "numDims": 768})
+  assert (text.width, text.layers, text.heads, text.vocab_size, dim) == (1024, 24, 16, 250002, 768)
+  with pytest.raises(ValueError, match="modelBase"):
+    multilingual.text_config_from_hf({"modelBase": "distilbert", "numDims": 512})
+
+
+# ----------------------------------------------------------------------------- the student
+
+
+def test_student_uses_teacher_image_tower_and_round_trips(tmp_path, teacher_dir, xlmr_tok):
+  teacher, _, _ = zoo.load(teacher_dir)
+  student = multilingual.from_clip(teacher, multilingual.text_config("xlmr-tiny"),
+                                   keep_teacher=True)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  np.testing.assert_array_equal(student.encode_image(images), teacher.encode_image(images))
+  assert float(student.logit_scale[...]) == float(teacher.logit_scale[...])
+  ids = jnp.asarray(xlmr_tok(TEXTS[:2]))
+  out = student(images, ids)
+  assert out["text_features"].shape == (2, 32)
+  with pytest.raises(ValueError, match="student_only"):  # zoo.load would not rebuild the teacher
+    zoo.save(student, tmp_path / "bad")
+  path = zoo.save(multilingual.student_only(student), tmp_path / "student")
+  assert student.teacher_text is not None  # student_only copied
+  loaded, tok, preprocess = zoo.load(path)
+  assert isinstance(loaded, multilingual.MultilingualCLIP) and loaded.teacher_text is None
+  assert isinstance(tok, tokenizers.XLMRobertaTokenizer)
+  np.testing.assert_array_equal(tok(TEXTS[:2], context_length=24), np.asarray(ids))
+  np.testing.assert_allclose(loaded.encode_text(ids), student.encode_text(ids), atol=0)
+  assert preprocess is not None
+
+
+def _distill_config(teacher_dir, **kw):
+  c = tiny_config(**{"family": "multilingual", "model": "xlmr-tiny", "batch_size": 32,
+                     "total_steps": 30, "lr": 2e-3, "warmup_steps": 2, **kw})
+  c.multilingual = multilingual.default_settings()
+  c.multilingual.teacher = str(teacher_dir)
+  c.multilingual.contrastive_weight = 0.5
+  c.data.size = 512
+  c.data.languages = "en,de,zh,ja"
+  c.data.num_threads = 1
+  return c
+
+
+def test_distillation_learns_and_freezes_all_but_the_student_text(tmp_path, teacher_dir):
+  config = _distill_config(teacher_dir)
+  trainer0 = train_lib.build_trainer(config)
+  before = jax.device_get(trainer0.state["params"])
+  summary = train_lib.train(config, str(tmp_path / "run"))
+  losses = summary["losses"]
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+  after = jax.device_get(summary["trainer"].state["params"])
+  flat_before = dict(nnx.to_flat_state(before))
+  changed = {path for path, var in nnx.to_flat_state(after)
+             if not np.array_equal(var.get_value(), flat_before[path].get_value())}
+  assert changed and all(p[0] == "text" for p in changed)
+  assert any(p[:2] == ("text", "blocks") for p in changed)
+  # The export is the student alone, loadable and equal to the trained text tower.
+  model, tok, _ = zoo.load(tmp_path / "run" / "model")
+  assert isinstance(model, multilingual.MultilingualCLIP) and model.teacher_text is None
+  ids = jnp.asarray(tok(["Ein Foto: ein roter Kreis."]))
+  np.testing.assert_allclose(model.encode_text(ids), summary["trainer"].model().encode_text(ids),
+                             atol=1e-6)
+
+
+def test_language_adapter_trains_only_lora(tmp_path, teacher_dir):
+  base = zoo.save(multilingual.student_only(train_lib.build_trainer(
+      _distill_config(teacher_dir)).model()), tmp_path / "student")
+  config = _distill_config(teacher_dir, total_steps=6, init_from=str(base))
+  config.data.languages = "ar"
+  config.peft.rank = 4
+  config.peft.targets = r"^text/blocks/.*/(attn/(qkv|out)_kernel|mlp/fc[12]/kernel)$"
+  config.peft.language = "ar"
+  summary = train_lib.train(config, str(tmp_path / "ar"))
+  trainer = summary["trainer"]
+  params = dict(nnx.to_flat_state(jax.device_get(trainer.state["params"])))
+  start = dict(nnx.to_flat_state(nnx.state(zoo.load(base)[0], nnx.Param)))
+  for path, var in params.items():
+    if peft.is_lora_path(tuple(map(str, path))):
+      continue
+    if path[0] == "teacher_text":
+      continue
+    np.testing.assert_array_equal(var.get_value(), start[path].get_value(), err_msg=str(path))
+  adapter = peft.read_adapter_config(tmp_path / "ar" / "adapter")
+  assert adapter["metadata"]["language"] == "ar" and adapter["rank"] == 4
+  # The exported model has the adapter merged; the base + adapter gives the same features.
+  merged, tok, _ = zoo.load(tmp_path / "ar" / "model")
+  student, _, _ = zoo.load(base)
+  ids = jnp.asarray(tok(["صورة مربع أخضر.", "Ein Foto: ein roter Kreis."]))
+  with peft.with_adapter(student, tmp_path / "ar" / "adapter"):
+    np.testing.assert_allclose(student.encode_text(ids), merged.encode_text(ids), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_babel_eval_counts_only_named_classes(tmp_path, teacher_dir):
+  model, tok, _ = zoo.load(teacher_dir)
+  sets = pipeline.build_eval_sets({"name": "demo", "eval_size": 60, "eval_sets": "multilingual"},
+                                  image_size=32, mean=model.config.image_mean,
+                                  std=model.config.image_std)
+  base = sets["multilingual"]
+  names_de = demo.class_names("de")
+  labels_file = tmp_path / "labels.json"
+  subset = [1, 4, 9, 17]
+  labels_file.write_text(json.dumps({
+      "DE": [subset, [names_de[i] for i in subset]],
+      "EN": [list(range(24)), demo.class_names("en")]}, ensure_ascii=False))
+  prompts_file = tmp_path / "prompts.json"
+  prompts_file.write_text(json.dumps({"DE": ["Ein Foto: {}."]}, ensure_ascii=False))
+  cfg = {"name": "demo", "eval_size": 60, "eval_sets": "", "babel_labels": str(labels_file),
+         "babel_prompts": str(prompts_file)}
+  spec = pipeline.build_eval_sets(cfg, image_size=32, mean=model.config.image_mean,
+                                  std=model.config.image_std)["babel"]
+  got = eval_lib.evaluate(model, {"babel": spec}, tok)
+  # Reference: only DE's 4 classes' images, argmax over those 4 classes.
+  feats = eval_lib.encode_images(model, base["images"])
+  keep = np.isin(base["labels"], subset)
+  clf = eval_lib.zero_shot_classifier(model, tok, [names_de[i] for i in subset], ["Ein Foto: {}."])
+  pred = np.argmax(feats[keep] @ clf, axis=1)
+  expected = np.mean(np.asarray(subset)[pred] == base["labels"][keep])
+  assert got["babel/DE/num_images"] == keep.sum() and got["babel/DE/num_classes"] == 4
+  assert got["babel/DE/top1"] == pytest.approx(expected)
+  assert got["babel/DE/translated_prompts"] == 1 and got["babel/EN/translated_prompts"] == 0
+  assert got["babel/EN/num_images"] == 60
+  en = eval_lib.zero_shot_metrics(feats, base["labels"],
+                                  eval_lib.zero_shot_classifier(model, tok, demo.class_names("en"),
+                                                                list(eval_lib.DEFAULT_TEMPLATES)))
+  assert got["babel/EN/top1"] == pytest.approx(en["top1"])
+  records = eval_lib.language_records(got)
+  assert [(r["language"], r["prompts"], r["num_classes"]) for r in records] == [
+      ("DE", "translated", 4), ("EN", "english", 24)]
+  assert "DE" in eval_lib.format_language_table(records)
+
+
+def test_babel_files_are_validated(tmp_path):
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"DE": [[3, 1], ["a", "b"]]}))
+  with pytest.raises(ValueError, match="ascending"):
+    eval_lib.load_babel_labels(bad)
+  bad.write_text(json.dumps({"DE": [[1, 3], ["a"]]}))
+  with pytest.raises(ValueError, match="2 indices but 1 names"):
+    eval_lib.load_babel_labels(bad)
+  bad.write_text(json.dumps({"DE": ["ohne Platzhalter"]}))
+  with pytest.raises(ValueError, match="placeholder"):
+    eval_lib.load_babel_prompts(bad)
+  with pytest.raises(FileNotFoundError, match="missing.json"):
+    eval_lib.load_babel_labels(tmp_path / "missing.json")
+
+
+def test_cli_build_and_to_mclip(tmp_path, teacher_dir):
+  torch, cfg, enc, lin = _mclip_torch(dict(XLMR_SMALL, max_position_embeddings=80))
+  from safetensors.numpy import load_file, save_file
+
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  sd = {f"transformer.{k}": np.ascontiguousarray(v.numpy()) for k, v in enc.state_dict().items()}
+  sd["LinearTransformation.weight"] = lin.weight.detach().numpy()
+  sd["LinearTransformation.bias"] = lin.bias.detach().numpy()
+  save_file(sd, str(hf_dir / "model.safetensors"))
+  (hf_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+  out = tmp_path / "built"
+  assert multilingual.main(["build", "--teacher", str(teacher_dir), "--text", str(hf_dir),
+                            "--tokenizer", multilingual.DEMO_TOKENIZER, "--output", str(out)]) == 0
+  model, tok, _ = zoo.load(out)
+  ids = tok(TEXTS)
+  _, ref, _ = _torch_mean_pool(torch, enc, lin, ids, pad=1)
+  np.testing.assert_allclose(np.asarray(model.text(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
+  assert multilingual.main(["to-mclip", "--input", str(out), "--output", str(tmp_path / "m")]) == 0
+  back = multilingual.from_hf_text(load_file(str(tmp_path / "m" / "model.safetensors")),
+                                   json.loads((tmp_path / "m" / "config.json").read_text()))
+  np.testing.assert_array_equal(np.asarray(back(jnp.asarray(ids))), np.asarray(model.text(jnp.asarray(ids))))
+  assert multilingual.main(["build", "--teacher", str(teacher_dir), "--text", str(tmp_path / "nope"),
+                            "--tokenizer", multilingual.DEMO_TOKENIZER, "--output", str(tmp_path / "x")]) == 2
