@@ -31,6 +31,7 @@ dict of float metrics without the set prefix.
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import json
 import math
@@ -476,6 +477,11 @@ def register_evaluator(kind: str, fn: Evaluator, *, overwrite: bool = False) -> 
   _EVALUATORS[kind] = fn
 
 
+# Kinds that family modules register on import (so a plain CLIP config can name them).
+_KIND_MODULES = {"region_zeroshot": "zoo.region", "region_retrieval": "zoo.region",
+                 "long_retrieval": "zoo.long_clip"}
+
+
 def evaluator_kinds() -> list[str]:
   """The registered eval-set kinds."""
   return sorted(_EVALUATORS)
@@ -524,6 +530,8 @@ def evaluate(model: nnx.Module, eval_sets: Mapping[str, Mapping[str, Any]], toke
     if not isinstance(spec, Mapping) or "kind" not in spec:
       raise ValueError(f"eval set {name!r} needs a dict with a 'kind' (one of {evaluator_kinds()})")
     kind = spec["kind"]
+    if kind not in _EVALUATORS and kind in _KIND_MODULES:  # a family's kind: import registers it
+      importlib.import_module(_KIND_MODULES[kind])
     if kind not in _EVALUATORS:
       raise ValueError(f"eval set {name!r} has unknown kind {kind!r}; registered: {evaluator_kinds()} "
                        "(add one with zoo.eval_lib.register_evaluator)")
