@@ -121,13 +121,13 @@ def main():
   }
   langs = [x.upper() for x in demo.LANGUAGES]
   cols = list(results)
-  print(f"\n{"language":<14}" + "".join(f"{col:>26}" for col in cols))
+  print(f"\n{'language':<14}" + "".join(f"{col:>26}" for col in cols))
   for lang in langs:
     mark = " (held out)" if lang == LOW_RESOURCE.upper() else ""
     print(f"{lang + mark:<14}" + "".join(f"{results[col][lang]:>26.3f}" for col in cols))
   non_en = [x for x in langs if x != "EN"]
   means = {col: sum(results[col][x] for x in non_en) / len(non_en) for col in cols}
-  print(f"{"mean≠EN":<14}" + "".join(f"{means[col]:>26.3f}" for col in cols))
+  print(f"{'mean≠EN':<14}" + "".join(f"{means[col]:>26.3f}" for col in cols))
   print(f"chance = {1 / demo.num_classes():.3f}; run dirs under {root}")
   record = {"args": vars(args), "per_language_top1": results, "mean_top1_non_english": means,
             "timings_s": timings, "chance": 1 / demo.num_classes(), "workdir": root}
