@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 from absl import flags
@@ -65,3 +65,16 @@ def parse_flags(argv: list[str], flag: str = "config") -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f"error: {e}")
+
+
+def section(config: ml_collections.ConfigDict, name: str, defaults: Mapping[str, Any]
+            ) -> dict[str, Any]:
+  """`config.<name>` over `defaults` as a plain dict; an unknown key is a one-line error
+  naming it and listing the valid ones (a family's settings, e.g. config.long_clip)."""
+  given = config.get(name, None) or {}
+  given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown config.{name} key {unknown[0]!r}; valid keys: "
+                     f"{', '.join(sorted(defaults))}")
+  return {**defaults, **given}

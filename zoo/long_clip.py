@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from zoo import clip as clip_lib
-from zoo import eval_lib, losses, registry, train_lib
+from zoo import config_utils, eval_lib, losses, registry, train_lib
 
 Array = jax.Array
 log = logging.getLogger("zoo.long_clip")
@@ -252,12 +252,7 @@ def default_settings() -> ml_collections.ConfigDict:
 
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`config.long_clip` over the defaults; unknown keys are errors listing the valid ones."""
-  given = dict(config.get("long_clip", {}) or {})
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown config.long_clip key {unknown[0]!r}; valid keys: "
-                     f"{', '.join(sorted(DEFAULTS))}")
-  return {**DEFAULTS, **given}
+  return config_utils.section(config, "long_clip", DEFAULTS)
 
 
 def build_model(config: ml_collections.ConfigDict) -> clip_lib.CLIP:

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from zoo import clip as clip_lib
-from zoo import registry, train_lib
+from zoo import config_utils, registry, train_lib
 from zoo.layers import MLP, Attention, LayerNorm, Linear, param
 
 Array = jax.Array
@@ -491,12 +491,7 @@ def default_settings() -> ml_collections.ConfigDict:
 
 
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  given = dict(config.get("multilingual", {}) or {})
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown config.multilingual key {unknown[0]!r}; valid keys: "
-                     f"{', '.join(sorted(DEFAULTS))}")
-  out = {**DEFAULTS, **given}
+  out = config_utils.section(config, "multilingual", DEFAULTS)
   if out["train"] not in ("text", "text_projection"):
     raise ValueError(f"multilingual.train={out['train']!r}: expected 'text' (whole text tower) "
                      "or 'text_projection' (projection only)")

@@ -57,7 +57,7 @@ import numpy as np
 from flax import nnx
 
 from zoo import clip as clip_lib
-from zoo import eval_lib, losses, registry, train_lib, transforms
+from zoo import config_utils, eval_lib, losses, registry, train_lib, transforms
 from zoo.layers import LayerNorm, Linear, Transformer, get_activation, param
 
 Array = jax.Array
@@ -597,12 +597,7 @@ def default_settings() -> ml_collections.ConfigDict:
 
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`config.region` over the defaults; unknown keys are errors listing the valid ones."""
-  given = dict(config.get("region", {}) or {})
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown config.region key {unknown[0]!r}; valid keys: "
-                     f"{', '.join(sorted(DEFAULTS))}")
-  out = {**DEFAULTS, **given}
+  out = config_utils.section(config, "region", DEFAULTS)
   if out["trainable"] not in ("all", "region"):
     raise ValueError(f"config.region.trainable={out['trainable']!r}; expected 'all' or 'region'")
   return out

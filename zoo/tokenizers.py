@@ -287,7 +287,24 @@ class ClipTokenizer:
 # ----------------------------------------------------------------------------- sentencepiece
 
 
-class SentencePieceTokenizer:
+class _PicklableSentencePiece:
+  """Pickles `self.sp` (a SentencePieceProcessor, not picklable itself) as its serialized
+  model, so tokenizers cross process boundaries (grain workers) without the .model file."""
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["sp"] = self.sp.serialized_model_proto()
+    return state
+
+  def __setstate__(self, state):
+    import sentencepiece as spm
+
+    state = dict(state)
+    state["sp"] = spm.SentencePieceProcessor(model_proto=state["sp"])
+    self.__dict__.update(state)
+
+
+class SentencePieceTokenizer(_PicklableSentencePiece):
   """Sentencepiece tokenizer with SigLIP conventions by default.
 
   Args:
@@ -330,19 +347,6 @@ class SentencePieceTokenizer:
     self._clean = get_clean_fn(clean)
     self._lowercase = lowercase
 
-  def __getstate__(self):
-    # The processor itself does not pickle; its serialized model does (no file needed).
-    state = dict(self.__dict__)
-    state["sp"] = self.sp.serialized_model_proto()
-    return state
-
-  def __setstate__(self, state):
-    import sentencepiece as spm
-
-    state = dict(state)
-    state["sp"] = spm.SentencePieceProcessor(model_proto=state["sp"])
-    self.__dict__.update(state)
-
   def clean(self, text: str) -> str:
     """The text as it is fed to sentencepiece."""
     text = self._clean(text)
@@ -369,7 +373,7 @@ class SentencePieceTokenizer:
     return _pack_rows(rows, length, self.pad_token_id, self.eot_token_id)
 
 
-class XLMRobertaTokenizer:
+class XLMRobertaTokenizer(_PicklableSentencePiece):
   """XLM-R / M-CLIP ids from a sentencepiece model (fairseq dictionary convention).
 
   As Hugging Face's (slow) XLMRobertaTokenizer: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, every
@@ -392,18 +396,6 @@ class XLMRobertaTokenizer:
     self.vocab_size = int(self.sp.get_piece_size()) + self.OFFSET + 1
     self.mask_token_id = self.vocab_size - 1
     self.pad_token_id, self.bos_token_id, self.eos_token_id = self.PAD, self.BOS, self.EOS
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["sp"] = self.sp.serialized_model_proto()
-    return state
-
-  def __setstate__(self, state):
-    import sentencepiece as spm
-
-    state = dict(state)
-    state["sp"] = spm.SentencePieceProcessor(model_proto=state["sp"])
-    self.__dict__.update(state)
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text` without `<s>` / `</s>`."""

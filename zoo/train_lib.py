@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from zoo import clip as clip_lib
-from zoo import sharding
+from zoo import config_utils, sharding
 
 Array = jax.Array
 PyTree = Any
@@ -128,11 +128,7 @@ def peft_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"rank": 0}
   from zoo import peft
 
-  defaults = dict(peft.default_settings())
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"unknown config.peft key {unknown[0]!r}; valid keys: {', '.join(sorted(defaults))}")
-  return {**defaults, **given}
+  return config_utils.section(config, "peft", dict(peft.default_settings()))
 
 
 def apply_peft(config: ml_collections.ConfigDict, model: nnx.Module) -> bool:
