@@ -80,3 +80,28 @@ def test_no_weight_decay_on_norms_embeddings_and_scale():
   assert not mask["text"]["positional_embedding"].value
   assert not mask["logit_scale"].value
   assert not mask["visual"]["ln_post"]["scale"].value
+
+
+def test_only_trainable_parameters_are_differentiated():
+  """Frozen leaves get exact zeros and no backward work; trainable ones the full gradient."""
+  import jax.numpy as jnp
+
+  params = {"frozen": {"w": jnp.arange(12.0).reshape(3, 4)},
+            "train": {"w": jnp.ones((4, 2)), "b": jnp.full((2,), 0.5)}}
+  x = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+
+  def loss_fn(p, x):
+    y = jnp.tanh(x @ p["frozen"]["w"]) @ p["train"]["w"] + p["train"]["b"]
+    return jnp.sum(y ** 2), {"mean": jnp.mean(y)}
+
+  trainable = lambda path: path[0] == "train"  # noqa: E731
+  (loss, aux), grads = train_lib.trainable_value_and_grad(loss_fn, trainable)(params, x)
+  (ref_loss, ref_aux), ref = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+  assert float(loss) == float(ref_loss) and float(aux["mean"]) == float(ref_aux["mean"])
+  np.testing.assert_array_equal(grads["frozen"]["w"], np.zeros((3, 4)))
+  for k in ("w", "b"):
+    np.testing.assert_allclose(grads["train"][k], ref["train"][k], rtol=1e-6)
+  # The backward pass has no matmul for the frozen weight's gradient.
+  count = lambda f: str(jax.make_jaxpr(f)(params, x)).count("dot_general")  # noqa: E731
+  assert count(train_lib.trainable_value_and_grad(loss_fn, trainable)) < count(
+      jax.value_and_grad(loss_fn, has_aux=True))

@@ -211,10 +211,46 @@ def split_microbatches(batch: dict, num: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def trainable_value_and_grad(loss_fn: Callable, trainable: Callable[[tuple[str, ...]], bool] | None
+                             ) -> Callable:
+  """value_and_grad of `loss_fn(params, *args)` (has_aux) w.r.t. the trainable leaves only.
+
+  Frozen leaves are not differentiated (XLA computes no gradient for them) and get zero
+  gradients, so the result has the full parameter structure the optimizer expects.
+  """
+  grad_all = jax.value_and_grad(loss_fn, has_aux=True)
+  if trainable is None:
+    return grad_all
+
+  def grad_fn(params, *args):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mask = [bool(trainable(path_names(p))) for p, _ in flat]
+    leaves = [x for _, x in flat]
+    if all(mask):
+      return grad_all(params, *args)
+
+    def partial_loss(train_leaves):
+      it = iter(train_leaves)
+      full = [next(it) if m else jax.lax.stop_gradient(x) for x, m in zip(leaves, mask)]
+      return loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args)
+
+    value, grads = jax.value_and_grad(partial_loss, has_aux=True)(
+        [x for x, m in zip(leaves, mask) if m])
+    it = iter(grads)
+    full = [next(it) if m else jnp.zeros_like(x) for x, m in zip(leaves, mask)]
+    return value, jax.tree_util.tree_unflatten(treedef, full)
+
+  return grad_fn
+
+
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
                     tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                    mesh: jax.sharding.Mesh) -> Callable:
-  """The pure train step (state, batch) -> (state, metrics); jitted by the caller."""
+                    mesh: jax.sharding.Mesh,
+                    trainable: Callable[[tuple[str, ...]], bool] | None = None) -> Callable:
+  """The pure train step (state, batch) -> (state, metrics); jitted by the caller.
+
+  Only `trainable` parameters (all when None) are differentiated; `grad_norm` is theirs.
+  """
   ctx = LossContext(config=config, mesh=mesh, impl=config.loss.impl)
   accum = int(config.get("grad_accum", 1))
 
@@ -223,7 +259,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
     outputs = family.forward(model, batch, rng)
     return family.loss(outputs, batch, ctx)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = trainable_value_and_grad(loss_fn, trainable)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     rng = jax.random.fold_in(state["rng"], state["step"])
@@ -335,7 +371,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
            "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
   state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
 
-  raw_step = make_train_step(graphdef, rest, family, tx, config, mesh)
+  raw_step = make_train_step(graphdef, rest, family, tx, config, mesh, trainable)
 
   def step_with_key(state, batch):
     # RNG is stored as raw key data so it checkpoints as a plain uint32 array.
