@@ -3,14 +3,13 @@ parallelism (8 devices, expert=4) vs one device, save/load, k-means, within-clus
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 import zoo
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import checkpoint, layers, losses, moe, sharding, train_lib
+from zoo import layers, losses, moe, sharding, train_lib
 
 E, K = 4, 2
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 import zoo
 from tests.train_utils import tiny_config
-from zoo import checkpoint, eval_lib, multilingual, peft, tokenizers, train_lib
+from zoo import eval_lib, multilingual, peft, tokenizers, train_lib
 from zoo.convert.common import StateDictError
 from zoo.data import demo, pipeline
 

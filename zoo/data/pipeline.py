@@ -550,7 +550,7 @@ def webdataset_retrieval_set(shards: str | Sequence[str], *, image_size: int, me
   """
   source = wds.TarShardSource(wds.expand_shards(shards))
   pre = transforms.make_preprocess(image_size, mean, std)
-  images, captions, long_caps, skipped = [], [], [], 0
+  images, captions, skipped = [], [], 0
   for i in range(len(source)):
     if max_samples and len(images) >= max_samples:
       break
