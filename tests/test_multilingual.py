@@ -49,6 +49,20 @@ def test_xlmr_tokenizer_follows_fairseq_ids(xlmr_tok):
   assert long[0] == 0 and long[-1] == 2 and (long != 1).all()  # </s> kept last
 
 
+def test_xlmr_tokenizer_equals_transformers(tmp_path, xlmr_tok):
+  transformers = pytest.importorskip("transformers")
+  import shutil
+
+  shutil.copyfile(multilingual.DEMO_TOKENIZER, tmp_path / "sentencepiece.bpe.model")
+  hf = transformers.XLMRobertaTokenizer.from_pretrained(str(tmp_path))
+  corpus = TEXTS + ["", "  spaces   and\ttabs ", "emoji 🙂 and ünïcödé ✓", "Ω≈ç√ unknown ☃",
+                    "a photo of a red circle. " * 12]
+  ours = xlmr_tok(corpus, context_length=24)
+  ref = hf(corpus, padding="max_length", truncation=True, max_length=24)["input_ids"]
+  np.testing.assert_array_equal(ours, np.asarray(ref))
+  assert len(hf) == xlmr_tok.vocab_size and hf.mask_token_id == xlmr_tok.mask_token_id
+
+
 def test_demo_vocabulary_covers_every_demo_language(xlmr_tok):
   for lang in demo.LANGUAGES:
     for text in [t.format(n) for t in demo.templates(lang) for n in demo.class_names(lang)]:
