@@ -80,6 +80,8 @@ def test_no_weight_decay_on_norms_embeddings_and_scale():
   assert not mask["text"]["positional_embedding"].value
   assert not mask["logit_scale"].value
   assert not mask["visual"]["ln_post"]["scale"].value
+  attn = mask["text"]["transformer"]["resblocks"][0]["attn"]
+  assert attn["qkv_kernel"].value and not attn["qkv_bias"].value  # [3, H, Dh] is still a bias
 
 
 def test_only_trainable_parameters_are_differentiated():

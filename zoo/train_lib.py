@@ -156,9 +156,14 @@ path_names = sharding.path_names
 
 
 def decay_mask(params: PyTree) -> PyTree:
-  """Weight decay on matrices only: no decay on biases, norms, embeddings, logit scale/bias."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: x.ndim >= 2 and not (set(path_names(p)) & _NO_DECAY_NAMES), params)
+  """Weight decay on weight matrices only: none on biases (of any rank: the fused qkv bias
+  [3, H, Dh], MoE expert biases [E, d]), norms, embeddings, logit scale/bias."""
+  def decays(path, x) -> bool:
+    names = path_names(path)
+    return (x.ndim >= 2 and not set(names) & _NO_DECAY_NAMES
+            and not any(n.endswith("bias") for n in names))
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
