@@ -353,3 +353,36 @@ def test_push_dry_run_cli(hub, offline_home, tmp_path):
                       str(tmp_path / "nothing"), "--repo", "me/tiny", "--dry-run"], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_open_clip_model_configs_round_trip():
+  for name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-SigLIP",
+               "ViT-B-32-quickgelu", "LongCLIP-ViT-B-16"):
+    config = registry.get_model_config(name)
+    back = pretrained.open_clip_model_cfg(config)
+    assert pretrained.same_towers(pretrained.config_from_open_clip_cfg(back), config), name
+    oc = open_clip.get_model_config(name)
+    if oc is not None:
+      assert pretrained.same_towers(pretrained.config_from_open_clip_cfg(oc), config), name
+  # the SigLIP export is open_clip's own config, key for key
+  assert pretrained.open_clip_model_cfg(registry.get_model_config("ViT-B-16-SigLIP")) == \
+      json.loads(json.dumps(open_clip.get_model_config("ViT-B-16-SigLIP")))
+
+
+@pytest.mark.slow
+def test_vit_b32_release_equals_open_clip(tmp_path, monkeypatch):
+  """The real table entry and architecture, on random full-size weights."""
+  torch.manual_seed(0)
+  oc_model = open_clip.create_model(*B32[:1])
+  sd = {k: v.detach().numpy() for k, v in oc_model.state_dict().items()}
+  entry = pretrained.get_pretrained_cfg(*B32)
+  snap = put_repo(str(tmp_path), entry["hf_hub"],
+                  {"open_clip_model.safetensors": _safetensors_bytes(sd, str(tmp_path))})
+  del sd
+  monkeypatch.setenv("HF_HOME", str(tmp_path))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.delenv("ZOO_CACHE", raising=False)
+  model = zoo.create(*B32[:1], pretrained=B32[1])
+  ref = open_clip.create_model(B32[0], pretrained=os.path.join(snap, "open_clip_model.safetensors"))
+  images, tokens = _inputs(224)
+  _close(_features(model, images, tokens), _oc_features(ref.eval(), images, tokens))
