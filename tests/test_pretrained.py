@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
 
 import zoo
@@ -123,7 +124,7 @@ def hub(tmp_path_factory):
   put_repo(home, mm["image"]["hf_hub"],
            {"open_clip_model.safetensors": _safetensors_bytes(convert.to_open_clip(image_src), tmp)})
   tower = multilingual.MultilingualTextTransformer(multilingual.text_config("xlmr-tiny"), 32,
-                                                   rngs=__import__("flax").nnx.Rngs(7))
+                                                   rngs=nnx.Rngs(7))
   put_repo(home, mm["hf_hub"], {
       "pytorch_model.bin": _torch_bytes(multilingual.to_hf_text(tower), tmp),
       "config.json": json.dumps({"model_type": "M-CLIP", "modelBase": "xlmr-tiny",
@@ -386,3 +387,16 @@ def test_vit_b32_release_equals_open_clip(tmp_path, monkeypatch):
   ref = open_clip.create_model(B32[0], pretrained=os.path.join(snap, "open_clip_model.safetensors"))
   images, tokens = _inputs(224)
   _close(_features(model, images, tokens), _oc_features(ref.eval(), images, tokens))
+
+
+@pytest.mark.slow
+def test_eval_cli_pretrained(hub, tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", HF_HOME=hub["home"],
+             HF_HUB_OFFLINE="1")
+  r = subprocess.run([sys.executable, "eval.py", "--config", "configs/demo.py", "--pretrained",
+                      "hf-hub:zoo-test/tiny-hf", "--workdir", str(tmp_path),
+                      "--config.data.eval_size=32"], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(tmp_path / "metrics.json") as f:
+    assert f.read().strip()
