@@ -14,7 +14,6 @@ architecture and zoo version, so a second load is a plain Orbax restore.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 import json
@@ -674,11 +673,3 @@ def export_pretrained(model: nnx.Module, directory: str, *,
     json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)
   return directory
 
-
-def describe(entry: Mapping[str, Any]) -> dict[str, Any]:
-  """A JSON-able copy of an entry (resolved configs as dicts)."""
-  out = dict(entry)
-  arch = out.get("architecture")
-  if isinstance(arch, dict) and "config" in arch:
-    out["architecture"] = dataclasses.asdict(arch["config"])
-  return out
