@@ -2,6 +2,7 @@
 
 python eval.py --config configs/demo.py --workdir runs/demo     # latest training checkpoint
 python eval.py --config configs/demo.py --checkpoint DIR        # a zoo.save() directory
+python eval.py --config configs/clip_vit_b16.py --pretrained ViT-B-16/laion2b_s34b_b88k
 Writes DIR/metrics.json (one record per evaluated step) and prints a table.
 """
 
@@ -12,6 +13,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (evaluates its latest checkpoint).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A zoo.save() directory to evaluate.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Released weights, NAME/TAG or hf-hub:ORG/REPO.")
 flags.mark_flag_as_required("config")
 
 
@@ -21,14 +23,16 @@ def main(argv):
 
   import jax
 
-  from zoo import eval_lib, train_lib
+  from zoo import eval_lib, pretrained, train_lib
 
   config = _CONFIG.value
-  if not (_WORKDIR.value or _CHECKPOINT.value):
-    raise app.UsageError("pass --workdir (latest training checkpoint) or --checkpoint DIR")
+  if not (_WORKDIR.value or _CHECKPOINT.value or _PRETRAINED.value):
+    raise app.UsageError("pass --workdir (latest training checkpoint), --checkpoint DIR or "
+                         "--pretrained NAME/TAG")
   train_lib.maybe_initialize_distributed(config)
-  model, step, out_dir = train_lib.load_for_eval(config, workdir=_WORKDIR.value,
-                                                 checkpoint=_CHECKPOINT.value)
+  ckpt = _CHECKPOINT.value or (pretrained.checkpoint_dir(_PRETRAINED.value)
+                               if _PRETRAINED.value else None)
+  model, step, out_dir = train_lib.load_for_eval(config, workdir=_WORKDIR.value, checkpoint=ckpt)
   family = train_lib.get_family(config.get("family", "clip"))
   tokenizer = train_lib.make_tokenizer(config, model)
   eval_sets = train_lib.build_eval_sets(config, model, tokenizer)

@@ -5,6 +5,8 @@ Public API (see DESIGN.md): `list_models`, `create`, `get_tokenizer`, `save`, `l
 """
 
 from zoo.clip import CLIP, create, from_config, l2_normalize
+from zoo.pretrained import (create, create_model_and_transforms, export_pretrained,  # noqa: F811
+                            list_pretrained)
 from zoo.registry import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models, register
 
 __version__ = "0.1.0"

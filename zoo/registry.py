@@ -119,6 +119,11 @@ _MODELS: dict[str, CLIPConfig] = {
 }
 for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
   _MODELS[f"{_name}-quickgelu"] = dataclasses.replace(_MODELS[_name], quick_gelu=True)
+# Long-CLIP releases (BeichenZhang/LongCLIP-B, -L): OpenAI towers, text read to 248 tokens.
+for _name in ("ViT-B-16", "ViT-L-14"):
+  _MODELS[f"LongCLIP-{_name}"] = dataclasses.replace(
+      _MODELS[f"{_name}-quickgelu"],
+      text=dataclasses.replace(_MODELS[_name].text, context_length=248))
 
 
 def list_models() -> list[str]:

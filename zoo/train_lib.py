@@ -527,8 +527,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   deterministic function of the batch so resumed runs stay exact. A family with a `recipe`
   hands the whole run to it (which calls `train` per phase) unless the recipe returns None.
   """
-  from zoo import checkpoint, eval_lib
+  from zoo import checkpoint, eval_lib, pretrained
 
+  pretrained.resolve_init_from(config)  # init_from 'pretrained:NAME/TAG' / 'hf-hub:...' -> dir
   recipe = get_family(config.get("family", "clip")).recipe
   if recipe is not None:
     summary = recipe(config, workdir)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from zoo.convert import push
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cli() -> int:
   """main() with input errors printed as one clear message instead of a traceback."""
+  if sys.argv[1:2] == ["push"]:  # publishing to the hub: zoo/convert/push.py
+    return push.cli(sys.argv[2:])
   try:
     return main()
   except (ValueError, FileNotFoundError, FileExistsError) as e:

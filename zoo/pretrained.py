@@ -1,0 +1,675 @@
+"""Pretrained weights by name: `create(name, pretrained=tag)`, `hf-hub:ORG/REPO`, publishing.
+
+The table (`assets/pretrained.json`) is generated from open_clip's own pretrained table by
+`scripts/gen_pretrained_table.py` (open_clip is never imported here): per (name, tag) the hub
+repo, weight file names, layout, zoo architecture, preprocessing and tokenizer, plus the
+variants' releases (Long-CLIP, CLIP-MoE, M-CLIP). Files come through huggingface_hub (its
+cache, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE, revisions) and are read without pickle
+(`zoo.convert.io`); a file is checked against the table's SHA-256, or else the hub's LFS
+object id (the blob's name). The converted model is cached as a `zoo.save` directory beside
+the hub cache (`$HF_HOME/zoo/converted/...`, or $ZOO_CACHE), keyed by repo, revision, file,
+architecture and zoo version, so a second load is a plain Orbax restore.
+`export_pretrained` writes open_clip's hub layout, which open_clip loads as `local-dir:`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import logging
+import os
+import re
+from typing import Any, Mapping
+
+from flax import nnx
+
+from zoo import checkpoint, registry, tokenizers, transforms
+from zoo.convert import io
+
+log = logging.getLogger("zoo.pretrained")
+
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pretrained.json")
+HF_HUB_PREFIX = "hf-hub:"
+INIT_PREFIX = "pretrained:"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_REGISTERED: dict[str, dict[str, dict]] = {}
+
+
+class PretrainedError(ValueError):
+  """Unknown name or tag, a file that cannot be fetched, or weights that do not fit."""
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@functools.lru_cache(maxsize=1)
+def table() -> dict[str, Any]:
+  """The generated table: {'models': {name: {tag: entry}}, 'unsupported': ..., ...}."""
+  with open(TABLE_PATH) as f:
+    return json.load(f)
+
+
+def _models() -> dict[str, dict[str, dict]]:
+  merged = {name: dict(tags) for name, tags in table()["models"].items()}
+  for name, tags in _REGISTERED.items():
+    merged.setdefault(name, {}).update(tags)
+  return merged
+
+
+def clean_tag(tag: str) -> str:
+  """Tags are matched as open_clip does: lower case, '-' read as '_'."""
+  return tag.lower().replace("-", "_")
+
+
+def list_pretrained(as_str: bool = False) -> list:
+  """Every (name, tag) zoo can load (or 'name:tag' strings)."""
+  pairs = [(n, t) for n, tags in _models().items() for t in tags]
+  return [f"{n}:{t}" for n, t in pairs] if as_str else pairs
+
+
+def list_pretrained_tags(name: str) -> list[str]:
+  return list(_models().get(name, {}))
+
+
+def register_pretrained(name: str, tag: str, entry: Mapping[str, Any]) -> None:
+  """Adds (or replaces) a table entry at run time (e.g. a private hub repo)."""
+  _REGISTERED.setdefault(name, {})[clean_tag(tag)] = dict(entry)
+
+
+def get_pretrained_cfg(name: str, tag: str) -> dict[str, Any]:
+  """The table entry of (name, tag); one-line PretrainedError naming the valid tags."""
+  models = _models()
+  if name not in models:
+    hint = ""
+    if name in table().get("unsupported", {}):
+      hint = f" (open_clip has weights for it, but {table()['unsupported'][name]['reason']})"
+    raise PretrainedError(f"model {name!r} has no pretrained weights in zoo{hint}; "
+                          f"see zoo.list_pretrained() ({len(models)} models)")
+  tags = models[name]
+  entry = tags.get(clean_tag(tag))
+  if entry is None:
+    raise PretrainedError(f"unknown pretrained tag {tag!r} for model {name!r}; its tags: "
+                          f"{', '.join(tags)}")
+  return dict(entry)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+  """'NAME/TAG', 'NAME:TAG' or 'hf-hub:ORG/REPO' -> (name, tag or None)."""
+  if ref.startswith(INIT_PREFIX):
+    ref = ref[len(INIT_PREFIX):]
+  if ref.startswith(HF_HUB_PREFIX):
+    return ref, None
+  for sep in ("/", ":"):
+    if sep in ref:
+      name, tag = ref.rsplit(sep, 1)
+      return name, tag
+  raise PretrainedError(f"pretrained reference {ref!r} must be NAME/TAG (e.g. "
+                        "ViT-B-16/laion2b_s34b_b88k) or hf-hub:ORG/REPO")
+
+
+# ----------------------------------------------------------------------------- hub access
+
+
+def hub_cache_dir() -> str:
+  """huggingface_hub's cache, read from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
+  if os.environ.get("HF_HUB_CACHE"):
+    return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+  if os.environ.get("HF_HOME"):
+    return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+  from huggingface_hub import constants
+
+  return constants.HF_HUB_CACHE
+
+
+def zoo_cache_dir() -> str:
+  """Where converted checkpoints live: $ZOO_CACHE, else `zoo/` beside the hub cache."""
+  if os.environ.get("ZOO_CACHE"):
+    return os.path.expanduser(os.environ["ZOO_CACHE"])
+  return os.path.join(os.path.dirname(os.path.abspath(hub_cache_dir())), "zoo")
+
+
+def offline() -> bool:
+  value = os.environ.get("HF_HUB_OFFLINE")
+  if value is not None:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+  from huggingface_hub import constants
+
+  return bool(constants.HF_HUB_OFFLINE)
+
+
+def download(repo_id: str, filename: str, revision: str | None = None) -> str:
+  """Local path of `repo_id/filename` through huggingface_hub (cached; offline-aware)."""
+  import huggingface_hub
+  from huggingface_hub import errors
+
+  from zoo import __version__
+
+  try:
+    return huggingface_hub.hf_hub_download(
+        repo_id, filename, revision=revision, cache_dir=hub_cache_dir(),
+        local_files_only=offline(), library_name="zoo", library_version=__version__)
+  except errors.LocalEntryNotFoundError:
+    why = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached"
+    raise PretrainedError(f"{repo_id}/{filename} is not in the Hugging Face cache "
+                          f"{hub_cache_dir()} and {why}; download it once online or point "
+                          "HF_HOME at a cache that holds it") from None
+  except (errors.EntryNotFoundError, errors.RepositoryNotFoundError,
+          errors.RevisionNotFoundError) as e:
+    raise FileNotFoundError(f"{repo_id}/{filename}@{revision or 'main'} not found on the hub "
+                            f"({type(e).__name__})") from None
+  except errors.HfHubHTTPError as e:
+    raise PretrainedError(f"downloading {repo_id}/{filename} failed: {str(e).splitlines()[0]}"
+                          ) from None
+
+
+def download_first(repo_id: str, filenames: tuple[str, ...] | list[str],
+                   revision: str | None = None) -> str:
+  """The first of `filenames` the repo (or the offline cache) has."""
+  misses = []
+  for name in filenames:
+    try:
+      return download(repo_id, name, revision)
+    except (FileNotFoundError, PretrainedError) as e:
+      misses.append(e)
+  if len(misses) == 1 or all(isinstance(e, PretrainedError) for e in misses):
+    raise misses[-1]
+  raise PretrainedError(f"{repo_id} has none of {', '.join(filenames)}")
+
+
+def repo_files(repo_id: str, revision: str | None = None) -> list[str]:
+  """File names of a hub repo: listed online, or read from the cached snapshot offline."""
+  if not offline():
+    import huggingface_hub
+
+    try:
+      return list(huggingface_hub.HfApi().list_repo_files(repo_id, revision=revision))
+    except Exception as e:  # unreachable hub: fall back to what the cache holds
+      log.info("listing %s failed (%s); reading the cache", repo_id, e)
+  base = os.path.join(hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
+  rev = revision or "main"
+  ref = os.path.join(base, "refs", rev)
+  if os.path.isfile(ref):
+    with open(ref) as f:
+      rev = f.read().strip()
+  snap = os.path.join(base, "snapshots", rev)
+  if not os.path.isdir(snap):
+    raise PretrainedError(f"{repo_id}@{revision or 'main'} is not in the Hugging Face cache "
+                          f"{hub_cache_dir()} and it cannot be listed online; download it once "
+                          "online or point HF_HOME at a cache that holds it")
+  return sorted(os.path.relpath(os.path.join(d, n), snap).replace(os.sep, "/")
+                for d, _, names in os.walk(snap) for n in names)
+
+
+def weight_names(entry: Mapping[str, Any], revision: str | None = None) -> list[str]:
+  """The entry's weight file candidates; `weights_glob` patterns matched against the repo."""
+  if entry.get("weights"):
+    return list(entry["weights"])
+  files = repo_files(entry["hf_hub"], revision)
+  found = [f for pattern in entry.get("weights_glob", ())
+           for f in files if fnmatch.fnmatch(f.lower(), pattern.lower())]
+  if not found:
+    raise PretrainedError(f"{entry['hf_hub']} has no file matching "
+                          f"{', '.join(entry.get('weights_glob', ()))} (files: {', '.join(files)})")
+  return found[:1]
+
+
+def revision_of(path: str) -> str:
+  """The commit hash of a file in huggingface_hub's cache (…/snapshots/<rev>/<file>)."""
+  parts = os.path.normpath(path).split(os.sep)
+  if "snapshots" in parts:
+    return parts[parts.index("snapshots") + 1]
+  return "local"
+
+
+def verify_file(path: str, sha256: str | None = None) -> None:
+  """The table's SHA-256 when given, else the hub's LFS object id (the blob's file name)."""
+  label = path
+  if not sha256:
+    blob = os.path.basename(os.path.realpath(path))
+    if re.fullmatch(r"[0-9a-f]{64}", blob):
+      sha256, label = blob, f"{path} (hub LFS object {blob[:12]}...)"
+  if sha256:
+    try:
+      io.check_sha256(path, sha256, label=label)
+    except io.WeightFileError as e:
+      raise PretrainedError(str(e)) from None
+
+
+def read_weights(path: str, sha256: str | None = None) -> dict[str, Any]:
+  verify_file(path, sha256)
+  try:
+    return io.read_state_dict(path)
+  except io.WeightFileError as e:
+    raise PretrainedError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- open_clip configs
+
+
+# open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
+_VISION_FIXED = dict(ls_init_value=None, patch_dropout=0.0, attentional_pool=False,
+                     no_ln_pre=False, pos_embed_type="learnable", final_ln_after_pool=False,
+                     pool_type="tok", act_kwargs=None, block_type=None, qk_norm=False,
+                     scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
+                     scale_attn=False, scale_fc=False)
+_TEXT_FIXED = dict(ls_init_value=None, embed_cls=False, no_causal_mask=False,
+                   final_ln_after_pool=False, pool_type="argmax", proj_bias=False,
+                   proj_type="linear", act_kwargs=None, block_type=None, qk_norm=False,
+                   scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
+                   scale_attn=False, scale_fc=False, hf_model_name=None)
+# timm trunks (open_clip's SigLIP configs) -> the zoo architecture with the same towers.
+TIMM_TRUNKS = {"vit_base_patch16_siglip_224": "ViT-B-16-SigLIP"}
+_SIGLIP_TOKENIZERS = {"ViT-B-16-SigLIP": "timm/ViT-B-16-SigLIP"}
+
+
+def _one_size(value: Any, key: str) -> int:
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise PretrainedError(f"open_clip config {key}={value}: zoo needs square images/patches")
+    value = value[0]
+  return int(value)
+
+
+def _check_fixed(cfg: Mapping[str, Any], fixed: Mapping[str, Any], where: str) -> None:
+  for key, default in fixed.items():
+    if cfg.get(key, default) != default:
+      raise PretrainedError(f"open_clip config {where}.{key}={cfg[key]!r} is not implemented "
+                            f"in zoo (supported: {default!r})")
+
+
+def _eps(cfg: Mapping[str, Any], default: float = 1e-5) -> float:
+  return float((cfg.get("norm_kwargs") or {}).get("eps", default))
+
+
+def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
+  """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
+
+  Built-in ViT + text transformer configs map field by field; timm-trunk configs only for the
+  trunks in TIMM_TRUNKS (SigLIP). Anything zoo does not implement is a PretrainedError.
+  """
+  v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+  if v.get("timm_model_name"):
+    base = TIMM_TRUNKS.get(v["timm_model_name"])
+    if base is None:
+      raise PretrainedError(f"open_clip config uses timm trunk {v['timm_model_name']!r}; zoo "
+                            f"implements {', '.join(TIMM_TRUNKS)}")
+    config = registry.get_model_config(base)
+    want = dict(image_size=config.vision.image_size, context_length=config.text.context_length,
+                vocab_size=config.text.vocab_size, width=config.text.width,
+                layers=config.text.layers, heads=config.text.heads,
+                embed_dim=config.embed_dim)
+    got = dict(image_size=_one_size(v.get("image_size", 224), "image_size"),
+               **{k: t.get(k) for k in ("context_length", "vocab_size", "width", "layers",
+                                        "heads")}, embed_dim=model_cfg.get("embed_dim"))
+    if got != want or v.get("timm_pool") != "map" or v.get("timm_proj") != "none":
+      raise PretrainedError(f"open_clip config with timm trunk {v['timm_model_name']!r} differs "
+                            f"from zoo's {base} ({got} vs {want})")
+    return config
+  if model_cfg.get("custom_text") or t.get("hf_model_name"):
+    raise PretrainedError("open_clip config uses a custom / Hugging Face text tower "
+                          "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
+  _check_fixed(v, _VISION_FIXED, "vision_cfg")
+  _check_fixed(t, _TEXT_FIXED, "text_cfg")
+  if v.get("layers") is None or isinstance(v.get("layers"), (list, tuple)):
+    raise PretrainedError("open_clip config has a ResNet vision tower (layers is a list); zoo "
+                          "implements ViT towers")
+  width = int(v.get("width", 768))
+  vision = registry.VisionConfig(
+      image_size=_one_size(v.get("image_size", 224), "image_size"),
+      patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
+      layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
+      mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
+  text = registry.TextConfig(
+      context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
+      width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
+      mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t))
+  extra = {}
+  if model_cfg.get("init_logit_scale") is not None:
+    extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
+  if model_cfg.get("init_logit_bias") is not None:
+    extra["init_logit_bias"] = float(model_cfg["init_logit_bias"])
+  return registry.CLIPConfig(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision,
+                             text=text, quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+                             **extra)
+
+
+def same_towers(a: registry.CLIPConfig, b: registry.CLIPConfig) -> bool:
+  """Equal architectures (towers, embedding, activation), ignoring preprocessing fields."""
+  keys = ("embed_dim", "vision", "text", "kind", "quick_gelu")
+  return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def open_clip_model_cfg(config: Any) -> dict[str, Any]:
+  """open_clip's `model_cfg` for a zoo CLIPConfig (the inverse of config_from_open_clip_cfg)."""
+  if type(config) is not registry.CLIPConfig:
+    raise PretrainedError(f"open_clip's layout has no {type(config).__name__} (MoE / XLM-R "
+                          "towers); use zoo.moe.export_safetensors or python -m zoo.multilingual "
+                          "to-mclip for those")
+  for name, base in ((n, registry.get_model_config(n)) for n in TIMM_TRUNKS.values()):
+    if config.vision.pool == "map" and same_towers(config, base):
+      trunk = next(k for k, n in TIMM_TRUNKS.items() if n == name)
+      t = config.text
+      return {"embed_dim": config.embed_dim, "init_logit_bias": config.init_logit_bias,
+              "custom_text": True,
+              "vision_cfg": {"image_size": config.vision.image_size, "timm_model_name": trunk,
+                             "timm_model_pretrained": False, "timm_pool": "map",
+                             "timm_proj": "none"},
+              "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
+                           "hf_tokenizer_name": _SIGLIP_TOKENIZERS[name],
+                           "tokenizer_kwargs": {"clean": "canonicalize"}, "width": t.width,
+                           "heads": t.heads, "layers": t.layers, "no_causal_mask": True,
+                           "proj_bias": True, "pool_type": "last",
+                           "norm_kwargs": {"eps": t.ln_eps}}}
+  v, t = config.vision, config.text
+  if (v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection
+      or t.pool != "argmax" or not t.causal or t.proj_bias or config.tokenizer != "clip"):
+    raise PretrainedError("this model's towers have no open_clip config equivalent (open_clip's "
+                          "built-in CLIP: class-token ViT, causal text tower, CLIP BPE)")
+  vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
+            "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size}
+  text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+          "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}
+  if v.ln_eps != 1e-5:
+    vision["norm_kwargs"] = {"eps": v.ln_eps}
+  if t.ln_eps != 1e-5:
+    text["norm_kwargs"] = {"eps": t.ln_eps}
+  cfg = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision,
+         "text_cfg": text, "init_logit_scale": config.init_logit_scale}
+  if config.init_logit_bias is not None:
+    cfg["init_logit_bias"] = config.init_logit_bias
+  return cfg
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _layout_model(layout: str, sd: dict[str, Any], architecture: Any) -> nnx.Module:
+  from zoo import convert
+
+  try:
+    if layout == "open_clip":
+      return convert.from_open_clip(sd, architecture)
+    if layout == "long_clip":
+      from zoo import long_clip
+
+      return long_clip.from_long_clip(sd, architecture)
+    if layout == "clip_moe":
+      from zoo import moe
+
+      return moe.from_clip_moe(sd, architecture, top_k=2)
+    if layout == "hf":
+      return convert.from_hf(sd, architecture)
+  except ValueError as e:  # StateDictError and friends: name the architecture
+    label = architecture if isinstance(architecture, str) else "the repo's config"
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    raise PretrainedError(f"weights do not fit {label}: {'; '.join(lines[:4])}") from e
+  raise PretrainedError(f"unknown weight layout {layout!r} in the pretrained table")
+
+
+def convert_weights(entry: Mapping[str, Any], paths: Mapping[str, str]) -> nnx.Module:
+  """The zoo model of a table entry from its downloaded files (`paths`: role -> local path).
+
+  This is the only place weights are converted; a cached load never calls it.
+  """
+  layout = entry["layout"]
+  if layout == "mclip":
+    from zoo import multilingual
+
+    image = entry["image"]
+    clip_model = _layout_model(image["layout"], read_weights(paths["image"], image.get("sha256")),
+                               image["architecture"])
+    with open(paths["config"]) as f:
+      hf_config = json.load(f)
+    try:
+      tower = multilingual.from_hf_text(read_weights(paths["weights"], entry.get("sha256")),
+                                        hf_config, embed_dim=clip_model.config.embed_dim)
+    except ValueError as e:
+      raise PretrainedError(f"M-CLIP text weights do not fit: {str(e).splitlines()[0]}") from e
+    return multilingual.from_clip(clip_model, tower, tokenizer=paths.get("tokenizer", ""))
+  architecture = entry["architecture"]
+  if isinstance(architecture, dict):  # a config resolved from a hub repo
+    architecture = architecture["config"]
+  return _layout_model(layout, read_weights(paths["weights"], entry.get("sha256")), architecture)
+
+
+def _fetch(entry: Mapping[str, Any], revision: str | None, tokenizer: bool) -> dict[str, str]:
+  """Downloads an entry's files: role -> local path."""
+  paths = {"weights": download_first(entry["hf_hub"], weight_names(entry, revision), revision)}
+  if entry.get("config_file"):
+    paths["config"] = download(entry["hf_hub"], entry["config_file"], revision)
+  if entry["layout"] == "mclip":
+    image = entry["image"]
+    paths["image"] = download_first(image["hf_hub"], image["weights"])
+  tok = entry.get("tokenizer") or {}
+  if tok.get("file") and (tokenizer or entry["layout"] == "mclip"):
+    paths["tokenizer"] = download(tok.get("hf_hub") or entry["hf_hub"], tok["file"])
+  return paths
+
+
+def _cache_key(entry: Mapping[str, Any], paths: Mapping[str, str], label: str) -> str:
+  from zoo import __version__
+
+  slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label}-{os.path.basename(paths['weights'])}")
+  rev = revision_of(paths["weights"])
+  if "image" in paths:
+    rev += "+" + revision_of(paths["image"])[:12]
+  return os.path.join(zoo_cache_dir(), "converted", entry["hf_hub"].replace("/", "--"), rev,
+                      f"{slug}-zoo{__version__}")
+
+
+def _load_entry(entry: Mapping[str, Any], label: str, revision: str | None, tokenizer: bool
+                ) -> tuple[nnx.Module, dict[str, str], str]:
+  """(model, downloaded paths, converted-cache directory): a restore when cached."""
+  paths = _fetch(entry, revision, tokenizer)
+  cache = _cache_key(entry, paths, label)
+  if os.path.isfile(os.path.join(cache, checkpoint.CONFIG_FILE)):
+    try:
+      model, _, _ = checkpoint.load(cache)
+      log.info("loaded %s from the converted cache %s", label, cache)
+      return model, paths, cache
+    except (checkpoint.CheckpointError, OSError, ValueError) as e:
+      log.warning("converted cache %s is unusable (%s); converting again", cache, e)
+  model = convert_weights(entry, paths)
+  try:
+    checkpoint.save(model, cache, {"converted_from": {"repo": entry["hf_hub"],
+                                                      "revision": revision_of(paths["weights"]),
+                                                      "file": os.path.basename(paths["weights"]),
+                                                      "name": label}}, overwrite=True)
+  except OSError as e:  # a read-only cache still gives a model
+    log.warning("could not cache the converted model at %s (%s)", cache, e)
+  return model, paths, cache
+
+
+# ----------------------------------------------------------------------------- hf-hub repos
+
+
+def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
+  """A table-style entry for an open_clip-format or transformers-CLIP hub repo."""
+  try:
+    path = download(repo, OPEN_CLIP_CONFIG, revision)
+  except (FileNotFoundError, PretrainedError):  # offline, a file not cached reads the same
+    path = None
+  if path is not None:
+    with open(path) as f:
+      oc = json.load(f)
+    if "model_cfg" not in oc:
+      raise PretrainedError(f"{repo}/{OPEN_CLIP_CONFIG} has no 'model_cfg'")
+    config = config_from_open_clip_cfg(oc["model_cfg"])
+    pp = oc.get("preprocess_cfg", {})
+    text = oc["model_cfg"].get("text_cfg", {})
+    tok = ({"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
+            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
+           if text.get("hf_tokenizer_name") else {"kind": "clip"})
+    return {"hf_hub": repo, "weights": list(OPEN_CLIP_WEIGHTS), "layout": "open_clip",
+            "architecture": {"config": config}, "tokenizer": tok,
+            "preprocess": {"mean": pp.get("mean", config.image_mean),
+                           "std": pp.get("std", config.image_std),
+                           "interpolation": pp.get("interpolation", "bicubic"),
+                           "resize_mode": pp.get("resize_mode", "shortest")}}
+  try:
+    path = download(repo, HF_CONFIG, revision)
+  except FileNotFoundError:
+    raise PretrainedError(f"hf-hub:{repo} has neither {OPEN_CLIP_CONFIG} (open_clip) nor "
+                          f"{HF_CONFIG} (transformers)") from None
+  except PretrainedError as e:
+    raise PretrainedError(f"hf-hub:{repo}: neither {OPEN_CLIP_CONFIG} nor {HF_CONFIG} could be "
+                          f"read ({e})") from None
+  with open(path) as f:
+    hf = json.load(f)
+  if hf.get("model_type") != "clip":
+    raise PretrainedError(f"hf-hub:{repo} is a {hf.get('model_type')!r} model; zoo reads "
+                          "open_clip repos and transformers CLIPModel repos (model_type 'clip')")
+  from zoo import convert
+
+  try:
+    config = convert.config_from_hf(hf)
+  except ValueError as e:
+    raise PretrainedError(f"hf-hub:{repo}: {e}") from None
+  return {"hf_hub": repo, "weights": list(HF_WEIGHTS), "layout": "hf",
+          "architecture": {"config": config}, "tokenizer": {"kind": "clip"},
+          "preprocess": {"mean": list(config.image_mean), "std": list(config.image_std),
+                         "interpolation": "bicubic", "resize_mode": "shortest"}}
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _entry_for(name: str, pretrained: str | None) -> tuple[dict[str, Any], str, str | None]:
+  revision = None
+  if name.startswith(HF_HUB_PREFIX):
+    repo = name[len(HF_HUB_PREFIX):]
+    if "@" in repo:
+      repo, revision = repo.split("@", 1)
+    if repo.count("/") != 1:
+      raise PretrainedError(f"{name!r}: expected hf-hub:ORG/REPO")
+    return hub_entry(repo, revision), repo.replace("/", "--"), revision
+  return get_pretrained_cfg(name, pretrained), f"{name}-{clean_tag(pretrained)}", None
+
+
+def preprocess_for(entry: Mapping[str, Any], image_size: int) -> transforms.Preprocess:
+  pp = entry["preprocess"]
+  return transforms.make_preprocess(image_size, pp["mean"], pp["std"], pp["resize_mode"],
+                                    interpolation=pp["interpolation"])
+
+
+def get_preprocess(name: str, pretrained: str) -> transforms.Preprocess:
+  """The eval preprocessing of (name, tag), without loading weights."""
+  entry = get_pretrained_cfg(name, pretrained)
+  arch = entry["image"]["architecture"] if entry["layout"] == "mclip" else entry["architecture"]
+  return preprocess_for(entry, registry.get_model_config(arch).vision.image_size)
+
+
+def tokenizer_for(entry: Mapping[str, Any], model_config: Any, paths: Mapping[str, str]):
+  tok = entry.get("tokenizer") or {"kind": "clip"}
+  length = model_config.text.context_length
+  if tok["kind"] == "clip":
+    return tokenizers.ClipTokenizer(length)
+  if tok["kind"] == "sentencepiece":
+    return tokenizers.SentencePieceTokenizer(paths["tokenizer"], length,
+                                             clean=tok.get("clean", "canonicalize"))
+  if tok["kind"] == "xlmr":
+    return tokenizers.XLMRobertaTokenizer(paths["tokenizer"], length)
+  raise PretrainedError(f"unknown tokenizer kind {tok['kind']!r} in the pretrained table")
+
+
+def _resolve(name: str, pretrained: str | None, revision: str | None, tokenizer: bool):
+  if pretrained is not None and not name.startswith(HF_HUB_PREFIX) and os.path.isfile(pretrained):
+    model = _layout_model("open_clip", read_weights(pretrained), name)  # a local open_clip file
+    entry = {"preprocess": {"mean": model.config.image_mean, "std": model.config.image_std,
+                            "interpolation": "bicubic", "resize_mode": "shortest"}}
+    return model, entry, {}
+  entry, label, hub_revision = _entry_for(name, pretrained)
+  model, paths, _ = _load_entry(entry, label, revision or hub_revision, tokenizer)
+  return model, entry, paths
+
+
+def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision: str | None = None,
+           **overrides: Any) -> nnx.Module:
+  """A zoo model by name: random init, or `pretrained` weights (a tag, or a local file).
+
+  `name` may be 'hf-hub:ORG/REPO' (open_clip or transformers CLIP repo). `revision` pins a
+  hub revision (branch, tag or commit). Overrides apply only without pretrained weights.
+  """
+  from zoo import clip as clip_lib
+
+  if pretrained is None and not name.startswith(HF_HUB_PREFIX):
+    if name not in registry.list_models() and name in _models():
+      raise PretrainedError(f"{name!r} is a pretrained release; pass pretrained="
+                            f"{list_pretrained_tags(name)[0]!r} (tags: "
+                            f"{', '.join(list_pretrained_tags(name))})")
+    return clip_lib.create(name, seed=seed, **overrides)
+  if overrides:
+    raise PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
+                          "architecture; build it with zoo.create(name, **overrides) and copy "
+                          "weights instead")
+  return _resolve(name, pretrained, revision, tokenizer=False)[0]
+
+
+def create_model_and_transforms(name: str, pretrained: str | None = None, *,
+                                revision: str | None = None, **kwargs: Any):
+  """(model, tokenizer, preprocess) with the tag's preprocessing (mean/std, resize mode,
+  interpolation) and tokenizer."""
+  if pretrained is None and not name.startswith(HF_HUB_PREFIX):
+    model = create(name, **kwargs)
+    return (model, tokenizers.get_tokenizer(name) if model.config.tokenizer == "clip" else None,
+            transforms.get_preprocess(model.config))
+  model, entry, paths = _resolve(name, pretrained, revision, tokenizer=True)
+  tok = (tokenizer_for(entry, model.config, paths) if paths
+         else tokenizers.ClipTokenizer(model.config.text.context_length))
+  return model, tok, preprocess_for(entry, model.config.vision.image_size)
+
+
+def checkpoint_dir(ref: str) -> str:
+  """The converted-cache zoo.save directory of 'NAME/TAG' or 'hf-hub:ORG/REPO' (converting on
+  first use): what train.py's init_from and eval.py's --pretrained load."""
+  name, tag = parse_ref(ref)
+  entry, label, revision = _entry_for(name, tag)
+  paths = _fetch(entry, revision, tokenizer=False)
+  cache = _cache_key(entry, paths, label)
+  if not os.path.isfile(os.path.join(cache, checkpoint.CONFIG_FILE)):
+    cache = _load_entry(entry, label, revision, tokenizer=False)[2]
+  return cache
+
+
+def is_ref(value: str) -> bool:
+  return isinstance(value, str) and value.startswith((INIT_PREFIX, HF_HUB_PREFIX))
+
+
+def resolve_init_from(config: Any) -> Any:
+  """Replaces a config's `init_from` = 'pretrained:NAME/TAG' / 'hf-hub:...' by its converted
+  zoo.save directory (in place; returns the config)."""
+  value = config.get("init_from", "") if hasattr(config, "get") else ""
+  if is_ref(value):
+    config.init_from = checkpoint_dir(value)
+  return config
+
+
+def export_pretrained(model: nnx.Module, directory: str, *,
+                      preprocess: transforms.Preprocess | None = None,
+                      overwrite: bool = False) -> str:
+  """Writes open_clip's hub layout: open_clip_config.json (model_cfg + preprocess_cfg) and
+  open_clip_model.safetensors, loadable by open_clip as 'local-dir:DIR' or 'hf-hub:' after
+  upload (python -m zoo.convert push)."""
+  from zoo import convert
+  from zoo.convert.__main__ import write_safetensors
+
+  directory = os.path.abspath(directory)
+  weights = os.path.join(directory, OPEN_CLIP_WEIGHTS[0])
+  if os.path.exists(weights) and not overwrite:
+    raise FileExistsError(f"{weights} exists; pass overwrite=True")
+  model_cfg = open_clip_model_cfg(model.config)
+  pp = preprocess or transforms.get_preprocess(model.config)
+  preprocess_cfg = {"size": model.config.vision.image_size, "mode": "RGB", "mean": list(pp.mean),
+                    "std": list(pp.std), "interpolation": pp.interpolation,
+                    "resize_mode": pp.resize_mode, "fill_color": pp.fill_color}
+  state_dict = convert.to_open_clip(model)
+  os.makedirs(directory, exist_ok=True)
+  write_safetensors(state_dict, weights, {"format": "pt"})
+  with open(os.path.join(directory, OPEN_CLIP_CONFIG), "w") as f:
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)
+  return directory
+
