@@ -223,20 +223,20 @@ def main(argv=None) -> int:
     units = {i: matmul_units(i, kind, 4096, 512) for i in impls}
     for batch in a.batch:
       for dim in a.dim:
-        ref = None
+        rows = []
         for impl in impls:
           cfg = {"impl": impl, "kind": kind, "batch": batch, "dim": dim, "dtype": dtype,
                  "block": a.block, "repeats": a.repeats}
           reason = too_big(impl, batch, avail)
           r = {**cfg, "skipped": reason} if reason else run_child(cfg, a.timeout)
-          r["matmul_units"] = units[impl]
-          if impl == "reference" and "skipped" not in r:
-            ref = r
+          rows.append({**r, "matmul_units": units[impl]})
+        ref = next((r for r in rows if r["impl"] == "reference" and "skipped" not in r), None)
+        for r in rows:
           if ref is not None and "skipped" not in r:
             r["time_vs_reference"] = r["time_s"] / ref["time_s"]
             r["memory_vs_reference"] = r["memory_bytes"] / ref["memory_bytes"]
-          results.append(r)
-          head = f"{kind:8s} B={batch:<7d} d={dim:<5d} {impl:9s} units {units[impl]:4.2f}"
+          head = (f"{kind:8s} B={batch:<7d} d={dim:<5d} {r['impl']:9s} "
+                  f"units {r['matmul_units']:4.2f}")
           if "skipped" in r:
             print(f"{head}  skipped: {r['skipped']}", flush=True)
             continue
@@ -244,6 +244,7 @@ def main(argv=None) -> int:
                    if "time_vs_reference" in r else "")
           print(f"{head} {r['time_s']:8.3f} s {r['memory_bytes'] / 2**20:10.1f} MiB  "
                 f"loss {r['loss']:.5f}{ratio}", flush=True)
+        results += rows
 
   target = [r for r in results if r.get("impl") == "xla" and r.get("batch") == 16384
             and r.get("dim") == 512 and r.get("kind") == "softmax" and "time_vs_reference" in r]

@@ -42,6 +42,24 @@ class _Cfg:
   impl: str
   block: int | None
   axis_name: Any
+  smoothing: float = 0.0
+
+
+def _smoothing_weights(eps: float, b_global: int) -> tuple[float, float]:
+  """(weight of z_ii, weight of every z_ij) in sum_j target_ij z_ij with label smoothing eps:
+  target 1 - eps on the pair and w = eps / (B - 1) on each negative, so (1 - eps - w, w)."""
+  if not eps:
+    return 1.0, 0.0
+  if b_global < 2:
+    raise ValueError(f"contrastive_loss: label_smoothing needs a global batch >= 2, got "
+                     f"{b_global}")
+  w = eps / (b_global - 1)
+  return 1.0 - eps - w, w
+
+
+def _global_sum(a: Array, axis_name: AxisName) -> Array:
+  """sum over the global batch of the rows of a, fp32 [d]."""
+  return _psum(jnp.sum(a.astype(jnp.float32), axis=0), axis_name)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -128,19 +146,27 @@ def _softmax_fwd(x: Array, y: Array, scale: Array, cfg: _Cfg):
   n_dev, b_local = _axis_size(cfg.axis_name), x.shape[0]
   compute = lambda own, c: backend.softmax_stats(x, c, scale, cfg.block)
   lse_r, lse_c = _ring_walk(cfg.axis_name, y, compute, jnp.logaddexp, jnp.logaddexp)
-  # Cross-entropies row by row (as the reference does), then summed.
+  b_global = b_local * n_dev
+  a, w = _smoothing_weights(cfg.smoothing, b_global)
+  # Cross-entropies row by row (as the reference does), then summed. Label smoothing adds
+  # -w sum_ij z_ij = -w scale <sum_i x_i, sum_j y_j> (rows and columns alike): O(B d), no B x B.
   z_diag = scale * jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32), axis=1)
-  ce = jnp.sum(lse_r - z_diag) + jnp.sum(lse_c - z_diag)
-  loss = _psum(ce, cfg.axis_name) / (2 * b_local * n_dev)
-  return loss, (x, y, scale, lse_r, lse_c)
+  ce = jnp.sum(lse_r - a * z_diag) + jnp.sum(lse_c - a * z_diag)
+  loss = _psum(ce, cfg.axis_name) / (2 * b_global)
+  sums = None
+  if w:
+    sums = (_global_sum(x, cfg.axis_name), _global_sum(y, cfg.axis_name))
+    loss = loss - w * scale * jnp.dot(sums[0], sums[1]) / b_global
+  return loss, (x, y, scale, lse_r, lse_c, sums)
 
 
 def _softmax_bwd(cfg: _Cfg, res, g: Array):
   """Backward: one grads pass per chunk; the chunk's lse_c travels with it, its G.T @ x
   accumulator one step behind."""
-  x, y, scale, lse_r, lse_c = res
+  x, y, scale, lse_r, lse_c, sums = res
   backend = _BACKENDS[cfg.impl]
   b_global = x.shape[0] * _axis_size(cfg.axis_name)
+  a, w = _smoothing_weights(cfg.smoothing, b_global)
   g, reduce_rep = _bwd_collectives(x, g, cfg.axis_name)
 
   def compute(own, chunk):
@@ -149,11 +175,16 @@ def _softmax_bwd(cfg: _Cfg, res, g: Array):
     return gx, gy
 
   gx, gy = _ring_walk(cfg.axis_name, (y, lse_c), compute, jnp.add, jnp.add)
-  c, c_diag = g / (2 * b_global), g / b_global
+  c, c_diag = g / (2 * b_global), a * g / b_global
   xf, yf = x.astype(jnp.float32), y.astype(jnp.float32)
   dx = scale * (c * gx - c_diag * yf)
   dy = scale * (c * gy - c_diag * xf)
-  dscale = reduce_rep(c * _dot_rows(x, gx) - c_diag * _dot_rows(x, y))
+  ds = c * _dot_rows(x, gx) - c_diag * _dot_rows(x, y)
+  if w:  # d/d(x, y, scale) of -w scale <sum x, sum y> / B; scale's share is this device's rows
+    c_all = w * g / b_global
+    dx, dy = dx - c_all * scale * sums[1], dy - c_all * scale * sums[0]
+    ds = ds - c_all * jnp.dot(jnp.sum(xf, axis=0), sums[1])
+  dscale = reduce_rep(ds)
   return dx.astype(x.dtype), dy.astype(y.dtype), dscale.astype(scale.dtype)
 
 
@@ -225,7 +256,7 @@ _sigmoid_loss.defvjp(lambda x, y, s, b, cfg: _sigmoid_fwd(x, y, s, b, cfg), _sig
 
 def reference_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                    logit_bias: Array | None = None, *, kind: str = "softmax",
-                   axis_name: AxisName = None) -> Array:
+                   axis_name: AxisName = None, label_smoothing: float = 0.0) -> Array:
   """The plain definition (materializes the logits; [B/n, B] per device when sharded)."""
   x, y = image_emb, text_emb
   offset = 0
@@ -243,9 +274,12 @@ def reference_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
     # images. Each global row / column is owned by exactly one device.
     logits_t = logit_scale * jnp.einsum("id,jd->ij", y, x_all,
                                         preferred_element_type=jnp.float32)
-    ce_rows = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
-    ce_cols = -jnp.take_along_axis(jax.nn.log_softmax(logits_t, axis=1), labels[:, None], 1)
-    return _psum(jnp.sum(ce_rows) + jnp.sum(ce_cols), axis_name) / (2 * b_global)
+    eps = label_smoothing
+    pair = labels[:, None] == jnp.arange(b_global)[None, :]
+    target = jnp.where(pair, 1.0 - eps, eps / max(b_global - 1, 1) if eps else 0.0)
+    ce_rows = -jnp.sum(target * jax.nn.log_softmax(logits, axis=1))
+    ce_cols = -jnp.sum(target * jax.nn.log_softmax(logits_t, axis=1))
+    return _psum(ce_rows + ce_cols, axis_name) / (2 * b_global)
   bias = 0.0 if logit_bias is None else logit_bias
   z = jnp.where(labels[:, None] == jnp.arange(b_global)[None, :], 1.0, -1.0)
   return -_psum(jnp.sum(jax.nn.log_sigmoid(z * (logits + bias))), axis_name) / b_global
@@ -292,7 +326,7 @@ def _check(image_emb: Array, text_emb: Array, logit_scale: Array, logit_bias: Ar
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      logit_bias: Array | None = None, *, kind: str = "softmax",
                      impl: str = "auto", axis_name: AxisName = None,
-                     block_size: int | None = None) -> Array:
+                     block_size: int | None = None, label_smoothing: float = 0.0) -> Array:
   """Mean contrastive loss over the batch, differentiable in all four inputs.
 
   Args:
@@ -309,6 +343,8 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
     axis_name: mesh axis name (or tuple of names) when called inside `shard_map` with the batch
       split over it; then each device passes its B/n rows, and every device gets the loss over
       the global batch (gradients equal those of the unsharded loss).
+    label_smoothing: eps for kind="softmax": each cross-entropy's target is 1 - eps on the
+      pair and eps / (B - 1) on each of the B - 1 negatives (global B; needs B >= 2).
     block_size: tile size (power of two >= 16); default 512 columns for "xla"; for "pallas" an
       upper bound on the planned tiles (TPU tiles are at least 128, GPU tiles at most 64).
       Ignored by "reference".
@@ -327,9 +363,14 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   if isinstance(axis_name, list):
     axis_name = tuple(axis_name)
   impl = resolve_impl(impl)
+  if label_smoothing and (kind != "softmax" or not 0.0 < label_smoothing < 1.0):
+    raise ValueError(f"contrastive_loss: label_smoothing={label_smoothing} must be in (0, 1) "
+                     f"and is only for kind='softmax'")
+  eps = float(label_smoothing)
   if impl == "reference":
-    return reference_loss(x, y, scale, bias, kind=kind, axis_name=axis_name)
-  cfg = _Cfg(impl=impl, block=block_size or DEFAULT_BLOCK[impl], axis_name=axis_name)
+    return reference_loss(x, y, scale, bias, kind=kind, axis_name=axis_name, label_smoothing=eps)
+  cfg = _Cfg(impl=impl, block=block_size or DEFAULT_BLOCK[impl], axis_name=axis_name,
+             smoothing=eps)
   if kind == "softmax":
     return _softmax_loss(x, y, scale, cfg)
   if bias is None:

@@ -254,3 +254,40 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="not divisible"):
     losses.contrastive_loss(x[:6], y[:6], 1.0, kind="softmax", impl="xla",
                             mesh=sharding.make_mesh(data=2, fsdp=4))
+
+
+# ----------------------------------------------------------------------------- label smoothing
+
+
+def test_label_smoothing_reference_matches_numpy():
+  x, y = _embeddings(12, 8, seed=6)
+  eps, b = 0.1, 12
+  z = SCALE * np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  t = np.full((b, b), eps / (b - 1))
+  np.fill_diagonal(t, 1 - eps)
+  lsm = lambda a: a - np.log(np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)) \
+      - a.max(1, keepdims=True)
+  want = -(np.sum(t * lsm(z)) + np.sum(t * lsm(z.T))) / (2 * b)
+  got = contrastive_loss(x, y, SCALE, impl="reference", label_smoothing=eps)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_label_smoothing_matches_reference(impl):
+  args = _args("softmax", 300, 32, seed=7)
+  want = _value_and_grads(_loss("reference", "softmax", label_smoothing=0.1), args)
+  got = _value_and_grads(_loss(impl, "softmax", 64, label_smoothing=0.1), args, TARGET[impl])
+  _assert_close(got, want, _scales("softmax", args), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("impl,check_vma", [("xla", True), ("pallas", False)])
+def test_label_smoothing_sharded_equals_single_device(impl, check_vma):
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("d",))
+  args = _args("softmax", 40, 16, seed=8)
+  want = _value_and_grads(_loss("reference", "softmax", label_smoothing=0.2), args)
+  fn = _sharded(_loss(impl, "softmax", 16, axis_name="d", label_smoothing=0.2), mesh, "d", 3,
+                check_vma)
+  got = _value_and_grads(fn, args, TARGET[impl])
+  _assert_close(got, want, _scales("softmax", args), 1e-5, 1e-5)
+  with pytest.raises(ValueError, match="label_smoothing"):
+    contrastive_loss(*args[:2], 1.0, 0.0, kind="sigmoid", label_smoothing=0.1)
