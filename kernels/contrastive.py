@@ -1,19 +1,18 @@
 """Fused contrastive losses (CLIP softmax, SigLIP sigmoid) that never store the B x B logits.
 
-`contrastive_loss(impl=...)`: "reference" (plain jnp, materializes B x B; 6 B^2 d matmul units
-fwd+bwd for softmax, 3 sigmoid), "xla" (`lax.scan` over column blocks) and "pallas" (kernels,
-`kernels/_pallas.py` says which on which hardware), both 4 units (softmax: a stats pass, then
-one gradient pass recomputing each tile once) and 3 (sigmoid: the forward emits the gradients);
-"auto" = pallas where its kernels lower (TPU, NVIDIA sm_80+), else xla. With G = dloss/dz:
+impl: "reference" (plain jnp, B x B; 6 B^2 d matmul units fwd+bwd softmax, 3 sigmoid), "xla"
+(`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 4 units
+(softmax: a stats pass, one gradient pass recomputing each tile once), 3 (sigmoid: the forward
+emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
   softmax: loss = [sum_i lse_row_i + sum_j lse_col_j] / (2B) - sum_i z_ii / B,
            G_ij = [exp(z_ij - lse_row_i) + exp(z_ij - lse_col_j)] / (2B) - delta_ij / B
   sigmoid: loss = sum_ij softplus(-+z_ij) / B, G_ij = [sigmoid(z_ij) - delta_ij] / B
 and z = scale * x @ y.T (+ bias): dx = scale G @ y, dy = scale G.T @ x, dscale = <x, G @ y>.
 Sharded (`axis_name` inside `shard_map`, B/n rows per device): both kinds are rings over the
 text chunks (`_ring_walk`: ppermute overlapped with compute; softmax column statistics and
-every G.T @ x accumulator travel with their chunk), O(B/n * d) memory per device; the loss is
-the global-batch mean and gradients equal the single-device ones, under check_vma=True and
-False (interpret-mode Pallas on CPU needs check_vma=False).
+G.T @ x accumulators travel with their chunk), O(B/n * d) memory per device; the loss is
+the global-batch mean, gradients equal the single-device ones (check_vma=True and False alike;
+interpret-mode Pallas on CPU needs False). label_smoothing (softmax) adds an O(B d) term.
 """
 
 from __future__ import annotations
