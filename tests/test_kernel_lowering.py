@@ -163,6 +163,9 @@ def test_triton_ir_compiles_for_sm90_without_spills(tmp_path):
   from jax._src.pallas.triton import lowering as tl  # to capture the emitted IR
   from triton.backends.compiler import GPUTarget
 
+  if not hasattr(tl, "lower_jaxpr_to_triton_module"):
+    pytest.skip("this JAX emits Triton IR through another function")
+
   modules = []
   orig = tl.lower_jaxpr_to_triton_module
 
