@@ -4,10 +4,16 @@ Public API (see DESIGN.md): `list_models`, `create`, `get_tokenizer`, `save`, `l
 `zoo.convert` subpackage for PyTorch weights.
 """
 
-from zoo.clip import CLIP, create, from_config, l2_normalize
+import sys
+
+from zoo.models import clip
+from zoo.models.clip import CLIP, create, from_config, l2_normalize
 from zoo.registry import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models, register
 
 __version__ = "0.1.0"
+
+# Old import path `zoo.clip` (the module moved to zoo.models.clip), kept for one release.
+sys.modules.setdefault("zoo.clip", clip)
 
 
 def get_tokenizer(name: str, context_length: int | None = None, **kwargs):

@@ -32,6 +32,13 @@ def _batch_axes(mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str, ...]
   return tuple(a for a in batch_axes if mesh.shape[a] > 1)
 
 
+def resolve_impl(impl: str) -> str:
+  """Contrastive implementation of `impl`: "auto" = "xla" on CPU, "pallas" on accelerators."""
+  if impl == "auto":
+    return "xla" if jax.default_backend() == "cpu" else "pallas"
+  return impl
+
+
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      logit_bias: Array | None = None, *, kind: str, impl: str,
                      mesh: Mesh | None = None,
@@ -42,6 +49,7 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   whose `batch_axes` (default: the axes the train loop shards the batch over) split the batch,
   the kernel runs per device inside `jax.shard_map` with `axis_name` = those axes.
   """
+  impl = resolve_impl(impl)
   axes = () if impl == "reference" else _batch_axes(mesh, batch_axes)
   loss_fn = functools.partial(kernels.contrastive_loss, kind=kind, impl=impl)
   if not axes:
