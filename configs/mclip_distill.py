@@ -30,7 +30,8 @@ def get_config():
   c.dtype = "bfloat16"
   c.multilingual = base.multilingual()
   c.multilingual.teacher = ""  # required
-  c.multilingual.tokenizer = ""  # required: XLM-R's sentencepiece.bpe.model
+  # required: XLM-R's sentencepiece.bpe.model ("" would be the demo vocabulary)
+  c.multilingual.tokenizer = "xlm-roberta-large/sentencepiece.bpe.model"
   c.multilingual.mse_weight = 1.0
   c.multilingual.contrastive_weight = 0.0
   c.batch_size = 512
