@@ -5,7 +5,7 @@ python bench/moe_demo.py [--pretrain_steps 300 --stage_steps 40 --router_steps 8
 1. Pre-train a dense tiny CLIP (test-tiny) on the demo data: the starting checkpoint.
 2. From it, for the same number of extra steps E = 4 * stage_steps + router_steps:
    (a) dense: plain CLIP fine-tuning of all weights for E steps;
-   (b) CLIP-MoE by DMU (configs/clip_moe_demo.py's recipe, zoo.moe.run_dmu): 4 stages of
+   (b) CLIP-MoE by DMU (configs/clip_moe_demo.py: the DMU driver, zoo.families.moe.dmu): 4 stages of
        stage_steps each fine-tune FFN copies (stage 1 plain contrastive, stages 2-4 within the
        joint k-means clusters of earlier stages' features), then a top-2 MoE with the 4 stage
        FFNs as experts in every other block of both towers trains for router_steps
@@ -38,7 +38,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import clip_moe_demo  # noqa: E402
-from zoo import checkpoint, eval_lib, moe, train_lib  # noqa: E402
+from zoo import checkpoint, eval_lib, train_lib  # noqa: E402
+from zoo.models import moe  # noqa: E402
 
 
 def parse_args():
@@ -167,9 +168,9 @@ def main():
     moe_model, _, _ = checkpoint.load(dirs["clip_moe_dmu"])
     info["moe_config"] = moe_model.config.moe.__dict__
     # Router balance after training on a held-out batch.
-    with moe.collect_aux() as aux:
-      moe_model(jnp.asarray(eval_sets["retrieval"]["images"][:64]),
-                jnp.asarray(tokenizer(eval_sets["retrieval"]["captions"][:64])))
+    _, aux = moe.capture_aux(
+        lambda m: m(jnp.asarray(eval_sets["retrieval"]["images"][:64]),
+                    jnp.asarray(tokenizer(eval_sets["retrieval"]["captions"][:64]))), moe_model)
     info["eval_aux"] = {k: float(v) for k, v in moe.summarize_aux(aux).items()}
 
   cols = ["pretrained", "dense", "clip_moe_dmu"] + [f"dmu_stage_{s}" for s in range(1, 5)]

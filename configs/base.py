@@ -1,4 +1,10 @@
-"""Keys every training config has, with defaults; experiment files override them."""
+"""Keys every training config has, with defaults; experiment files override them.
+
+Pure data: configs import only this module and ml_collections. "auto" values (dtype,
+loss.impl) are resolved by the train loop for the backend it runs on. The family sections
+(`long_clip()`, `moe()`, `region()`, `multilingual()`) equal the defaults of each family's
+`Settings` in zoo/families (a test checks it).
+"""
 
 import ml_collections
 
@@ -11,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a zoo.save() directory to fine-tune from ("" = random init)
   c.tokenizer = ""  # "" = the model's own tokenizer
   c.context_length = 0  # 0 = the model's context length
-  c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+  c.dtype = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators; params fp32
   c.seed = 0
 
   c.batch_size = 128  # global, over all hosts and devices
@@ -33,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.loss = ml_collections.ConfigDict(dict(impl="reference"))  # reference | xla | pallas
+  # auto (xla on CPU, pallas on accelerators) | reference | xla | pallas
+  c.loss = ml_collections.ConfigDict(dict(impl="auto"))
 
   c.data = ml_collections.ConfigDict(dict(
       name="demo",  # demo | webdataset
@@ -68,3 +75,81 @@ def base_config() -> ml_collections.ConfigDict:
       process_id=-1,
   ))
   return c
+
+
+def long_clip() -> ml_collections.ConfigDict:
+  """`config.long_clip` (zoo.families.long_clip.Settings): Long-CLIP's numbers."""
+  return ml_collections.ConfigDict(dict(
+      context_length=248,  # text positions after stretching
+      keep=20,  # leading positions kept bit-identical (and frozen)
+      components=32,  # principal components of the coarse image feature
+      short_weight=1.0,  # weight of the coarse-image <-> short-caption term
+      renormalize_coarse=False,  # Long-CLIP uses the PCA reconstruction as is
+      freeze_kept_positions=True,  # no gradient into positions [0, keep)
+  ))
+
+
+def moe() -> ml_collections.ConfigDict:
+  """`config.moe` (zoo.families.moe.Settings) with `config.moe.dmu` (DMUSettings)."""
+  c = ml_collections.ConfigDict(dict(
+      num_experts=4,
+      top_k=2,
+      capacity_factor=1.25,
+      dropless=False,
+      normalize_gates=True,
+      layers="every_other",  # all | every_other | last:N | none | 1,3 | "vision:SPEC;text:SPEC"
+      router_init_std=0.02,
+      balance_weight=0.01,  # load-balancing loss weight
+      z_weight=0.001,  # router z-loss weight
+      mode="moe",  # moe | dense_ffn (a DMU stage: dense model, FFNs trained)
+      trainable="all",  # all | router | moe (router + experts) | ffn (every FFN, dense or MoE)
+      expert_checkpoints="",  # comma-separated zoo.save dirs, one dense model per expert (DMU)
+      cross_cluster_weight=0.0,  # for batches with a `cluster` field (DMU stages)
+  ))
+  c.dmu = ml_collections.ConfigDict(dict(
+      stages=0,  # FFN copies fine-tuned by the DMU driver (= experts); 0 = plain MoE run
+      steps_per_stage=1000,
+      lr=1e-5,  # stage fine-tuning learning rate
+      clusters=4,  # k-means clusters per stage (stage s >= 2 uses the joint labels so far)
+      kmeans_samples=4096,  # samples whose features are clustered at each stage
+      kmeans_iters=50,
+      cluster_on="both",  # image | text | both (concatenated normalized features)
+      cross_cluster_weight=0.0,  # weight of cross-cluster negatives in stage losses
+      init="base",  # each stage starts from: base (the dense model) | previous (stage s-1)
+  ))
+  return c
+
+
+def region() -> ml_collections.ConfigDict:
+  """`config.region` (zoo.families.region.Settings)."""
+  return ml_collections.ConfigDict(dict(
+      image_text_weight=1.0,  # CLIP / SigLIP image-text loss
+      region_weight=1.0,  # region <-> region-caption contrastive loss
+      same_caption_positive=True,  # identical region captions are positives, not negatives
+      grounding_weight=0.0,  # > 0: build the grounding head, add text -> box regression
+      grounding_l1=1.0,
+      grounding_giou=1.0,
+      tic_weight=0.0,  # > 0: FG-CLIP 2's textual intra-modal contrastive term
+      trainable="all",  # all | region (prompter / grounding head only)
+      # region head architecture (RegionConfig) when not fine-tuning a RegionCLIP checkpoint
+      roi_size=4,
+      sampling_ratio=0,
+      width=0,
+      heads=0,
+      layers=1,
+      mlp_ratio=4.0,
+      box_frequencies=8,
+      residual_pool=True,
+  ))
+
+
+def multilingual() -> ml_collections.ConfigDict:
+  """`config.multilingual` (zoo.families.multilingual.Settings)."""
+  return ml_collections.ConfigDict(dict(
+      teacher="",  # zoo.save directory of the English CLIP (required)
+      tokenizer="",  # the student's sentencepiece .model (XLM-R ids); "" = the demo vocabulary
+      mse_weight=1.0,  # M-CLIP: MSE between student and teacher embeddings
+      contrastive_weight=0.0,  # text-text InfoNCE, student(translation) vs teacher(English)
+      contrastive_scale=20.0,  # its fixed logit scale (inverse temperature)
+      train="text",  # text (the whole student text tower) | text_projection
+  ))

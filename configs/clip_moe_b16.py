@@ -5,7 +5,7 @@
 
 DENSE_DIR is a zoo.save directory of a dense ViT-B-16 (e.g. `python -m zoo.convert
 from-open-clip ...` of OpenAI's weights; set model_overrides.quick_gelu for OpenAI weights).
-The run is the `moe` family's recipe (zoo.moe.run_dmu), every phase a train-loop run:
+The run is the `moe` family's recipe (zoo.families.moe.dmu), every phase a train-loop run:
 
   stage 1..4  workdir/dmu/stage_s: FFNs of the dense model fine-tuned (everything else frozen);
               stage 1 with the plain contrastive loss, stage s >= 2 with negatives only inside
@@ -20,10 +20,7 @@ the paper's. Expert parallelism: mesh.expert=4 puts one expert of every MoE laye
 group; tokens move with all-to-all.
 """
 
-import jax
-
 from configs import base
-from zoo import moe
 
 
 def get_config():
@@ -39,18 +36,18 @@ def get_config():
   c.b2 = 0.98
   c.eps = 1e-6
   c.grad_clip = 1.0
-  c.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  c.dtype = "auto"  # float32 on CPU, bfloat16 on accelerators
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.eval_every = 2500
   c.log_every = 50
   c.mesh.data = 1
-  c.mesh.expert = 4 if jax.device_count() % 4 == 0 else 1
+  c.mesh.expert = 4  # one expert per device group; --config.mesh.expert=1 on fewer devices
   c.mesh.fsdp = -1
-  c.loss.impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+  c.loss.impl = "auto"  # xla on CPU, pallas on accelerators
   c.data.name = "webdataset"
   c.data.shards = ""
-  c.moe = moe.default_settings()
+  c.moe = base.moe()
   c.moe.num_experts = 4
   c.moe.top_k = 2
   c.moe.layers = "all"

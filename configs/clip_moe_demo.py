@@ -6,7 +6,7 @@
       --config.init_from=runs/demo/model
   python eval.py --config configs/clip_moe_demo.py --workdir runs/clip_moe_demo
 
-The run (zoo.moe.run_dmu): 4 stages fine-tune FFN copies (stage 1 plain contrastive, stages
+The run (zoo.families.moe.dmu): 4 stages fine-tune FFN copies (stage 1 plain contrastive, stages
 2-4 within the joint k-means clusters of the earlier stages, 4 clusters each) in
 runs/clip_moe_demo/dmu/stage_s, then a top-2 MoE over every other block of both towers with the
 4 stage FFNs as experts trains its routers in runs/clip_moe_demo. Without init_from the stages
@@ -14,7 +14,6 @@ start from a random CLIP (still runs). bench/moe_demo.py compares this with dens
 """
 
 from configs import base
-from zoo import moe
 
 
 def get_config():
@@ -33,7 +32,7 @@ def get_config():
   c.log_every = 10
   c.data.size = 8000
   c.data.eval_size = 500
-  c.moe = moe.default_settings()
+  c.moe = base.moe()
   c.moe.num_experts = 4
   c.moe.top_k = 2
   c.moe.layers = "every_other"

@@ -5,8 +5,6 @@ logit scale clamped at 100, bf16 compute on accelerators. Set the data:
   --config.data.shards='/data/laion400m/{00000..41455}.tar'
 """
 
-import jax
-
 from configs import base
 
 
@@ -21,7 +19,7 @@ def get_config():
   c.b2 = 0.98
   c.eps = 1e-6
   c.grad_clip = 0.0
-  c.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  c.dtype = "auto"  # float32 on CPU, bfloat16 on accelerators
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.eval_every = 10000
@@ -29,7 +27,7 @@ def get_config():
   c.mesh.data = 1
   c.mesh.fsdp = -1
   # Fused kernels on accelerators; the blockwise XLA form on CPU (interpret-mode Pallas is slow).
-  c.loss.impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+  c.loss.impl = "auto"  # xla on CPU, pallas on accelerators
   c.data.name = "webdataset"
   c.data.shards = ""
   c.data.random_resized_crop_scale = (0.9, 1.0)

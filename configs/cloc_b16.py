@@ -18,10 +18,7 @@ starts as the mean-pooled-patch baseline (`residual_pool`) and learns a correcti
   python eval.py --config configs/cloc_b16.py --workdir runs/cloc_b16
 """
 
-import jax
-
 from configs import base
-from zoo import region
 
 
 def get_config():
@@ -39,17 +36,17 @@ def get_config():
   c.eps = 1e-6
   c.weight_decay = 0.1
   c.grad_clip = 1.0
-  c.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  c.dtype = "auto"  # float32 on CPU, bfloat16 on accelerators
   c.checkpoint_every = 1000
   c.eval_every = 1000
   c.log_every = 50
-  c.loss.impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+  c.loss.impl = "auto"  # xla on CPU, pallas on accelerators
   c.data.name = "webdataset"
   c.data.shards = ""
   c.data.random_resized_crop_scale = (0.5, 1.0)
   c.data.max_regions = 8
   c.data.min_box_visible = 0.5
-  c.region = region.default_settings()
+  c.region = base.region()
   c.region.roi_size = 7  # 7 x 7 bins x 2 x 2 samples = one sample per patch of the 14 x 14 grid
   c.region.width = 768
   c.region.layers = 1

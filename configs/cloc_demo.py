@@ -14,13 +14,12 @@ Without init_from the whole model trains from scratch (still runs).
 """
 
 from configs import base
-from zoo import region
 
 
 def get_config():
   c = base.base_config()
   c.family = "region"
-  c.model = "region-tiny"  # zoo.region registers it: 64 px, patch 8 (8 x 8 grid), 2 + 2 layers
+  c.model = "region-tiny"  # zoo.models.region registers it: 64 px, patch 8 (8 x 8 grid), 2 + 2 layers
   c.init_from = ""
   c.context_length = 32  # demo captions (and region captions) are short
   c.batch_size = 64
@@ -35,7 +34,7 @@ def get_config():
   c.data.eval_size = 300
   c.data.max_regions = 4
   c.data.eval_sets = "zeroshot,retrieval,regions"
-  c.region = region.default_settings()
+  c.region = base.region()
   c.region.roi_size = 4  # 4 x 4 bins, 2 x 2 samples each: one sample per patch
   c.region.layers = 1
   c.region.width = 64

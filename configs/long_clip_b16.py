@@ -14,13 +14,10 @@ components; loss = long + 1.0 * short.
   python train.py --config configs/long_clip_b16.py --workdir runs/long_clip_b16 \
       --config.init_from=ckpt/openai_vit_b16 --config.data.shards='/data/sharegpt4v/{00000..00999}.tar'
   # 3. export for PyTorch (Long-CLIP's longclip.load reads the .pt)
-  python -m zoo.long_clip to-long-clip --input DIR --output longclip-B.pt
+  python -m zoo.convert to-long-clip --input DIR --output longclip-B.pt
 """
 
-import jax
-
 from configs import base
-from zoo import long_clip
 
 
 def get_config():
@@ -38,12 +35,12 @@ def get_config():
   c.eps = 1e-8
   c.weight_decay = 1e-2
   c.grad_clip = 0.0
-  c.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  c.dtype = "auto"  # float32 on CPU, bfloat16 on accelerators
   c.checkpoint_every = 500
   c.eval_every = 500
   c.log_every = 20
-  c.loss.impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+  c.loss.impl = "auto"  # xla on CPU, pallas on accelerators
   c.data.name = "webdataset"
   c.data.shards = ""
-  c.long_clip = long_clip.default_settings()  # 248 positions, keep 20, 32 components, weight 1
+  c.long_clip = base.long_clip()  # 248 positions, keep 20, 32 components, weight 1
   return c

@@ -13,7 +13,6 @@ positions, other shapes) after token ~149, beyond what a 77-token tower reads.
 """
 
 from configs import base
-from zoo import long_clip
 
 
 def get_config():
@@ -33,6 +32,6 @@ def get_config():
   c.data.eval_size = 500
   # zero-shot, short-caption and long-caption retrieval (the long captions tokenized at 248)
   c.data.eval_sets = "zeroshot,retrieval,retrieval_long"
-  c.long_clip = long_clip.default_settings()
+  c.long_clip = base.long_clip()
   c.long_clip.components = 8  # of the 32-d embedding (Long-CLIP: 32 of 512 / 768)
   return c

@@ -21,15 +21,14 @@ English caption for the teacher). bench/multilingual_demo.py runs all of this en
 """
 
 from configs import base
-from zoo import multilingual
 
 
 def get_config():
   c = base.base_config()
   c.family = "multilingual"
-  c.model = "xlmr-demo"  # the student text tower (zoo.multilingual.list_text_models())
+  c.model = "xlmr-demo"  # the student text tower (zoo.models.multilingual.list_text_models())
   c.context_length = 32  # demo captions are short (both towers read up to 77)
-  c.multilingual = multilingual.default_settings()
+  c.multilingual = base.multilingual()
   c.multilingual.teacher = ""  # required: zoo.save directory of the English CLIP
   c.multilingual.mse_weight = 1.0
   c.multilingual.contrastive_weight = 0.1

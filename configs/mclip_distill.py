@@ -7,7 +7,7 @@ tower of the teacher works with ~100 languages.
       --output ckpt/clip_l14
   # 2. the student: teacher image tower + XLM-R large (HF weights) + fresh projection, or an
   #    M-CLIP release (transformer.* + LinearTransformation.*) to continue from:
-  python -m zoo.multilingual build --teacher ckpt/clip_l14 --text xlm-roberta-large/ \
+  python -m zoo.convert build-mclip --teacher ckpt/clip_l14 --text xlm-roberta-large/ \
       --tokenizer xlm-roberta-large/sentencepiece.bpe.model --output ckpt/mclip_l14_init
   # 3. distill on WebDataset shards whose KEY.json holds {"captions": {"en": ..., "de": ...}}:
   python train.py --config configs/mclip_distill.py --workdir runs/mclip \
@@ -21,7 +21,6 @@ tower of the teacher works with ~100 languages.
 """
 
 from configs import base
-from zoo import multilingual
 
 
 def get_config():
@@ -29,9 +28,10 @@ def get_config():
   c.family = "multilingual"
   c.model = "xlm-roberta-large"
   c.dtype = "bfloat16"
-  c.multilingual = multilingual.default_settings()
+  c.multilingual = base.multilingual()
   c.multilingual.teacher = ""  # required
-  c.multilingual.tokenizer = ""  # required: XLM-R's sentencepiece.bpe.model
+  # required: XLM-R's sentencepiece.bpe.model ("" would be the demo vocabulary)
+  c.multilingual.tokenizer = "xlm-roberta-large/sentencepiece.bpe.model"
   c.multilingual.mse_weight = 1.0
   c.multilingual.contrastive_weight = 0.0
   c.batch_size = 512

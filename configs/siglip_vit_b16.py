@@ -4,8 +4,6 @@ Batch 32k, AdamW (β2 0.98, wd 0.2 on matrices only), warmup + cosine, logit sca
 sentencepiece tokenizer: --config.tokenizer=/path/to/spiece.model
 """
 
-import jax
-
 from configs import base
 
 
@@ -21,12 +19,12 @@ def get_config():
   c.b2 = 0.98
   c.eps = 1e-6
   c.grad_clip = 1.0
-  c.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  c.dtype = "auto"  # float32 on CPU, bfloat16 on accelerators
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.eval_every = 10000
   c.log_every = 50
-  c.loss.impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+  c.loss.impl = "auto"  # xla on CPU, pallas on accelerators
   c.data.name = "webdataset"
   c.data.shards = ""
   return c

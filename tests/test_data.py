@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from zoo import transforms
-from zoo.data import demo, pipeline
-from zoo.data import webdataset as wds
+from zoo.data import demo, pipeline, webdataset as wds
+from zoo.families import long_clip, region
 
 L = 24
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -142,7 +142,8 @@ def test_long_caption_details_lie_beyond_77_clip_tokens():
 
 def test_demo_pipeline_fields_and_values():
   it = train_iter(demo_cfg(random_resized_crop_scale=(1.0, 1.0), random_resized_crop_ratio=(1.0, 1.0)),
-                  fields=("image", "tokens", "label", "short_tokens", "long_tokens"))
+                  fields=("image", "tokens", "label", "short_tokens", "long_tokens"),
+                  field_hooks=(long_clip.CaptionFields(),))
   batch = next(it)
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["tokens"].shape == (8, L) and batch["tokens"].dtype == np.int32
@@ -178,15 +179,16 @@ def test_augmentation_differs_between_epochs():
 
 def test_resume_from_state_gives_identical_batches():
   cfg = demo_cfg(size=40)  # 40 / 8 = 5 steps per epoch: the resume crosses an epoch boundary
-  fields = ("image", "tokens", "boxes", "region_tokens")
-  it = train_iter(cfg, fields=fields)
+  fields = ("image", "tokens", "boxes", "region_tokens")  # with a family's field hook
+  hooks = (region.family.field_hook(cfg),)
+  it = train_iter(cfg, fields=fields, field_hooks=hooks)
   take(it, 4)
   state = json.loads(json.dumps(it.get_state()))  # checkpoints store it as JSON
   expected = take(it, 3)
-  resumed = train_iter(cfg, fields=fields)
+  resumed = train_iter(cfg, fields=fields, field_hooks=hooks)
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 3), expected)
-  straight = train_iter(cfg, fields=fields)
+  straight = train_iter(cfg, fields=fields, field_hooks=hooks)
   assert_batches_equal(take(straight, 7)[4:], expected)
 
 
@@ -205,62 +207,6 @@ def test_host_slices_are_disjoint_cover_and_equal_the_global_batch():
   read = [[pipeline.HostSliceMapDataset(order, 4, p, 2)[k] for k in range(16)] for p in range(2)]
   assert not set(read[0]) & set(read[1])
   assert sorted(read[0] + read[1]) == list(range(32))
-
-
-def test_regions_padded_masked_and_follow_the_crop():
-  fields = ("image", "boxes", "region_tokens", "region_labels")
-  full = demo_cfg(size=64, max_regions=4, random_resized_crop_scale=(1.0, 1.0),
-                  random_resized_crop_ratio=(1.0, 1.0))
-  batch = next(train_iter(full, batch=16, fields=fields))
-  assert batch["boxes"].shape == (16, 4, 4) and batch["box_mask"].dtype == bool
-  assert batch["region_tokens"].shape == (16, 4, L)
-  order = grain.MapDataset.range(64).shuffle(seed=0)
-  for i in range(16):
-    s = demo.make_sample(0, order[i], 32)
-    n = len(s["boxes"])
-    assert batch["box_mask"][i].tolist() == [True] * n + [False] * (4 - n)
-    np.testing.assert_allclose(batch["boxes"][i, :n], s["boxes"], atol=1e-6)
-    np.testing.assert_array_equal(batch["region_tokens"][i, :n], byte_tokenizer(s["region_captions"]))
-    np.testing.assert_array_equal(batch["region_labels"][i, :n], s["region_labels"])
-    assert not batch["boxes"][i, n:].any() and not batch["region_tokens"][i, n:].any()
-    assert (batch["region_labels"][i, n:] == -1).all()
-  # max_regions below the object count keeps the first (primary first) ones.
-  two = next(train_iter(demo_cfg(size=64, max_regions=2), batch=16, fields=fields))
-  assert two["boxes"].shape == (16, 2, 4) and two["box_mask"].sum(1).max() == 2
-  # Strong crops: boxes follow the crop exactly as transforms.transform_boxes moves them.
-  cfg = demo_cfg(size=64, random_resized_crop_scale=(0.2, 0.4))
-  got = next(train_iter(cfg, batch=16, fields=("boxes",)))
-  dropped = 0
-  for i in range(16):
-    s = demo.make_sample(0, order[i], 32)
-    rng = np.random.default_rng([0, 0, 0, order[i]])  # (seed, stream, epoch, index)
-    crop = transforms.random_resized_crop_params(rng, 32, 32, (0.2, 0.4), pipeline.DEFAULT_RATIO)
-    moved, keep = transforms.transform_boxes(s["boxes"], crop, (32, 32), min_visible=0.5)
-    k = int(keep.sum())
-    dropped += len(keep) - k
-    np.testing.assert_allclose(got["boxes"][i, :k], moved[keep], atol=1e-6)
-    assert got["box_mask"][i].sum() == k
-  assert dropped > 0  # some regions left the crop and were dropped
-
-
-def test_multilingual_fields():
-  ml_tok = lambda texts, context_length=None: byte_tokenizer(texts, 120)  # noqa: E731
-  cfg = demo_cfg(languages=("en", "de", "ru", "zh", "ar", "ja"))
-  it = pipeline.build_train_pipeline(
-      cfg, tokenizer=byte_tokenizer, image_size=32, mean=MEAN, std=STD, global_batch_size=32,
-      seed=0, fields=("ml_tokens", "ml_en_tokens", "tokens_ar"), context_length=None,
-      text_tokenizers={"ml_tokens": ml_tok})
-  batch = next(it)
-  assert batch["ml_tokens"].shape == (32, 120) and batch["tokens_ar"].shape == (32, 120)
-  assert batch["ml_en_tokens"].shape == (32, L)
-  assert len(set(batch["ml_lang"].tolist())) >= 4 and batch["ml_lang"].max() < 6
-  order = grain.MapDataset.range(64).shuffle(seed=0)
-  for i in range(32):
-    s = demo.make_sample(0, order[i], 32)
-    lang = cfg.languages[batch["ml_lang"][i]]
-    assert decode_tokens(batch["ml_tokens"][i]) == s["captions_ml"][lang]
-    assert decode_tokens(batch["ml_en_tokens"][i]) == s["captions_ml"]["en"][:L - 2]
-    np.testing.assert_array_equal(batch["tokens_ar"][i], ml_tok([s["captions_ml"]["ar"]])[0])
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -391,7 +337,8 @@ def test_webdataset_regions_from_json(tmp_path):
   cfg = demo_cfg(name="webdataset", shards=paths[0], random_resized_crop_scale=(1.0, 1.0),
                  random_resized_crop_ratio=(1.0, 1.0), max_regions=3)
   batch = next(train_iter(cfg, batch=4, fields=("boxes", "region_tokens", "short_tokens",
-                                                 "long_tokens"), context_length=160))
+                                                 "long_tokens"), context_length=160,
+                          field_hooks=(region.family.field_hook(cfg), long_clip.CaptionFields())))
   by_caption = {s["short_caption"]: s for s in samples}
   for i in range(4):
     short = decode_tokens(batch["short_tokens"][i])

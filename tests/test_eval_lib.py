@@ -288,18 +288,22 @@ def test_format_table():
   assert "retrieval/image_retrieval_recall@1" in text and "1.0000" in text and "step 7" in text
 
 
-def test_family_eval_kinds_import_on_demand():
-  """A plain CLIP config may name a family's eval kind: eval_lib imports its module."""
+def test_family_eval_kinds_register_with_the_family_list():
+  """eval_lib imports no family; `import zoo.families` (the loop does) registers their kinds,
+  so a plain CLIP config may name one."""
   import subprocess
   import sys
 
   code = ("import sys; from zoo import eval_lib, registry\n"
-          "assert 'zoo.region' not in sys.modules\n"
+          "assert not any(m.startswith('zoo.families') for m in sys.modules)\n"
+          "assert 'region_zeroshot' not in eval_lib.evaluator_kinds()\n"
+          "import zoo.families\n"
           "try:\n"
           "  eval_lib.evaluate(None, {'r': {'kind': 'region_zeroshot'}}, lambda t: t)\n"
           "except ValueError as e:\n"
           "  assert 'misses key' in str(e), e\n"
-          "assert 'zoo.region' in sys.modules and 'region_zeroshot' in eval_lib.evaluator_kinds()\n")
+          "assert {'region_zeroshot', 'long_retrieval', 'babel_zeroshot'} <= "
+          "set(eval_lib.evaluator_kinds())\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]

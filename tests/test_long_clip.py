@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 import zoo
+from configs import base
 from tests.train_utils import tiny_config
-from zoo import eval_lib, long_clip, sharding, train_lib
+from zoo import eval_lib, sharding, train_lib
+from zoo.convert import cli, long_clip as lc_convert
+from zoo.families import long_clip as lc_family
+from zoo.models import long_clip as lc_model
 
 L, NEW, KEEP = 77, 248, 20
 
@@ -15,7 +19,7 @@ L, NEW, KEEP = 77, 248, 20
 @pytest.fixture(scope="module")
 def models():
   base = zoo.create("test-tiny", seed=3)
-  return base, long_clip.stretch_positions(base, NEW, KEEP)
+  return base, lc_model.stretch_positions(base, NEW, KEEP)
 
 
 def table(model):
@@ -73,7 +77,7 @@ def test_stretch_equals_long_clip_rule(models):
 def test_interpolated_positions_lie_on_segments(length, new_length, keep):
   rng = np.random.default_rng(0)
   old = rng.normal(size=(length, 8)).astype(np.float32)
-  new = long_clip.stretch_table(old, new_length, keep)
+  new = lc_model.stretch_table(old, new_length, keep)
   assert np.array_equal(new[:keep], old[:keep])
   o = old.astype(np.float64)
   factor = (new_length - keep) / (length - keep)
@@ -100,9 +104,9 @@ def test_interpolated_positions_lie_on_segments(length, new_length, keep):
 def test_stretch_rejects_bad_arguments(models):
   base, _ = models
   with pytest.raises(ValueError, match="new_length=60 must exceed"):
-    long_clip.stretch_positions(base, 60, KEEP)
+    lc_model.stretch_positions(base, 60, KEEP)
   with pytest.raises(ValueError, match="keep=76"):
-    long_clip.stretch_positions(base, NEW, 76)
+    lc_model.stretch_positions(base, NEW, 76)
 
 
 def test_short_caption_output_unchanged(models):
@@ -172,7 +176,7 @@ def fixed_features(b=24, e=16, seed=0):
 @pytest.mark.parametrize("k,weight,renorm", [(4, 1.0, False), (8, 0.5, True), (16, 2.0, False)])
 def test_pcm_loss_matches_numpy_svd(k, weight, renorm):
   img, lt, st = fixed_features()
-  loss, metrics = long_clip.pcm_loss(jnp.asarray(img), jnp.asarray(lt), jnp.asarray(st),
+  loss, metrics = lc_family.pcm_loss(jnp.asarray(img), jnp.asarray(lt), jnp.asarray(st),
                                      jnp.float32(20.0), components=k, short_weight=weight,
                                      renormalize_coarse=renorm)
   expected = numpy_pcm(img, lt, st, 20.0, k, weight, renorm)
@@ -183,17 +187,17 @@ def test_pcm_loss_matches_numpy_svd(k, weight, renorm):
 
 def test_pca_reconstruct_properties():
   img, _, _ = fixed_features()
-  full = np.asarray(long_clip.pca_reconstruct(jnp.asarray(img), 16))
+  full = np.asarray(lc_model.pca_reconstruct(jnp.asarray(img), 16))
   np.testing.assert_allclose(full, img, atol=1e-5)  # all components: the input back
-  one = np.asarray(long_clip.pca_reconstruct(jnp.asarray(img), 1))
+  one = np.asarray(lc_model.pca_reconstruct(jnp.asarray(img), 1))
   assert np.linalg.matrix_rank(one - img.mean(0), tol=1e-4) == 1
   with pytest.raises(ValueError, match="components=40"):
-    long_clip.pca_reconstruct(jnp.asarray(img), 40)
+    lc_model.pca_reconstruct(jnp.asarray(img), 40)
 
 
 def test_pcm_gradients_finite_and_match_finite_differences():
   img, lt, st = fixed_features(b=12, e=16)
-  f = lambda x: long_clip.pcm_loss(x, jnp.asarray(lt), jnp.asarray(st), jnp.float32(10.0),
+  f = lambda x: lc_family.pcm_loss(x, jnp.asarray(lt), jnp.asarray(st), jnp.float32(10.0),
                                    components=3)[0]
   g = np.asarray(jax.grad(f)(jnp.asarray(img, jnp.float32)))
   assert np.isfinite(g).all()
@@ -211,7 +215,7 @@ def test_pcm_gradients_finite_and_match_finite_differences():
 
 def long_clip_config(**kw):
   c = tiny_config(family="long_clip", batch_size=16, total_steps=3)
-  c.long_clip = long_clip.default_settings()
+  c.long_clip = base.long_clip()
   c.long_clip.components = 4
   for k, v in kw.items():
     c.long_clip[k] = v
@@ -256,7 +260,7 @@ def test_family_trains_and_freezes_kept_positions(single_run):
   assert np.isfinite(losses).all() and losses[2, 0] < losses[0, 0] - 0.1  # step 0 has lr 0
   model = trainer.model()
   assert model.config.text.context_length == NEW
-  fresh = long_clip.stretch_positions(zoo.create("test-tiny", seed=0), NEW, KEEP)
+  fresh = lc_model.stretch_positions(zoo.create("test-tiny", seed=0), NEW, KEEP)
   before, after = table(fresh), table(model)
   assert np.array_equal(after[:KEEP], before[:KEEP])  # frozen, as Long-CLIP trains them
   assert not np.allclose(after[KEEP:], before[KEEP:])  # the stretched ones are trained
@@ -277,11 +281,11 @@ def test_pcm_loss_global_batch_under_mesh():
   img, lt, st = fixed_features(b=32, e=16, seed=4)
   mesh = sharding.make_mesh(data=8, fsdp=1)
   put = lambda x: sharding.host_to_global({"x": x}, mesh)["x"]
-  f = jax.jit(lambda a, b, c: long_clip.pcm_loss(a, b, c, jnp.float32(15.0), components=6,
+  f = jax.jit(lambda a, b, c: lc_family.pcm_loss(a, b, c, jnp.float32(15.0), components=6,
                                                  impl="reference", mesh=mesh)[0])
   got = float(f(put(img), put(lt), put(st)))
   np.testing.assert_allclose(got, numpy_pcm(img, lt, st, 15.0, 6, 1.0), rtol=2e-6, atol=2e-6)
-  f_xla = jax.jit(lambda a, b, c: long_clip.pcm_loss(a, b, c, jnp.float32(15.0), components=6,
+  f_xla = jax.jit(lambda a, b, c: lc_family.pcm_loss(a, b, c, jnp.float32(15.0), components=6,
                                                      impl="xla", mesh=mesh)[0])
   np.testing.assert_allclose(float(f_xla(put(img), put(lt), put(st))), got, rtol=1e-5)
 
@@ -290,11 +294,15 @@ def test_build_model_stretches_a_clip_and_keeps_a_long_clip(models, tmp_path):
   base, stretched = models
   zoo.save(base, tmp_path / "clip77")
   zoo.save(stretched, tmp_path / "long248")
-  from_clip = long_clip.build_model(long_clip_config_with(init_from=str(tmp_path / "clip77")))
+  from_clip = build(long_clip_config_with(init_from=str(tmp_path / "clip77")))
   np.testing.assert_array_equal(table(from_clip), table(stretched))
-  from_long = long_clip.build_model(long_clip_config_with(init_from=str(tmp_path / "long248")))
+  from_long = build(long_clip_config_with(init_from=str(tmp_path / "long248")))
   np.testing.assert_array_equal(table(from_long), table(stretched))
-  assert from_long.config.text.context_length == NEW and from_long.text.frozen_positions == KEEP
+  assert from_long.config.text.context_length == NEW and from_long.config.text.frozen_positions == KEEP
+
+
+def build(config):
+  return lc_family.FAMILY.build_model(config, lc_family.FAMILY.settings(config))
 
 
 def long_clip_config_with(**kw):
@@ -307,9 +315,9 @@ def long_clip_config_with(**kw):
 def test_cli_round_trip(models, tmp_path):
   _, stretched = models
   zoo.save(stretched, tmp_path / "zoo")
-  assert long_clip.main(["to-long-clip", "--input", str(tmp_path / "zoo"),
+  assert cli.main(["to-long-clip", "--input", str(tmp_path / "zoo"),
                          "--output", str(tmp_path / "lc.safetensors")]) == 0
-  assert long_clip.main(["from-long-clip", "--model", "test-tiny", "--input",
+  assert cli.main(["from-long-clip", "--model", "test-tiny", "--input",
                          str(tmp_path / "lc.safetensors"), "--output", str(tmp_path / "back")]) == 0
   back, tok, _ = zoo.load(tmp_path / "back")
   np.testing.assert_array_equal(table(back), table(stretched))
@@ -320,7 +328,7 @@ def test_settings_reject_unknown_keys():
   c = long_clip_config()
   c.long_clip.unlocked = 1
   with pytest.raises(ValueError, match="unknown config.long_clip key 'unlocked'"):
-    long_clip.settings(c)
+    lc_family.FAMILY.settings(c)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -349,12 +357,12 @@ def test_long_retrieval_evaluator(models):
 
 def test_long_clip_state_dict_round_trip_and_mask_split(models):
   _, stretched = models
-  sd = long_clip.to_long_clip(stretched)
+  sd = lc_convert.to_long_clip(stretched)
   assert sd["positional_embedding"].shape == (NEW, 64)
   assert np.array_equal(sd["positional_embedding_res"], sd["positional_embedding"])
-  back = long_clip.from_long_clip(sd, "test-tiny")
+  back = lc_convert.from_long_clip(sd, "test-tiny")
   assert back.config.text.context_length == NEW
-  a, b = long_clip.to_long_clip(back), sd
+  a, b = lc_convert.to_long_clip(back), sd
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
   # Long-CLIP reads rows [0, keep) of positional_embedding and the rest of *_res
   sd2 = dict(sd)
@@ -362,10 +370,10 @@ def test_long_clip_state_dict_round_trip_and_mask_split(models):
   sd2["positional_embedding"][KEEP:] = 7.0  # masked out by Long-CLIP's mask1
   sd2["positional_embedding_res"] = sd["positional_embedding"].copy()
   sd2["positional_embedding_res"][:KEEP] = -7.0  # masked out by mask2
-  np.testing.assert_array_equal(table(long_clip.from_long_clip(sd2, "test-tiny")), table(stretched))
+  np.testing.assert_array_equal(table(lc_convert.from_long_clip(sd2, "test-tiny")), table(stretched))
   del sd2["positional_embedding_res"]
   with pytest.raises(ValueError, match="positional_embedding_res"):
-    long_clip.from_long_clip(sd2, "test-tiny")
+    lc_convert.from_long_clip(sd2, "test-tiny")
 
 
 def test_long_clip_weights_run_in_open_clip_with_248_positions(models):
@@ -382,7 +390,7 @@ def test_long_clip_weights_run_in_open_clip_with_248_positions(models):
       text_cfg=open_clip.model.CLIPTextCfg(context_length=NEW, vocab_size=cfg.text.vocab_size,
                                            width=cfg.text.width, heads=cfg.text.heads,
                                            layers=cfg.text.layers))
-  sd = long_clip.to_long_clip(stretched)
+  sd = lc_convert.to_long_clip(stretched)
   del sd["positional_embedding_res"]  # open_clip has the single (effective) table
   model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=True)
   model.eval()

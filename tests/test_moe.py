@@ -9,7 +9,10 @@ from flax import nnx
 
 import zoo
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import layers, losses, moe, sharding, train_lib
+from zoo import layers, losses, sharding, train_lib
+from zoo.convert import clip_moe
+from zoo.families.moe import dmu, family as moe_family
+from zoo.models import moe
 
 E, K = 4, 2
 
@@ -38,8 +41,7 @@ def jitted_forward(model):
   @jax.jit
   def run(state, images, tokens):
     m = nnx.merge(graphdef, state)
-    with moe.collect_aux() as aux:
-      out = m(images, tokens)
+    out, aux = moe.capture_aux(lambda mm: mm(images, tokens), m)
     return out, moe.summarize_aux(aux), len(aux)
 
   return lambda m, images, tokens: run(nnx.state(m), images, tokens)
@@ -135,8 +137,8 @@ def test_layer_output_and_dropped_count_equal_numpy(capacity_factor, dropless):
     v = getattr(layer, name)
     v.set_value(0.1 * jax.random.normal(jax.random.key(len(name)), v.shape))
   x = np.random.default_rng(1).normal(size=(2, 12, 16)).astype(np.float32)
-  with moe.collect_aux() as aux:
-    y = np.asarray(layer(jnp.asarray(x)))
+  y, aux = moe.capture_aux(lambda m, v: m(v), layer, jnp.asarray(x))
+  y = np.asarray(y)
   ref, dropped = numpy_moe(x, layer, cfg.capacity(12))
   np.testing.assert_allclose(y, ref, atol=1e-5)
   assert int(aux[0]["dropped"]) == dropped
@@ -234,7 +236,7 @@ def test_z_loss_matches_numpy():
 
 def moe_config(**kw):
   c = tiny_config(family="moe")
-  c.moe = moe.default_settings()
+  c.moe = moe_family.default_settings()
   c.moe.layers = "all"
   c.moe.capacity_factor = 1.0  # some tokens dropped: the path with drops is exercised
   for k, v in kw.items():
@@ -245,12 +247,12 @@ def moe_config(**kw):
 def loss_and_grads(config, mesh, batch):
   """The family's loss and gradients, jitted over `mesh` as the train step does."""
   trainer = train_lib.build_trainer(config, mesh)
-  ctx = train_lib.LossContext(config=config, mesh=mesh, impl="reference")
+  ctx = train_lib.LossContext(settings=trainer.settings, mesh=mesh, impl="reference")
 
   def loss_fn(params, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       model = nnx.merge(trainer.graphdef, params, trainer.rest)
-      out = trainer.family.forward(model, batch, None)
+      out = trainer.family.forward(model, batch, None, trainer.settings)
       return trainer.family.loss(out, batch, ctx)
 
   fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -335,14 +337,14 @@ def test_cluster_contrastive_loss():
   txt /= np.linalg.norm(txt, axis=1, keepdims=True)
   clusters = rng.integers(0, 3, 12).astype(np.int32)
   same = clusters[:, None] == clusters[None]
-  got = moe.cluster_contrastive_loss(img, txt, 10.0, clusters, cross_cluster_weight=0.0)
+  got = moe_family.cluster_contrastive_loss(img, txt, 10.0, clusters, cross_cluster_weight=0.0)
   only_same = np.where(same, 10.0 * img @ txt.T, -np.inf)
   assert float(got) == pytest.approx(loss_from_logits(only_same), rel=1e-5)
   plain = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), jnp.float32(10.0),
                                   kind="softmax", impl="reference")
-  got1 = moe.cluster_contrastive_loss(img, txt, 10.0, clusters, cross_cluster_weight=1.0)
+  got1 = moe_family.cluster_contrastive_loss(img, txt, 10.0, clusters, cross_cluster_weight=1.0)
   assert float(got1) == pytest.approx(float(plain), rel=1e-5)
-  half = moe.cluster_contrastive_loss(img, txt, 10.0, clusters, cross_cluster_weight=0.5)
+  half = moe_family.cluster_contrastive_loss(img, txt, 10.0, clusters, cross_cluster_weight=0.5)
   shifted = 10.0 * img @ txt.T + np.where(same, 0.0, np.log(0.5))
   assert float(half) == pytest.approx(loss_from_logits(shifted), rel=1e-5)
 
@@ -352,7 +354,7 @@ def test_kmeans_recovers_blobs_and_matches_lloyd():
   centers = np.array([[5, 0], [0, 5], [-5, -5]], np.float32)
   truth = rng.integers(0, 3, 300)
   x = centers[truth] + 0.3 * rng.normal(size=(300, 2)).astype(np.float32)
-  cents, labels = moe.kmeans(x, 3, seed=1)
+  cents, labels = dmu.kmeans(x, 3, seed=1)
   # same partition up to relabelling
   mapping = {t: labels[truth == t][0] for t in range(3)}
   assert len(set(mapping.values())) == 3
@@ -361,14 +363,14 @@ def test_kmeans_recovers_blobs_and_matches_lloyd():
                              np.stack([x[truth == t].mean(0) for t in range(3)]), atol=1e-4)
   # equals plain numpy Lloyd from the same k-means++ seeding
   y = rng.normal(size=(200, 4)).astype(np.float32)
-  c = moe._kmeans_pp(y, 5, np.random.default_rng(7))
+  c = dmu._kmeans_pp(y, 5, np.random.default_rng(7))
   for _ in range(100):
     lab = np.argmin(((y[:, None] - c[None]) ** 2).sum(-1), 1)
     new = np.stack([y[lab == i].mean(0) if (lab == i).any() else c[i] for i in range(5)])
     if np.allclose(new, c):
       break
     c = new
-  got_c, got_l = moe.kmeans(y, 5, seed=7, iters=100)
+  got_c, got_l = dmu.kmeans(y, 5, seed=7, iters=100)
   np.testing.assert_array_equal(got_l, lab)
   np.testing.assert_allclose(got_c, c, atol=1e-5)
 
@@ -377,11 +379,11 @@ def test_settings_reject_unknown_keys():
   c = moe_config()
   c.moe.unknown_key = 1
   with pytest.raises(ValueError, match="unknown config.moe key 'unknown_key'"):
-    moe.settings(c)
+    moe_family.parse_settings(c)
   c = moe_config()
   c.moe.dmu.bogus = 1
   with pytest.raises(ValueError, match="config.moe.dmu key 'bogus'"):
-    moe.settings(c)
+    moe_family.parse_settings(c)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -394,19 +396,19 @@ def test_clip_moe_layout_round_trip(context, tmp_path):
                   expert_sources=[zoo.create("test-tiny", seed=s, text={"context_length": context})
                                   for s in range(E)])
   randomize_routers(m, 5, std=0.3)
-  sd = moe.to_clip_moe(m)
+  sd = clip_moe.to_clip_moe(m)
   assert sd["visual.transformer.resblocks.1.gate.weight"].shape == (E, 64)
   assert sd["transformer.resblocks.0.experts.3.c_fc.weight"].shape == (256, 64)
   assert "visual.transformer.resblocks.1.mlp.c_fc.weight" not in sd
   assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in sd  # dense block stays dense
   assert ("positional_embedding_res" in sd) == (context == 248)
-  back = moe.from_clip_moe(sd, dense.config)
+  back = clip_moe.from_clip_moe(sd, dense.config)
   assert back.config.moe == m.config.moe
   a, b = flat(nnx.state(m, nnx.Param)), flat(nnx.state(back, nnx.Param))
   assert a.keys() == b.keys()
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
-  moe.export_safetensors(m, str(tmp_path / "m.safetensors"))
+  clip_moe.export_safetensors(m, str(tmp_path / "m.safetensors"))
   from safetensors.numpy import load_file
   assert set(load_file(str(tmp_path / "m.safetensors"))) == set(sd)
 
@@ -420,7 +422,7 @@ def test_clip_moe_block_matches_torch_routing():
   m = moe.upcycle(dense, E, K, "all", dropless=True,
                   expert_sources=[zoo.create("test-tiny", seed=s) for s in range(E)])
   randomize_routers(m, 6, std=0.5)
-  sd = {k: torch.from_numpy(np.asarray(v)) for k, v in moe.to_clip_moe(m).items()}
+  sd = {k: torch.from_numpy(np.asarray(v)) for k, v in clip_moe.to_clip_moe(m).items()}
   x = np.random.default_rng(0).normal(size=(2, 9, 64)).astype(np.float32)
   ours = np.asarray(m.text.transformer.resblocks[1].mlp(jnp.asarray(x)))
   p = "transformer.resblocks.1"
@@ -459,18 +461,18 @@ def test_dmu_recipe_end_to_end(tmp_path):
   c.moe.dmu.clusters = 3
   c.moe.dmu.kmeans_samples = 48
   labels_seen = []
-  original = moe.ClusterLabeler.__call__
+  original = dmu.ClusterLabeler.__call__
 
   def spy(self, batch):
     out = original(self, batch)
     labels_seen.append(out["cluster"])
     return out
 
-  moe.ClusterLabeler.__call__ = spy
+  dmu.ClusterLabeler.__call__ = spy
   try:
     result = train_lib.train(c, str(tmp_path / "run"))
   finally:
-    moe.ClusterLabeler.__call__ = original
+    dmu.ClusterLabeler.__call__ = original
   stage_dirs = result["dmu"]["stage_dirs"]
   assert len(stage_dirs) == 2 and result["step"] == 2
   # stage 2 trained on cluster labels of stage 1's features

@@ -4,6 +4,7 @@ adapter), and Babel-ImageNet-style per-language evaluation."""
 
 import json
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +12,15 @@ import pytest
 from flax import nnx
 
 import zoo
+from configs import base
+from tests import test_data as data_tests
 from tests.train_utils import tiny_config
-from zoo import eval_lib, multilingual, peft, tokenizers, train_lib
+from zoo import eval_lib, peft, tokenizers, train_lib
+from zoo.convert import cli, mclip
 from zoo.convert.common import StateDictError
-from zoo.data import demo, pipeline
+from zoo.data import babel, demo, pipeline
+from zoo.families import multilingual as ml_family
+from zoo.models import multilingual
 
 TEXTS = ["Ein Foto: ein grünes Quadrat.", "hi", "一张绿色正方形的照片。", "صورة مربع أخضر.",
          "фотография: зелёный квадрат."]
@@ -105,13 +111,13 @@ def test_mclip_layout_matches_transformers(xlmr_tok):
   sd = {f"transformer.{k}": v.numpy() for k, v in enc.state_dict().items()}
   sd["LinearTransformation.weight"] = lin.weight.detach().numpy()
   sd["LinearTransformation.bias"] = lin.bias.detach().numpy()
-  tower = multilingual.from_hf_text(sd, cfg.to_dict())
+  tower = mclip.from_hf_text(sd, cfg.to_dict())
   ids = xlmr_tok(TEXTS)
   hidden, ref, real = _torch_mean_pool(torch, enc, lin, ids, pad=1)
   np.testing.assert_allclose(np.asarray(tower(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
   got_hidden = np.asarray(tower.tokens(jnp.asarray(ids)))
   assert np.abs(got_hidden - hidden)[real].max() <= 1e-4
-  back = multilingual.to_hf_text(tower)  # exact round trip
+  back = mclip.to_hf_text(tower)  # exact round trip
   assert set(back) == set(sd)
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k])
@@ -122,7 +128,7 @@ def test_bare_xlmr_and_bert_encoders(xlmr_tok):
   # fresh projection to the requested embedding width.
   torch, cfg, enc, _ = _mclip_torch(XLMR_SMALL, seed=1)
   sd = {f"roberta.{k}": v.numpy() for k, v in enc.state_dict().items()}
-  tower = multilingual.from_hf_text(sd, cfg.to_dict(), embed_dim=16)
+  tower = mclip.from_hf_text(sd, cfg.to_dict(), embed_dim=16)
   ids = xlmr_tok(TEXTS)
   hidden, _, real = _torch_mean_pool(torch, enc, torch.nn.Identity(), ids, pad=1)
   assert np.abs(np.asarray(tower.tokens(jnp.asarray(ids))) - hidden)[real].max() <= 1e-4
@@ -134,7 +140,7 @@ def test_bare_xlmr_and_bert_encoders(xlmr_tok):
   sd = {k: v.numpy() for k, v in enc.state_dict().items()}
   sd.update({"LinearTransformation.weight": lin.weight.detach().numpy(),
              "LinearTransformation.bias": lin.bias.detach().numpy()})
-  tower = multilingual.from_hf_text(sd, cfg.to_dict())
+  tower = mclip.from_hf_text(sd, cfg.to_dict())
   assert tower.cfg.positions == "bert" and tower.cfg.pad_token_id == 0
   rng = np.random.default_rng(0)
   ids = rng.integers(1, 300, size=(3, 12)).astype(np.int32)
@@ -149,18 +155,18 @@ def test_conversion_errors_and_mclip_config():
   del sd["encoder.layer.1.output.dense.bias"]
   sd["encoder.layer.0.output.dense.weight"] = sd["encoder.layer.0.output.dense.weight"][:, :5]
   with pytest.raises(StateDictError) as err:
-    multilingual.from_hf_text(sd, cfg.to_dict())
+    mclip.from_hf_text(sd, cfg.to_dict())
   assert "missing    encoder.layer.1.output.dense.bias" in str(err.value)
   assert "mis-shaped encoder.layer.0.output.dense.weight" in str(err.value)
   with pytest.raises(ValueError, match="not an XLM-R / BERT state dict"):
-    multilingual.from_hf_text({"foo": np.zeros(3)}, cfg.to_dict())
+    mclip.from_hf_text({"foo": np.zeros(3)}, cfg.to_dict())
   # M-CLIP's released config names the encoder by modelBase.
-  text, dim = multilingual.text_config_from_hf(
+  text, dim = mclip.text_config_from_hf(
       {"model_type": "M-CLIP", "modelBase": "xlm-roberta-large", "transformerDimensions": 1024,
        "numDims": 768})
   assert (text.width, text.layers, text.heads, text.vocab_size, dim) == (1024, 24, 16, 250002, 768)
   with pytest.raises(ValueError, match="modelBase"):
-    multilingual.text_config_from_hf({"modelBase": "distilbert", "numDims": 512})
+    mclip.text_config_from_hf({"modelBase": "distilbert", "numDims": 512})
 
 
 # ----------------------------------------------------------------------------- the student
@@ -191,7 +197,7 @@ def test_student_uses_teacher_image_tower_and_round_trips(tmp_path, teacher_dir,
 def _distill_config(teacher_dir, **kw):
   c = tiny_config(**{"family": "multilingual", "model": "xlmr-tiny", "batch_size": 32,
                      "total_steps": 30, "lr": 2e-3, "warmup_steps": 2, **kw})
-  c.multilingual = multilingual.default_settings()
+  c.multilingual = base.multilingual()
   c.multilingual.teacher = str(teacher_dir)
   c.multilingual.contrastive_weight = 0.5
   c.data.size = 512
@@ -283,7 +289,7 @@ def test_babel_eval_counts_only_named_classes(tmp_path, teacher_dir):
   assert got["babel/EN/num_images"] == 60
   en = eval_lib.zero_shot_metrics(feats, base["labels"],
                                   eval_lib.zero_shot_classifier(model, tok, demo.class_names("en"),
-                                                                list(eval_lib.DEFAULT_TEMPLATES)))
+                                                                list(ml_family.DEFAULT_TEMPLATES)))
   assert got["babel/EN/top1"] == pytest.approx(en["top1"])
   records = eval_lib.language_records(got)
   assert [(r["language"], r["prompts"], r["num_classes"]) for r in records] == [
@@ -295,15 +301,15 @@ def test_babel_files_are_validated(tmp_path):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"DE": [[3, 1], ["a", "b"]]}))
   with pytest.raises(ValueError, match="ascending"):
-    eval_lib.load_babel_labels(bad)
+    babel.load_babel_labels(bad)
   bad.write_text(json.dumps({"DE": [[1, 3], ["a"]]}))
   with pytest.raises(ValueError, match="2 indices but 1 names"):
-    eval_lib.load_babel_labels(bad)
+    babel.load_babel_labels(bad)
   bad.write_text(json.dumps({"DE": ["ohne Platzhalter"]}))
   with pytest.raises(ValueError, match="placeholder"):
-    eval_lib.load_babel_prompts(bad)
+    babel.load_babel_prompts(bad)
   with pytest.raises(FileNotFoundError, match="missing.json"):
-    eval_lib.load_babel_labels(tmp_path / "missing.json")
+    babel.load_babel_labels(tmp_path / "missing.json")
 
 
 def test_cli_build_and_to_mclip(tmp_path, teacher_dir):
@@ -318,15 +324,38 @@ def test_cli_build_and_to_mclip(tmp_path, teacher_dir):
   save_file(sd, str(hf_dir / "model.safetensors"))
   (hf_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
   out = tmp_path / "built"
-  assert multilingual.main(["build", "--teacher", str(teacher_dir), "--text", str(hf_dir),
+  assert cli.main(["build-mclip", "--teacher", str(teacher_dir), "--text", str(hf_dir),
                             "--tokenizer", multilingual.DEMO_TOKENIZER, "--output", str(out)]) == 0
   model, tok, _ = zoo.load(out)
   ids = tok(TEXTS)
   _, ref, _ = _torch_mean_pool(torch, enc, lin, ids, pad=1)
   np.testing.assert_allclose(np.asarray(model.text(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
-  assert multilingual.main(["to-mclip", "--input", str(out), "--output", str(tmp_path / "m")]) == 0
-  back = multilingual.from_hf_text(load_file(str(tmp_path / "m" / "model.safetensors")),
+  assert cli.main(["to-mclip", "--input", str(out), "--output", str(tmp_path / "m")]) == 0
+  back = mclip.from_hf_text(load_file(str(tmp_path / "m" / "model.safetensors")),
                                    json.loads((tmp_path / "m" / "config.json").read_text()))
   np.testing.assert_array_equal(np.asarray(back(jnp.asarray(ids))), np.asarray(model.text(jnp.asarray(ids))))
-  assert multilingual.main(["build", "--teacher", str(teacher_dir), "--text", str(tmp_path / "nope"),
+  assert cli.main(["build-mclip", "--teacher", str(teacher_dir), "--text", str(tmp_path / "nope"),
                             "--tokenizer", multilingual.DEMO_TOKENIZER, "--output", str(tmp_path / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------- data: field hook
+
+
+def test_multilingual_fields():
+  ml_tok = lambda texts, context_length=None: data_tests.byte_tokenizer(texts, 120)  # noqa: E731
+  cfg = data_tests.demo_cfg(languages=("en", "de", "ru", "zh", "ar", "ja"))
+  it = pipeline.build_train_pipeline(
+      cfg, tokenizer=data_tests.byte_tokenizer, image_size=32, mean=data_tests.MEAN, std=data_tests.STD, global_batch_size=32,
+      seed=0, fields=("ml_tokens", "ml_en_tokens", "tokens_ar"), context_length=None,
+      field_hooks=(ml_family.MultilingualFields(ml_family.languages(cfg), {"ml_tokens": ml_tok}),))
+  batch = next(it)
+  assert batch["ml_tokens"].shape == (32, 120) and batch["tokens_ar"].shape == (32, 120)
+  assert batch["ml_en_tokens"].shape == (32, data_tests.L)
+  assert len(set(batch["ml_lang"].tolist())) >= 4 and batch["ml_lang"].max() < 6
+  order = grain.MapDataset.range(64).shuffle(seed=0)
+  for i in range(32):
+    s = demo.make_sample(0, order[i], 32)
+    lang = cfg.languages[batch["ml_lang"][i]]
+    assert data_tests.decode_tokens(batch["ml_tokens"][i]) == s["captions_ml"][lang]
+    assert data_tests.decode_tokens(batch["ml_en_tokens"][i]) == s["captions_ml"]["en"][:data_tests.L - 2]
+    np.testing.assert_array_equal(batch["tokens_ar"][i], ml_tok([s["captions_ml"]["ar"]])[0])

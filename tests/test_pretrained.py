@@ -21,7 +21,7 @@ from PIL import Image
 
 import zoo
 from zoo import convert, long_clip, moe, multilingual, pretrained, registry, train_lib
-from zoo.convert.__main__ import write_safetensors
+from zoo.convert.io import write_safetensors
 
 open_clip = pytest.importorskip("open_clip")
 

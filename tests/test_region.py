@@ -2,6 +2,7 @@
 through crop / flip / resize, losses vs numpy references, padded boxes inert, sharded =
 single device, save / load, the region family and the region_zeroshot eval."""
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +10,15 @@ import pytest
 from flax import nnx
 
 import zoo
+from configs import base
+from tests import test_data as data_tests
 from tests.train_utils import tiny_config
-from zoo import clip as clip_lib
-from zoo import eval_lib, losses, region, sharding, train_lib, transforms
-from zoo.data import pipeline
+from zoo import eval_lib, losses, sharding, train_lib, transforms
+from zoo.data import demo, pipeline
+from zoo.families.region import evals as region_evals, family as region_family
+from zoo.models import clip as clip_lib, region
+
+FAMILY = region_family.FAMILY
 
 RNG = np.random.default_rng(0)
 
@@ -116,10 +122,10 @@ def test_roi_align_bad_input_errors():
   with pytest.raises(ValueError, match="unknown region config key 'roi'"):
     region.region_config("test-tiny", roi=3)
   with pytest.raises(TypeError, match="needs a RegionCLIP"):
-    region.region_forward(clip_lib.create("test-tiny"), {}, None)
+    FAMILY.forward(clip_lib.create("test-tiny"), {}, None, None)
   abstract = nnx.eval_shape(lambda: region.create("test-tiny"))
   with pytest.raises(ValueError, match=r"region batch lacks \['boxes', 'box_mask', 'region_tokens'\]"):
-    region.region_forward(abstract, {"image": None, "tokens": None}, None)
+    FAMILY.forward(abstract, {"image": None, "tokens": None}, None, None)
   with pytest.raises(TypeError, match="needs a RegionCLIPConfig"):
     region.RegionCLIP(zoo.get_model_config("test-tiny"), rngs=nnx.Rngs(0))
 
@@ -135,7 +141,8 @@ def test_boxes_follow_crop_flip_resize_so_roi_align_reads_the_object():
   colour = np.array([230, 40, 20], np.uint8)
   proc = pipeline.SampleProcessor(fields=("image", "boxes", "box_mask"), tokenizer=None,
                                   image_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                                  scale=(0.3, 0.7), hflip=True, max_regions=2, min_box_visible=0.3)
+                                  scale=(0.3, 0.7), hflip=True,
+                                  hooks=(region_family.RegionFields(2, min_box_visible=0.3),))
   checked, flips = 0, set()
   rng = np.random.default_rng(3)
   for trial in range(30):
@@ -197,7 +204,7 @@ def test_region_text_loss_equals_contrastive_loss_on_valid_regions():
   r, t = normalized(RNG, (4, 3, 8)), normalized(RNG, (4, 3, 8))
   mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], bool)
   scale = jnp.float32(7.0)
-  got = region.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(mask), scale)
+  got = region_family.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(mask), scale)
   want = losses.contrastive_loss(jnp.asarray(r[mask]), jnp.asarray(t[mask]), scale,
                                  kind="softmax", impl="reference")
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
@@ -211,12 +218,12 @@ def test_region_text_loss_same_captions_are_positives_and_ids_are_exact():
   tokens[0, 1, :3] = [49406, 8, 49407]
   tokens[2, 1, :3] = [49406, 9, 49407]
   mask = np.array([[1, 1], [0, 1], [1, 1]], bool)
-  ids = np.asarray(region.caption_ids(jnp.asarray(tokens))).reshape(-1)
+  ids = np.asarray(region_family.caption_ids(jnp.asarray(tokens))).reshape(-1)
   flat = tokens.reshape(6, -1)
   same = (flat[:, None] == flat[None]).all(-1)
   np.testing.assert_array_equal(ids[:, None] == ids[None], same)
   r, t = normalized(RNG, (3, 2, 8)), normalized(RNG, (3, 2, 8))
-  got = region.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(mask), 5.0,
+  got = region_family.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.asarray(mask), 5.0,
                                 ids=jnp.asarray(ids.reshape(3, 2)))
   logits = 5.0 * r.reshape(6, -1) @ t.reshape(6, -1).T
   valid = mask.reshape(-1)
@@ -224,12 +231,12 @@ def test_region_text_loss_same_captions_are_positives_and_ids_are_exact():
                 + numpy_multi_positive_ce(logits.T, same.T, valid))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   # TIC: captions against captions, identical ones positive
-  tic = region.tic_loss(jnp.asarray(t), jnp.asarray(mask), 5.0, jnp.asarray(ids))
+  tic = region_family.tic_loss(jnp.asarray(t), jnp.asarray(mask), 5.0, jnp.asarray(ids))
   tt = t.reshape(6, -1)
   np.testing.assert_allclose(float(tic), numpy_multi_positive_ce(5.0 * tt @ tt.T, same, valid),
                              rtol=1e-5)
   # no valid region: zero, not NaN
-  zero = region.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.zeros((3, 2), bool), 5.0)
+  zero = region_family.region_text_loss(jnp.asarray(r), jnp.asarray(t), jnp.zeros((3, 2), bool), 5.0)
   assert float(zero) == 0.0
 
 
@@ -237,14 +244,14 @@ def test_generalized_iou_and_grounding_loss():
   torch = pytest.importorskip("torch")
   tv_ops = pytest.importorskip("torchvision.ops")
   a, b = random_boxes(RNG, (7,)), random_boxes(RNG, (7,))
-  got = np.asarray(region.generalized_iou(jnp.asarray(a), jnp.asarray(b)))
+  got = np.asarray(region_family.generalized_iou(jnp.asarray(a), jnp.asarray(b)))
   want = np.diag(tv_ops.generalized_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy())
   np.testing.assert_allclose(got, want, atol=1e-5)
   mask = np.array([True] * 5 + [False] * 2)
-  loss = region.grounding_loss(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask))
+  loss = region_family.grounding_loss(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask))
   want_loss = np.mean(np.abs(a - b).sum(-1)[mask] + 1 - want[mask])
   np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
-  assert float(region.grounding_loss(jnp.asarray(a), jnp.asarray(a), jnp.asarray(mask))) < 1e-5
+  assert float(region_family.grounding_loss(jnp.asarray(a), jnp.asarray(a), jnp.asarray(mask))) < 1e-5
 
 
 # ----------------------------------------------------------------------------- model
@@ -295,7 +302,7 @@ def run_region_steps(mesh_kw, steps=3, **overrides):
   devices = jax.devices()[:1] if mesh_kw.get("data", 1) * mesh_kw.get("fsdp", 1) == 1 else jax.devices()
   mesh = sharding.make_mesh(devices=devices, **mesh_kw)
   config = tiny_config(family="region", batch_size=8)
-  config.region = region.default_settings()
+  config.region = base.region()
   config.region.roi_size = 2
   config.region.width = 32
   config.region.grounding_weight = 1.0
@@ -355,7 +362,7 @@ def test_padded_boxes_never_contribute_to_loss_or_gradients(single_device_run):
   # The loss's gradient w.r.t. padded regions' features (and captions) is exactly zero.
   r, t = normalized(RNG, (4, 3, 8)), normalized(RNG, (4, 3, 8))
   mask = jnp.asarray(RNG.uniform(size=(4, 3)) < 0.6).at[0, 0].set(True)
-  grads = jax.grad(lambda r, t: region.region_text_loss(r, t, mask, 5.0), argnums=(0, 1))(
+  grads = jax.grad(lambda r, t: region_family.region_text_loss(r, t, mask, 5.0), argnums=(0, 1))(
       jnp.asarray(r), jnp.asarray(t))
   for g in grads:
     assert not np.asarray(g)[~np.asarray(mask)].any()
@@ -364,10 +371,10 @@ def test_padded_boxes_never_contribute_to_loss_or_gradients(single_device_run):
 
 def test_trainable_region_only_updates_the_head(tiny_region):
   config = tiny_config(family="region")
-  config.region = region.default_settings()
+  config.region = base.region()
   config.region.trainable = "region"
   params = nnx.state(tiny_region, nnx.Param)
-  tx = train_lib.make_optimizer(config, params, region.trainable_for(config))
+  tx = train_lib.make_optimizer(config, params, FAMILY.trainable(FAMILY.settings(config)))
   grads = jax.tree.map(lambda x: jnp.ones_like(x), params)
   update = jax.jit(tx.update)
   _, opt_state = update(grads, jax.jit(tx.init)(params), params)  # step 0: warm-up lr is 0
@@ -376,10 +383,10 @@ def test_trainable_region_only_updates_the_head(tiny_region):
   moved = {path[0] for path, u in flat.items() if np.asarray(u[...]).any()}
   assert moved == {"prompter", "grounding"}
   config.region.trainable = "all"
-  assert region.trainable_for(config) is None
+  assert FAMILY.trainable(FAMILY.settings(config)) is None
   config.region.trainable = "towers"
   with pytest.raises(ValueError, match="config.region.trainable"):
-    region.settings(config)
+    FAMILY.settings(config)
 
 
 def test_save_load_and_init_from_clip(tmp_path, tiny_region):
@@ -398,8 +405,8 @@ def test_save_load_and_init_from_clip(tmp_path, tiny_region):
   clip = clip_lib.create("test-tiny", seed=3)
   clip_dir = zoo.save(clip, str(tmp_path / "clip"))
   config = tiny_config(family="region", init_from=clip_dir)
-  config.region = region.default_settings()
-  model = region.build_model(config)
+  config.region = base.region()
+  model = FAMILY.build_model(config, FAMILY.settings(config))
   train_lib.init_params_from(config, model)
   np.testing.assert_allclose(np.asarray(globals_(model, images)),
                              np.asarray(globals_(clip, images)), atol=1e-6)
@@ -459,7 +466,7 @@ def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
   pred = np.asarray(nnx.jit(lambda m, x, t: m.ground(m.image_and_patches(x)[1], t))(
       tiny_region, jnp.asarray(images), jnp.asarray(text)))
   # batched prediction (ragged last batch padded) equals the direct call
-  np.testing.assert_allclose(region.predict_boxes(tiny_region, images, text, batch_size=4), pred,
+  np.testing.assert_allclose(region_evals.predict_boxes(tiny_region, images, text, batch_size=4), pred,
                              atol=1e-5)
   torch = pytest.importorskip("torch")
   tv_ops = pytest.importorskip("torchvision.ops")
@@ -470,11 +477,11 @@ def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
   clip = clip_lib.create("test-tiny")
   crop = eval_lib.evaluate(clip, {"regions": spec}, tok)
   assert 0.0 <= crop["regions/top1"] <= 1.0
-  pooled = region.region_features(clip, images, boxes, method="pooled_patches")
+  pooled = region_evals.region_features(clip, images, boxes, method="pooled_patches")
   assert pooled.shape == (n, r, 32) and not pooled[~mask].any()
   np.testing.assert_allclose(np.linalg.norm(pooled[mask], axis=-1), 1.0, atol=1e-5)
   with pytest.raises(ValueError, match="needs a RegionCLIP"):
-    region.region_features(clip, images, boxes, method="head")
+    region_evals.region_features(clip, images, boxes, method="head")
 
 
 @pytest.mark.slow
@@ -503,7 +510,8 @@ def test_configs_build_region_models():
   for module, model, grid in ((cloc_b16, "ViT-B-16-quickgelu", 14), (cloc_demo, "region-tiny", 8)):
     config = module.get_config()
     assert config.family == "region" and config.model == model
-    built = nnx.eval_shape(lambda: region.build_model(config))  # shapes only, no allocation
+    # shapes only, no allocation
+    built = nnx.eval_shape(lambda: FAMILY.build_model(config, FAMILY.settings(config)))
     rc = built.config.region
     assert built.config.vision.grid_size == grid
     # RoIAlign samples once per patch of the grid: the whole-image box = mean patch tokens
@@ -512,12 +520,11 @@ def test_configs_build_region_models():
   config = cloc_demo.get_config()
   config.region.roi = 3
   with pytest.raises(ValueError, match="unknown config.region key 'roi'"):
-    region.settings(config)
+    FAMILY.settings(config)
 
 
 def test_webdataset_region_eval_set(tmp_path, tiny_region):
-  from zoo.data import demo
-  from zoo.data import webdataset as wds
+  from zoo.data import demo, webdataset as wds
 
   samples = demo.samples(6, "regions", 40)  # 40 px scenes: the eval transform resizes them
   paths = wds.write_shards(samples, str(tmp_path), samples_per_shard=3)
@@ -525,7 +532,7 @@ def test_webdataset_region_eval_set(tmp_path, tiny_region):
   config.data.name = "webdataset"
   config.data.eval_shards = ",".join(paths)
   config.data.max_regions = 3
-  spec = region.webdataset_region_set(config.data.eval_shards, image_size=32,
+  spec = region_evals.webdataset_region_set(config.data.eval_shards, image_size=32,
                                       mean=tiny_region.config.image_mean,
                                       std=tiny_region.config.image_std, max_regions=3)
   pre = transforms.make_preprocess(32, tiny_region.config.image_mean, tiny_region.config.image_std)
@@ -536,9 +543,52 @@ def test_webdataset_region_eval_set(tmp_path, tiny_region):
     np.testing.assert_allclose(spec["boxes"][i, :k], moved[keep], atol=1e-6)
     assert spec["box_mask"][i].sum() == k
     assert spec["region_captions"][i] == [c for c, kk in zip(s["region_captions"], keep) if kk]
-  metrics = region.region_family_evaluate(tiny_region, config, zoo.get_tokenizer("test-tiny"), None)
+  metrics = region_evals.webdataset_region_metrics(tiny_region, config.data, zoo.get_tokenizer("test-tiny"), None)
   for key in ("text_to_region_recall@1", "region_to_text_recall@5", "grounding_miou"):
     assert 0.0 <= metrics[f"regions/{key}"] <= 1.0
   assert metrics["regions/num_regions"] == spec["box_mask"].sum()
   config.data.name = "demo"
-  assert region.region_family_evaluate(tiny_region, config, None, None) == {}
+  assert region_evals.webdataset_region_metrics(tiny_region, config.data, None, None) == {}
+
+
+# ----------------------------------------------------------------------------- data: field hook
+
+
+def test_regions_padded_masked_and_follow_the_crop():
+  fields = ("image", "boxes", "region_tokens", "region_labels")
+  full = data_tests.demo_cfg(size=64, max_regions=4, random_resized_crop_scale=(1.0, 1.0),
+                             random_resized_crop_ratio=(1.0, 1.0))
+  batch = next(data_tests.train_iter(full, batch=16, fields=fields,
+                                     field_hooks=(region_family.field_hook(full),)))
+  assert batch["boxes"].shape == (16, 4, 4) and batch["box_mask"].dtype == bool
+  assert batch["region_tokens"].shape == (16, 4, data_tests.L)
+  order = grain.MapDataset.range(64).shuffle(seed=0)
+  for i in range(16):
+    s = demo.make_sample(0, order[i], 32)
+    n = len(s["boxes"])
+    assert batch["box_mask"][i].tolist() == [True] * n + [False] * (4 - n)
+    np.testing.assert_allclose(batch["boxes"][i, :n], s["boxes"], atol=1e-6)
+    np.testing.assert_array_equal(batch["region_tokens"][i, :n], data_tests.byte_tokenizer(s["region_captions"]))
+    np.testing.assert_array_equal(batch["region_labels"][i, :n], s["region_labels"])
+    assert not batch["boxes"][i, n:].any() and not batch["region_tokens"][i, n:].any()
+    assert (batch["region_labels"][i, n:] == -1).all()
+  # max_regions below the object count keeps the first (primary first) ones.
+  two_cfg = data_tests.demo_cfg(size=64, max_regions=2)
+  two = next(data_tests.train_iter(two_cfg, batch=16, fields=fields,
+                        field_hooks=(region_family.field_hook(two_cfg),)))
+  assert two["boxes"].shape == (16, 2, 4) and two["box_mask"].sum(1).max() == 2
+  # Strong crops: boxes follow the crop exactly as transforms.transform_boxes moves them.
+  cfg = data_tests.demo_cfg(size=64, random_resized_crop_scale=(0.2, 0.4))
+  got = next(data_tests.train_iter(cfg, batch=16, fields=("boxes",),
+                        field_hooks=(region_family.field_hook(cfg),)))
+  dropped = 0
+  for i in range(16):
+    s = demo.make_sample(0, order[i], 32)
+    rng = np.random.default_rng([0, 0, 0, order[i]])  # (seed, stream, epoch, index)
+    crop = transforms.random_resized_crop_params(rng, 32, 32, (0.2, 0.4), pipeline.DEFAULT_RATIO)
+    moved, keep = transforms.transform_boxes(s["boxes"], crop, (32, 32), min_visible=0.5)
+    k = int(keep.sum())
+    dropped += len(keep) - k
+    np.testing.assert_allclose(got["boxes"][i, :k], moved[keep], atol=1e-6)
+    assert got["box_mask"][i].sum() == k
+  assert dropped > 0  # some regions left the crop and were dropped

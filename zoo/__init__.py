@@ -1,15 +1,20 @@
 """zoo: a JAX-native model zoo for CLIP and its variants.
 
-Public API (see DESIGN.md): `list_models`, `create`, `get_tokenizer`, `save`, `load`, and the
+Public API: `list_models`, `create`, `get_tokenizer`, `save`, `load`, and the
 `zoo.convert` subpackage for PyTorch weights.
 """
 
-from zoo.clip import CLIP, create, from_config, l2_normalize
-from zoo.pretrained import (create, create_model_and_transforms, export_pretrained,  # noqa: F811
-                            list_pretrained)
+import sys
+
+from zoo.models import clip
+from zoo.models.clip import CLIP, from_config, l2_normalize
+from zoo.pretrained import create, create_model_and_transforms, export_pretrained, list_pretrained
 from zoo.registry import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models, register
 
 __version__ = "0.1.0"
+
+# Old import path `zoo.clip` (the module moved to zoo.models.clip), kept for one release.
+sys.modules.setdefault("zoo.clip", clip)
 
 
 def get_tokenizer(name: str, context_length: int | None = None, **kwargs):

@@ -19,19 +19,16 @@ Eval sets (`evaluate`'s `eval_sets` argument) are a dict `name -> spec`, each sp
 * `"retrieval"`: `images` float32 [N, H, W, 3], `captions` list[str] (T),
   `image_to_captions` list (N) of lists of caption indices (every caption belongs to >= 1 image).
 
-* `"babel_zeroshot"`: `images`, `labels` and Babel-ImageNet's `class_labels` (+ optional
-  `prompts`) per language; see `eval_babel_zeroshot`.
-
 Optional keys for any kind: `tokenizer` (overrides `evaluate`'s), `batch_size`. Other kinds
-(long-caption retrieval, region classification, per-language zero-shot, ...) are added with
-`register_evaluator(kind, fn)`; `fn(model, spec, tokenizer, *, mesh, batch_size)` returns a
-dict of float metrics without the set prefix.
+(long-caption retrieval, region classification, per-language zero-shot, ...) are the model
+families' (`import zoo.families` registers them) or added with `register_evaluator(kind, fn)`;
+`fn(model, spec, tokenizer, *, mesh, batch_size)` returns a dict of float metrics without the
+set prefix.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import io
 import json
 import math
@@ -47,6 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zoo import sharding
+from zoo.data.babel import load_babel_labels, load_babel_prompts  # noqa: F401 (re-export)
 
 Tokenizer = Callable[[list[str]], Any]
 Template = str | Callable[[str], str]
@@ -308,130 +306,6 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray,
 # ----------------------------------------------------------------------------- per language
 
 
-def _read_json(path_or_obj: Any, what: str) -> Any:
-  if not isinstance(path_or_obj, (str, os.PathLike)):
-    return path_or_obj
-  try:
-    with open(path_or_obj, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{what} file {os.fspath(path_or_obj)!r} does not exist") from None
-  except ValueError as e:
-    raise ValueError(f"{what} file {os.fspath(path_or_obj)!r} is not valid JSON: {e}") from None
-
-
-def load_babel_labels(path_or_obj: Any) -> dict[str, tuple[list[int], list[str]]]:
-  """Babel-ImageNet's label file, unchanged: `{"DE": [[class indices, ascending], [names, same
-  order]], ...}` (a path or the parsed object) -> {language: (indices, names)}."""
-  raw = _read_json(path_or_obj, "Babel label")
-  where = os.fspath(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else "labels"
-  if not isinstance(raw, Mapping) or not raw:
-    raise ValueError(f"{where}: expected a non-empty JSON object {{language: [[indices], [names]]}}")
-  out = {}
-  for lang, entry in raw.items():
-    if (not isinstance(entry, (list, tuple)) or len(entry) != 2
-        or not all(isinstance(x, (list, tuple)) for x in entry)):
-      raise ValueError(f"{where}[{lang!r}]: expected [[class indices], [class names]]")
-    idx, names = list(entry[0]), list(entry[1])
-    if len(idx) != len(names) or not idx:
-      raise ValueError(f"{where}[{lang!r}]: {len(idx)} indices but {len(names)} names (need equal, > 0)")
-    if not all(isinstance(i, int) and i >= 0 for i in idx) or any(a >= b for a, b in zip(idx, idx[1:])):
-      raise ValueError(f"{where}[{lang!r}]: class indices must be non-negative integers in strictly "
-                       "ascending order")
-    if not all(isinstance(n, str) and n for n in names):
-      raise ValueError(f"{where}[{lang!r}]: class names must be non-empty strings")
-    out[str(lang)] = (idx, names)
-  return out
-
-
-def load_babel_prompts(path_or_obj: Any) -> dict[str, list[str]]:
-  """Babel-ImageNet's translated prompts: `{"DE": ["... {} ...", ...], ...}` -> same dict."""
-  raw = _read_json(path_or_obj, "Babel prompt")
-  where = os.fspath(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else "prompts"
-  if not isinstance(raw, Mapping):
-    raise ValueError(f"{where}: expected a JSON object {{language: [prompt, ...]}}")
-  out = {}
-  for lang, prompts in raw.items():
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(
-        isinstance(p, str) and "{}" in p for p in prompts):
-      raise ValueError(f"{where}[{lang!r}]: expected a non-empty list of prompts with a '{{}}' "
-                       "placeholder")
-    out[str(lang)] = list(prompts)
-  return out
-
-
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
-
-
-def babel_zeroshot_language(image_features: np.ndarray, labels: np.ndarray,
-                            class_indices: Sequence[int], classifier: np.ndarray
-                            ) -> tuple[float, int]:
-  """(top-1, images scored) of one language: only images of its K named classes count, and
-  the argmax runs over those K classes (`classifier` [E, K], column k = class_indices[k])."""
-  idx = np.asarray(class_indices, np.int64)
-  keep = np.isin(labels, idx)
-  n = int(keep.sum())
-  if n == 0:
-    return float("nan"), 0
-  target = np.searchsorted(idx, labels[keep])
-  pred = np.argmax(np.asarray(image_features, np.float32)[keep] @ classifier, axis=1)
-  return float((pred == target).mean()), n
-
-
-def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokenizer, *,
-                        mesh: Mesh | None = None, batch_size: int = 256) -> dict[str, float]:
-  """Babel-ImageNet-style zero-shot per language over one class-indexed image set.
-
-  spec: `images`, `labels` (class indices into the set's classes, e.g. ImageNet-1k),
-  `class_labels` (a Babel label file path or its parsed object), optional `prompts` (a Babel
-  prompt file / object; languages without prompts use `templates`, English, default
-  "a photo of a {}."), `languages` (subset, default all in the label file), `adapters`
-  ({language: zoo.peft adapter directory} used for that language's prompts).
-  Metrics per language L: `L/top1`, `L/num_classes`, `L/num_images`, `L/translated_prompts`
-  (1 = its own prompts, 0 = English fallback), `L/adapter` (1 = scored with its adapter);
-  plus `mean_top1` over the scored languages.
-  """
-  _require(spec, ("images", "labels", "class_labels"), "'babel_zeroshot'")
-  by_lang = load_babel_labels(spec["class_labels"])
-  prompts = load_babel_prompts(spec["prompts"]) if spec.get("prompts") is not None else {}
-  english = list(spec.get("templates") or DEFAULT_TEMPLATES)
-  languages = list(spec.get("languages") or by_lang)
-  unknown = [lang for lang in languages if lang not in by_lang]
-  if unknown:
-    raise ValueError(f"babel_zeroshot: languages {unknown} are not in the label file "
-                     f"(it has {sorted(by_lang)})")
-  adapters = dict(spec.get("adapters") or {})
-  labels = np.asarray(spec["labels"]).astype(np.int64)
-  feats = encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
-  out: dict[str, float] = {}
-  scored = []
-  for lang in languages:
-    idx, names = by_lang[lang]
-    templates = prompts.get(lang, english)
-
-    def classifier():
-      return zero_shot_classifier(model, tokenizer, names, templates,
-                                  batch_size=max(batch_size, 1024), mesh=mesh)
-
-    if lang in adapters:
-      from zoo import peft
-
-      with peft.with_adapter(model, adapters[lang]):
-        weights = classifier()
-    else:
-      weights = classifier()
-    top1, n = babel_zeroshot_language(feats, labels, idx, weights)
-    out.update({f"{lang}/num_classes": float(len(idx)), f"{lang}/num_images": float(n),
-                f"{lang}/translated_prompts": float(lang in prompts),
-                f"{lang}/adapter": float(lang in adapters)})
-    if n:
-      out[f"{lang}/top1"] = top1
-      scored.append(top1)
-  if scored:
-    out["mean_top1"] = float(np.mean(scored))
-  return out
-
-
 def language_records(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
   """Per-language records from `evaluate`'s flat metrics of babel_zeroshot sets:
   [{"set", "language", "prompts" ('translated' | 'english'), "num_classes", "num_images",
@@ -477,11 +351,6 @@ def register_evaluator(kind: str, fn: Evaluator, *, overwrite: bool = False) -> 
   _EVALUATORS[kind] = fn
 
 
-# Kinds that family modules register on import (so a plain CLIP config can name them).
-_KIND_MODULES = {"region_zeroshot": "zoo.region", "region_retrieval": "zoo.region",
-                 "long_retrieval": "zoo.long_clip"}
-
-
 def evaluator_kinds() -> list[str]:
   """The registered eval-set kinds."""
   return sorted(_EVALUATORS)
@@ -514,7 +383,6 @@ def eval_retrieval(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokeni
 
 register_evaluator("zeroshot", eval_zeroshot)
 register_evaluator("retrieval", eval_retrieval)
-register_evaluator("babel_zeroshot", eval_babel_zeroshot)
 
 
 def evaluate(model: nnx.Module, eval_sets: Mapping[str, Mapping[str, Any]], tokenizer: Tokenizer | None,
@@ -530,11 +398,10 @@ def evaluate(model: nnx.Module, eval_sets: Mapping[str, Mapping[str, Any]], toke
     if not isinstance(spec, Mapping) or "kind" not in spec:
       raise ValueError(f"eval set {name!r} needs a dict with a 'kind' (one of {evaluator_kinds()})")
     kind = spec["kind"]
-    if kind not in _EVALUATORS and kind in _KIND_MODULES:  # a family's kind: import registers it
-      importlib.import_module(_KIND_MODULES[kind])
     if kind not in _EVALUATORS:
       raise ValueError(f"eval set {name!r} has unknown kind {kind!r}; registered: {evaluator_kinds()} "
-                       "(add one with zoo.eval_lib.register_evaluator)")
+                       "(families' kinds register on `import zoo.families`; add one with "
+                       "zoo.eval_lib.register_evaluator)")
     tok = spec.get("tokenizer", tokenizer)
     if tok is None:
       raise ValueError(f"eval set {name!r}: no tokenizer given (pass one to evaluate or set spec['tokenizer'])")

@@ -655,7 +655,7 @@ def export_pretrained(model: nnx.Module, directory: str, *,
   open_clip_model.safetensors, loadable by open_clip as 'local-dir:DIR' or 'hf-hub:' after
   upload (python -m zoo.convert push)."""
   from zoo import convert
-  from zoo.convert.__main__ import write_safetensors
+  from zoo.convert.io import write_safetensors
 
   directory = os.path.abspath(directory)
   weights = os.path.join(directory, OPEN_CLIP_WEIGHTS[0])

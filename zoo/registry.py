@@ -48,6 +48,7 @@ class TextConfig:
   pool: str = "argmax"
   ln_eps: float = 1e-5
   proj_bias: bool = False
+  frozen_positions: int = 0  # leading position rows that pass no gradient (Long-CLIP: 20)
 
 
 @dataclasses.dataclass(frozen=True)

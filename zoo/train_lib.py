@@ -1,7 +1,7 @@
 """The one sharded train loop every model family plugs into.
 
-A family (`Family`) supplies: how to build the model, a forward of (model, batch, rng) ->
-outputs, a loss of (outputs, batch, ctx) -> (loss, metrics), and the batch fields it needs.
+A family (`zoo.families.Family`) supplies its settings, model, batch-field hook, forward, loss,
+trainable predicate, eval kinds and export form (and optionally a driver of phase configs).
 The loop owns everything else: mesh, shardings, optimizer, the jitted train step (pure
 function of (state, batch), explicit in/out shardings, donated state), data, checkpoints with
 exact resume, evaluation, logging.
@@ -10,7 +10,6 @@ exact resume, evaluation, logging.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -24,8 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from zoo import clip as clip_lib
-from zoo import config_utils, sharding
+from zoo import config_utils, families, sharding
+from zoo.families import base as family_base
 
 Array = jax.Array
 PyTree = Any
@@ -34,91 +33,14 @@ log = logging.getLogger("zoo.train")
 
 # ----------------------------------------------------------------------------- families
 
-
-@dataclasses.dataclass(frozen=True)
-class LossContext:
-  """What a family loss may need besides (outputs, batch)."""
-
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  impl: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """A model family: the only things that differ between CLIP, Long-CLIP, MoE, region, ..."""
-
-  name: str
-  forward: Callable[[nnx.Module, dict, Array], dict]
-  loss: Callable[[dict, dict, LossContext], tuple[Array, dict]]
-  fields: tuple[str, ...] = ("image", "tokens")
-  build_model: Callable[[ml_collections.ConfigDict], nnx.Module] | None = None
-  # path (tuple of str keys) -> whether that parameter is trained; None = all.
-  trainable: Callable[[tuple[str, ...]], bool] | None = None
-  # (model, config, tokenizer, mesh) -> extra eval metrics; None = standard eval only.
-  evaluate: Callable[..., dict[str, float]] | None = None
-  # config -> trainable predicate (or None = all); overrides `trainable` when the frozen set
-  # depends on the config (e.g. an MoE phase that trains only the router).
-  make_trainable: Callable[[ml_collections.ConfigDict],
-                           Callable[[tuple[str, ...]], bool] | None] | None = None
-  # (config, workdir) -> summary dict, or None to run the plain loop: a multi-phase recipe
-  # that calls `train` once per phase with a phase config (e.g. CLIP-MoE's DMU stages).
-  recipe: Callable[[ml_collections.ConfigDict, str], dict[str, Any] | None] | None = None
-  # model -> the model a finished run exports (e.g. without a distillation teacher); None = as is.
-  export: Callable[[nnx.Module], nnx.Module] | None = None
-  # (config, model) -> {batch field: tokenizer} for fields not tokenized with the model's own
-  # tokenizer (e.g. the teacher's English caption when distilling).
-  text_tokenizers: Callable[[ml_collections.ConfigDict, nnx.Module], dict[str, Any]] | None = None
-
-
-_FAMILIES: dict[str, Family] = {}
-# Families defined in other modules register themselves on import.
-_FAMILY_MODULES = {
-    "long_clip": "zoo.long_clip",
-    "moe": "zoo.moe",
-    "region": "zoo.region",
-    "multilingual": "zoo.multilingual",
-}
-
-
-def register_family(family: Family) -> None:
-  _FAMILIES[family.name] = family
-
-
-def get_family(name: str) -> Family:
-  if name not in _FAMILIES and name in _FAMILY_MODULES:
-    importlib.import_module(_FAMILY_MODULES[name])
-  if name not in _FAMILIES:
-    raise ValueError(f"unknown config.family {name!r}; known: "
-                     f"{', '.join(sorted(set(_FAMILIES) | set(_FAMILY_MODULES)))}")
-  return _FAMILIES[name]
-
-
-def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`config.model_overrides` as plain python (nested ConfigDicts become dicts)."""
-  overrides = config.get("model_overrides", None) or {}
-  return dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
-
-
-def build_clip_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """`config.model` with `config.model_overrides`, compute dtype from `config.dtype`."""
-  overrides = model_overrides(config)
-  return clip_lib.create(config.model, seed=config.seed, dtype=config.dtype, **overrides)
-
-
-def clip_forward(model: nnx.Module, batch: dict, rng: Array) -> dict:
-  del rng
-  return model(batch["image"], batch["tokens"])
-
-
-def clip_family_loss(outputs: dict, batch: dict, ctx: LossContext) -> tuple[Array, dict]:
-  from zoo import losses
-
-  return losses.clip_loss(outputs, batch, impl=ctx.impl, mesh=ctx.mesh)
-
-
-register_family(Family("clip", forward=clip_forward, loss=clip_family_loss,
-                       build_model=build_clip_model))
+# The family seam lives in zoo.families; these names stay importable from here.
+Family = families.Family
+LossContext = families.LossContext
+register_family = families.register
+get_family = families.get
+model_overrides = family_base.model_overrides
+build_clip_model = family_base.build_clip_model
+init_params_from = family_base.init_params_from
 
 
 def peft_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -142,8 +64,9 @@ def apply_peft(config: ml_collections.ConfigDict, model: nnx.Module) -> bool:
 
 
 def model_builder(config: ml_collections.ConfigDict, family: Family) -> Callable[[], nnx.Module]:
-  build = family.build_model or build_clip_model
-  return lambda: build(config)
+  """The family's model of `config` (its settings parsed here), weights from init_from."""
+  settings = family.settings(config)
+  return lambda: family.build_model(config, settings)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -251,17 +174,21 @@ def trainable_value_and_grad(loss_fn: Callable, trainable: Callable[[tuple[str, 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
                     tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh,
-                    trainable: Callable[[tuple[str, ...]], bool] | None = None) -> Callable:
+                    trainable: Callable[[tuple[str, ...]], bool] | None = None,
+                    settings: Any = None) -> Callable:
   """The pure train step (state, batch) -> (state, metrics); jitted by the caller.
 
   Only `trainable` parameters (all when None) are differentiated; `grad_norm` is theirs.
+  `settings`: the family's parsed settings (parsed from `config` when None).
   """
-  ctx = LossContext(config=config, mesh=mesh, impl=config.loss.impl)
+  if settings is None:
+    settings = family.settings(config)
+  ctx = LossContext(settings=settings, mesh=mesh, impl=config.loss.impl)
   accum = int(config.get("grad_accum", 1))
 
   def loss_fn(params, batch, rng):
     model = nnx.merge(graphdef, params, rest)
-    outputs = family.forward(model, batch, rng)
+    outputs = family.forward(model, batch, rng, settings)
     return family.loss(outputs, batch, ctx)
 
   grad_fn = trainable_value_and_grad(loss_fn, trainable)
@@ -318,6 +245,7 @@ class Trainer:
   state_shardings: dict
   step_fn: Callable
   tx: optax.GradientTransformation
+  settings: Any = None  # the family's parsed settings
 
   @property
   def step(self) -> int:
@@ -328,37 +256,15 @@ class Trainer:
     return nnx.merge(self.graphdef, (state or self.state)["params"], self.rest)
 
 
-def init_params_from(config: ml_collections.ConfigDict, model: nnx.Module) -> None:
-  """Fine-tuning: copy weights from `config.init_from` (a zoo.save directory) into `model`."""
-  src = config.get("init_from", "")
-  if not src:
-    return
-  from zoo import checkpoint
-
-  loaded, _, _ = checkpoint.load(src)
-  target = nnx.state(model, nnx.Param)
-  source = nnx.state(loaded, nnx.Param)
-  flat_t = dict(nnx.to_flat_state(target))
-  flat_s = dict(nnx.to_flat_state(source))
-  for key, var in flat_t.items():
-    if key in flat_s and flat_s[key].shape == var.shape:
-      var[...] = flat_s[key][...]
-  missing = [k for k in flat_t if k not in flat_s or flat_s[k].shape != flat_t[k].shape]
-  if missing:
-    log.info("init_from %s: %d parameters kept their fresh init (e.g. %s)", src, len(missing),
-             "/".join(map(str, missing[0])))
-
-
 def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
                   model: nnx.Module | None = None) -> Trainer:
   """Builds the model sharded over the mesh, the optimizer state, and the jitted step."""
   mesh = mesh or sharding.mesh_from_config(config.mesh)
   family = get_family(config.get("family", "clip"))
+  settings = family.settings(config)
   if model is None:
-    model = model_builder(config, family)()
-    init_params_from(config, model)
-  trainable = (family.make_trainable(config) if family.make_trainable is not None
-               else family.trainable)
+    model = family.build_model(config, settings)
+  trainable = family.trainable(settings)
   if apply_peft(config, model):
     from zoo import peft
 
@@ -376,7 +282,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
            "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
   state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
 
-  raw_step = make_train_step(graphdef, rest, family, tx, config, mesh, trainable)
+  raw_step = make_train_step(graphdef, rest, family, tx, config, mesh, trainable, settings)
 
   def step_with_key(state, batch):
     # RNG is stored as raw key data so it checkpoints as a plain uint32 array.
@@ -392,7 +298,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
   step_fn = jax.jit(step_with_key, in_shardings=(state_sh, batch_sh),
                     out_shardings=(state_sh, repl), donate_argnums=(0,))
   return Trainer(config=config, mesh=mesh, family=family, graphdef=graphdef, rest=rest,
-                 state=state, state_shardings=state_sh, step_fn=step_fn, tx=tx)
+                 state=state, state_shardings=state_sh, step_fn=step_fn, tx=tx,
+                 settings=settings)
 
 
 # ----------------------------------------------------------------------------- data / eval
@@ -411,16 +318,33 @@ def make_tokenizer(config: ml_collections.ConfigDict, model: nnx.Module):
   return tokenizers.get_tokenizer(name, context_length=context_length(config, model))
 
 
-def build_data(config: ml_collections.ConfigDict, model: nnx.Module, family: Family, tokenizer):
+def build_data(config: ml_collections.ConfigDict, model: nnx.Module, family: Family, tokenizer,
+               settings: Any = None):
+  """The train pipeline of `config.data` with the family's fields (and its field hook)."""
   from zoo import data
 
   mc = model.config
+  hook = family.field_hook(config, family.settings(config) if settings is None else settings,
+                           model)
   return data.build_train_pipeline(
       config.data, tokenizer=tokenizer, image_size=mc.vision.image_size, mean=mc.image_mean,
       std=mc.image_std, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       fields=family.fields, context_length=context_length(config, model),
-      text_tokenizers=(family.text_tokenizers(config, model) if family.text_tokenizers else None))
+      field_hooks=() if hook is None else (hook,))
+
+
+def sample_batches(config: ml_collections.ConfigDict, model: nnx.Module, n: int) -> list[dict]:
+  """About `n` samples (image, tokens) of `config`'s training data for `model`, in host
+  batches (e.g. what DMU clusters)."""
+  clip_family = get_family("clip")
+  it = build_data(config, model, clip_family, make_tokenizer(config, model))
+  out, got = [], 0
+  while got < n:
+    b = next(it)
+    out.append({"image": b["image"], "tokens": b["tokens"]})
+    got += len(b["image"])
+  return out
 
 
 def build_eval_sets(config: ml_collections.ConfigDict, model: nnx.Module, tokenizer) -> dict:
@@ -438,8 +362,7 @@ def run_eval(trainer_or_model, config: ml_collections.ConfigDict, tokenizer, eva
 
   model = trainer_or_model
   metrics = eval_lib.evaluate(model, eval_sets, tokenizer, mesh=mesh)
-  if family.evaluate is not None:
-    metrics.update(family.evaluate(model, config, tokenizer, mesh))
+  metrics.update(family.evaluate(model, config, family.settings(config), tokenizer, mesh))
   return {k: float(v) for k, v in metrics.items()}
 
 
@@ -517,6 +440,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None,
           on_step_end: Callable[[int], None] | None = None,
           batch_fn: Callable[[dict], dict] | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (see `train_loop`); a family with a driver (CLIP-MoE's DMU)
+  instead runs its sequence of phase configs, each through `train_loop`."""
+  pretrained.resolve_init_from(config)  # init_from 'pretrained:NAME/TAG' / 'hf-hub:...' -> dir
+  family = get_family(config.get("family", "clip"))
+  driver = family.driver(family.settings(config))
+  if driver is not None:
+    return driver(config, workdir, train_loop, sample_batches)
+  return train_loop(config, workdir, stop_after=stop_after, on_step_end=on_step_end,
+                    batch_fn=batch_fn)
+
+
+def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
+               stop_after: int | None = None,
+               on_step_end: Callable[[int], None] | None = None,
+               batch_fn: Callable[[dict], dict] | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints); returns a summary dict.
 
   A finished run also exports the final model to `workdir/model` (a zoo.save directory).
@@ -524,24 +462,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   `stop_after` ends the run after that many steps of this process; `on_step_end(step)` runs
   after each step (tests use both to interrupt a run). `batch_fn` maps each host-local batch
   (numpy, the family's fields) before it is sharded, e.g. to add derived fields; it must be a
-  deterministic function of the batch so resumed runs stay exact. A family with a `recipe`
-  hands the whole run to it (which calls `train` per phase) unless the recipe returns None.
+  deterministic function of the batch so resumed runs stay exact.
   """
   from zoo import checkpoint, eval_lib, pretrained
-
-  pretrained.resolve_init_from(config)  # init_from 'pretrained:NAME/TAG' / 'hf-hub:...' -> dir
-  recipe = get_family(config.get("family", "clip")).recipe
-  if recipe is not None:
-    summary = recipe(config, workdir)
-    if summary is not None:
-      return summary
 
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   trainer = build_trainer(config)
   model0 = trainer.model()
   tokenizer = make_tokenizer(config, model0)
-  data_iter = build_data(config, model0, trainer.family, tokenizer)
+  data_iter = build_data(config, model0, trainer.family, tokenizer, trainer.settings)
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                                       save_every=config.checkpoint_every,
                                       keep=config.get("keep_checkpoints", 2))
@@ -621,9 +551,7 @@ def export_model(trainer: Trainer, workdir: str) -> str:
   (the adapters alone also go to `workdir/adapter`)."""
   from zoo import checkpoint
 
-  model = trainer.model()
-  if trainer.family.export is not None:
-    model = trainer.family.export(model)
+  model = trainer.family.export(trainer.model())
   lora = peft_settings(trainer.config)
   if lora["rank"] or lora.get("adapter_from", ""):
     from zoo import peft

@@ -87,3 +87,14 @@ def read_state_dict(path: str) -> dict[str, Any]:
     return obj
   raise WeightFileError(f"{path}: unknown weight file type; expected {SAFETENSORS_SUFFIX} or "
                         f"{'/'.join(TORCH_SUFFIXES)}")
+
+
+def write_safetensors(state_dict: dict[str, Any], path: str,
+                      metadata: dict[str, str] | None = None) -> None:
+  """Writes `state_dict` (numpy arrays) as a safetensors file, creating its directory."""
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  save_file({k: np.ascontiguousarray(v) if v.ndim else v for k, v in state_dict.items()}, path,
+            metadata=metadata)

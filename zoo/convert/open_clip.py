@@ -168,6 +168,9 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return dict(state_dict)
 
 
+strip_prefix = _strip_prefix  # public: the Long-CLIP and CLIP-MoE layouts reuse it
+
+
 def from_open_clip(state_dict: Mapping[str, Any], name: str | registry.CLIPConfig,
                    **overrides: Any) -> clip_lib.CLIP:
   """A zoo CLIP holding an open_clip (or OpenAI) state dict's weights.

@@ -1,24 +1,12 @@
 """Embedded demo data: procedurally rendered scenes of coloured shapes, with rich annotations.
 
-Every scene is a pure function of (split seed, index) — no downloads, no files. A scene has
-1-3 objects (COLORS x SHAPES) on a low-saturation background. The largest object is the
-*primary* one; its "colour shape" pair is the class label (24 classes). Each sample carries:
-
-* `image`: uint8 [S, S, 3] (rendered 4x supersampled, then downsampled: smooth edges);
-* `caption`: a short caption from several templates about the primary object, sometimes
-  naming its position, size, the background or a secondary object;
-* `short_caption`: "a red circle." (the Long-CLIP short caption = first sentence of `long_caption`);
-* `long_caption`: the short caption, a generic preamble (no scene-specific content) long enough
-  that the distinguishing details — the primary's position and size, the secondary objects,
-  their colours and positions, the background — start after the first 77 CLIP tokens;
-* `label`: int class index of the primary object, `class_names()[label]`;
-* `boxes`: float32 [n, 4] normalized (x0, y0, x1, y1), one per object (primary first);
-  `region_captions`: ["a red circle", ...]; `region_labels`: int32 [n] class per object;
-* `captions_ml`: {lang: caption} — the same caption (same template index) in LANGUAGES
-  (en, de, fr, es, ru, zh, ar, ja), written from a small hand-made grammar per language;
-  `class_names(lang)` / `templates(lang)` give per-language class names and prompt templates.
-
-Splits use disjoint seed streams (SPLIT_SEEDS): train, zero-shot eval, retrieval eval, ...
+Every scene is a pure function of (split seed, index): no downloads, no files. 1-3 objects
+(COLORS x SHAPES) on a plain background; the largest is the primary one, its "colour shape"
+the class label (24 classes). A sample has `image` (uint8 [S, S, 3]), `caption`,
+`short_caption`, `long_caption` (details after the first 77 tokens), `label`, `boxes`
+(normalized xyxy, primary first) with `region_captions` / `region_labels`, and `captions_ml`
+({lang: caption} in LANGUAGES). Splits use disjoint seed streams (SPLIT_SEEDS). Details:
+docs/data.md.
 """
 
 from __future__ import annotations

@@ -123,7 +123,11 @@ class TextTransformer(nnx.Module):
       raise ValueError(f"tokens have length {length} but the text tower reads at most "
                        f"{self.positional_embedding.shape[0]} (context_length)")
     x = jnp.take(self.token_embedding[...], token_ids, axis=0).astype(self.dtype)
-    x = x + self.positional_embedding[...][:length].astype(self.dtype)
+    pos = self.positional_embedding[...][:length]
+    if self.cfg.frozen_positions:  # Long-CLIP fine-tuning: the kept rows get no gradient
+      k = self.cfg.frozen_positions
+      pos = jnp.concatenate([jax.lax.stop_gradient(pos[:k]), pos[k:]], axis=0)
+    x = x + pos.astype(self.dtype)
     x = self.transformer(x, is_causal=self.cfg.causal)
     return self.ln_final(x)
 
