@@ -20,8 +20,10 @@ open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 
 import zoo  # noqa: E402
-from zoo import checkpoint  # noqa: E402
-from zoo import convert  # noqa: E402
+from zoo import (
+  checkpoint,  # noqa: E402
+  convert,  # noqa: E402
+)
 from zoo.convert import __main__ as cli  # noqa: E402
 
 TOL = 1e-4

@@ -6,8 +6,7 @@ import grain
 import numpy as np
 
 from tests.train_utils import tiny_config
-from zoo.data import demo
-from zoo.data import webdataset as wds
+from zoo.data import demo, webdataset as wds
 
 
 def test_train_through_corrupt_webdataset_samples(tmp_path):

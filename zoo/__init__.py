@@ -9,9 +9,15 @@ import sys
 from zoo.models import clip
 from zoo.models.clip import CLIP, from_config, l2_normalize
 from zoo.pretrained import create, create_model_and_transforms, export_pretrained, list_pretrained
-from zoo.registry import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models, register
-
-__version__ = "0.1.0"
+from zoo.registry import (
+  CLIPConfig,
+  TextConfig,
+  VisionConfig,
+  get_model_config,
+  list_models,
+  register,
+)
+from zoo.version import __version__
 
 # Old import path `zoo.clip` (the module moved to zoo.models.clip), kept for one release.
 sys.modules.setdefault("zoo.clip", clip)

@@ -24,8 +24,10 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from zoo import checkpoint, registry, tokenizers, transforms
-from zoo.convert import io
+from zoo import checkpoint, convert, registry, tokenizers, transforms
+from zoo.convert import clip_moe, io, long_clip, mclip
+from zoo.models import clip as clip_lib, multilingual
+from zoo.version import __version__
 
 log = logging.getLogger("zoo.pretrained")
 
@@ -145,8 +147,6 @@ def download(repo_id: str, filename: str, revision: str | None = None) -> str:
   """Local path of `repo_id/filename` through huggingface_hub (cached; offline-aware)."""
   import huggingface_hub
   from huggingface_hub import errors
-
-  from zoo import __version__
 
   try:
     return huggingface_hub.hf_hub_download(
@@ -388,19 +388,13 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
 
 
 def _layout_model(layout: str, sd: dict[str, Any], architecture: Any) -> nnx.Module:
-  from zoo import convert
-
   try:
     if layout == "open_clip":
       return convert.from_open_clip(sd, architecture)
     if layout == "long_clip":
-      from zoo import long_clip
-
       return long_clip.from_long_clip(sd, architecture)
     if layout == "clip_moe":
-      from zoo import moe
-
-      return moe.from_clip_moe(sd, architecture, top_k=2)
+      return clip_moe.from_clip_moe(sd, architecture, top_k=2)
     if layout == "hf":
       return convert.from_hf(sd, architecture)
   except ValueError as e:  # StateDictError and friends: name the architecture
@@ -417,15 +411,13 @@ def convert_weights(entry: Mapping[str, Any], paths: Mapping[str, str]) -> nnx.M
   """
   layout = entry["layout"]
   if layout == "mclip":
-    from zoo import multilingual
-
     image = entry["image"]
     clip_model = _layout_model(image["layout"], read_weights(paths["image"], image.get("sha256")),
                                image["architecture"])
     with open(paths["config"]) as f:
       hf_config = json.load(f)
     try:
-      tower = multilingual.from_hf_text(read_weights(paths["weights"], entry.get("sha256")),
+      tower = mclip.from_hf_text(read_weights(paths["weights"], entry.get("sha256")),
                                         hf_config, embed_dim=clip_model.config.embed_dim)
     except ValueError as e:
       raise PretrainedError(f"M-CLIP text weights do not fit: {str(e).splitlines()[0]}") from e
@@ -451,8 +443,6 @@ def _fetch(entry: Mapping[str, Any], revision: str | None, tokenizer: bool) -> d
 
 
 def _cache_key(entry: Mapping[str, Any], paths: Mapping[str, str], label: str) -> str:
-  from zoo import __version__
-
   slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label}-{os.path.basename(paths['weights'])}")
   rev = revision_of(paths["weights"])
   if "image" in paths:
@@ -523,8 +513,6 @@ def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
   if hf.get("model_type") != "clip":
     raise PretrainedError(f"hf-hub:{repo} is a {hf.get('model_type')!r} model; zoo reads "
                           "open_clip repos and transformers CLIPModel repos (model_type 'clip')")
-  from zoo import convert
-
   try:
     config = convert.config_from_hf(hf)
   except ValueError as e:
@@ -594,8 +582,6 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
   `name` may be 'hf-hub:ORG/REPO' (open_clip or transformers CLIP repo). `revision` pins a
   hub revision (branch, tag or commit). Overrides apply only without pretrained weights.
   """
-  from zoo import clip as clip_lib
-
   if pretrained is None and not name.startswith(HF_HUB_PREFIX):
     if name not in registry.list_models() and name in _models():
       raise PretrainedError(f"{name!r} is a pretrained release; pass pretrained="
@@ -654,7 +640,6 @@ def export_pretrained(model: nnx.Module, directory: str, *,
   """Writes open_clip's hub layout: open_clip_config.json (model_cfg + preprocess_cfg) and
   open_clip_model.safetensors, loadable by open_clip as 'local-dir:DIR' or 'hf-hub:' after
   upload (python -m zoo.convert push)."""
-  from zoo import convert
   from zoo.convert.io import write_safetensors
 
   directory = os.path.abspath(directory)

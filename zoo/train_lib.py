@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from zoo import config_utils, families, sharding
+from zoo import config_utils, families, pretrained, sharding
 from zoo.families import base as family_base
 
 Array = jax.Array
@@ -464,7 +464,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   (numpy, the family's fields) before it is sharded, e.g. to add derived fields; it must be a
   deterministic function of the batch so resumed runs stay exact.
   """
-  from zoo import checkpoint, eval_lib, pretrained
+  from zoo import checkpoint, eval_lib
 
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0

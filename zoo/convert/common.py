@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from zoo import clip as clip_lib
 from zoo import registry
+from zoo.models import clip as clip_lib
 
 Path = tuple[Any, ...]  # an NNX state path, e.g. ('visual', 'transformer', 'resblocks', 0, ...)
 ArrayLike = Any

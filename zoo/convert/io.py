@@ -12,6 +12,10 @@ import hashlib
 import os
 from typing import Any
 
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -52,8 +56,6 @@ def read_state_dict(path: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise WeightFileError(f"no such weight file: {path}")
   if path.endswith(SAFETENSORS_SUFFIX):
-    from safetensors import safe_open
-
     try:
       try:
         with safe_open(path, framework="numpy") as f:
@@ -92,9 +94,6 @@ def read_state_dict(path: str) -> dict[str, Any]:
 def write_safetensors(state_dict: dict[str, Any], path: str,
                       metadata: dict[str, str] | None = None) -> None:
   """Writes `state_dict` (numpy arrays) as a safetensors file, creating its directory."""
-  import numpy as np
-  from safetensors.numpy import save_file
-
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file({k: np.ascontiguousarray(v) if v.ndim else v for k, v in state_dict.items()}, path,
             metadata=metadata)

@@ -18,10 +18,10 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo import clip as clip_lib
 from zoo import registry
 from zoo.convert import common
 from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
+from zoo.models import clip as clip_lib
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
