@@ -188,12 +188,33 @@ class ResidualBlock(nnx.Module):
     return x + self.mlp(self.ln_2(x)).astype(x.dtype)
 
 
+# Gradient checkpointing of each residual block: what its backward may keep from the forward.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    # Keep the matmul outputs (projections, MLP); recompute norms, GELU, softmax, attention.
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep nothing but the block's input: the whole block forward runs again in the backward.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+REMAT_MODES = ("none", *REMAT_POLICIES)
+
+
+def check_remat(mode: str) -> str:
+  if mode not in REMAT_MODES:
+    raise ValueError(f"unknown remat {mode!r}; expected one of {', '.join(REMAT_MODES)}")
+  return mode
+
+
 class Transformer(nnx.Module):
-  """A stack of residual blocks (a python list so each block can be converted/replaced)."""
+  """A stack of residual blocks (a python list so each block can be converted/replaced).
+
+  `remat` ('none' | 'block' | 'full', see REMAT_POLICIES) wraps each block in nnx.remat:
+  activations inside a block are recomputed in the backward instead of stored.
+  """
 
   def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, *,
                quick_gelu: bool = False, eps: float = 1e-5, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
+    self.remat = check_remat(remat)
     self.resblocks = nnx.List([
         ResidualBlock(width, heads, mlp_ratio, quick_gelu=quick_gelu, eps=eps,
                       layers_for_init=layers, dtype=dtype, rngs=rngs)
@@ -201,9 +222,25 @@ class Transformer(nnx.Module):
     ])
 
   def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
+    def run(block: nnx.Module, x: Array) -> Array:
+      return block(x, mask=mask, is_causal=is_causal)
+
+    if self.remat != "none":
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     for block in self.resblocks:
-      x = block(x, mask=mask, is_causal=is_causal)
+      x = run(block, x)
     return x
+
+
+def set_remat(model: nnx.Module, mode: str) -> int:
+  """Sets `remat` on every Transformer inside `model` (any family); returns how many."""
+  check_remat(mode)
+  found = 0
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Transformer):
+      node.remat = mode
+      found += 1
+  return found
 
 
 class AttentionPool(nnx.Module):

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from zoo import clip as clip_lib
-from zoo import config_utils, sharding
+from zoo import config_utils, layers, sharding
 
 Array = jax.Array
 PyTree = Any
@@ -363,6 +363,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     from zoo import peft
 
     trainable = peft.is_lora_path  # LoRA: only the adapters train
+  layers.set_remat(model, config.get("remat", "none"))  # gradient checkpointing per block
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   param_sh = sharding.state_shardings(params, mesh)
   params = sharding.shard_state(params, param_sh)
