@@ -113,10 +113,24 @@ def build_open_clip(args, c, batch, threads: int):
   import open_clip
   import torch
 
+  from zoo import registry
+
   torch.set_num_threads(threads)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  model = open_clip.create_model(args.model, pretrained=None, output_dict=True).to(dev).train()
+  if args.model in open_clip.list_models() and not args.context_length:
+    model = open_clip.create_model(args.model, pretrained=None, output_dict=True)
+  else:  # a zoo-only architecture (e.g. demo-tiny) or another context length: same dims
+    mc = registry.get_model_config(args.model)
+    v, t = mc.vision, mc.text
+    model = open_clip.CLIP(
+        mc.embed_dim, quick_gelu=mc.quick_gelu, output_dict=True,
+        vision_cfg=dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+                        layers=v.layers, head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio),
+        text_cfg=dict(context_length=args.context_length or t.context_length,
+                      vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers,
+                      mlp_ratio=t.mlp_ratio))
+  model = model.to(dev).train()
   no_decay = ("token_embedding", "positional_embedding", "class_embedding", "logit_scale")
   decay = [p for n, p in model.named_parameters()
            if p.ndim >= 2 and not any(k in n for k in no_decay) and not n.endswith("bias")]
