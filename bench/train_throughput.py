@@ -1,9 +1,16 @@
-"""Train-step throughput of zoo (jitted, sharded) vs open_clip's PyTorch train step.
+"""Train-step throughput: zoo's jitted train step vs open_clip's PyTorch train step.
 
-Prints samples/s of both, their ratio, zoo's model FLOPs per step (XLA cost analysis) and, on
-a GPU/TPU, MFU against the device's peak; writes JSON.
+Both sides do the same work per step: the same batch (host memory -> device), CLIP forward,
+the same contrastive loss (open_clip.ClipLoss / zoo's reference loss), backward, global-norm
+clipping at 1.0, AdamW (lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on weight
+matrices only) and the logit-scale clamp. Rounds alternate zoo / open_clip / a matmul probe so
+all three see the same background load; the headline ratio is the median of per-round ratios
+(as bench/encode_throughput.py). Reports samples/s of both, GFLOP/step (XLA cost analysis) and
+FLOP/s as a fraction of the matmul peak: on CPU a jitted 2048^2 float32 matmul timed in the
+same rounds, on GPU/TPU the device's spec peak (bf16 dense). `--profile` adds a breakdown of
+zoo's step (host->device, forward, forward+backward, optimizer). Writes JSON.
 
-  python bench/train_throughput.py --model test-tiny --batch 64 --steps 10
+  python bench/train_throughput.py --model ViT-B-32 --batch 32
   python bench/train_throughput.py --model ViT-B-16 --batch 256 --dtype bfloat16   # accelerator
 """
 
@@ -11,141 +18,302 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import platform
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Peak dense bf16 FLOP/s per device, for MFU.
+from bench.encode_throughput import pin_threads  # noqa: E402
+
+# Peak dense bf16 FLOP/s per device (spec sheets), for MFU on accelerators.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
+MATMUL_N = 2048
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model", default="ViT-B-32")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--dtype", default="float32", help="zoo compute dtype (params stay float32)")
+  p.add_argument("--remat", default="none", help="zoo gradient checkpointing: none|block|full")
+  p.add_argument("--loss_impl", default="reference")
+  p.add_argument("--context_length", type=int, default=0, help="0 = the model's")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--threads", type=int, default=0,
+                 help="CPU cores for both frameworks (default: all this process may use)")
+  p.add_argument("--profile", action="store_true", help="time the pieces of zoo's step")
+  p.add_argument("--no_torch", action="store_true", help="skip the open_clip baseline")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "results", "train_throughput.json"))
+  return p.parse_args(argv)
 
 
 def device_peak(device) -> float | None:
   kind = getattr(device, "device_kind", "")
-  for name, peak in PEAK_FLOPS.items():
+  for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
     if name.lower() in kind.lower():
       return peak
   return None
 
 
-def time_zoo(args) -> dict:
-  import jax
+def make_batch(args, image_size: int, length: int):
   import numpy as np
+
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 49000, size=(args.batch, length)).astype(np.int32)
+  tokens[:, 0] = 49406
+  tokens[np.arange(args.batch), rng.integers(3, length, size=args.batch)] = 49407  # EOT
+  images = rng.standard_normal((args.batch, image_size, image_size, 3), dtype=np.float32)
+  return {"image": images, "tokens": tokens}
+
+
+def timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def build_zoo(args):
+  """(step() -> None, flops per step, zoo config, trainer, host batch, {"state": live state})."""
+  import jax
 
   from configs import base
   from zoo import sharding, train_lib
 
   c = base.base_config()
-  c.model, c.batch_size, c.dtype = args.model, args.batch, args.dtype
-  c.total_steps, c.warmup_steps = 10_000, 10
+  c.model, c.batch_size, c.dtype, c.remat = args.model, args.batch, args.dtype, args.remat
+  c.context_length = args.context_length
+  c.total_steps, c.warmup_steps = 100_000, 10
   c.loss.impl = args.loss_impl
-  mesh = sharding.make_mesh(data=1, fsdp=-1)
-  trainer = train_lib.build_trainer(c, mesh)
+  trainer = train_lib.build_trainer(c, sharding.make_mesh(data=1, fsdp=-1))
   mc = trainer.model().config
-  rng = np.random.default_rng(0)
-  size, length = mc.vision.image_size, mc.text.context_length
-  batch = {"image": rng.normal(size=(args.batch, size, size, 3)).astype(np.float32),
-           "tokens": rng.integers(1, 49000, size=(args.batch, length)).astype(np.int32)}
-  batch["tokens"][:, -1] = 49407
-  gbatch = sharding.host_to_global(batch, mesh)
-  compiled = trainer.step_fn.lower(trainer.state, gbatch).compile()
-  cost = compiled.cost_analysis()
+  batch = make_batch(args, mc.vision.image_size, args.context_length or mc.text.context_length)
+  gbatch = sharding.host_to_global(batch, trainer.mesh)
+  cost = trainer.step_fn.lower(trainer.state, gbatch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  state = trainer.state
-  for _ in range(args.warmup):
-    state, m = trainer.step_fn(state, gbatch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, m = trainer.step_fn(state, gbatch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
-  out = {"samples_per_sec": args.batch / step_s, "step_seconds": step_s,
-         "flops_per_step": flops, "devices": jax.device_count(),
-         "device_kind": jax.devices()[0].device_kind}
-  peak = device_peak(jax.devices()[0])
-  if peak and flops:
-    out["mfu"] = flops / step_s / (peak * jax.device_count())
-  return out
+  holder = {"state": trainer.state}
+
+  def step():
+    holder["state"], metrics = trainer.step_fn(
+        holder["state"], sharding.host_to_global(batch, trainer.mesh))
+    jax.block_until_ready(metrics)
+
+  return step, flops, c, trainer, batch, holder
 
 
-def time_open_clip(args) -> dict | None:
-  try:
-    import open_clip
-    import torch
-  except ImportError:
-    return None
+def build_open_clip(args, c, batch, threads: int):
   import numpy as np
+  import open_clip
+  import torch
 
   from zoo import registry
 
-  if args.model not in open_clip.list_models():
-    return None
-  cfg = registry.get_model_config(args.model)
+  torch.set_num_threads(threads)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  model = open_clip.create_model(args.model, pretrained=None)
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
-                          weight_decay=0.2)
+  if args.model in open_clip.list_models() and not args.context_length:
+    model = open_clip.create_model(args.model, pretrained=None, output_dict=True)
+  else:  # a zoo-only architecture (e.g. demo-tiny) or another context length: same dims
+    mc = registry.get_model_config(args.model)
+    v, t = mc.vision, mc.text
+    model = open_clip.CLIP(
+        mc.embed_dim, quick_gelu=mc.quick_gelu, output_dict=True,
+        vision_cfg=dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+                        layers=v.layers, head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio),
+        text_cfg=dict(context_length=args.context_length or t.context_length,
+                      vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers,
+                      mlp_ratio=t.mlp_ratio))
+  model = model.to(dev).train()
+  no_decay = ("token_embedding", "positional_embedding", "class_embedding", "logit_scale")
+  decay = [p for n, p in model.named_parameters()
+           if p.ndim >= 2 and not any(k in n for k in no_decay) and not n.endswith("bias")]
+  decay_ids = {id(p) for p in decay}
+  rest = [p for p in model.parameters() if id(p) not in decay_ids]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                           {"params": rest, "weight_decay": 0.0}],
+                          lr=c.lr, betas=(c.b1, c.b2), eps=c.eps)
   loss_fn = open_clip.ClipLoss()
-  size, length = cfg.vision.image_size, cfg.text.context_length
-  images = torch.randn(args.batch, 3, size, size)
-  tokens = torch.randint(1, 49000, (args.batch, length))
-  tokens[:, -1] = 49407
+  images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+  tokens = torch.from_numpy(batch["tokens"].astype(np.int64))
+  autocast = (torch.autocast(dev, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+              else torch.autocast(dev, enabled=False))
 
   def step():
-    out = model(images, tokens)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-    opt.zero_grad()
+    x, t = images.to(dev), tokens.to(dev)
+    with autocast:
+      out = model(x, t)
+      loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+    opt.zero_grad(set_to_none=True)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
     opt.step()
+    with torch.no_grad():
+      model.logit_scale.clamp_(0, math.log(c.max_logit_scale))
+    if dev == "cuda":
+      torch.cuda.synchronize()
 
-  for _ in range(args.warmup):
-    step()
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
-  return {"samples_per_sec": args.batch / step_s, "step_seconds": step_s,
-          "torch_threads": torch.get_num_threads()}
+  return step, torch.get_num_threads(), dev
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--model", default="test-tiny")
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--loss_impl", default="reference")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--no_torch", action="store_true", help="skip the open_clip baseline")
-  p.add_argument("--out", default="bench/results/train_throughput.json")
-  args = p.parse_args()
-  result = {"args": vars(args), "zoo": time_zoo(args)}
+def build_matmul_probe():
+  """() -> FLOP/s of a jitted MATMUL_N^2 float32 matmul (best of 3 back-to-back runs)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (MATMUL_N, MATMUL_N), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(a))
+
+  def probe() -> float:
+    return 2 * MATMUL_N ** 3 / min(timed(lambda: jax.block_until_ready(mm(a))) for _ in range(3))
+
+  return probe
+
+
+def profile_pieces(trainer, state, batch, reps: int = 3) -> dict[str, float]:
+  """Median seconds of the pieces of zoo's step: host->device, forward (loss), forward +
+  backward (value_and_grad), optimizer update (+ clamp)."""
+  import jax
+  import optax
+  from flax import nnx
+
+  from zoo import sharding, train_lib
+
+  family, config, mesh = trainer.family, trainer.config, trainer.mesh
+  ctx = train_lib.LossContext(config=config, mesh=mesh, impl=config.loss.impl)
+  rng = jax.random.key(0)
+
+  def loss_fn(params, batch):
+    model = nnx.merge(trainer.graphdef, params, trainer.rest)
+    return family.loss(family.forward(model, batch, rng), batch, ctx)[0]
+
+  fwd = jax.jit(loss_fn)
+  fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))
+
+  def update(grads, opt_state, params):
+    updates, opt_state = trainer.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return train_lib.clamp_logit_scale(params, config.max_logit_scale), opt_state
+
+  opt = jax.jit(update)
+  params, opt_state = state["params"], state["opt_state"]
+  gbatch = sharding.host_to_global(batch, mesh)
+  grads = fwd_bwd(params, gbatch)[1]
+  pieces = {
+      "host_to_device": lambda: jax.block_until_ready(sharding.host_to_global(batch, mesh)),
+      "forward_loss": lambda: jax.block_until_ready(fwd(params, gbatch)),
+      "forward_backward": lambda: jax.block_until_ready(fwd_bwd(params, gbatch)),
+      "optimizer_update": lambda: jax.block_until_ready(opt(grads, opt_state, params)),
+  }
+  out = {}
+  for name, fn in pieces.items():
+    fn()
+    out[name] = statistics.median(timed(fn) for _ in range(reps))
+  return out
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  threads = pin_threads(args.threads)
+  import jax
+
+  load_before = os.getloadavg()
+  zoo_step, flops, c, trainer, batch, live = build_zoo(args)
+  backend = jax.default_backend()
+  probe = build_matmul_probe() if backend == "cpu" else None
+  torch_step, torch_threads, torch_dev = (None, None, None)
   if not args.no_torch:
-    result["open_clip"] = time_open_clip(args)
-  if result.get("open_clip"):
-    result["ratio_zoo_over_open_clip"] = (result["zoo"]["samples_per_sec"]
-                                          / result["open_clip"]["samples_per_sec"])
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    try:
+      torch_step, torch_threads, torch_dev = build_open_clip(args, c, batch, threads)
+    except ImportError:  # open_clip_torch is an optional extra
+      torch_step = None
+  for _ in range(args.warmup):
+    zoo_step()
+    if torch_step:
+      torch_step()
+
+  zoo_t, torch_t, peak = [], [], []
+  for _ in range(args.rounds):
+    zoo_t.append(timed(zoo_step))
+    if torch_step:
+      torch_t.append(timed(torch_step))
+    if probe:
+      peak.append(probe())
+  zoo_med = statistics.median(zoo_t)
+  zoo_fps = [flops / t for t in zoo_t]
+  result = {
+      "model": args.model, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
+      "rounds": args.rounds, "threads": threads, "backend": backend,
+      "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+      "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+      "loadavg_before": load_before,
+      "zoo": {"samples_per_sec": args.batch / zoo_med, "step_seconds": zoo_med,
+              "step_times_s": zoo_t, "flops_per_step": flops,
+              "flops_per_sec": flops / zoo_med},
+  }
+  if probe:
+    # Per round: zoo's FLOP/s over the matmul probe's FLOP/s in the same round.
+    result["matmul_peak_flops_per_sec"] = statistics.median(peak)
+    result["matmul_peak_per_round"] = peak
+    result["zoo"]["fraction_of_matmul_peak"] = statistics.median(
+        f / p for f, p in zip(zoo_fps, peak))
+  else:
+    spec = device_peak(jax.devices()[0])
+    if spec:
+      result["spec_peak_flops_per_sec"] = spec * jax.device_count()
+      result["zoo"]["mfu"] = flops / zoo_med / result["spec_peak_flops_per_sec"]
+  if torch_step:
+    torch_med = statistics.median(torch_t)
+    result["open_clip"] = {"samples_per_sec": args.batch / torch_med, "step_seconds": torch_med,
+                           "step_times_s": torch_t, "torch_threads": torch_threads,
+                           "device": torch_dev,
+                           "flops_per_sec_at_zoo_flops": flops / torch_med}
+    result["ratio_zoo_over_open_clip"] = statistics.median(
+        t / z for z, t in zip(zoo_t, torch_t))
+    result["ratio_of_medians"] = torch_med / zoo_med
+    if probe:
+      result["open_clip"]["fraction_of_matmul_peak"] = statistics.median(
+          flops / t / p for t, p in zip(torch_t, peak))
+  if args.profile:
+    result["zoo"]["profile_seconds"] = profile_pieces(trainer, live["state"], batch)
+  result["loadavg_after"] = os.getloadavg()
+
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
   z = result["zoo"]
-  print(f"zoo       {z['samples_per_sec']:10.1f} samples/s  ({z['step_seconds'] * 1e3:.1f} ms/step,"
-        f" {z['flops_per_step'] / 1e9:.2f} GFLOP/step" +
-        (f", MFU {z['mfu']:.1%}" if "mfu" in z else "") + ")")
-  if result.get("open_clip"):
+  print(f"{args.model} batch {args.batch} {args.dtype} remat={args.remat} on {backend}, "
+        f"{threads} threads (JAX and torch), {args.rounds} alternating rounds, load avg "
+        f"{load_before[0]:.2f} -> {result['loadavg_after'][0]:.2f}")
+  line = (f"  zoo       {z['samples_per_sec']:8.2f} samples/s  {zoo_med * 1e3:8.1f} ms/step  "
+          f"{flops / 1e9:8.1f} GFLOP/step  {z['flops_per_sec'] / 1e9:7.1f} GFLOP/s")
+  if "fraction_of_matmul_peak" in z:
+    line += (f"  = {z['fraction_of_matmul_peak']:.0%} of the matmul peak "
+             f"({result['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s, {MATMUL_N}^2 fp32)")
+  elif "mfu" in z:
+    line += f"  MFU {z['mfu']:.1%}"
+  print(line)
+  if torch_step:
     o = result["open_clip"]
-    print(f"open_clip {o['samples_per_sec']:10.1f} samples/s  ({o['step_seconds'] * 1e3:.1f} ms/step)")
-    print(f"ratio zoo/open_clip: {result['ratio_zoo_over_open_clip']:.2f}x")
+    line = (f"  open_clip {o['samples_per_sec']:8.2f} samples/s  "
+            f"{o['step_seconds'] * 1e3:8.1f} ms/step  ({o['torch_threads']} torch threads)")
+    if "fraction_of_matmul_peak" in o:
+      line += f"  {o['fraction_of_matmul_peak']:.0%} of the matmul peak at zoo's FLOPs"
+    print(line)
+    print(f"  ratio zoo/open_clip {result['ratio_zoo_over_open_clip']:.2f}x (median of per-round "
+          f"ratios; ratio of medians {result['ratio_of_medians']:.2f}x)")
+  if args.profile:
+    print("  zoo step pieces (s): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in z["profile_seconds"].items()))
   print(f"wrote {args.out}")
+  return result
 
 
 if __name__ == "__main__":

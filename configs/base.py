@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer = ""  # "" = the model's own tokenizer
   c.context_length = 0  # 0 = the model's context length
   c.dtype = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators; params fp32
+  c.remat = "none"  # gradient checkpointing of each residual block: none | block | full
   c.seed = 0
 
   c.batch_size = 128  # global, over all hosts and devices

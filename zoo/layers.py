@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -29,8 +30,11 @@ def quick_gelu(x: Array) -> Array:
 
 
 def gelu(x: Array) -> Array:
-  """Exact (erf) GELU, as torch.nn.GELU()."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as torch.nn.GELU(): x/2 (1 + erf(x/sqrt 2)), torch's own formula.
+
+  (jax.nn.gelu goes through erfc, which XLA:CPU evaluates several times slower than erf.)
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)).astype(x.dtype))
 
 
 def get_activation(quick: bool) -> Callable[[Array], Array]:
@@ -70,17 +74,42 @@ class Linear(nnx.Module):
     self.kernel_lora = nnx.data(None)
 
   def __call__(self, x: Array) -> Array:
-    x = x.astype(self.dtype)
+    # A 2-D matmul: XLA:CPU maps its backward (dx, dkernel) onto plain GEMMs, where a dot
+    # over [B, L, W] contracts two axes for dkernel and materializes transposed copies.
+    lead = x.shape[:-1]
+    x = x.astype(self.dtype).reshape(-1, x.shape[-1])
     y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.kernel_lora is not None:
       y = y + self.kernel_lora(x)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y
+    return y.reshape(*lead, y.shape[-1])
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None,
+                          is_causal: bool = False) -> Array:
+  """softmax(q k^T / sqrt(Dh)) v for q, k, v [B, L, H, Dh] -> [B, L, H, Dh].
+
+  The same math as jax.nn.dot_product_attention's XLA path (float32 logits and softmax), but
+  the heads are moved next to the batch once, so both batched matmuls (and their gradients)
+  have their batch axes leading and XLA:CPU adds no per-dot transposes. `mask` broadcasts to
+  [B, H, L, L] (True = attend).
+  """
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * np.float32(q.shape[-1] ** -0.5)
+  if is_causal:
+    n_q, n_k = logits.shape[-2:]
+    causal = jnp.arange(n_q)[:, None] >= jnp.arange(n_k)[None, :]
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  if mask is not None:
+    logits = jnp.where(mask, logits, np.float32(-0.7 * np.finfo(np.float32).max))
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection, via jax.nn.dot_product_attention.
+  """Multi-head self-attention with a fused qkv projection (see `dot_product_attention`).
 
   qkv kernel [W, 3, H, Dh] and out kernel [H, Dh, W] keep heads on their own axis so tensor
   parallelism can shard them. `qkv_lora` / `out_lora` (zoo.peft.LoRA, attached by
@@ -106,17 +135,21 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
     """x [B, L, W]; mask broadcastable to [B, H, L, L] (True = attend)."""
     dt = self.dtype
-    x = x.astype(dt)
-    qkv = jnp.einsum("bld,dthk->tblhk", x, self.qkv_kernel[...].astype(dt))
+    b, length, width = x.shape
+    # Projections over the flattened tokens [B*L, W], output in the kernels' own axis order:
+    # one contracting axis each way, so forward and backward are plain GEMMs (no transposes).
+    x = x.astype(dt).reshape(b * length, width)
+    qkv = jnp.einsum("nd,dthk->nthk", x, self.qkv_kernel[...].astype(dt))
     if self.qkv_lora is not None:
-      delta = self.qkv_lora(x).reshape(*x.shape[:-1], 3, self.heads, self.head_dim)
-      qkv = qkv + jnp.moveaxis(delta, -3, 0)
-    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    heads = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], mask=mask, is_causal=is_causal)
-    out = jnp.einsum("blhk,hkd->bld", heads, self.out_kernel[...].astype(dt))
+      qkv = qkv + self.qkv_lora(x).reshape(qkv.shape)
+    qkv = (qkv + self.qkv_bias[...].astype(dt)).reshape(b, length, *qkv.shape[1:])
+    heads = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask,
+                                  is_causal=is_causal)
+    heads = heads.reshape(b * length, self.heads, self.head_dim)
+    out = jnp.einsum("nhk,hkd->nd", heads, self.out_kernel[...].astype(dt))
     if self.out_lora is not None:
-      out = out + self.out_lora(heads.reshape(*heads.shape[:-2], -1))
-    return out + self.out_bias[...].astype(dt)
+      out = out + self.out_lora(heads.reshape(b * length, -1))
+    return (out + self.out_bias[...].astype(dt)).reshape(b, length, -1)
 
 
 class MLP(nnx.Module):
@@ -155,12 +188,33 @@ class ResidualBlock(nnx.Module):
     return x + self.mlp(self.ln_2(x)).astype(x.dtype)
 
 
+# Gradient checkpointing of each residual block: what its backward may keep from the forward.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    # Keep the matmul outputs (projections, MLP); recompute norms, GELU, softmax, attention.
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep nothing but the block's input: the whole block forward runs again in the backward.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+REMAT_MODES = ("none", *REMAT_POLICIES)
+
+
+def check_remat(mode: str) -> str:
+  if mode not in REMAT_MODES:
+    raise ValueError(f"unknown remat {mode!r}; expected one of {', '.join(REMAT_MODES)}")
+  return mode
+
+
 class Transformer(nnx.Module):
-  """A stack of residual blocks (a python list so each block can be converted/replaced)."""
+  """A stack of residual blocks (a python list so each block can be converted/replaced).
+
+  `remat` ('none' | 'block' | 'full', see REMAT_POLICIES) wraps each block in nnx.remat:
+  activations inside a block are recomputed in the backward instead of stored.
+  """
 
   def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, *,
                quick_gelu: bool = False, eps: float = 1e-5, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
+    self.remat = check_remat(remat)
     self.resblocks = nnx.List([
         ResidualBlock(width, heads, mlp_ratio, quick_gelu=quick_gelu, eps=eps,
                       layers_for_init=layers, dtype=dtype, rngs=rngs)
@@ -168,9 +222,25 @@ class Transformer(nnx.Module):
     ])
 
   def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
+    def run(block: nnx.Module, x: Array) -> Array:
+      return block(x, mask=mask, is_causal=is_causal)
+
+    if self.remat != "none":
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     for block in self.resblocks:
-      x = block(x, mask=mask, is_causal=is_causal)
+      x = run(block, x)
     return x
+
+
+def set_remat(model: nnx.Module, mode: str) -> int:
+  """Sets `remat` on every Transformer inside `model` (any family); returns how many."""
+  check_remat(mode)
+  found = 0
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Transformer):
+      node.remat = mode
+      found += 1
+  return found
 
 
 class AttentionPool(nnx.Module):

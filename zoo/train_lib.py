@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from zoo import config_utils, families, pretrained, sharding
+from zoo import config_utils, families, layers, pretrained, sharding
 from zoo.families import base as family_base
 
 Array = jax.Array
@@ -269,6 +269,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     from zoo import peft
 
     trainable = peft.is_lora_path  # LoRA: only the adapters train
+  layers.set_remat(model, config.get("remat", "none"))  # gradient checkpointing per block
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   param_sh = sharding.state_shardings(params, mesh)
   params = sharding.shard_state(params, param_sh)

@@ -60,8 +60,9 @@ class VisionTransformer(nnx.Module):
     p = self.cfg.patch_size
     if h % p or w % p or c != 3:
       raise ValueError(f"images must be [B, H, W, 3] with H, W multiples of {p}; got {images.shape}")
-    x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.patch_kernel[...].astype(self.dtype))
+    # Patches as rows [B*gh*gw, p*p*3] times the kernel [p*p*3, width]: one plain GEMM.
+    x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(-1, p * p * c) @ self.patch_kernel[...].astype(self.dtype).reshape(p * p * c, -1)
     if self.patch_bias is not None:
       x = x + self.patch_bias[...].astype(self.dtype)
     return x.reshape(b, (h // p) * (w // p), -1)
