@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -45,9 +46,8 @@ def read_state_dict(path: str) -> dict[str, Any]:
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # TorchScript archives (OpenAI .pt) and pickled objects land here
-      raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) ({e}); "
-                       "re-save it as a plain state dict or safetensors (zoo never unpickles)"
-                       ) from e
+      raise ValueError(f"{path} is not a plain tensor file ({_refusal_reason(e)}); re-save it "
+                       "as a plain state dict or safetensors (zoo never unpickles)") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
       obj = obj["state_dict"]  # open_clip training checkpoints wrap the weights
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
@@ -55,6 +55,19 @@ def read_state_dict(path: str) -> dict[str, Any]:
     return obj
   raise ValueError(f"{path}: unknown weight file type; expected .safetensors or "
                    f"{'/'.join(TORCH_SUFFIXES)}")
+
+
+def _refusal_reason(e: Exception) -> str:
+  """The one fact in torch's refusal (e.g. the global it would have had to unpickle), without
+  its advice to load the file with weights_only=False."""
+  text = str(e)
+  found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+  if found:
+    return f"it pickles the object {found.group(1)}"
+  if "TorchScript" in text or "constants.pkl" in text:
+    return "it is a TorchScript archive"
+  first = text.splitlines()[0] if text else type(e).__name__
+  return first if "weights_only" not in first else "torch.load(weights_only=True) refused it"
 
 
 def write_safetensors(state_dict: dict[str, np.ndarray], path: str,
@@ -133,12 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli() -> int:
-  """main() with input errors printed as one clear message instead of a traceback."""
-  try:
-    return main()
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"python -m zoo.convert: error: {e}", file=sys.stderr)
-    return 2
+  """main() with input errors printed as one line (exit 2) instead of a traceback."""
+  from zoo import cli
+
+  cli.quiet_logging()
+  return cli.run(main, prog="python -m zoo.convert")
 
 
 if __name__ == "__main__":
