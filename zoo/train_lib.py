@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -595,6 +597,57 @@ class _Logger:
       self.jsonl.close()
 
 
+class _CtrlC:
+  """Ctrl-C during a run: KeyboardInterrupt at once, except inside `deferred()` (checkpoint
+  writes), where the first Ctrl-C waits for the write to finish; a later one abandons it (an
+  unfinished step is never listed or restored). Installed only in the main thread, over
+  Python's default handler."""
+
+  def __init__(self):
+    self.presses = 0
+    self.depth = 0
+    self.pending = False
+    self.previous = None
+    self.silenced = False
+
+  def __enter__(self) -> "_CtrlC":
+    if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      self.previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGINT, self.previous)
+    if self.silenced:
+      logging.disable(logging.NOTSET)
+
+  def _handle(self, signum, frame) -> None:
+    self.presses += 1
+    if self.depth and self.presses == 1:
+      self.pending = True
+      return
+    if self.depth:  # abandoning a write: its library's error report is not news
+      logging.disable(logging.CRITICAL)
+      self.silenced = True
+    raise KeyboardInterrupt
+
+  def deferred(self):
+    ctrl_c = self
+
+    class _Deferred:
+      def __enter__(self):
+        ctrl_c.depth += 1
+
+      def __exit__(self, *exc):
+        ctrl_c.depth -= 1
+        if not ctrl_c.depth and ctrl_c.pending and exc[0] is None:
+          ctrl_c.pending = False
+          raise KeyboardInterrupt
+
+    return _Deferred()
+
+
 class _NonFinite(Exception):
   def __init__(self, step: int, what: str):
     super().__init__(what)
@@ -691,63 +744,69 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   steps_run = 0
   done = start
   pending = None  # the previous step's metrics, checked once the next step is dispatched
+  ctrl_c = _CtrlC()
   try:
-    try:
-      for step in range(start, total):
-        host_batch = next(data_iter)
-        host_batch = {k: v for k, v in host_batch.items() if k in trainer.family.fields}
-        if batch_fn is not None:
-          host_batch = batch_fn(host_batch)
-        batch = sharding.host_to_global(host_batch, trainer.mesh)
-        trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+    with ctrl_c:
+      try:
+        for step in range(start, total):
+          host_batch = next(data_iter)
+          host_batch = {k: v for k, v in host_batch.items() if k in trainer.family.fields}
+          if batch_fn is not None:
+            host_batch = batch_fn(host_batch)
+          batch = sharding.host_to_global(host_batch, trainer.mesh)
+          trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+          if pending is not None:
+            _check_finite(*pending, logger)
+          steps_run += 1
+          n_last += 1
+          done = step + 1
+          pending = (done, metrics)
+          postfix = None
+          if done % log_every == 0 or done == total:
+            metrics_last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t_last
+            metrics_last["samples_per_sec"] = n_last * config.batch_size / max(dt, 1e-9)
+            skipped = getattr(data_iter, "skipped", None)
+            if skipped is not None:
+              metrics_last["skipped_samples"] = float(skipped)
+            logger.scalars(done, metrics_last)
+            postfix = {"loss": f"{metrics_last['loss']:.4f}",
+                       "samples/s": f"{metrics_last['samples_per_sec']:.1f}"}
+            t_last, n_last = time.perf_counter(), 0
+          logger.progress(1, postfix)
+          losses.append(metrics["loss"])
+          save_due = done % config.checkpoint_every == 0 or done == total
+          eval_due = bool(config.eval_every) and (done % config.eval_every == 0 or done == total)
+          if save_due or eval_due or done == total:
+            _check_finite(*pending, logger)
+            pending = None
+            if not bool(_all_finite(trainer.state["params"])):
+              raise _NonFinite(done, "parameters are not finite")
+          if save_due:
+            with ctrl_c.deferred():  # Ctrl-C waits for this write (a second one abandons it)
+              saved = ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()},
+                                force=(done == total))
+            if saved:
+              log.info("step %d: saving checkpoint %s", done, ckpt.step_dir(done))
+          if eval_due:
+            eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
+                                    trainer.family)
+            if is_main:
+              eval_lib.append_metrics(workdir, done, eval_metrics)
+              logger.scalars(done, eval_metrics, prefix="eval")
+              logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
+                                                          sorted(eval_metrics.items())))
+          if on_step_end is not None:
+            on_step_end(done)
+          if stop_after is not None and steps_run >= stop_after:
+            break
         if pending is not None:
           _check_finite(*pending, logger)
-        steps_run += 1
-        n_last += 1
-        done = step + 1
-        pending = (done, metrics)
-        postfix = None
-        if done % log_every == 0 or done == total:
-          metrics_last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          dt = time.perf_counter() - t_last
-          metrics_last["samples_per_sec"] = n_last * config.batch_size / max(dt, 1e-9)
-          skipped = getattr(data_iter, "skipped", None)
-          if skipped is not None:
-            metrics_last["skipped_samples"] = float(skipped)
-          logger.scalars(done, metrics_last)
-          postfix = {"loss": f"{metrics_last['loss']:.4f}",
-                     "samples/s": f"{metrics_last['samples_per_sec']:.1f}"}
-          t_last, n_last = time.perf_counter(), 0
-        logger.progress(1, postfix)
-        losses.append(metrics["loss"])
-        save_due = done % config.checkpoint_every == 0 or done == total
-        eval_due = bool(config.eval_every) and (done % config.eval_every == 0 or done == total)
-        if save_due or eval_due or done == total:
-          _check_finite(*pending, logger)
-          pending = None
-          if not bool(_all_finite(trainer.state["params"])):
-            raise _NonFinite(done, "parameters are not finite")
-        if save_due and ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()},
-                                  force=(done == total)):
-          log.info("step %d: saving checkpoint %s", done, ckpt.step_dir(done))
-        if eval_due:
-          eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
-                                  trainer.family)
-          if is_main:
-            eval_lib.append_metrics(workdir, done, eval_metrics)
-            logger.scalars(done, eval_metrics, prefix="eval")
-            logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
-                                                        sorted(eval_metrics.items())))
-        if on_step_end is not None:
-          on_step_end(done)
-        if stop_after is not None and steps_run >= stop_after:
-          break
-      if pending is not None:
-        _check_finite(*pending, logger)
-    finally:
-      ckpt.wait()  # the in-flight checkpoint completes (a second Ctrl-C abandons it)
-      ckpt.close()
-      logger.close()
+      finally:
+        with ctrl_c.deferred():  # the in-flight checkpoint completes (a second Ctrl-C abandons it)
+          ckpt.wait()
+          ckpt.close()
+        logger.close()
   except _NonFinite as e:
     kept = checkpoint.complete_steps(ckpt_dir)
     raise cli.Diverged(
