@@ -127,3 +127,28 @@ def jax_leaves(tree):
   import jax
 
   return jax.tree.leaves(tree)
+
+
+def test_nan_scores_rank_last_in_every_metric():
+  from zoo import eval_lib
+
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(6, 4)).astype(np.float32)
+  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+  labels = np.arange(6) % 3
+  classifier = feats[:3].T.copy()
+  nan_classifier = np.full_like(classifier, np.nan)
+  zs = eval_lib.zero_shot_metrics(feats, labels, nan_classifier)
+  assert zs == {"top1": 0.0, "top5": 0.0, "mean_per_class_recall": 0.0}
+  # One NaN class column: it never outranks a number, so the others score as without it.
+  partial = classifier.copy()
+  partial[:, 2] = np.nan
+  ranks = eval_lib._stable_ranks(feats @ partial, labels)  # noqa: SLF001 - the ranking itself
+  assert (ranks[labels == 2] == 3).all()  # a NaN target is no hit at any k
+  clean = eval_lib._stable_ranks(feats @ classifier, labels)  # noqa: SLF001
+  assert (ranks[labels != 2] <= clean[labels != 2]).all()  # NaNs never outrank a number
+  r = eval_lib.retrieval_metrics(np.full_like(feats, np.nan), feats, [[i] for i in range(6)],
+                                 ks=(1,))
+  assert r == {"image_retrieval_recall@1": 0.0, "text_retrieval_recall@1": 0.0}
+  top1, n = eval_lib.babel_zeroshot_language(feats, labels, [0, 1, 2], nan_classifier)
+  assert (top1, n) == (0.0, 6)

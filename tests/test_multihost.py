@@ -52,3 +52,36 @@ def test_two_train_processes_match_one(tmp_path):
   np.testing.assert_allclose([ma[k] for k in sorted(ma)], [mb[k] for k in sorted(mb)], atol=1e-6)
   assert "zeroshot/top1" in outputs[0][0]  # process 0 prints the table
   assert os.path.isfile(os.path.join(multi, "model", "zoo_config.json"))
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+      "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, "SLURM"),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1",
+      "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, None),  # one task: a single process
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "4"},
+     "Open MPI"),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "TPU pod"),
+    ({"TPU_WORKER_HOSTNAMES": "t0"}, None),
+])
+def test_cluster_detection(monkeypatch, env, expected):
+  from zoo import train_lib
+
+  for k in list(os.environ):
+    if k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
+      monkeypatch.delenv(k)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert train_lib.cluster_environment() == expected
+
+
+def test_incomplete_multihost_settings_are_one_line_errors(monkeypatch):
+  from tests.train_utils import tiny_config
+  from zoo import cli, train_lib
+
+  for k in ("ZOO_NUM_PROCESSES", "ZOO_PROCESS_ID", "ZOO_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(k, raising=False)
+  config = tiny_config(**{"distributed.coordinator_address": "127.0.0.1:1234"})
+  with pytest.raises(cli.UserError, match="num_processes=0, process_id=-1"):
+    train_lib.maybe_initialize_distributed(config)

@@ -241,21 +241,16 @@ def zero_shot_classifier(model: nnx.Module, tokenizer: Tokenizer, class_names: S
 
 
 def _stable_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-  """Rank of column targets[i] in row i of `scores` under a stable descending sort, [Q],
-  with NaN scores after every number (a NaN never ranks first).
+  """Rank of column targets[i] in row i of `scores` under a stable descending sort, [Q];
+  NaN scores rank last: a NaN never outranks a number, and a NaN target score gets rank
+  C (= the number of columns), so it is no hit at any k.
 
-  rank = #(scores > target score) + #(scores == target score at a lower index); for a NaN
-  target: #(non-NaN scores) + #(NaN scores at a lower index).
+  rank = #(scores > target score) + #(scores == target score at a lower index).
   """
   t = np.take_along_axis(scores, targets[:, None], axis=1)
   lower = np.arange(scores.shape[1])[None, :] < targets[:, None]
-  nan = np.isnan(scores)
   ranks = (scores > t).sum(axis=1) + ((scores == t) & lower).sum(axis=1)
-  nan_target = np.isnan(t[:, 0])
-  if nan_target.any():
-    nan_ranks = (~nan).sum(axis=1) + (nan & lower).sum(axis=1)
-    ranks = np.where(nan_target, nan_ranks, ranks)
-  return ranks
+  return np.where(np.isnan(t[:, 0]), scores.shape[1], ranks)
 
 
 def zero_shot_metrics(image_features: np.ndarray, labels: np.ndarray, classifier: np.ndarray, *,

@@ -475,28 +475,29 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   dist = config.get("distributed", None) or {}
   coordinator = dist.get("coordinator_address", "") or os.environ.get("ZOO_COORDINATOR_ADDRESS",
                                                                       "")
+  launcher = cluster_environment() if coordinator in ("", "auto") else None
+  if coordinator == "" and launcher is None:
+    return  # a single process
+  kwargs = {}
+  if coordinator not in ("", "auto"):
+    num = int(dist.get("num_processes", 0) or os.environ.get("ZOO_NUM_PROCESSES", 0) or 0)
+    pid = int(dist.get("process_id", -1))
+    if pid < 0:
+      pid = int(os.environ.get("ZOO_PROCESS_ID", -1) or -1)
+    if num < 1 or not 0 <= pid < num:
+      raise cli.UserError(f"multi-process run with coordinator {coordinator}: set "
+                          "distributed.num_processes (ZOO_NUM_PROCESSES) >= 1 and "
+                          "distributed.process_id (ZOO_PROCESS_ID) in [0, num_processes); got "
+                          f"num_processes={num}, process_id={pid}")
+    kwargs = dict(coordinator_address=coordinator, num_processes=num, process_id=pid)
+  else:
+    log.info("multi-process run (%s): jax.distributed.initialize() reads the cluster's settings",
+             launcher or "coordinator_address=auto")
   # Set before the CPU backend exists (a no-op for accelerators): CPU collectives across
   # processes go through gloo. Nothing here may initialize a backend (jax.default_backend()
   # would, and jax.distributed.initialize must come first).
-  if coordinator or cluster_environment():
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator in ("", "auto"):
-    launcher = cluster_environment()
-    if coordinator == "auto" or launcher:
-      log.info("multi-process run (%s): jax.distributed.initialize() detects the cluster",
-               launcher or "auto")
-      jax.distributed.initialize()
-    return
-  num = int(dist.get("num_processes", 0) or os.environ.get("ZOO_NUM_PROCESSES", 0) or 0)
-  pid = int(dist.get("process_id", -1))
-  if pid < 0:
-    pid = int(os.environ.get("ZOO_PROCESS_ID", -1) or -1)
-  if num < 1 or not 0 <= pid < num:
-    raise cli.UserError(f"multi-process run with coordinator {coordinator}: set "
-                        "distributed.num_processes (ZOO_NUM_PROCESSES) >= 1 and "
-                        "distributed.process_id (ZOO_PROCESS_ID) in [0, num_processes); got "
-                        f"num_processes={num}, process_id={pid}")
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
