@@ -73,7 +73,9 @@ def _progress_bar(total: int, desc: str):
     return None
   from tqdm.auto import tqdm
 
-  return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+  # disable=None: only on a terminal (redrawing a nested bar in a log file adds blank lines).
+  return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5,
+              disable=None)
 
 
 # ----------------------------------------------------------------------------- encoding
