@@ -570,6 +570,8 @@ class _Logger:
       return
     if self.tb is not None:
       for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):
+          continue  # in the JSONL log as null (tensorboardX would warn about each)
         # TensorBoard tag characters; tensorboardX would rename (and log each rename) itself.
         self.tb.add_scalar(re.sub(r"[^\w./-]", "_", f"{prefix}/{k}"), v, step)
     values, bad = _finite_json(metrics)
