@@ -1,51 +1,141 @@
 """Evaluate a zoo model: zero-shot classification, retrieval (and each family's own evals).
 
-python eval.py --config configs/demo.py --workdir runs/demo     # latest training checkpoint
-python eval.py --config configs/demo.py --checkpoint DIR        # a zoo.save() directory
+python eval.py --workdir runs/demo                 # latest training checkpoint of a workdir
+python eval.py --checkpoint runs/demo/model        # a zoo.save() directory
 python eval.py --config configs/clip_vit_b16.py --pretrained ViT-B-16/laion2b_s34b_b88k
-Writes DIR/metrics.json (one record per evaluated step) and prints a table.
+Both read the config stored with the model; `--config FILE [--config.k=v]` replaces it (the
+eval data, e.g. for a converted checkpoint). Metrics go to `--output`/metrics.json (one record
+per evaluated step): by default the workdir, DIR-eval beside a --checkpoint DIR, or
+runs/eval/NAME for --pretrained (which needs --config: released weights carry no data config).
 """
+
+import os
+import re
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file (default: the config stored with the model).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (evaluates its latest checkpoint).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A zoo.save() directory to evaluate.")
-_PRETRAINED = flags.DEFINE_string("pretrained", None, "Released weights, NAME/TAG or hf-hub:ORG/REPO.")
-flags.mark_flag_as_required("config")
+_PRETRAINED = flags.DEFINE_string("pretrained", None,
+                                  "Released weights to evaluate: NAME/TAG or hf-hub:ORG/REPO.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for metrics.json (default: the workdir, "
+                              "or DIR-eval beside --checkpoint DIR).")
 
 
-def main(argv):
-  del argv
-  import os
+def _stored_config(source: str):
+  """The training config stored with the model in `source`, as a ConfigDict, for evaluation."""
+  import ml_collections
 
+  from zoo import checkpoint, cli, run_config
+
+  if _WORKDIR.value:
+    stored = run_config.read_stored(source)
+    where = os.path.join(source, run_config.CONFIG_FILE)
+  else:
+    stored = checkpoint.read_record(source).get("config")
+    where = os.path.join(source, checkpoint.CONFIG_FILE)
+  if not isinstance(stored, dict) or "data" not in stored or "model" not in stored:
+    raise cli.UserError(f"{where} holds no training config (a converted or hand-saved model?); "
+                        "pass --config configs/FILE.py to say which data to evaluate on")
+  config = ml_collections.ConfigDict(stored)
+  if "distributed" in config:
+    config.distributed.coordinator_address = ""  # the training job's; ZOO_* still apply
+  return config
+
+
+def _eval_mesh(config):
+  """The config's mesh, or all devices on `fsdp` when it does not fit this job's devices."""
+  from zoo import sharding
+
+  try:
+    return sharding.mesh_from_config(config.mesh)
+  except ValueError:
+    return sharding.make_mesh(data=1, fsdp=-1, tensor=1, expert=1)
+
+
+def _output_dir(model_dir: str | None) -> str:
+  from zoo import cli
+
+  if _OUTPUT.value:
+    out = _OUTPUT.value
+  elif _WORKDIR.value:
+    out = _WORKDIR.value
+  elif _PRETRAINED.value:
+    out = os.path.join("runs", "eval", re.sub(r"[^A-Za-z0-9._-]+", "_", _PRETRAINED.value))
+  else:
+    out = os.path.normpath(model_dir) + "-eval"
+  if model_dir and os.path.commonpath([os.path.abspath(out), os.path.abspath(model_dir)]) == \
+      os.path.abspath(model_dir):
+    raise cli.UserError(f"--output {out} is inside the model directory {model_dir}; pick "
+                        "another folder")
+  return out
+
+
+def evaluate() -> None:
   import jax
 
-  from zoo import eval_lib, pretrained, train_lib
+  from zoo import checkpoint, cli, eval_lib, pretrained, train_lib
 
-  config = _CONFIG.value
-  if not (_WORKDIR.value or _CHECKPOINT.value or _PRETRAINED.value):
-    raise app.UsageError("pass --workdir (latest training checkpoint), --checkpoint DIR or "
-                         "--pretrained NAME/TAG")
-  train_lib.maybe_initialize_distributed(config)
-  ckpt = _CHECKPOINT.value or (pretrained.checkpoint_dir(_PRETRAINED.value)
-                               if _PRETRAINED.value else None)
-  model, step, out_dir = train_lib.load_for_eval(config, workdir=_WORKDIR.value, checkpoint=ckpt)
+  sources = [s for s in (_WORKDIR.value, _CHECKPOINT.value, _PRETRAINED.value) if s]
+  if len(sources) != 1:
+    raise cli.UserError("pass one of --workdir DIR (its latest training checkpoint), "
+                        "--checkpoint DIR (a zoo.save directory) or --pretrained NAME/TAG")
+  source = sources[0]
+  if _PRETRAINED.value:
+    if _CONFIG.value is None:
+      raise cli.UserError("--pretrained needs --config configs/FILE.py (the eval data; released "
+                          "weights carry no training config)")
+    train_lib.maybe_initialize_distributed(_CONFIG.value)  # before the conversion touches JAX
+    source = pretrained.checkpoint_dir(_PRETRAINED.value)  # download + convert once, cached
+  if not os.path.isdir(source):
+    raise cli.UserError(f"{'--workdir' if _WORKDIR.value else '--checkpoint'} {source}: no such "
+                        "directory")
+  steps = checkpoint.complete_steps(os.path.join(source, "checkpoints"))
+  if _WORKDIR.value and not steps:
+    raise cli.UserError(f"--workdir {source} holds no complete checkpoint (under "
+                        f"{os.path.join(source, 'checkpoints')}); train first")
+  if not _WORKDIR.value:
+    checkpoint.read_record(source)  # one-line error for an empty / incomplete directory
+  config = _CONFIG.value if _CONFIG.value is not None else _stored_config(source)
+  if not _PRETRAINED.value:  # (done above for --pretrained)
+    train_lib.maybe_initialize_distributed(config)  # before anything touches a JAX backend
+  if _WORKDIR.value:
+    mesh = _eval_mesh(config)
+    model, step = train_lib.restore_model(config, source, steps[-1], mesh), steps[-1]
+    what, model_dir = f"step {step}", None
+  else:
+    model, _, _ = checkpoint.load(source)
+    mesh = _eval_mesh(config)
+    step = int(checkpoint.read_record(source).get("step") or 0)
+    what, model_dir = f"model {source}" + (f", trained {step} steps" if step else ""), source
+    if _PRETRAINED.value:
+      what = f"pretrained {_PRETRAINED.value}"
+  out_dir = _output_dir(model_dir)
   family = train_lib.get_family(config.get("family", "clip"))
   tokenizer = train_lib.make_tokenizer(config, model)
   eval_sets = train_lib.build_eval_sets(config, model, tokenizer)
-  mesh = train_lib.sharding.mesh_from_config(config.mesh)
   metrics = train_lib.run_eval(model, config, tokenizer, eval_sets, mesh, family)
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     records = eval_lib.language_records(metrics)  # Babel-style per-language zero-shot
-    eval_lib.append_metrics(out_dir, step, {**metrics, "per_language": records} if records else metrics)
-    print(eval_lib.format_table(metrics))
+    path = eval_lib.append_metrics(out_dir, step, {**metrics, "per_language": records}
+                                   if records else metrics, merge=bool(_WORKDIR.value))
+    print(eval_lib.format_table(metrics, title=what))
     if records:
       print(eval_lib.format_language_table(records, title="per-language zero-shot"))
-    print(f"metrics written to {os.path.join(out_dir, 'metrics.json')} (step {step})")
+    print(f"metrics written to {path} ({what})")
+
+
+def main(argv):
+  del argv
+  from zoo import cli
+
+  cli.quiet_logging()
+  cli.run(evaluate, prog="eval.py")
 
 
 if __name__ == "__main__":

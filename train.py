@@ -1,9 +1,14 @@
 """Train a zoo model: python train.py --config configs/demo.py --workdir runs/demo [--config.k=v]
 
-Restarting with the same --workdir resumes from the latest complete checkpoint.
+Restarting with the same --workdir resumes from the latest complete checkpoint (the config
+must match the stored one; see config.resume_policy). A finished workdir re-prints its final
+table. Errors are one line (exit 2; ZOO_DEBUG=1 or --verbosity=1 shows the traceback); a
+diverged run stops with exit code 1; Ctrl-C stops cleanly (exit 130).
 """
 
-from absl import app, flags, logging
+import logging
+
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -12,19 +17,27 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
+def train() -> None:
   from zoo import eval_lib, train_lib
 
   config = _CONFIG.value
-  train_lib.maybe_initialize_distributed(config)
+  train_lib.maybe_initialize_distributed(config)  # before anything touches a JAX backend
   result = train_lib.train(config, _WORKDIR.value)
-  if result["eval"] and result["trainer"] is not None:
-    import jax
+  import jax
 
-    if jax.process_index() == 0:
-      print(eval_lib.format_table(result["eval"]))
-  logging.info("finished at step %d", result["step"])
+  if jax.process_index() == 0:
+    if result["eval"]:
+      print(eval_lib.format_table(result["eval"], title=f"step {result['step']}"))
+    logging.getLogger("zoo.train").info("finished at step %d; model: %s/model", result["step"],
+                                        _WORKDIR.value.rstrip("/"))
+
+
+def main(argv):
+  del argv
+  from zoo import cli
+
+  cli.quiet_logging()
+  cli.run(train, prog="train.py")
 
 
 if __name__ == "__main__":

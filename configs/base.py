@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.eval_every = 500  # 0 = no evaluation during training
   c.log_every = 10
+  # On resume with a changed config: "check" refuses, "continue" trains on with the new
+  # values, "restart" starts a new run (the old one moves to workdir/previous/<n>).
+  c.resume_policy = "check"
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   # auto (xla on CPU, pallas on accelerators) | reference | xla | pallas

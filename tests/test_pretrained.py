@@ -394,7 +394,7 @@ def test_eval_cli_pretrained(hub, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", HF_HOME=hub["home"],
              HF_HUB_OFFLINE="1")
   r = subprocess.run([sys.executable, "eval.py", "--config", "configs/demo.py", "--pretrained",
-                      "hf-hub:zoo-test/tiny-hf", "--workdir", str(tmp_path),
+                      "hf-hub:zoo-test/tiny-hf", "--output", str(tmp_path),
                       "--config.data.eval_size=32"], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]

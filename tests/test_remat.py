@@ -18,8 +18,7 @@ import pytest
 from flax import nnx
 
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import clip as clip_lib
-from zoo import layers, losses, sharding, train_lib
+from zoo import clip as clip_lib, layers, losses, sharding, train_lib
 
 # bf16 vs fp32 over 5 train steps of test-tiny (lr 1e-3): |loss difference| per step.
 BF16_LOSS_ATOL = 2e-2

@@ -1,4 +1,5 @@
-"""Exact resume: 20 steps straight == 12 steps, SIGKILL, restart, the rest."""
+"""Exact resume: 20 steps straight == 12 steps, SIGKILL, restart, the rest; and the config
+check on resume (refuse / continue / restart) through train.py."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.cli_run import TINY, lines, run, strict_json_lines
 from tests.train_utils import tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
@@ -73,3 +75,89 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 
   for x, y in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------- config on resume
+# Through the command line: the finished tiny run is resumed with other values.
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("resume") / "run")
+  proc = run("train.py", *TINY, "--workdir", workdir, "--config.eval_every=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _copy(src, tmp_path):
+  import shutil
+
+  dst = str(tmp_path / "run")
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_resume_refuses_changed_config(finished_run):
+  stored = open(os.path.join(finished_run, "config.json")).read()
+  proc = run("train.py", *TINY, "--workdir", finished_run, "--config.eval_every=0",
+             "--config.batch_size=16", "--config.total_steps=6")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  err = lines(proc.stderr)
+  assert len(err) == 1 and "Traceback" not in proc.stderr, err
+  assert "batch_size: 8 -> 16" in err[0] and "total_steps: 4 -> 6" in err[0], err
+  assert "resume_policy=continue" in err[0] and "resume_policy=restart" in err[0]
+  assert open(os.path.join(finished_run, "config.json")).read() == stored
+
+
+def test_resume_continue_extends_schedule_keeping_its_past(finished_run, tmp_path):
+  from zoo import run_config
+
+  workdir = _copy(finished_run, tmp_path)
+  proc = run("train.py", *TINY, "--workdir", workdir, "--config.eval_every=0",
+             "--config.total_steps=6", "--config.resume_policy=continue")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert any("resume_policy=continue at step 4: total_steps: 4 -> 6" in x
+             for x in lines(proc.stderr)), proc.stderr[-3000:]
+  lr = {r["step"]: r["lr"] for r in strict_json_lines(os.path.join(workdir, "train_log.jsonl"))
+        if r["prefix"] == "train"}
+  assert sorted(lr) == [1, 2, 3, 4, 5, 6]
+  old = run_config.warmup_cosine(1e-3, 1, 4)  # demo lr, warmup_steps=1, the first total_steps
+  new = run_config.warmup_cosine(1e-3, 1, 6)
+  for step in (1, 2, 3, 4):  # logged before the change (lr of the step's update, index step-1)
+    np.testing.assert_allclose(lr[step], float(old(step - 1)), rtol=1e-6)
+  for step in (5, 6):
+    np.testing.assert_allclose(lr[step], float(new(step - 1)), rtol=1e-6)
+  stored = json.load(open(os.path.join(workdir, "config.json")))
+  assert stored["total_steps"] == 6 and stored["schedule_history"][0]["until"] == 4
+  # The stored schedule keeps the past: steps before 4 follow the first schedule.
+  sched = run_config.schedule(stored)
+  np.testing.assert_allclose([float(sched(s)) for s in range(6)],
+                             [float(old(s)) for s in range(4)] + [float(new(s)) for s in (4, 5)],
+                             rtol=1e-6)
+
+
+def test_resume_restart_moves_old_run_aside(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  proc = run("train.py", *TINY, "--workdir", workdir, "--config.eval_every=0",
+             "--config.batch_size=16", "--config.total_steps=2", "--config.resume_policy=restart")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  old = os.path.join(workdir, "previous", "1")
+  assert sorted(os.listdir(os.path.join(old, "checkpoints"))) == ["2", "4"]
+  assert json.load(open(os.path.join(old, "config.json")))["batch_size"] == 8
+  assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 16
+  steps = [r["step"] for r in strict_json_lines(os.path.join(workdir, "train_log.jsonl"))]
+  assert steps == [1, 2]  # a new run from step 0
+
+
+def test_config_changes_ignore_placement_and_logging():
+  from zoo import run_config
+
+  a = resume_config()
+  b = resume_config()
+  b.mesh.fsdp = 4
+  b.log_every = 7
+  b.checkpoint_every = 3
+  b.data.eval_size = 5
+  assert run_config.changes(a, b) == []
+  b.seed = 1
+  b.data.size = 10
+  assert run_config.changes(a, b) == [("data.size", 200, 10), ("seed", 0, 1)]

@@ -188,8 +188,9 @@ def verify_files(directory: str | os.PathLike) -> None:
 
 
 def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
-         overwrite: bool = False) -> str:
-  """Writes `model` (weights + its config) and an optional user/train `config` to `directory`.
+         overwrite: bool = False, step: int | None = None) -> str:
+  """Writes `model` (weights + its config) and an optional user/train `config` to `directory`
+  (and the train `step` it was exported at, when given).
 
   The write is atomic: everything goes to `<directory>.zoo-tmp` and is renamed into place, so
   an interrupted save never leaves a loadable half-checkpoint. Returns the directory path.
@@ -224,6 +225,8 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
         "config": _to_jsonable(config) if config is not None else None,
         "files": _file_manifest(os.path.join(tmp, WEIGHTS_DIR)),
     }
+    if step is not None:
+      record["step"] = int(step)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(record, f, indent=2)
     if os.path.exists(directory):
@@ -405,6 +408,47 @@ def _preprocess(model_config: Any, transforms: Any):
 # ----------------------------------------------------------------------------- training
 
 
+def is_complete_step(step_dir: str | os.PathLike) -> bool:
+  """A train-checkpoint step directory was fully written and finalized."""
+  path = os.fspath(step_dir)
+  return (_is_complete_orbax_dir(path)
+          and all(os.path.isdir(os.path.join(path, item)) for item in ("state", "extra")))
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+  """Complete steps of a train-checkpoint directory, ascending ([] when it does not exist)."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return []
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  return sorted(s for s in steps if is_complete_step(os.path.join(directory, str(s))))
+
+
+def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any) -> Any:
+  """Only the parameters of train-checkpoint `step` under `directory` (what
+  `TrainCheckpointer` wrote), read into `abstract_params`' shapes and shardings (a pytree of
+  `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, e.g. an `nnx.State`). The optimizer
+  state is not read, so no optimizer or train state has to be built."""
+  step_dir = os.path.join(os.path.abspath(os.fspath(directory)), str(int(step)))
+  if not is_complete_step(step_dir):
+    raise CheckpointError(f"step {step} under {directory} is missing or incomplete; complete "
+                          f"steps: {complete_steps(directory) or 'none'}")
+  item = {"params": abstract_params}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    restored = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:
+    raise CheckpointError(f"restoring the parameters of step {step} from {step_dir} failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "the model config differs from the one trained, or the files are "
+                          "damaged") from e
+  finally:
+    checkpointer.close()
+  return restored["params"]
+
+
 class TrainCheckpointer:
   """Orbax CheckpointManager for the train loop: state pytree + JSON extra per step.
 
@@ -432,16 +476,11 @@ class TrainCheckpointer:
 
   def is_complete(self, step: int) -> bool:
     """Step `step` was fully written and finalized (never true for a half-written step)."""
-    path = self.step_dir(step)
-    return (_is_complete_orbax_dir(path)
-            and all(os.path.isdir(os.path.join(path, item)) for item in ("state", "extra")))
+    return is_complete_step(self.step_dir(step))
 
   def all_steps(self) -> list[int]:
     """Complete steps on disk, ascending (temporary / uncommitted directories are skipped)."""
-    if not os.path.isdir(self.directory):
-      return []
-    steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
-    return sorted(s for s in steps if self.is_complete(s))
+    return complete_steps(self.directory)
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()

@@ -60,11 +60,17 @@ def parse_flags(argv: list[str], flag: str = "config") -> list[str]:
     try:
       check_overrides(load_config_file(path), argv, flag)
     except (ValueError, FileNotFoundError) as e:
-      sys.exit(f"error: {e}")
+      _usage_error(e)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {e}")
+    _usage_error(e)
+
+
+def _usage_error(e: Exception) -> None:
+  """One line on stderr, exit code 2 (as every zoo command line's user errors)."""
+  print(f"error: {e}", file=sys.stderr)
+  sys.exit(2)
 
 
 def section(config: ml_collections.ConfigDict, name: str, defaults: Mapping[str, Any]

@@ -6,7 +6,8 @@ Conventions follow open_clip / CLIP_benchmark (see REFERENCES.md, "Evaluation co
 * Zero-shot classifier: per class, normalize each template's text embedding, average over the
   templates, re-normalize. Logits are `100 * image_features @ classifier`.
 * Ranking ties are broken by index (lower index ranks first), i.e. the order of a stable
-  descending sort; `top1` therefore agrees with `np.argmax`.
+  descending sort; `top1` therefore agrees with `np.argmax`. NaN scores rank last.
+* A model whose features are not finite is refused (`NonFiniteError`), not scored.
 * Retrieval: `image_retrieval_recall@k` = a text query finds one of its images in its top k;
   `text_retrieval_recall@k` = an image query finds any of its positive texts in its top k.
 
@@ -53,6 +54,26 @@ Evaluator = Callable[..., dict[str, float]]
 BATCH_AXES = sharding.BATCH_AXES  # mesh axes the eval batch is sharded over, as in training
 ZERO_SHOT_LOGIT_SCALE = 100.0
 METRICS_FILE = "metrics.json"
+_PROGRESS = {"enabled": True}
+
+
+class NonFiniteError(ValueError):
+  """The model produced NaN / inf features: its weights are broken (e.g. a diverged run)."""
+
+
+def set_progress(enabled: bool) -> None:
+  """Progress bars while encoding (on by default, on process 0 only)."""
+  _PROGRESS["enabled"] = bool(enabled)
+
+
+def _progress_bar(total: int, desc: str):
+  if not _PROGRESS["enabled"] or jax.process_index() != 0 or total < 2:
+    return None
+  from tqdm.auto import tqdm
+
+  # disable=None: only on a terminal (redrawing a nested bar in a log file adds blank lines).
+  return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5,
+              disable=None)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -152,10 +173,23 @@ def encode_batched(model: nnx.Module, inputs: Any, method: str, *, batch_size: i
         batch)
 
   outputs = []
-  for start in range(0, n, bs):
-    chunk = jax.tree.map(lambda a: _pad_rows(a[start:start + bs], bs), inputs)
-    outputs.append((_encode_batch(graphdef, state, put(chunk), method), min(bs, n - start)))
-  return np.concatenate([_to_numpy(out)[:valid] for out, valid in outputs], axis=0)
+  bar = _progress_bar(-(-n // bs), f"{method.replace('_', ' ')}s ({n})")
+  try:
+    for start in range(0, n, bs):
+      chunk = jax.tree.map(lambda a: _pad_rows(a[start:start + bs], bs), inputs)
+      outputs.append((_encode_batch(graphdef, state, put(chunk), method), min(bs, n - start)))
+      if bar is not None:
+        bar.update(1)
+    feats = np.concatenate([_to_numpy(out)[:valid] for out, valid in outputs], axis=0)
+  finally:
+    if bar is not None:
+      bar.close()
+  finite = np.isfinite(feats).all(axis=1)
+  if not finite.all():
+    raise NonFiniteError(f"{type(model).__name__}.{method} gave non-finite features for "
+                         f"{int((~finite).sum())} of {n} inputs: the model's weights are NaN/inf "
+                         "(a diverged run?); refusing to score it")
+  return feats
 
 
 def encode_images(model: nnx.Module, images: np.ndarray, batch_size: int = 256,
@@ -206,14 +240,17 @@ def zero_shot_classifier(model: nnx.Module, tokenizer: Tokenizer, class_names: S
   return np.ascontiguousarray(emb.T.astype(np.float32))
 
 
-def _stable_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-  """Rank of column targets[i] in row i of `scores` under a stable descending sort, [Q].
+def stable_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """Rank of column targets[i] in row i of `scores` under a stable descending sort, [Q];
+  NaN scores rank last: a NaN never outranks a number, and a NaN target score gets rank
+  C (= the number of columns), so it is no hit at any k.
 
   rank = #(scores > target score) + #(scores == target score at a lower index).
   """
   t = np.take_along_axis(scores, targets[:, None], axis=1)
   lower = np.arange(scores.shape[1])[None, :] < targets[:, None]
-  return (scores > t).sum(axis=1) + ((scores == t) & lower).sum(axis=1)
+  ranks = (scores > t).sum(axis=1) + ((scores == t) & lower).sum(axis=1)
+  return np.where(np.isnan(t[:, 0]), scores.shape[1], ranks)
 
 
 def zero_shot_metrics(image_features: np.ndarray, labels: np.ndarray, classifier: np.ndarray, *,
@@ -237,7 +274,7 @@ def zero_shot_metrics(image_features: np.ndarray, labels: np.ndarray, classifier
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
   logits = logit_scale * (image_features @ classifier)
-  ranks = _stable_ranks(logits, labels.astype(np.int64))
+  ranks = stable_ranks(logits, labels.astype(np.int64))
   correct = ranks == 0
   present = np.unique(labels)
   recalls = [correct[labels == c].mean() for c in present]
@@ -260,7 +297,7 @@ def _best_positive_ranks(scores: np.ndarray, positives: list[list[int]],
   best = np.empty(q, np.int64)
   for s in range(0, q, chunk):  # bounded memory for large query sets
     block, pb = scores[s:s + chunk], pos[s:s + chunk]
-    ranks = np.stack([_stable_ranks(block, pb[:, j]) for j in range(width)], axis=1)
+    ranks = np.stack([stable_ranks(block, pb[:, j]) for j in range(width)], axis=1)
     best[s:s + chunk] = ranks.min(axis=1)
   return best
 
@@ -433,8 +470,11 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _jsonable(value: Any) -> Any:
+  """Plain python; a non-finite float becomes None (metrics.json stays strict JSON)."""
   if isinstance(value, (np.generic, jax.Array)):
     value = np.asarray(value).item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
   return value
 
 
@@ -458,6 +498,9 @@ def append_metrics(workdir: str | os.PathLike, step: int, metrics: Mapping[str, 
   payload = json.dumps([records[s] for s in sorted(records)], indent=1)
   fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=workdir)
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a metrics file is for everyone
     with os.fdopen(fd, "w") as f:
       f.write(payload + "\n")
       f.flush()

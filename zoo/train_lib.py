@@ -12,7 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -23,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from zoo import config_utils, families, layers, pretrained, sharding
+from zoo import cli, config_utils, families, layers, pretrained, run_config, sharding
 from zoo.families import base as family_base
 
 Array = jax.Array
@@ -90,10 +94,8 @@ def decay_mask(params: PyTree) -> PyTree:
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  warmup = min(config.warmup_steps, max(config.total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
-                                            max(config.total_steps, warmup + 1),
-                                            end_value=config.get("end_lr", 0.0))
+  """Warmup + cosine; a resumed run with a changed schedule keeps its past (run_config)."""
+  return run_config.schedule(config)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: PyTree,
@@ -370,20 +372,97 @@ def run_eval(trainer_or_model, config: ml_collections.ConfigDict, tokenizer, eva
 # ----------------------------------------------------------------------------- the loop
 
 
+def cluster_environment() -> str | None:
+  """The multi-process launcher `jax.distributed.initialize()` detects by itself (SLURM with
+  several tasks, Open MPI's mpirun, a TPU pod), or None for a single process."""
+  env = os.environ
+
+  def count(name: str) -> int:
+    value = env.get(name, "")
+    return int(value) if value.isdigit() else 1
+
+  if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID",
+                            "SLURM_LOCALID")) and count("SLURM_NTASKS") > 1:
+    return "SLURM"
+  if "OMPI_MCA_orte_hnp_uri" in env and count("OMPI_COMM_WORLD_SIZE") > 1:
+    return "Open MPI"
+  hosts = env.get("TPU_PROCESS_ADDRESSES", "") or env.get("TPU_WORKER_HOSTNAMES", "")
+  if len([h for h in hosts.split(",") if h]) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "TPU pod"
+  return None
+
+
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """jax.distributed.initialize from config.distributed or the environment (multi-host)."""
-  dist = config.get("distributed", None)
-  coordinator = (dist.get("coordinator_address", "") if dist else "") or os.environ.get(
-      "ZOO_COORDINATOR_ADDRESS", "")
-  if not coordinator:
-    return
-  num = int((dist.get("num_processes", 0) if dist else 0) or os.environ["ZOO_NUM_PROCESSES"])
-  pid = int(dist.get("process_id", -1) if dist else -1)
-  if pid < 0:
-    pid = int(os.environ["ZOO_PROCESS_ID"])
-  if jax.default_backend() == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+  """jax.distributed.initialize from config.distributed, the ZOO_* variables, or (no
+  arguments: JAX's own detection) under SLURM / Open MPI / a TPU pod; coordinator "auto"
+  forces the latter. Call before anything touches a JAX backend."""
+  dist = config.get("distributed", None) or {}
+  coordinator = dist.get("coordinator_address", "") or os.environ.get("ZOO_COORDINATOR_ADDRESS",
+                                                                      "")
+  launcher = cluster_environment() if coordinator in ("", "auto") else None
+  if coordinator == "" and launcher is None:
+    return  # a single process
+  kwargs = {}
+  if coordinator not in ("", "auto"):
+    num = int(dist.get("num_processes", 0) or os.environ.get("ZOO_NUM_PROCESSES", 0) or 0)
+    pid = int(dist.get("process_id", -1))
+    if pid < 0:
+      pid = int(os.environ.get("ZOO_PROCESS_ID", -1) or -1)
+    if num < 1 or not 0 <= pid < num:
+      raise cli.UserError(f"multi-process run with coordinator {coordinator}: set "
+                          "distributed.num_processes (ZOO_NUM_PROCESSES) >= 1 and "
+                          "distributed.process_id (ZOO_PROCESS_ID) in [0, num_processes); got "
+                          f"num_processes={num}, process_id={pid}")
+    kwargs = dict(coordinator_address=coordinator, num_processes=num, process_id=pid)
+  else:
+    log.info("multi-process run (%s): jax.distributed.initialize() reads the cluster's settings",
+             launcher or "coordinator_address=auto")
+  # Set before the CPU backend exists (a no-op for accelerators): CPU collectives across
+  # processes go through gloo. Nothing here may initialize a backend (jax.default_backend()
+  # would, and jax.distributed.initialize must come first).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line UserErrors for values the loop cannot run with (before anything is built)."""
+  def positive(key: str, value: Any) -> None:
+    if not isinstance(value, int) or value < 1:
+      raise cli.UserError(f"config.{key} must be a positive integer, got {value!r}")
+
+  for key in ("batch_size", "checkpoint_every", "log_every", "grad_accum"):
+    positive(key, config.get(key, 1))
+  if config.total_steps < 0:
+    raise cli.UserError(f"config.total_steps must be >= 0, got {config.total_steps}")
+  if config.batch_size % config.get("grad_accum", 1):
+    raise cli.UserError(f"config.batch_size={config.batch_size} is not divisible by "
+                        f"config.grad_accum={config.get('grad_accum', 1)}")
+  mesh = config.mesh.to_dict() if hasattr(config.mesh, 'to_dict') else dict(config.mesh)
+  fixed = math.prod(v for v in mesh.values() if v != -1)
+  n = jax.device_count()
+  if (-1 in mesh.values() and n % fixed) or (-1 not in mesh.values() and fixed != n):
+    raise cli.UserError(f"config.mesh {mesh} does not fit the {n} device"
+                        f"{'s' if n != 1 else ''} of this job (the product of the axes must be "
+                        "the device count; one axis may be -1 = the rest)")
+  shards = math.prod(v for k, v in mesh.items() if k in sharding.BATCH_AXES and v != -1)
+  if -1 in [v for k, v in mesh.items() if k in sharding.BATCH_AXES]:
+    shards *= n // fixed
+  per_step = config.batch_size // config.get("grad_accum", 1)
+  if per_step % shards:
+    raise cli.UserError(f"config.batch_size={config.batch_size} (per micro-batch {per_step}) is "
+                        f"not divisible by the {shards} batch shards of mesh {mesh}")
+
+
+def _finite_json(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  """Metrics with non-finite floats as None (strict JSON), and the names of those."""
+  out, bad = {}, []
+  for k, v in metrics.items():
+    if isinstance(v, float) and not math.isfinite(v):
+      out[k] = None
+      bad.append(k)
+    else:
+      out[k] = v
+  return out, bad
 
 
 class _Logger:
@@ -399,7 +478,7 @@ class _Logger:
     from tqdm.auto import tqdm
 
     self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
-                    mininterval=1.0)
+                    mininterval=0.5)
     try:
       from tensorboardX import SummaryWriter
 
@@ -409,18 +488,26 @@ class _Logger:
     self.jsonl = open(os.path.join(workdir, "train_log.jsonl"), "a")
 
   def scalars(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+    """TensorBoard scalars and one strict-JSON line (non-finite values: null, listed under
+    "nonfinite")."""
     if not self.enabled:
       return
     if self.tb is not None:
       for k, v in metrics.items():
-        self.tb.add_scalar(f"{prefix}/{k}", v, step)
-    self.jsonl.write(json.dumps({"step": step, "prefix": prefix, **metrics}) + "\n")
+        if isinstance(v, float) and not math.isfinite(v):
+          continue  # in the JSONL log as null (tensorboardX would warn about each)
+        # TensorBoard tag characters; tensorboardX would rename (and log each rename) itself.
+        self.tb.add_scalar(re.sub(r"[^\w./-]", "_", f"{prefix}/{k}"), v, step)
+    values, bad = _finite_json(metrics)
+    record = {"step": step, "prefix": prefix, **values, **({"nonfinite": bad} if bad else {})}
+    self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
     self.jsonl.flush()
 
-  def progress(self, n: int, postfix: Mapping[str, Any]) -> None:
+  def progress(self, n: int, postfix: Mapping[str, Any] | None = None) -> None:
     if self.bar is not None:
       self.bar.update(n)
-      self.bar.set_postfix(postfix, refresh=False)
+      if postfix:
+        self.bar.set_postfix(postfix, refresh=False)
 
   def write(self, text: str) -> None:
     if self.bar is not None:
@@ -435,6 +522,94 @@ class _Logger:
       self.tb.close()
     if self.jsonl is not None:
       self.jsonl.close()
+
+
+class _CtrlC:
+  """Ctrl-C during a run: KeyboardInterrupt at once, except inside `deferred()` (checkpoint
+  writes), where the first Ctrl-C waits for the write to finish; a later one abandons it (an
+  unfinished step is never listed or restored). Installed only in the main thread, over
+  Python's default handler."""
+
+  def __init__(self):
+    self.presses = 0
+    self.depth = 0
+    self.pending = False
+    self.previous = None
+    self.silenced = False
+
+  def __enter__(self) -> "_CtrlC":
+    if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      self.previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGINT, self.previous)
+    if self.silenced:
+      logging.disable(logging.NOTSET)
+
+  def _handle(self, signum, frame) -> None:
+    self.presses += 1
+    if self.depth and self.presses == 1:
+      self.pending = True
+      return
+    if self.depth:  # abandoning a write: its library's error report is not news
+      logging.disable(logging.CRITICAL)
+      self.silenced = True
+    raise KeyboardInterrupt
+
+  def deferred(self):
+    ctrl_c = self
+
+    class _Deferred:
+      def __enter__(self):
+        ctrl_c.depth += 1
+
+      def __exit__(self, *exc):
+        ctrl_c.depth -= 1
+        if not ctrl_c.depth and ctrl_c.pending and exc[0] is None:
+          ctrl_c.pending = False
+          raise KeyboardInterrupt
+
+    return _Deferred()
+
+
+class _NonFinite(Exception):
+  def __init__(self, step: int, what: str):
+    super().__init__(what)
+    self.step, self.what = step, what
+
+
+def _check_finite(step: int, metrics: Mapping[str, Any], logger: "_Logger") -> None:
+  """Raises _NonFinite naming the step and metric when the loss or grad norm is not finite
+  (after logging that step's metrics, non-finite ones as null)."""
+  values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+  bad = [f"{k} = {values[k]}" for k in ("loss", "grad_norm")
+         if k in values and not math.isfinite(values[k])]
+  if bad:
+    logger.scalars(step, values)
+    raise _NonFinite(step, ", ".join(bad))
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _finished_summary(config: ml_collections.ConfigDict, workdir: str, step: int
+                      ) -> dict[str, Any]:
+  """A finished workdir: its final eval record (from metrics.json), nothing retrained."""
+  from zoo import eval_lib
+
+  records = [r for r in eval_lib.read_metrics(workdir) if int(r["step"]) == step]
+  final = {k: v for k, v in (records[0] if records else {}).items()
+           if k != "step" and isinstance(v, (int, float))}
+  log.info("%s already finished at step %d (model: %s); raise config.total_steps with "
+           "--config.resume_policy=continue to train on", workdir, step,
+           os.path.join(workdir, "model"))
+  return {"losses": [], "metrics": {}, "eval": final, "step": step, "trainer": None,
+          "skipped": None, "finished": True}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -459,6 +634,9 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (resuming from `workdir` if it holds checkpoints); returns a summary dict.
 
   A finished run also exports the final model to `workdir/model` (a zoo.save directory).
+  Resuming checks the config against the stored one (`zoo.run_config`). A non-finite loss or
+  gradient norm stops the run (`zoo.cli.Diverged`) before anything is saved from that state;
+  Ctrl-C waits for the in-flight checkpoint and raises `zoo.cli.Interrupted`.
 
   `stop_after` ends the run after that many steps of this process; `on_step_end(step)` runs
   after each step (tests use both to interrupt a run). `batch_fn` maps each host-local batch
@@ -469,26 +647,29 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
 
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps_on_disk = checkpoint.complete_steps(ckpt_dir)
+  config, latest = run_config.prepare(config, workdir,
+                                      steps_on_disk[-1] if steps_on_disk else None)
+  check_config(config)
+  total = config.total_steps
+  if (latest is not None and latest >= total
+      and os.path.isfile(os.path.join(workdir, "model", checkpoint.CONFIG_FILE))):
+    return _finished_summary(config, workdir, latest)
   trainer = build_trainer(config)
   model0 = trainer.model()
   tokenizer = make_tokenizer(config, model0)
   data_iter = build_data(config, model0, trainer.family, tokenizer, trainer.settings)
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
-                                      save_every=config.checkpoint_every,
+  ckpt = checkpoint.TrainCheckpointer(ckpt_dir, save_every=config.checkpoint_every,
                                       keep=config.get("keep_checkpoints", 2))
-  latest = ckpt.latest_step()
   if latest is not None:
     trainer.state, extra = ckpt.restore(latest, abstract_state(trainer))
     if extra.get("data_state") is not None:
       data_iter.set_state(extra["data_state"])
-    log.info("resumed from step %d", latest)
+    log.info("resumed from step %d (%s)", latest, ckpt.step_dir(latest))
   eval_sets = build_eval_sets(config, model0, tokenizer) if config.eval_every else {}
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   start = trainer.step
-  total = config.total_steps
   logger = _Logger(workdir, total, start, is_main)
   losses: list[float] = []
   metrics_last: dict[str, float] = {}
@@ -496,48 +677,82 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   t_last, n_last = time.perf_counter(), 0
   log_every = max(1, int(config.get("log_every", 10)))
   steps_run = 0
+  done = start
+  pending = None  # the previous step's metrics, checked once the next step is dispatched
+  ctrl_c = _CtrlC()
   try:
-    for step in range(start, total):
-      host_batch = next(data_iter)
-      host_batch = {k: v for k, v in host_batch.items() if k in trainer.family.fields}
-      if batch_fn is not None:
-        host_batch = batch_fn(host_batch)
-      batch = sharding.host_to_global(host_batch, trainer.mesh)
-      trainer.state, metrics = trainer.step_fn(trainer.state, batch)
-      steps_run += 1
-      n_last += 1
-      done = step + 1
-      if done % log_every == 0 or done == total:
-        metrics_last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        dt = time.perf_counter() - t_last
-        metrics_last["samples_per_sec"] = n_last * config.batch_size / max(dt, 1e-9)
-        skipped = getattr(data_iter, "skipped", None)
-        if skipped is not None:
-          metrics_last["skipped_samples"] = float(skipped)
-        logger.scalars(done, metrics_last)
-        logger.progress(n_last, {"loss": f"{metrics_last['loss']:.4f}",
-                                 "samples/s": f"{metrics_last['samples_per_sec']:.1f}"})
-        t_last, n_last = time.perf_counter(), 0
-      losses.append(metrics["loss"])
-      if done % config.checkpoint_every == 0 or done == total:
-        ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()},
-                  force=(done == total))
-      if config.eval_every and (done % config.eval_every == 0 or done == total):
-        eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
-                                trainer.family)
-        if is_main:
-          eval_lib.append_metrics(workdir, done, eval_metrics)
-          logger.scalars(done, eval_metrics, prefix="eval")
-          logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
-                                                      sorted(eval_metrics.items())))
-      if on_step_end is not None:
-        on_step_end(done)
-      if stop_after is not None and steps_run >= stop_after:
-        break
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    logger.close()
+    with ctrl_c:
+      try:
+        for step in range(start, total):
+          host_batch = next(data_iter)
+          host_batch = {k: v for k, v in host_batch.items() if k in trainer.family.fields}
+          if batch_fn is not None:
+            host_batch = batch_fn(host_batch)
+          batch = sharding.host_to_global(host_batch, trainer.mesh)
+          trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+          if pending is not None:
+            _check_finite(*pending, logger)
+          steps_run += 1
+          n_last += 1
+          done = step + 1
+          pending = (done, metrics)
+          postfix = None
+          if done % log_every == 0 or done == total:
+            metrics_last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t_last
+            metrics_last["samples_per_sec"] = n_last * config.batch_size / max(dt, 1e-9)
+            skipped = getattr(data_iter, "skipped", None)
+            if skipped is not None:
+              metrics_last["skipped_samples"] = float(skipped)
+            logger.scalars(done, metrics_last)
+            postfix = {"loss": f"{metrics_last['loss']:.4f}",
+                       "samples/s": f"{metrics_last['samples_per_sec']:.1f}"}
+            t_last, n_last = time.perf_counter(), 0
+          logger.progress(1, postfix)
+          losses.append(metrics["loss"])
+          save_due = done % config.checkpoint_every == 0 or done == total
+          eval_due = bool(config.eval_every) and (done % config.eval_every == 0 or done == total)
+          if save_due or eval_due or done == total:
+            _check_finite(*pending, logger)
+            pending = None
+            if not bool(_all_finite(trainer.state["params"])):
+              raise _NonFinite(done, "parameters are not finite")
+          if save_due:
+            with ctrl_c.deferred():  # Ctrl-C waits for this write (a second one abandons it)
+              saved = ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()},
+                                force=(done == total))
+            if saved:
+              log.info("step %d: saving checkpoint %s", done, ckpt.step_dir(done))
+          if eval_due:
+            eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
+                                    trainer.family)
+            if is_main:
+              eval_lib.append_metrics(workdir, done, eval_metrics)
+              logger.scalars(done, eval_metrics, prefix="eval")
+              logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
+                                                          sorted(eval_metrics.items())))
+          if on_step_end is not None:
+            on_step_end(done)
+          if stop_after is not None and steps_run >= stop_after:
+            break
+        if pending is not None:
+          _check_finite(*pending, logger)
+      finally:
+        with ctrl_c.deferred():  # the in-flight checkpoint completes (a second Ctrl-C abandons it)
+          ckpt.wait()
+          ckpt.close()
+        logger.close()
+  except _NonFinite as e:
+    kept = checkpoint.complete_steps(ckpt_dir)
+    raise cli.Diverged(
+        f"training diverged at step {e.step}: {e.what}; stopped without saving that state "
+        f"(latest good checkpoint: {f'step {kept[-1]}' if kept else 'none'}); lower config.lr"
+        ) from None
+  except KeyboardInterrupt:
+    kept = checkpoint.complete_steps(ckpt_dir)
+    raise cli.Interrupted(
+        f"interrupted after step {done}; latest complete checkpoint: "
+        f"{f'step {kept[-1]}' if kept else 'none'} (run the same command to resume)") from None
   if trainer.step >= total:
     export_model(trainer, workdir)
   loss_values = [float(x) for x in jax.device_get(losses)]
@@ -561,7 +776,8 @@ def export_model(trainer: Trainer, workdir: str) -> str:
                        metadata={"language": lora.get("language", "")})
     # merge_lora works in place and the trainer's model shares its Variables: merge a copy.
     model = peft.merge_lora(nnx.clone(model))
-  return checkpoint.save(model, os.path.join(workdir, "model"), trainer.config, overwrite=True)
+  return checkpoint.save(model, os.path.join(workdir, "model"), trainer.config, overwrite=True,
+                         step=trainer.step)
 
 
 def abstract_state(trainer: Trainer) -> dict:
@@ -587,17 +803,33 @@ def restore_latest(trainer: Trainer, workdir: str) -> int | None:
     ckpt.close()
 
 
+def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int,
+                  mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+  """The model of train checkpoint `step` in `workdir`: built from `config` (with its LoRA
+  adapters), only the parameters read from disk, sharded over `mesh` (no optimizer built)."""
+  from zoo import checkpoint
+
+  mesh = mesh or sharding.mesh_from_config(config.mesh)
+  model = model_builder(config, get_family(config.get("family", "clip")))()
+  apply_peft(config, model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          params, sharding.state_shardings(params, mesh))
+  params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step, abstract)
+  return nnx.merge(graphdef, params, rest)
+
+
 def load_for_eval(config: ml_collections.ConfigDict, *, workdir: str | None = None,
                   checkpoint: str | None = None) -> tuple[nnx.Module, int, str]:
-  """(model, step, where to write metrics) from a training workdir or a zoo.save directory."""
-  if checkpoint:
-    from zoo import checkpoint as ckpt_lib
+  """(model, step, where to write metrics) from a training workdir's latest checkpoint or a
+  zoo.save directory (its step: the one it was exported at, 0 when unknown)."""
+  from zoo import checkpoint as ckpt_lib
 
+  if checkpoint:
     model, _, _ = ckpt_lib.load(checkpoint)
-    return model, 0, workdir or checkpoint
-  trainer = build_trainer(config)
-  step = restore_latest(trainer, workdir)
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint under {os.path.join(workdir, 'checkpoints')}"
-                            "; train first or pass --checkpoint DIR")
-  return trainer.model(), step, workdir
+    return model, int(ckpt_lib.read_record(checkpoint).get("step") or 0), workdir or checkpoint
+  steps = ckpt_lib.complete_steps(os.path.join(workdir, "checkpoints"))
+  if not steps:
+    raise cli.UserError(f"no complete checkpoint under {os.path.join(workdir, 'checkpoints')}; "
+                        "train first, or pass --checkpoint DIR")
+  return restore_model(config, workdir, steps[-1]), steps[-1], workdir

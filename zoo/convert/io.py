@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,19 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+def _refusal_reason(e: BaseException) -> str:
+  """The one fact in torch's refusal (e.g. the global it would have had to unpickle), without
+  its advice to load the file with weights_only=False."""
+  text = str(e)
+  found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+  if found:
+    return f"it pickles the object {found.group(1)}"
+  if "TorchScript" in text or "constants.pkl" in text:
+    return "it is a TorchScript archive"
+  first = _first_line(e)
+  return first if "weights_only" not in first else "torch.load(weights_only=True) refused it"
+
+
 def read_state_dict(path: str) -> dict[str, Any]:
   """key -> array of a safetensors file, or of a torch file read with weights_only=True."""
   if not os.path.isfile(path):
@@ -81,7 +95,8 @@ def read_state_dict(path: str) -> dict[str, Any]:
     except Exception as e:  # a cut-off zip, or a pickle that holds more than tensors
       kind = ("truncated or corrupt" if "zip" in str(e).lower() or "EOF" in str(e)
               else "not a plain state dict (weights_only=True refused it)")
-      raise WeightFileError(f"{path} is {kind} ({_first_line(e)})") from e
+      raise WeightFileError(f"{path} is {kind} ({_refusal_reason(e)}); zoo never unpickles: "
+                            "re-save it as a plain state dict or safetensors") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
       obj = obj["state_dict"]  # training checkpoints wrap the weights
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):

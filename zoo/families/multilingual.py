@@ -127,8 +127,8 @@ def babel_zeroshot_language(image_features: np.ndarray, labels: np.ndarray,
   if n == 0:
     return float("nan"), 0
   target = np.searchsorted(idx, labels[keep])
-  pred = np.argmax(np.asarray(image_features, np.float32)[keep] @ classifier, axis=1)
-  return float((pred == target).mean()), n
+  scores = np.asarray(image_features, np.float32)[keep] @ classifier
+  return float((eval_lib.stable_ranks(scores, target) == 0).mean()), n  # NaN scores rank last
 
 
 def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokenizer, *,
