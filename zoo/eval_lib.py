@@ -1,6 +1,6 @@
 """Evaluation: zero-shot classification, image<->text retrieval, metrics files and tables.
 
-Conventions follow open_clip / CLIP_benchmark (see REFERENCES.md, "Evaluation conventions"):
+Conventions follow open_clip / CLIP_benchmark:
 
 * Embeddings are L2-normalized float32.
 * Zero-shot classifier: per class, normalize each template's text embedding, average over the
