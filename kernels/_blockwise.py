@@ -40,6 +40,13 @@ def varying_like(init, *like):
   return jax.tree.map(cast, init)
 
 
+def out_struct(shape: tuple[int, ...], like) -> jax.ShapeDtypeStruct:
+  """An fp32 result type with the varying-axes type of `like` (pallas_call outputs)."""
+  mat = getattr(jax.typeof(like), "manual_axis_type", None)
+  kw = {} if mat is None else {"manual_axis_type": mat}
+  return jax.ShapeDtypeStruct(shape, jnp.float32, **kw)
+
+
 def _col_blocks(y: Array, block: int) -> tuple[Array, Array, int]:
   """Pads `y` [n, d] to a multiple of `block` rows; returns ([nb, block, d], block starts, nb)."""
   n = y.shape[0]
@@ -133,26 +140,28 @@ def sigmoid_stats(x: Array, y: Array, scale: Array, bias: Array, offset: Array,
 
 
 def sigmoid_grads(x: Array, y: Array, scale: Array, bias: Array, offset: Array,
-                  block: int) -> tuple[Array, Array, Array]:
-  """With G = d(sigmoid_stats)/dz = sigmoid(z) - [positive]: (G @ y [m, d], G.T @ x [n, d], sum G).
-
-  On positives G = -sigmoid(-z), computed directly (no 1 - sigmoid cancellation).
-  """
+                  block: int) -> tuple[Array, Array, Array, Array]:
+  """(sigmoid_stats, G @ y [m, d], G.T @ x [n, d], sum G) from one pass over the tiles, with
+  G = d(sigmoid_stats)/dz = sigmoid(z) - [positive] (-sigmoid(-z) on positives, computed
+  directly: no 1 - sigmoid cancellation)."""
   m, n = x.shape[0], y.shape[0]
   yb, starts, _ = _col_blocks(y, block)
 
   def step(carry, inp):
-    acc, total = carry
+    acc, loss, total = carry
     yblk, start = inp
     z = _logits(x, yblk, scale, bias)
     pos = _positive(m, start, block, offset)
-    sig = jax.nn.sigmoid(jnp.where(pos, -z, z))
-    g = jnp.where(_valid(start, block, n)[None, :], jnp.where(pos, -sig, sig), 0.0)
+    zs = jnp.where(pos, -z, z)
+    valid = _valid(start, block, n)[None, :]
+    sig = jax.nn.sigmoid(zs)
+    g = jnp.where(valid, jnp.where(pos, -sig, sig), 0.0)
+    loss = loss + jnp.sum(jnp.where(valid, _softplus(zs), 0.0))
     acc = acc + jnp.dot(g.astype(y.dtype), yblk, preferred_element_type=jnp.float32)
     gy = lax.dot_general(g.astype(x.dtype), x, _TN, preferred_element_type=jnp.float32)
-    return (acc, total + jnp.sum(g)), gy
+    return (acc, loss, total + jnp.sum(g)), gy
 
-  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((), jnp.float32))
+  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
   init = varying_like(init, x, y, scale, bias, offset)
-  (gx, total), gy = lax.scan(step, init, (yb, starts))
-  return gx, gy.reshape(-1, x.shape[1])[:n], total
+  (gx, loss, total), gy = lax.scan(step, init, (yb, starts))
+  return loss, gx, gy.reshape(-1, x.shape[1])[:n], total

@@ -1,43 +1,25 @@
 """Fused contrastive losses (CLIP softmax, SigLIP sigmoid) that never store the B x B logits.
 
-`contrastive_loss` is the public entry. Three implementations of the same number:
-
-* "reference": the plain jnp definition; materializes the B x B logits (ground truth).
-* "xla": `lax.scan` over column blocks (online log-sum-exp for rows, exact per-block column
-  statistics), `jax.custom_vjp` whose backward recomputes each block; memory O(B * block).
-* "pallas": `pl.pallas_call` kernels (kernels/_pallas.py) for the forward statistics and the
-  backward, under the same custom_vjp; interpret mode on CPU, Triton / Mosaic otherwise.
-
-The softmax splits into an O(B^2 d) part computed blockwise and an O(B d) diagonal part:
-
-  softmax: loss = [sum_i lse_row_i + sum_j lse_col_j] / (2B) - sum_i z_ii / B
-           dloss/dz_ij = [exp(z_ij - lse_row_i) + exp(z_ij - lse_col_j)] / (2B) - delta_ij / B
-  sigmoid: loss = sum_ij softplus(-+z_ij) / B (- on the diagonal), all inside the blocks, with
-           dloss/dz_ij = [sigmoid(z_ij) - delta_ij] / B (-sigmoid(-z_ii) on the diagonal, so
-           saturated positives lose no precision)
-
-With z = scale * x @ y.T (+ bias), the gradients are dx = scale * dZ @ y, dy = scale * dZ.T @ x,
-dscale = sum_i <x_i, (dZ @ y)_i>, dbias = sum dZ: the backends return G @ y and G.T @ x.
-
-Sharded (`axis_name`, inside `shard_map`, each device holds its B/n rows of both embeddings):
-* softmax: the text embeddings are all-gathered; each device computes row statistics for its
-  rows and column statistics over its rows, combined across devices with pmax / psum of [B]
-  vectors; in the backward each device forms G for its rows, and the column gradients
-  (G.T @ x_local, [B, d]) return to their owners by psum_scatter.
-* sigmoid: text chunks travel around the ring with ppermute (big_vision's scheme); the backward
-  runs the ring again, sending each chunk's gradient accumulator along with the chunk, so no
-  device holds more than two chunks (plus their gradients).
-Both return the global-batch mean loss on every device, and gradients equal those of the
-single-device loss over the global batch, under `shard_map(check_vma=True)` and
-`check_vma=False` alike (the backward detects which from the inputs' varying-axes type). Pallas
-in interpret mode (CPU) needs check_vma=False: JAX 0.10.2's interpreter drops varying-axes types.
+impl: "reference" (plain jnp, B x B; 6 B^2 d matmul units fwd+bwd softmax, 3 sigmoid), "xla"
+(`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 4 units
+(softmax: a stats pass, one gradient pass recomputing each tile once), 3 (sigmoid: the forward
+emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
+  softmax: loss = [sum_i lse_row_i + sum_j lse_col_j] / (2B) - sum_i z_ii / B,
+           G_ij = [exp(z_ij - lse_row_i) + exp(z_ij - lse_col_j)] / (2B) - delta_ij / B
+  sigmoid: loss = sum_ij softplus(-+z_ij) / B, G_ij = [sigmoid(z_ij) - delta_ij] / B
+and z = scale * x @ y.T (+ bias): dx = scale G @ y, dy = scale G.T @ x, dscale = <x, G @ y>.
+Sharded (`axis_name` inside `shard_map`, B/n rows per device): both kinds are rings over the
+text chunks (`_ring_walk`: ppermute overlapped with compute; softmax column statistics and
+G.T @ x accumulators travel with their chunk), O(B/n * d) memory per device; the loss is
+the global-batch mean, gradients equal the single-device ones (check_vma=True and False alike;
+interpret-mode Pallas on CPU needs False). label_smoothing (softmax) adds an O(B d) term.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +31,34 @@ Array = jax.Array
 AxisName = Hashable | tuple[Hashable, ...] | None
 
 KINDS = ("softmax", "sigmoid")
-IMPLS = ("pallas", "xla", "reference")
-DEFAULT_BLOCK = {"xla": 512, "pallas": 128}
+IMPLS = ("auto", "pallas", "xla", "reference")
+DEFAULT_BLOCK = {"xla": 512, "pallas": None}  # pallas: tiles planned per kernel and hardware
 _BACKENDS = {"xla": _blockwise, "pallas": _pallas}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
   impl: str
-  block: int
+  block: int | None
   axis_name: Any
+  smoothing: float = 0.0
+
+
+def _smoothing_weights(eps: float, b_global: int) -> tuple[float, float]:
+  """(weight of z_ii, weight of every z_ij) in sum_j target_ij z_ij with label smoothing eps:
+  target 1 - eps on the pair and w = eps / (B - 1) on each negative, so (1 - eps - w, w)."""
+  if not eps:
+    return 1.0, 0.0
+  if b_global < 2:
+    raise ValueError(f"contrastive_loss: label_smoothing needs a global batch >= 2, got "
+                     f"{b_global}")
+  w = eps / (b_global - 1)
+  return 1.0 - eps - w, w
+
+
+def _global_sum(a: Array, axis_name: AxisName) -> Array:
+  """sum over the global batch of the rows of a, fp32 [d]."""
+  return _psum(jnp.sum(a.astype(jnp.float32), axis=0), axis_name)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -92,41 +92,98 @@ def _dot_rows(a: Array, b: Array) -> Array:
   return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32))
 
 
+# ----------------------------------------------------------------------------- rings
+
+
+def _ring(axis_name: AxisName, tree):
+  """Sends every array of `tree` one step around the device ring (device k -> k + 1)."""
+  n = lax.axis_size(axis_name)
+  perm = [(k, (k + 1) % n) for k in range(n)]
+  return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), tree)
+
+
+def _ring_walk(axis_name: AxisName, chunk, compute: Callable, fold_local: Callable,
+               fold_travel: Callable):
+  """Runs `compute` on every device's text chunk in turn: (local state, travelling value home).
+
+  Step t holds the chunk of device (k - t) mod n. `compute(own, chunk)` -> (local, visiting):
+  `local` is folded into this device's state, `visiting` into the chunk's travelling value
+  (column statistics or gradient accumulator), which follows its chunk one step behind. Both
+  ppermutes of a step (the next chunk, the travelling value of the chunk in hand) are issued
+  before the compute on the chunk in hand and do not depend on it, so transfers overlap compute.
+  After the last step each travelling value goes one more step, home to its chunk's owner.
+  """
+  n = 1 if axis_name is None else lax.axis_size(axis_name)
+  nxt = _ring(axis_name, chunk) if n > 1 else None  # issued before the first compute
+  local, travel = compute(True, chunk)
+  if n == 1:
+    return local, travel
+
+  def step(carry, last: bool):
+    chunk, pending, state = carry
+    nxt = chunk if last else _ring(axis_name, chunk)  # the chunk of step t + 1
+    arrived = _ring(axis_name, pending)  # the value of the chunk in hand, from device k - 1
+    loc, visiting = compute(False, chunk)
+    return nxt, fold_travel(arrived, visiting), fold_local(state, loc)
+
+  carry = (nxt, travel, local)
+  carry = lax.fori_loop(1, n - 1, lambda _, c: step(c, False), carry)
+  _, pending, state = step(carry, True)
+  return state, _ring(axis_name, pending)
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
 # ----------------------------------------------------------------------------- softmax
 
 
 def _softmax_fwd(x: Array, y: Array, scale: Array, cfg: _Cfg):
+  """Forward: one stats pass per chunk (row statistics local, column statistics travelling)."""
   backend = _BACKENDS[cfg.impl]
   n_dev, b_local = _axis_size(cfg.axis_name), x.shape[0]
-  y_all = y if cfg.axis_name is None else lax.all_gather(y, cfg.axis_name, tiled=True)
-  lse_r, lse_c_part = backend.softmax_stats(x, y_all, scale, cfg.block)
-  if cfg.axis_name is None:
-    lse_c, lse_c_own = lse_c_part, lse_c_part
-  else:  # log-sum-exp across devices of the per-device column statistics
-    c_max = lax.pmax(lse_c_part, cfg.axis_name)
-    lse_c = c_max + jnp.log(lax.psum(jnp.exp(lse_c_part - c_max), cfg.axis_name))
-    start = lax.axis_index(cfg.axis_name) * b_local
-    lse_c_own = lax.dynamic_slice_in_dim(lse_c, start, b_local)
-  # Cross-entropies row by row (as the reference does), then summed.
+  compute = lambda own, c: backend.softmax_stats(x, c, scale, cfg.block)
+  lse_r, lse_c = _ring_walk(cfg.axis_name, y, compute, jnp.logaddexp, jnp.logaddexp)
+  b_global = b_local * n_dev
+  a, w = _smoothing_weights(cfg.smoothing, b_global)
+  # Cross-entropies row by row (as the reference does), then summed. Label smoothing adds
+  # -w sum_ij z_ij = -w scale <sum_i x_i, sum_j y_j> (rows and columns alike): O(B d), no B x B.
   z_diag = scale * jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32), axis=1)
-  ce = jnp.sum(lse_r - z_diag) + jnp.sum(lse_c_own - z_diag)
-  loss = _psum(ce, cfg.axis_name) / (2 * b_local * n_dev)
-  return loss, (x, y, y_all, scale, lse_r, lse_c)
+  ce = jnp.sum(lse_r - a * z_diag) + jnp.sum(lse_c - a * z_diag)
+  loss = _psum(ce, cfg.axis_name) / (2 * b_global)
+  sums = None
+  if w:
+    sums = (_global_sum(x, cfg.axis_name), _global_sum(y, cfg.axis_name))
+    loss = loss - w * scale * jnp.dot(sums[0], sums[1]) / b_global
+  return loss, (x, y, scale, lse_r, lse_c, sums)
 
 
 def _softmax_bwd(cfg: _Cfg, res, g: Array):
-  x, y, y_all, scale, lse_r, lse_c = res
+  """Backward: one grads pass per chunk; the chunk's lse_c travels with it, its G.T @ x
+  accumulator one step behind."""
+  x, y, scale, lse_r, lse_c, sums = res
   backend = _BACKENDS[cfg.impl]
   b_global = x.shape[0] * _axis_size(cfg.axis_name)
+  a, w = _smoothing_weights(cfg.smoothing, b_global)
   g, reduce_rep = _bwd_collectives(x, g, cfg.axis_name)
-  gx, gy_all = backend.softmax_grads(x, y_all, scale, lse_r, lse_c, cfg.block)
-  if cfg.axis_name is not None:
-    gy_all = lax.psum_scatter(gy_all, cfg.axis_name, tiled=True)
-  c, c_diag = g / (2 * b_global), g / b_global
+
+  def compute(own, chunk):
+    c, c_lse = chunk
+    gx, gy = backend.softmax_grads(x, c, scale, lse_r, c_lse, cfg.block)
+    return gx, gy
+
+  gx, gy = _ring_walk(cfg.axis_name, (y, lse_c), compute, jnp.add, jnp.add)
+  c, c_diag = g / (2 * b_global), a * g / b_global
   xf, yf = x.astype(jnp.float32), y.astype(jnp.float32)
   dx = scale * (c * gx - c_diag * yf)
-  dy = scale * (c * gy_all - c_diag * xf)
-  dscale = reduce_rep(c * _dot_rows(x, gx) - c_diag * _dot_rows(x, y))
+  dy = scale * (c * gy - c_diag * xf)
+  ds = c * _dot_rows(x, gx) - c_diag * _dot_rows(x, y)
+  if w:  # d/d(x, y, scale) of -w scale <sum x, sum y> / B; scale's share is this device's rows
+    c_all = w * g / b_global
+    dx, dy = dx - c_all * scale * sums[1], dy - c_all * scale * sums[0]
+    ds = ds - c_all * jnp.dot(jnp.sum(xf, axis=0), sums[1])
+  dscale = reduce_rep(ds)
   return dx.astype(x.dtype), dy.astype(y.dtype), dscale.astype(scale.dtype)
 
 
@@ -141,63 +198,53 @@ _softmax_loss.defvjp(lambda x, y, s, cfg: _softmax_fwd(x, y, s, cfg), _softmax_b
 # ----------------------------------------------------------------------------- sigmoid
 
 
-def _ring(axis_name: AxisName, *xs: Array) -> tuple[Array, ...]:
-  """Sends each array one step around the device ring (device k -> k + 1)."""
-  n = lax.axis_size(axis_name)
-  perm = [(k, (k + 1) % n) for k in range(n)]
-  return tuple(lax.ppermute(a, axis_name, perm) for a in xs)
-
-
 # Offset meaning "no positive pairs in this block" (column - row never reaches it).
 _NO_POSITIVES = 2**30
 
 
-def _sigmoid_fwd(x: Array, y: Array, scale: Array, bias: Array, cfg: _Cfg):
-  backend = _BACKENDS[cfg.impl]
-  n_dev = _axis_size(cfg.axis_name)
-  total = backend.sigmoid_stats(x, y, scale, bias, jnp.int32(0), cfg.block)
-  if cfg.axis_name is not None:
-    # Step t holds the text chunk of device (k - t) mod n: positives only in its own (t = 0).
-    def step(_, carry):
-      chunk, acc = carry
-      (chunk,) = _ring(cfg.axis_name, chunk)
-      no_pos = jnp.int32(_NO_POSITIVES)
-      return chunk, acc + backend.sigmoid_stats(x, chunk, scale, bias, no_pos, cfg.block)
+def _offset(own: bool) -> Array:
+  return jnp.int32(0 if own else _NO_POSITIVES)
 
-    _, total = lax.fori_loop(1, n_dev, step, (y, total))
-  loss = _psum(total, cfg.axis_name) / (x.shape[0] * n_dev)
-  return loss, (x, y, scale, bias)
+
+def _sigmoid_primal(x: Array, y: Array, scale: Array, bias: Array, cfg: _Cfg) -> Array:
+  """The loss alone (no gradients): the text chunks ring, nothing travels with them."""
+  backend = _BACKENDS[cfg.impl]
+  nothing = _blockwise.varying_like(jnp.zeros((), jnp.float32), x)
+  compute = lambda own, c: (backend.sigmoid_stats(x, c, scale, bias, _offset(own), cfg.block),
+                            nothing)
+  total, _ = _ring_walk(cfg.axis_name, y, compute, jnp.add, jnp.add)
+  return _psum(total, cfg.axis_name) / (x.shape[0] * _axis_size(cfg.axis_name))
+
+
+def _sigmoid_fwd(x: Array, y: Array, scale: Array, bias: Array, cfg: _Cfg):
+  """One pass per chunk computes the loss and the gradients (no global statistic is needed),
+  saved as residuals; the chunk's G.T @ x accumulator travels one step behind it."""
+  backend = _BACKENDS[cfg.impl]
+
+  def compute(own, c):
+    loss, gx, gy, g_sum = backend.sigmoid_grads(x, c, scale, bias, _offset(own), cfg.block)
+    return (loss, gx, g_sum), gy
+
+  (total, gx, g_sum), gy = _ring_walk(cfg.axis_name, y, compute, _add, jnp.add)
+  loss = _psum(total, cfg.axis_name) / (x.shape[0] * _axis_size(cfg.axis_name))
+  return loss, (x, gx, gy, _dot_rows(x, gx), g_sum, scale, bias)
 
 
 def _sigmoid_bwd(cfg: _Cfg, res, g: Array):
-  x, y, scale, bias = res
-  backend = _BACKENDS[cfg.impl]
-  n_dev = _axis_size(cfg.axis_name)
+  x, gx, gy, x_gx, g_sum, scale, bias = res
   g, reduce_rep = _bwd_collectives(x, g, cfg.axis_name)
-  gx, gy, g_sum = backend.sigmoid_grads(x, y, scale, bias, jnp.int32(0), cfg.block)
-  if cfg.axis_name is not None:
-    # Each chunk travels with its gradient accumulator; after n steps both are home again.
-    def step(_, carry):
-      chunk, g_chunk, gx, g_sum = carry
-      chunk, g_chunk = _ring(cfg.axis_name, chunk, g_chunk)
-      no_pos = jnp.int32(_NO_POSITIVES)
-      a_x, a_y, s = backend.sigmoid_grads(x, chunk, scale, bias, no_pos, cfg.block)
-      return chunk, g_chunk + a_y, gx + a_x, g_sum + s
-
-    _, gy, gx, g_sum = lax.fori_loop(1, n_dev, step, (y, gy, gx, g_sum))
-    (gy,) = _ring(cfg.axis_name, gy)
-  c = g / (x.shape[0] * n_dev)
+  c = g / (x.shape[0] * _axis_size(cfg.axis_name))
   dx = c * scale * gx
   dy = c * scale * gy
-  dscale = c * reduce_rep(_dot_rows(x, gx))
+  dscale = c * reduce_rep(x_gx)
   dbias = c * reduce_rep(g_sum)
-  return (dx.astype(x.dtype), dy.astype(y.dtype), dscale.astype(scale.dtype),
-          dbias.astype(bias.dtype))
+  return (dx.astype(x.dtype), dy.astype(x.dtype),
+          dscale.astype(scale.dtype), dbias.astype(bias.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _sigmoid_loss(x: Array, y: Array, scale: Array, bias: Array, cfg: _Cfg) -> Array:
-  return _sigmoid_fwd(x, y, scale, bias, cfg)[0]
+  return _sigmoid_primal(x, y, scale, bias, cfg)
 
 
 _sigmoid_loss.defvjp(lambda x, y, s, b, cfg: _sigmoid_fwd(x, y, s, b, cfg), _sigmoid_bwd)
@@ -208,7 +255,7 @@ _sigmoid_loss.defvjp(lambda x, y, s, b, cfg: _sigmoid_fwd(x, y, s, b, cfg), _sig
 
 def reference_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                    logit_bias: Array | None = None, *, kind: str = "softmax",
-                   axis_name: AxisName = None) -> Array:
+                   axis_name: AxisName = None, label_smoothing: float = 0.0) -> Array:
   """The plain definition (materializes the logits; [B/n, B] per device when sharded)."""
   x, y = image_emb, text_emb
   offset = 0
@@ -226,15 +273,31 @@ def reference_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
     # images. Each global row / column is owned by exactly one device.
     logits_t = logit_scale * jnp.einsum("id,jd->ij", y, x_all,
                                         preferred_element_type=jnp.float32)
-    ce_rows = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
-    ce_cols = -jnp.take_along_axis(jax.nn.log_softmax(logits_t, axis=1), labels[:, None], 1)
-    return _psum(jnp.sum(ce_rows) + jnp.sum(ce_cols), axis_name) / (2 * b_global)
+    eps = label_smoothing
+    pair = labels[:, None] == jnp.arange(b_global)[None, :]
+    target = jnp.where(pair, 1.0 - eps, eps / max(b_global - 1, 1) if eps else 0.0)
+    ce_rows = -jnp.sum(target * jax.nn.log_softmax(logits, axis=1))
+    ce_cols = -jnp.sum(target * jax.nn.log_softmax(logits_t, axis=1))
+    return _psum(ce_rows + ce_cols, axis_name) / (2 * b_global)
   bias = 0.0 if logit_bias is None else logit_bias
   z = jnp.where(labels[:, None] == jnp.arange(b_global)[None, :], 1.0, -1.0)
   return -_psum(jnp.sum(jax.nn.log_sigmoid(z * (logits + bias))), axis_name) / b_global
 
 
 # ----------------------------------------------------------------------------- public
+
+
+def resolve_impl(impl: str) -> str:
+  """"auto" -> "pallas" on TPU and on NVIDIA GPUs the Triton kernels serve (compute capability
+  >= 8.0), "xla" elsewhere (CPU, older GPUs, ROCm); other names are returned unchanged."""
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "pallas"
+  if backend == "gpu" and _pallas.gpu_supported(jax.devices()[0]):
+    return "pallas"
+  return "xla"
 
 
 def _check(image_emb: Array, text_emb: Array, logit_scale: Array, logit_bias: Array | None,
@@ -261,8 +324,8 @@ def _check(image_emb: Array, text_emb: Array, logit_scale: Array, logit_bias: Ar
 
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      logit_bias: Array | None = None, *, kind: str = "softmax",
-                     impl: str = "pallas", axis_name: AxisName = None,
-                     block_size: int | None = None) -> Array:
+                     impl: str = "auto", axis_name: AxisName = None,
+                     block_size: int | None = None, label_smoothing: float = 0.0) -> Array:
   """Mean contrastive loss over the batch, differentiable in all four inputs.
 
   Args:
@@ -274,12 +337,16 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
     kind: "softmax" = mean of the image->text and text->image cross-entropies (CLIP);
       "sigmoid" = SigLIP: sum over all B^2 pairs of -log sigmoid(z_ij * logit_ij), z = +1 on the
       diagonal and -1 off it, divided by B.
-    impl: "reference" (materializes B x B), "xla" (blockwise lax.scan) or "pallas" (kernels).
+    impl: "auto" (default: `resolve_impl`), "reference" (materializes B x B), "xla" (blockwise
+      lax.scan) or "pallas" (kernels).
     axis_name: mesh axis name (or tuple of names) when called inside `shard_map` with the batch
       split over it; then each device passes its B/n rows, and every device gets the loss over
       the global batch (gradients equal those of the unsharded loss).
-    block_size: tile size (power of two >= 16); default 512 columns for "xla", 128 x 128 for
-      "pallas". Ignored by "reference".
+    label_smoothing: eps for kind="softmax": each cross-entropy's target is 1 - eps on the
+      pair and eps / (B - 1) on each of the B - 1 negatives (global B; needs B >= 2).
+    block_size: tile size (power of two >= 16); default 512 columns for "xla"; for "pallas" an
+      upper bound on the planned tiles (TPU tiles are at least 128, GPU tiles at most 64).
+      Ignored by "reference".
 
   Returns:
     A float32 scalar.
@@ -294,9 +361,15 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   bias = None if logit_bias is None else jnp.reshape(logit_bias, ()).astype(jnp.float32)
   if isinstance(axis_name, list):
     axis_name = tuple(axis_name)
+  impl = resolve_impl(impl)
+  if label_smoothing and (kind != "softmax" or not 0.0 < label_smoothing < 1.0):
+    raise ValueError(f"contrastive_loss: label_smoothing={label_smoothing} must be in (0, 1) "
+                     f"and is only for kind='softmax'")
+  eps = float(label_smoothing)
   if impl == "reference":
-    return reference_loss(x, y, scale, bias, kind=kind, axis_name=axis_name)
-  cfg = _Cfg(impl=impl, block=block_size or DEFAULT_BLOCK[impl], axis_name=axis_name)
+    return reference_loss(x, y, scale, bias, kind=kind, axis_name=axis_name, label_smoothing=eps)
+  cfg = _Cfg(impl=impl, block=block_size or DEFAULT_BLOCK[impl], axis_name=axis_name,
+             smoothing=eps)
   if kind == "softmax":
     return _softmax_loss(x, y, scale, cfg)
   if bias is None:

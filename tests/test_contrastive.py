@@ -11,15 +11,19 @@ to that magnitude. bf16 inputs (fp32 accumulation): loss 1e-5, gradients 2e-2 of
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc  # the race report
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import kernels
+from kernels import _mosaic, _pallas
 from kernels.contrastive import contrastive_loss
 from zoo import losses, sharding
 
@@ -42,8 +46,10 @@ def _args(kind: str, b: int, d: int, dtype=jnp.float32, seed: int = 0):
   return (x, y, s, jnp.float32(BIAS)) if kind == "sigmoid" else (x, y, s)
 
 
-def _value_and_grads(fn, args):
-  return jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args)
+def _value_and_grads(fn, args, target: str | None = None):
+  """jit(value_and_grad) over all inputs; `target` selects the pallas kernels interpreted."""
+  with _pallas.use_target(target) if target else contextlib.nullcontext():
+    return jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args)
 
 
 def _scales(kind: str, args) -> list[float]:
@@ -92,8 +98,15 @@ def _loss(impl: str, kind: str, block: int | None = None, **kw):
 
 
 # B in {1, 7, 128, 1000} and d in {16, 64, 512}, block sizes chosen so that padding / masking and
-# several column blocks are exercised while interpret-mode Pallas stays fast.
+# several row and column blocks are exercised while interpret-mode Pallas stays fast. "pallas"
+# runs the GPU (Triton) kernels interpreted; "pallas-tpu" the TPU (Mosaic) kernels in the TPU
+# interpreter (DMAs, semaphores, the two-core row split), whose tiles are >= 128.
 SHAPES = [(1, 16, 16), (7, 64, 16), (128, 512, 32), (1000, 16, 128), (1000, 64, 256)]
+TARGET = {"xla": None, "pallas": "interpret-gpu", "pallas-tpu": "interpret-tpu"}
+
+
+def _impl(name: str) -> str:
+  return name.split("-")[0]
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
@@ -102,17 +115,28 @@ SHAPES = [(1, 16, 16), (7, 64, 16), (128, 512, 32), (1000, 16, 128), (1000, 64, 
 def test_fp32_matches_reference(kind, impl, b, d, block):
   args = _args(kind, b, d)
   want = _value_and_grads(_loss("reference", kind), args)
-  got = _value_and_grads(_loss(impl, kind, block), args)
+  got = _value_and_grads(_loss(impl, kind, block), args, TARGET[impl])
+  _assert_close(got, want, _scales(kind, args), 1e-5, 1e-5)
+
+
+# The 2-D TPU grid at B a multiple of no block: 3 x 3 tiles of 128 (rows padded to 4 blocks for
+# the two-core split), d = 200 padded to 256; and a single tile (B = 7).
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("b,d", [(300, 200), (7, 64)])
+def test_tpu_kernels_fp32_match_reference(kind, b, d):
+  args = _args(kind, b, d, seed=5)
+  want = _value_and_grads(_loss("reference", kind), args)
+  got = _value_and_grads(_loss("pallas", kind, 128), args, "interpret-tpu")
   _assert_close(got, want, _scales(kind, args), 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("b,d,block", [(7, 64, 16), (128, 512, 32)])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-tpu"])
+@pytest.mark.parametrize("b,d,block", [(7, 64, 16), (200, 512, 32)])
 def test_bf16_matches_reference(kind, impl, b, d, block):
   args = _args(kind, b, d, dtype=jnp.bfloat16)
   want = _value_and_grads(_loss("reference", kind), args)
-  got = _value_and_grads(_loss(impl, kind, block), args)
+  got = _value_and_grads(_loss(_impl(impl), kind, block), args, TARGET[impl])
   assert got[1][0].dtype == jnp.bfloat16 and got[0].dtype == jnp.float32
   _assert_close(got, want, _scales(kind, args), 1e-5, 2e-2)
 
@@ -124,8 +148,8 @@ def test_default_block_sizes_and_saturated_positives():
   for kind, args in [("softmax", (x, y, jnp.float32(100.0))),
                      ("sigmoid", (x, y, jnp.float32(100.0), jnp.float32(-10.0)))]:
     want = _value_and_grads(_loss("reference", kind), args)
-    for impl in ("xla", "pallas"):
-      got = _value_and_grads(_loss(impl, kind), args)
+    for impl in ("xla", "pallas", "pallas-tpu"):
+      got = _value_and_grads(_loss(_impl(impl), kind), args, TARGET[impl])
       _assert_close(got, want, _scales(kind, args), 1e-5, 1e-5)
 
 
@@ -138,18 +162,19 @@ def _sharded(fn, mesh, axes, n_args, check_vma):
                        out_specs=rep, check_vma=check_vma)
 
 
+# (The TPU interpreter is not used under shard_map: with 8 simulated CPU devices it stalls.)
 SHARDED = [("xla", True), ("xla", False), ("pallas", False), ("reference", True)]
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("impl,check_vma", SHARDED)
 def test_sharded_equals_global_reference(kind, impl, check_vma):
-  """8 devices, 5 rows each (not a multiple of the block): equals the unsharded loss."""
+  """Rings over 8 devices, 5 rows each (not a multiple of the block): equal the unsharded loss."""
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("d",))
   args = _args(kind, 40, 16, seed=1)
   want = _value_and_grads(_loss("reference", kind), args)
-  fn = _sharded(_loss(impl, kind, 16, axis_name="d"), mesh, "d", len(args), check_vma)
-  got = _value_and_grads(fn, args)
+  fn = _sharded(_loss(_impl(impl), kind, 16, axis_name="d"), mesh, "d", len(args), check_vma)
+  got = _value_and_grads(fn, args, TARGET.get(impl))
   _assert_close(got, want, _scales(kind, args), 1e-5, 1e-5)
 
 
@@ -168,7 +193,7 @@ def test_sharded_tuple_axes(kind):
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "auto"])
 def test_zoo_losses_on_mesh_is_global(kind, impl):
   mesh = sharding.make_mesh(data=2, fsdp=4)
   args = _args(kind, 64, 32, seed=4)
@@ -176,7 +201,7 @@ def test_zoo_losses_on_mesh_is_global(kind, impl):
   rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
   placed = [jax.device_put(a, rows) for a in args[:2]] + list(args[2:])
   fn = functools.partial(losses.contrastive_loss, kind=kind, impl=impl, mesh=mesh)
-  got = _value_and_grads(fn, placed)
+  got = _value_and_grads(fn, placed, TARGET.get(impl))
   _assert_close(got, want, _scales(kind, args), 1e-5, 1e-5)
 
 
@@ -231,3 +256,64 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="not divisible"):
     losses.contrastive_loss(x[:6], y[:6], 1.0, kind="softmax", impl="xla",
                             mesh=sharding.make_mesh(data=2, fsdp=4))
+
+
+# ----------------------------------------------------------------------------- label smoothing
+
+
+def test_label_smoothing_reference_matches_numpy():
+  x, y = _embeddings(12, 8, seed=6)
+  eps, b = 0.1, 12
+  z = SCALE * np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  t = np.full((b, b), eps / (b - 1))
+  np.fill_diagonal(t, 1 - eps)
+  lsm = lambda a: a - np.log(np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)) \
+      - a.max(1, keepdims=True)
+  want = -(np.sum(t * lsm(z)) + np.sum(t * lsm(z.T))) / (2 * b)
+  got = contrastive_loss(x, y, SCALE, impl="reference", label_smoothing=eps)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_label_smoothing_matches_reference(impl):
+  args = _args("softmax", 300, 32, seed=7)
+  want = _value_and_grads(_loss("reference", "softmax", label_smoothing=0.1), args)
+  got = _value_and_grads(_loss(impl, "softmax", 64, label_smoothing=0.1), args, TARGET[impl])
+  _assert_close(got, want, _scales("softmax", args), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("impl,check_vma", [("xla", True), ("pallas", False)])
+def test_label_smoothing_sharded_equals_single_device(impl, check_vma):
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("d",))
+  args = _args("softmax", 40, 16, seed=8)
+  want = _value_and_grads(_loss("reference", "softmax", label_smoothing=0.2), args)
+  fn = _sharded(_loss(impl, "softmax", 16, axis_name="d", label_smoothing=0.2), mesh, "d", 3,
+                check_vma)
+  got = _value_and_grads(fn, args, TARGET[impl])
+  _assert_close(got, want, _scales("softmax", args), 1e-5, 1e-5)
+  with pytest.raises(ValueError, match="label_smoothing"):
+    contrastive_loss(*args[:2], 1.0, 0.0, kind="sigmoid", label_smoothing=0.1)
+
+
+# ----------------------------------------------------------------------------- TPU DMAs
+
+
+def test_tpu_kernels_race_free_on_two_cores():
+  """The TPU interpreter with 2 cores per chip (the megacore row split) and its happens-before
+  race detector: the gradient kernel's HBM accumulation by DMA has no race, results exact."""
+  x, y = _embeddings(300, 130, seed=9)
+  y = y[:260]
+  s = jnp.float32(SCALE)
+  z = s * np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+  lr, lc = jax.nn.logsumexp(z, 1), jax.nn.logsumexp(z, 0)
+  g = np.exp(z - np.asarray(lr)[:, None]) + np.exp(z - np.asarray(lc)[None, :])
+  params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+  gx, gy = _mosaic.grads_call(x, y, jnp.stack([s, 0.0]), 128, sigmoid=False, lse_rows=lr,
+                              lse_cols=lc, interpret=params)
+  assert not ipc.races.races_found
+  xf, yf = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  np.testing.assert_allclose(gx, g @ yf, atol=1e-5 * np.abs(g).sum(1).max())
+  np.testing.assert_allclose(gy, g.T @ xf, atol=1e-5 * np.abs(g).sum(0).max())
+  _mosaic.grads_call(x, y, jnp.stack([s, -5.0]), 128, sigmoid=True, offset=jnp.int32(0),
+                     interpret=params)
+  assert not ipc.races.races_found

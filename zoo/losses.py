@@ -3,7 +3,8 @@
 Contrastive losses dispatch to `kernels.contrastive_loss`: "reference" (plain jnp; under jit with
 batch-sharded inputs GSPMD already makes it a global-batch loss), "xla" / "pallas" (fused, never
 storing B x B logits; over a mesh they run inside `jax.shard_map` over the batch axes so the loss
-is over the GLOBAL batch, not per device). Model families add their losses here.
+is over the GLOBAL batch, not per device), "auto" (`resolve_impl`: pallas where its kernels
+lower, TPU and NVIDIA sm_80+, else xla). Model families add their losses here.
 """
 
 from __future__ import annotations
@@ -33,25 +34,27 @@ def _batch_axes(mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str, ...]
 
 
 def resolve_impl(impl: str) -> str:
-  """Contrastive implementation of `impl`: "auto" = "xla" on CPU, "pallas" on accelerators."""
-  if impl == "auto":
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
-  return impl
+  """The loss impl that `impl` ("auto" | "pallas" | "xla" | "reference") means on this backend:
+  "auto" -> "pallas" on TPU and NVIDIA GPUs of compute capability >= 8.0, else "xla"."""
+  return kernels.resolve_impl(impl)
 
 
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      logit_bias: Array | None = None, *, kind: str, impl: str,
                      mesh: Mesh | None = None,
-                     batch_axes: Sequence[str] = sharding.BATCH_AXES) -> Array:
+                     batch_axes: Sequence[str] = sharding.BATCH_AXES,
+                     label_smoothing: float = 0.0) -> Array:
   """Global-batch contrastive loss (see `kernels.contrastive_loss` for kind / impl).
 
   `logit_scale` is the already-exponentiated multiplier. With impl "xla" / "pallas" and a mesh
   whose `batch_axes` (default: the axes the train loop shards the batch over) split the batch,
   the kernel runs per device inside `jax.shard_map` with `axis_name` = those axes.
+  `label_smoothing` (softmax only) as in `kernels.contrastive_loss`, over the global batch.
   """
   impl = resolve_impl(impl)
   axes = () if impl == "reference" else _batch_axes(mesh, batch_axes)
-  loss_fn = functools.partial(kernels.contrastive_loss, kind=kind, impl=impl)
+  loss_fn = functools.partial(kernels.contrastive_loss, kind=kind, impl=impl,
+                              label_smoothing=label_smoothing)
   if not axes:
     return loss_fn(image_emb, text_emb, logit_scale, logit_bias)
   n = math.prod(mesh.shape[a] for a in axes)

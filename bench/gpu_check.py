@@ -1,0 +1,159 @@
+"""One prepared check of the contrastive kernels on a lent GPU (or TPU): < 8 minutes, one table.
+
+1. Parity at B=4096, d=768 against impl="reference", values and all gradients: fp32 with
+   default_matmul_precision="highest" (tolerance 1e-4 of each quantity's magnitude), bf16 inputs
+   (tolerance 3e-2: the kernels round probabilities to bf16 before the gradient matmuls).
+2. Forward+backward time and peak memory of reference / xla / pallas at B in {32768, 131072},
+   d=768, bf16, each in a fresh process (bench/contrastive_loss.py's measurement).
+3. The largest B each impl runs: doubling from 32768 to --max_batch, each try in a fresh process
+   with a timeout; stops at the first failure or when the time budget is spent.
+Every measurement is wrapped: an error is recorded in its row, never fatal. Prints one table and
+writes JSON (--json). `--smoke` runs the same logic at tiny sizes (for a CPU dry run).
+
+  python bench/gpu_check.py                       # on the lent machine
+  JAX_PLATFORMS=cpu python bench/gpu_check.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import contrastive_loss as bench  # noqa: E402
+
+IMPLS = ("reference", "xla", "pallas")
+
+
+def _errors(got, want) -> dict:
+  """max |got - want| / max(|want|) for the loss and each gradient."""
+  import numpy as np
+
+  names = ["loss", "d_image", "d_text", "d_scale", "d_bias"]
+  (v, g), (v0, g0) = got, want
+  out = {}
+  for name, a, r in zip(names, [v, *g], [v0, *g0]):
+    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+    out[name] = float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-30))
+  return out
+
+
+def parity(batch: int, dim: int, kinds, impls) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+
+  rows = []
+  for kind in kinds:
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
+      x, y = bench._inputs(batch, dim, dtype)
+      args = (x, y, jnp.float32(10.0)) + ((jnp.float32(-10.0),) if kind == "sigmoid" else ())
+      vg = lambda impl: jax.jit(jax.value_and_grad(
+          bench.loss_fn(impl, kind), argnums=tuple(range(len(args)))))(*args)
+      with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+        want = vg("reference")
+        for impl in impls:
+          row = {"check": "parity", "kind": kind, "dtype": dtype, "impl": impl,
+                 "batch": batch, "dim": dim, "tolerance": tol}
+          try:
+            errs = _errors(vg(impl), want)
+            row.update(errors=errs, ok=max(errs.values()) <= tol)
+          except Exception as e:  # recorded, not fatal
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+          rows.append(row)
+  return rows
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run)")
+  p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check")
+  p.add_argument("--max_batch", type=int, default=1 << 20)
+  p.add_argument("--json", default=os.path.join(ROOT, "bench/results/gpu_check.json"))
+  a = p.parse_args(argv)
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  import jax
+
+  t_start = time.time()
+  left = lambda: a.budget - (time.time() - t_start)
+  if a.smoke:
+    par_b, dim, batches, start_b, max_b, dtype = 64, 32, [128, 256], 128, 512, "float32"
+  else:
+    par_b, dim, batches, start_b, max_b, dtype = 4096, 768, [32768, 131072], 32768, \
+        a.max_batch, "bfloat16"
+  backend = jax.default_backend()
+  device = jax.devices()[0].device_kind
+  from kernels import resolve_impl
+
+  head = (f"gpu_check: backend {backend} ({device}), impl='auto' -> {resolve_impl('auto')}, "
+          f"budget {a.budget:.0f} s{' (smoke)' if a.smoke else ''}")
+  print(head, flush=True)
+  rows: list[dict] = []
+  try:
+    rows += parity(par_b, dim, ("softmax", "sigmoid"), ("xla", "pallas"))
+  except Exception:
+    rows.append({"check": "parity", "ok": False, "error": traceback.format_exc()[-600:]})
+  avail = bench.available_bytes()
+  per_timeout = lambda: max(10.0, min(120.0, left()))
+  for batch in batches:
+    for impl in IMPLS:
+      cfg = {"impl": impl, "kind": "softmax", "batch": batch, "dim": dim, "dtype": dtype,
+             "block": None, "repeats": 3}
+      reason = bench.too_big(impl, batch, avail)
+      if reason is None and left() < 20:
+        reason = "time budget spent"
+      r = {**cfg, "skipped": reason} if reason else bench.run_child(cfg, per_timeout())
+      rows.append({"check": "timing", **r})
+  for impl in IMPLS:
+    best, b, why = None, start_b, "reached --max_batch"
+    while b <= max_b:
+      if left() < 20:
+        why = "time budget spent"
+        break
+      reason = bench.too_big(impl, b, avail)
+      if reason:
+        why = reason
+        break
+      cfg = {"impl": impl, "kind": "softmax", "batch": b, "dim": dim, "dtype": dtype,
+             "block": None, "repeats": 1}
+      r = bench.run_child(cfg, per_timeout())
+      if "skipped" in r:
+        why = f"B={b}: {r['skipped']}"
+        break
+      best, b = r, b * 2
+    rows.append({"check": "max_batch", "impl": impl, "max_batch": best and best["batch"],
+                 "memory_bytes": best and best["memory_bytes"], "stopped": why})
+
+  print(f"{'check':10s} {'impl':9s} {'kind':8s} {'dtype':9s} {'B':>8s}  result")
+  for r in rows:
+    c = r["check"]
+    if c == "parity":
+      res = (r.get("error") or ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items()))
+      res = f"{'OK ' if r['ok'] else 'BAD'} (tol {r.get('tolerance', 0):.0e}) {res}"
+    elif c == "timing":
+      res = r.get("skipped") or (f"{r['time_s'] * 1e3:9.1f} ms  "
+                                 f"{r['memory_bytes'] / 2**20:10.1f} MiB  ({r['memory_measure']})")
+    else:
+      mb = r["memory_bytes"]
+      res = (f"max B {r['max_batch']}" + (f" ({mb / 2**20:.0f} MiB)" if mb else "")
+             + f"; stopped: {r['stopped']}")
+    print(f"{c:10s} {r.get('impl', '-'):9s} {r.get('kind', 'softmax'):8s} "
+          f"{r.get('dtype', dtype):9s} {r.get('batch', r.get('max_batch')) or '-':>8}  {res}")
+  elapsed = time.time() - t_start
+  print(f"elapsed {elapsed:.0f} s")
+  os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+  with open(a.json, "w") as f:
+    json.dump({"backend": backend, "device": device, "smoke": a.smoke, "elapsed_s": elapsed,
+               "load_average": os.getloadavg(), "rows": rows}, f, indent=1, default=str)
+  print(f"wrote {a.json}")
+  bad = [r for r in rows if r["check"] == "parity" and not r.get("ok")]
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
