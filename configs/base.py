@@ -164,6 +164,6 @@ def distill() -> ml_collections.ConfigDict:
       text_feature_weight=1.0,  # text tower: the same
       feature_loss="cosine",  # cosine (mean 1 - cos) | mse (mean squared error, normalized)
       logit_weight=1.0,  # KL(teacher || student) of the batch softmaxes, both directions
-      contrastive_weight=1.0,  # the student's own CLIP loss (loss.label_smoothing applies)
+      contrastive_weight=1.0,  # the student's own CLIP loss
       block_size=256,  # rows per block of the logit distillation (impl xla / pallas)
   ))

@@ -167,3 +167,48 @@ def test_missing_teacher_is_a_one_line_error():
   config = distill_config("")
   with pytest.raises(ValueError, match="config.distill.teacher is empty"):
     train_lib.build_trainer(config)
+
+
+# ----------------------------------------------------------------------------- label smoothing
+
+
+def np_smoothed_clip_loss(x, y, scale, eps):
+  b = x.shape[0]
+  target = np.full((b, b), eps / (b - 1)) + np.eye(b) * (1 - eps - eps / (b - 1))
+  z = scale * x.astype(np.float64) @ y.T
+  return 0.5 * (-(target * np_log_softmax(z)).sum(1).mean()
+                - (target * np_log_softmax(z.T)).sum(1).mean())
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_clip_family_label_smoothing_matches_numpy(impl):
+  from zoo.families import clip as clip_family
+
+  rng = np.random.default_rng(2)
+  x, y = _normed(rng, 12, 16), _normed(rng, 12, 16)
+  config = base.base_config()
+  config.loss.label_smoothing = 0.2
+  fam = clip_family.FAMILY
+  settings = fam.settings(config)
+  out = {"image_features": jnp.asarray(x), "text_features": jnp.asarray(y),
+         "logit_scale": jnp.float32(10.0)}
+  loss, m = fam.loss(out, {}, train_lib.LossContext(settings, None, impl))
+  np.testing.assert_allclose(float(loss), np_smoothed_clip_loss(x, y, 10.0, 0.2), rtol=1e-5)
+  assert float(m["label_smoothing"]) == pytest.approx(0.2)
+  plain, _ = fam.loss(out, {}, train_lib.LossContext(fam.settings(base.base_config()), None, impl))
+  np.testing.assert_allclose(float(plain), np_smoothed_clip_loss(x, y, 10.0, 0.0), rtol=1e-5)
+  with pytest.raises(ValueError, match="softmax"):
+    fam.loss({**out, "logit_bias": jnp.float32(-10.0)}, {}, train_lib.LossContext(settings, None,
+                                                                                   impl))
+  config.loss.label_smoothing = 1.0
+  with pytest.raises(ValueError, match="label_smoothing"):
+    fam.settings(config)
+
+
+def test_label_smoothing_trains_through_the_loop(tmp_path):
+  config = tiny_config(total_steps=2, batch_size=8)
+  config.data.size = 32
+  config.loss.label_smoothing = 0.1
+  summary = train_lib.train(config, str(tmp_path / "run"))
+  assert summary["step"] == 2 and np.all(np.isfinite(summary["losses"]))
+  assert summary["metrics"]["label_smoothing"] == pytest.approx(0.1)

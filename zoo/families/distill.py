@@ -38,7 +38,7 @@ class Settings:
   text_feature_weight: float = 1.0  # text tower: the same
   feature_loss: str = "cosine"  # cosine (mean 1 - cos) | mse (mean squared error, normalized)
   logit_weight: float = 1.0  # KL(teacher || student) of the batch softmaxes, both directions
-  contrastive_weight: float = 1.0  # the student's own CLIP loss (loss.label_smoothing applies)
+  contrastive_weight: float = 1.0  # the student's own CLIP loss
   block_size: int = 256  # rows per block of the logit distillation (impl xla / pallas)
 
   def __post_init__(self):
