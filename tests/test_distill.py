@@ -212,3 +212,19 @@ def test_label_smoothing_trains_through_the_loop(tmp_path):
   summary = train_lib.train(config, str(tmp_path / "run"))
   assert summary["step"] == 2 and np.all(np.isfinite(summary["losses"]))
   assert summary["metrics"]["label_smoothing"] == pytest.approx(0.1)
+
+
+def _num_params(name, overrides):
+  model = nnx.eval_shape(lambda: clip_lib.create(name, **overrides))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_distill_configs_student_sizes():
+  from configs import demo, distill_b16_to_s16, distill_demo
+
+  for mod, teacher, ratio in ((distill_demo, demo.get_config().model, 4.0),
+                              (distill_b16_to_s16, "ViT-B-16", 2.3)):
+    c = mod.get_config()
+    assert c.family == "distill" and c.distill.to_dict().keys() == base.distill().to_dict().keys()
+    student = _num_params(c.model, c.model_overrides.to_dict())
+    assert _num_params(teacher, {}) / student >= ratio, (mod.__name__, student)
