@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   # auto (xla on CPU, pallas on accelerators) | reference | xla | pallas
-  c.loss = ml_collections.ConfigDict(dict(impl="auto"))
+  # label_smoothing: softmax CE target 1 - eps on the pair, eps / (B - 1) on each negative
+  c.loss = ml_collections.ConfigDict(dict(impl="auto", label_smoothing=0.0))
 
   c.data = ml_collections.ConfigDict(dict(
       name="demo",  # demo | webdataset
@@ -156,4 +157,17 @@ def multilingual() -> ml_collections.ConfigDict:
       contrastive_weight=0.0,  # text-text InfoNCE, student(translation) vs teacher(English)
       contrastive_scale=20.0,  # its fixed logit scale (inverse temperature)
       train="text",  # text (the whole student text tower) | text_projection
+  ))
+
+
+def distill() -> ml_collections.ConfigDict:
+  """`config.distill` (zoo.families.distill.Settings)."""
+  return ml_collections.ConfigDict(dict(
+      teacher="",  # zoo.save directory of the teacher CLIP (required)
+      image_feature_weight=1.0,  # image tower: student (through its head) vs teacher
+      text_feature_weight=1.0,  # text tower: the same
+      feature_loss="cosine",  # cosine (mean 1 - cos) | mse (mean squared error, normalized)
+      logit_weight=1.0,  # KL(teacher || student) of the batch softmaxes, both directions
+      contrastive_weight=1.0,  # the student's own CLIP loss
+      block_size=256,  # rows per block of the logit distillation (impl xla / pallas)
   ))

@@ -8,7 +8,7 @@ package also registers every family's eval kinds with zoo.eval_lib.
 from __future__ import annotations
 
 from zoo import eval_lib
-from zoo.families import clip, long_clip, moe, multilingual, region
+from zoo.families import clip, distill, long_clip, moe, multilingual, region
 from zoo.families.base import Family, LossContext
 
 FAMILIES: tuple[Family, ...] = (
@@ -17,6 +17,7 @@ FAMILIES: tuple[Family, ...] = (
     moe.FAMILY,
     region.FAMILY,
     multilingual.FAMILY,
+    distill.FAMILY,
 )
 
 _REGISTRY: dict[str, Family] = {}

@@ -1,0 +1,230 @@
+"""The distill family: losses vs numpy, frozen teacher, student-only export, config sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import zoo
+from configs import base
+from tests.train_utils import tiny_config
+from zoo import checkpoint, train_lib
+from zoo.families import distill
+from zoo.models import clip as clip_lib
+
+
+def _normed(rng, b, e):
+  x = rng.normal(size=(b, e)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def np_log_softmax(z):
+  z = z - z.max(axis=1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def np_logit_kl(si, st, ss, ti, tt, ts):
+  """open_clip DistillClipLoss written as KL: mean over rows, both directions, / 2."""
+  def kl(ls, lt):
+    lps, lpt = np_log_softmax(ls.astype(np.float64)), np_log_softmax(lt.astype(np.float64))
+    return (np.exp(lpt) * (lpt - lps)).sum(axis=1).mean()
+  return 0.5 * (kl(ss * si @ st.T, ts * ti @ tt.T) + kl(ss * st @ si.T, ts * tt @ ti.T))
+
+
+@pytest.mark.parametrize("impl,block", [("reference", 256), ("xla", 8), ("xla", 12),
+                                        ("xla", 256)])
+def test_logit_distillation_matches_numpy_values_and_gradients(impl, block):
+  rng = np.random.default_rng(0)
+  b = 24
+  si, st, ti, tt = _normed(rng, b, 16), _normed(rng, b, 16), _normed(rng, b, 32), _normed(rng, b, 32)
+  got = distill.logit_distillation(si, st, 7.0, ti, tt, 20.0, impl=impl, block_size=block)
+  np.testing.assert_allclose(float(got), np_logit_kl(si, st, 7.0, ti, tt, 20.0), rtol=1e-5)
+  # KL of a distribution with itself is 0; gradients: blockwise == materialized.
+  same = distill.logit_distillation(ti, tt, 20.0, ti, tt, 20.0, impl=impl, block_size=block)
+  assert abs(float(same)) < 1e-5
+  f = lambda a, c, s, kind: distill.logit_distillation(a, c, s, ti, tt, 20.0, impl=kind,
+                                                       block_size=block)
+  g_ref = jax.grad(f, argnums=(0, 1, 2))(si, st, 7.0, "reference")
+  g = jax.grad(f, argnums=(0, 1, 2))(si, st, 7.0, impl)
+  for a, r in zip(g, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
+  # Finite differences on the scale (the loss is smooth in it).
+  h = 1e-2
+  fd = (float(f(si, st, 7.0 + h, "reference")) - float(f(si, st, 7.0 - h, "reference"))) / (2 * h)
+  np.testing.assert_allclose(float(g_ref[2]), fd, rtol=1e-2)
+
+
+def test_blockwise_logit_distillation_never_builds_b_by_b():
+  b, block = 64, 16
+  x = jnp.ones((b, 8), jnp.float32) / np.sqrt(8)
+  f = lambda a: distill.logit_distillation(a, x, 5.0, x, x, 5.0, impl="xla", block_size=block)
+  hlo = jax.jit(jax.grad(f)).lower(x).as_text()
+  assert f"{b}x{b}x" not in hlo and f"[{b},{b}]" not in hlo.replace(" ", "")
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_feature_loss_matches_numpy(kind):
+  rng = np.random.default_rng(1)
+  s, t = rng.normal(size=(10, 32)).astype(np.float32), rng.normal(size=(10, 32)).astype(np.float32)
+  sn = s / np.linalg.norm(s, axis=1, keepdims=True)
+  tn = t / np.linalg.norm(t, axis=1, keepdims=True)
+  want = (1 - (sn * tn).sum(1)).mean() if kind == "cosine" else ((sn - tn) ** 2).mean()
+  np.testing.assert_allclose(float(distill.feature_loss(s, t, kind)), want, rtol=1e-5)
+
+
+def test_config_section_equals_settings_defaults_and_bad_keys():
+  assert base.distill().to_dict() == dataclasses.asdict(distill.Settings())
+  with pytest.raises(ValueError, match="feature_loss"):
+    distill.Settings(feature_loss="l1")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("teacher") / "model")
+  return checkpoint.save(clip_lib.create("test-tiny", seed=3), path)
+
+
+def distill_config(teacher: str, **overrides):
+  c = tiny_config(family="distill", total_steps=3, batch_size=8, **overrides)
+  c.data.size = 64
+  # Student: half the width, one layer per tower, a 16-d embedding (heads map 16 -> 32).
+  c.model_overrides = ml_collections.ConfigDict(dict(
+      embed_dim=16, vision=dict(width=32, layers=1), text=dict(width=32, layers=1)))
+  c.distill = base.distill()
+  c.distill.teacher = teacher
+  c.distill.block_size = 4
+  return c
+
+
+def test_distill_trains_teacher_frozen_and_exports_student_alone(tmp_path, teacher_dir):
+  config = distill_config(teacher_dir)
+  config.loss.impl = "xla"
+  trainer = train_lib.build_trainer(config)
+  model0 = trainer.model()
+  assert model0.image_head is not None and model0.image_head.shape == (16, 32)
+  teacher_before = jax.device_get(nnx.to_flat_state(nnx.state(model0.teacher, nnx.Param)))
+  student_before = jax.device_get(nnx.to_flat_state(nnx.state(model0.student, nnx.Param)))
+  summary = train_lib.train(config, str(tmp_path / "run"))
+  assert summary["step"] == 3 and np.all(np.isfinite(summary["losses"]))
+  m = summary["metrics"]
+  for k in ("image_feature", "text_feature", "logit_kl", "contrastive"):
+    assert m[k] > 0, (k, m)
+  assert m["loss"] == pytest.approx(m["image_feature"] + m["text_feature"] + m["logit_kl"]
+                                    + m["contrastive"], rel=1e-5)
+  model = summary["trainer"].model()
+  after = dict(nnx.to_flat_state(nnx.state(model.teacher, nnx.Param)))
+  for k, v in teacher_before:
+    np.testing.assert_array_equal(np.asarray(after[k][...]), np.asarray(v[...]), err_msg=str(k))
+  s_after = dict(nnx.to_flat_state(nnx.state(model.student, nnx.Param)))
+  assert any(not np.array_equal(np.asarray(s_after[k][...]), np.asarray(v[...]))
+             for k, v in student_before)
+  # The export is the student alone: a plain CLIP with the student's weights, no teacher.
+  exported = os.path.join(tmp_path, "run", "model")
+  loaded = zoo.load(exported)
+  loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+  assert type(loaded) is clip_lib.CLIP and loaded.config.embed_dim == 16
+  flat = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+  assert set(flat) == set(s_after)
+  for k in flat:
+    np.testing.assert_array_equal(np.asarray(flat[k][...]), np.asarray(s_after[k][...]))
+  assert not any("teacher" in k or "head" in k for k in ("/".join(map(str, p)) for p in flat))
+
+
+def test_distill_loss_matches_terms_computed_by_hand(teacher_dir):
+  config = distill_config(teacher_dir)
+  config.distill.feature_loss = "mse"
+  config.distill.image_feature_weight, config.distill.logit_weight = 0.5, 2.0
+  family = distill.FAMILY
+  settings = family.settings(config)
+  model = family.build_model(config, settings)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+           "tokens": jnp.asarray(np.tile(np.r_[49406, 5, 6, 49407, np.zeros(12)], (8, 1))
+                                 + np.eye(8, 16, 1) * np.arange(8)[:, None], jnp.int32)}
+  out = family.forward(model, batch, jax.random.key(0), settings)
+  total, m = family.loss(out, batch, train_lib.LossContext(settings, None, "reference"))
+  t = model.teacher(batch["image"], batch["tokens"])
+  si = np.asarray(model.student.encode_image(batch["image"])) @ np.asarray(model.image_head[...])
+  sn = si / np.linalg.norm(si, axis=1, keepdims=True)
+  np.testing.assert_allclose(float(m["image_feature"]),
+                             ((sn - np.asarray(t["image_features"])) ** 2).mean(), rtol=1e-5)
+  want_kl = np_logit_kl(np.asarray(out["image_features"]), np.asarray(out["text_features"]),
+                        float(out["logit_scale"]), np.asarray(t["image_features"]),
+                        np.asarray(t["text_features"]), float(t["logit_scale"]))
+  np.testing.assert_allclose(float(m["logit_kl"]), want_kl, rtol=1e-4)
+  np.testing.assert_allclose(float(total), 0.5 * float(m["image_feature"]) + float(m["text_feature"])
+                             + 2.0 * float(m["logit_kl"]) + float(m["contrastive"]), rtol=1e-5)
+
+
+def test_missing_teacher_is_a_one_line_error():
+  config = distill_config("")
+  with pytest.raises(ValueError, match="config.distill.teacher is empty"):
+    train_lib.build_trainer(config)
+
+
+# ----------------------------------------------------------------------------- label smoothing
+
+
+def np_smoothed_clip_loss(x, y, scale, eps):
+  b = x.shape[0]
+  target = np.full((b, b), eps / (b - 1)) + np.eye(b) * (1 - eps - eps / (b - 1))
+  z = scale * x.astype(np.float64) @ y.T
+  return 0.5 * (-(target * np_log_softmax(z)).sum(1).mean()
+                - (target * np_log_softmax(z.T)).sum(1).mean())
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_clip_family_label_smoothing_matches_numpy(impl):
+  from zoo.families import clip as clip_family
+
+  rng = np.random.default_rng(2)
+  x, y = _normed(rng, 12, 16), _normed(rng, 12, 16)
+  config = base.base_config()
+  config.loss.label_smoothing = 0.2
+  fam = clip_family.FAMILY
+  settings = fam.settings(config)
+  out = {"image_features": jnp.asarray(x), "text_features": jnp.asarray(y),
+         "logit_scale": jnp.float32(10.0)}
+  loss, m = fam.loss(out, {}, train_lib.LossContext(settings, None, impl))
+  np.testing.assert_allclose(float(loss), np_smoothed_clip_loss(x, y, 10.0, 0.2), rtol=1e-5)
+  assert float(m["label_smoothing"]) == pytest.approx(0.2)
+  plain, _ = fam.loss(out, {}, train_lib.LossContext(fam.settings(base.base_config()), None, impl))
+  np.testing.assert_allclose(float(plain), np_smoothed_clip_loss(x, y, 10.0, 0.0), rtol=1e-5)
+  with pytest.raises(ValueError, match="softmax"):
+    fam.loss({**out, "logit_bias": jnp.float32(-10.0)}, {}, train_lib.LossContext(settings, None,
+                                                                                   impl))
+  config.loss.label_smoothing = 1.0
+  with pytest.raises(ValueError, match="label_smoothing"):
+    fam.settings(config)
+
+
+def test_label_smoothing_trains_through_the_loop(tmp_path):
+  config = tiny_config(total_steps=2, batch_size=8)
+  config.data.size = 32
+  config.loss.label_smoothing = 0.1
+  summary = train_lib.train(config, str(tmp_path / "run"))
+  assert summary["step"] == 2 and np.all(np.isfinite(summary["losses"]))
+  assert summary["metrics"]["label_smoothing"] == pytest.approx(0.1)
+
+
+def _num_params(name, overrides):
+  model = nnx.eval_shape(lambda: clip_lib.create(name, **overrides))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_distill_configs_student_sizes():
+  from configs import demo, distill_b16_to_s16, distill_demo
+
+  for mod, teacher, ratio in ((distill_demo, demo.get_config().model, 4.0),
+                              (distill_b16_to_s16, "ViT-B-16", 2.3)):
+    c = mod.get_config()
+    assert c.family == "distill" and c.distill.to_dict().keys() == base.distill().to_dict().keys()
+    student = _num_params(c.model, c.model_overrides.to_dict())
+    assert _num_params(teacher, {}) / student >= ratio, (mod.__name__, student)
