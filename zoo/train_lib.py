@@ -36,6 +36,7 @@ from zoo import (
   run_log,
   sharding,
   tokenizers,
+  train_checkpoint,
   train_step,
 )
 from zoo.families import base as family_base
@@ -271,7 +272,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps_on_disk = ckpt_lib.complete_steps(ckpt_dir)
+  steps_on_disk = train_checkpoint.complete_steps(ckpt_dir)
   config, latest = run_config.prepare(config, workdir,
                                       steps_on_disk[-1] if steps_on_disk else None)
   check_config(config)
@@ -283,8 +284,8 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   model0 = trainer.model()
   tokenizer = make_tokenizer(config, model0)
   data_iter = build_data(config, model0, trainer.family, tokenizer, trainer.settings)
-  ckpt = ckpt_lib.TrainCheckpointer(ckpt_dir, save_every=config.checkpoint_every,
-                                    keep=config.get("keep_checkpoints", 2))
+  ckpt = train_checkpoint.TrainCheckpointer(ckpt_dir, save_every=config.checkpoint_every,
+                                            keep=config.get("keep_checkpoints", 2))
   if latest is not None:
     trainer.state, extra = ckpt.restore(latest, abstract_state(trainer))
     if extra.get("data_state") is not None:
@@ -366,13 +367,13 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
           ckpt.close()
         logger.close()
   except run_log.NonFinite as e:
-    kept = ckpt_lib.complete_steps(ckpt_dir)
+    kept = train_checkpoint.complete_steps(ckpt_dir)
     raise cli.Diverged(
         f"training diverged at step {e.step}: {e.what}; stopped without saving that state "
         f"(latest good checkpoint: {f'step {kept[-1]}' if kept else 'none'}); lower config.lr"
         ) from None
   except KeyboardInterrupt:
-    kept = ckpt_lib.complete_steps(ckpt_dir)
+    kept = train_checkpoint.complete_steps(ckpt_dir)
     raise cli.Interrupted(
         f"interrupted after step {done}; latest complete checkpoint: "
         f"{f'step {kept[-1]}' if kept else 'none'} (run the same command to resume)") from None
@@ -407,9 +408,9 @@ def abstract_state(trainer: Trainer) -> dict:
 
 def restore_latest(trainer: Trainer, workdir: str) -> int | None:
   """Restores the trainer's state from the latest complete checkpoint in `workdir`."""
-  ckpt = ckpt_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
-                                    save_every=trainer.config.checkpoint_every,
-                                    keep=trainer.config.get("keep_checkpoints", 2))
+  ckpt = train_checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                            save_every=trainer.config.checkpoint_every,
+                                            keep=trainer.config.get("keep_checkpoints", 2))
   try:
     latest = ckpt.latest_step()
     if latest is None:
@@ -430,7 +431,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int,
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           params, sharding.state_shardings(params, mesh))
-  params = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), step, abstract)
+  params = train_checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step, abstract)
   return nnx.merge(graphdef, params, rest)
 
 
@@ -441,7 +442,7 @@ def load_for_eval(config: ml_collections.ConfigDict, *, workdir: str | None = No
   if checkpoint:
     model, _, _ = ckpt_lib.load(checkpoint)
     return model, int(ckpt_lib.read_record(checkpoint).get("step") or 0), workdir or checkpoint
-  steps = ckpt_lib.complete_steps(os.path.join(workdir, "checkpoints"))
+  steps = train_checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
   if not steps:
     raise cli.UserError(f"no complete checkpoint under {os.path.join(workdir, 'checkpoints')}; "
                         "train first, or pass --checkpoint DIR")
