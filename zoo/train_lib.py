@@ -28,6 +28,7 @@ from zoo import (
   data,
   distributed,
   eval_lib,
+  eval_report,
   families,
   layers,
   peft,
@@ -228,7 +229,7 @@ def run_eval(trainer_or_model, config: ml_collections.ConfigDict, tokenizer, eva
 def _finished_summary(config: ml_collections.ConfigDict, workdir: str, step: int
                       ) -> dict[str, Any]:
   """A finished workdir: its final eval record (from metrics.json), nothing retrained."""
-  records = [r for r in eval_lib.read_metrics(workdir) if int(r["step"]) == step]
+  records = [r for r in eval_report.read_metrics(workdir) if int(r["step"]) == step]
   final = {k: v for k, v in (records[0] if records else {}).items()
            if k != "step" and isinstance(v, (int, float))}
   log.info("%s already finished at step %d (model: %s); raise config.total_steps with "
@@ -351,7 +352,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
             eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
                                     trainer.family)
             if is_main:
-              eval_lib.append_metrics(workdir, done, eval_metrics)
+              eval_report.append_metrics(workdir, done, eval_metrics)
               logger.scalars(done, eval_metrics, prefix="eval")
               logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
                                                           sorted(eval_metrics.items())))
