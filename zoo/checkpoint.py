@@ -1,4 +1,4 @@
-"""Checkpoints on Orbax: model directories (`save` / `load`) and the train-loop manager.
+"""Checkpoints on Orbax: model directories (`save` / `load`).
 
 Model directory (`zoo.save`), written atomically (a temporary sibling renamed into place):
 
@@ -7,18 +7,12 @@ Model directory (`zoo.save`), written atomically (a temporary sibling renamed in
     DIR/weights/          Orbax StandardCheckpointer: flat {'visual.transformer...': array}
     DIR/tokenizer.model   a copy of the sentencepiece model, when the config names one
 
-`TrainCheckpointer` wraps `ocp.CheckpointManager` for the train loop: every `save_every`
-steps, keep `keep`, async; a step is the state pytree (params, optimizer state, rng; restored
-directly into the caller's shardings) plus a JSON `extra` (data iterator state, ...). Only
-complete steps are ever listed or restored: Orbax writes into `<step>.orbax-checkpoint-tmp-*`
-and renames after writing `commit_success.txt`; we also require that marker and the commit
-timestamp in `_CHECKPOINT_METADATA`, so a half-written or tampered step is never resumed.
+The train loop's checkpoints (`TrainCheckpointer`, `complete_steps`, `restore_params`) live
+in `zoo.train_checkpoint` and stay importable from here.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -32,20 +26,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from zoo import checkpoint_format, train_checkpoint
+
 log = logging.getLogger("zoo.checkpoint")
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "zoo_config.json"
 WEIGHTS_DIR = "weights"
 TOKENIZER_FILE = "tokenizer.model"
-COMMIT_FILE = "commit_success.txt"  # orbax's finalize marker
-STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 _TMP_SUFFIX = ".zoo-tmp"
 _OLD_SUFFIX = ".zoo-old"
 
-
-class CheckpointError(ValueError):
-  """A checkpoint directory is missing, incomplete, corrupt or for another architecture."""
+# Moved to zoo.checkpoint_format / zoo.train_checkpoint; these names stay importable from here.
+CheckpointError = checkpoint_format.CheckpointError
+COMMIT_FILE = checkpoint_format.COMMIT_FILE
+STEP_METADATA_FILE = checkpoint_format.STEP_METADATA_FILE
+is_complete_step = train_checkpoint.is_complete_step
+complete_steps = train_checkpoint.complete_steps
+restore_params = train_checkpoint.restore_params
+TrainCheckpointer = train_checkpoint.TrainCheckpointer
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -78,38 +77,6 @@ def _import_zoo(qualname: str) -> Any:
     raise CheckpointError(f"checkpoint needs {qualname!r}, which this zoo version lacks: {e}") from e
 
 
-def _to_jsonable(obj: Any) -> Any:
-  """A JSON-ready copy: ConfigDicts, dataclasses, tuples, numpy values and bytes are converted."""
-  if hasattr(obj, "to_json_best_effort"):  # ml_collections.ConfigDict
-    return json.loads(obj.to_json_best_effort())
-  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    return _to_jsonable(dataclasses.asdict(obj))
-  if isinstance(obj, Mapping):
-    return {str(k): _to_jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_to_jsonable(v) for v in obj]
-  if isinstance(obj, (bytes, bytearray)):
-    return {"__bytes_b64__": base64.b64encode(bytes(obj)).decode("ascii")}
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  if obj is None or isinstance(obj, (str, int, float, bool)):
-    return obj
-  raise TypeError(f"cannot store {type(obj).__name__} value {obj!r} as JSON in a checkpoint")
-
-
-def _from_jsonable(obj: Any) -> Any:
-  """Inverse of `_to_jsonable` for bytes (everything else stays JSON types)."""
-  if isinstance(obj, dict):
-    if set(obj) == {"__bytes_b64__"}:
-      return base64.b64decode(obj["__bytes_b64__"])
-    return {k: _from_jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_from_jsonable(v) for v in obj]
-  return obj
-
-
 def _shape_problems(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> list[str]:
   """One line per key missing from `found`, unexpected in it, or of another shape/dtype."""
   out = []
@@ -129,24 +96,6 @@ def _stored_shapes(checkpointer: ocp.StandardCheckpointer, path: str) -> dict[st
   if tree is None:
     raise ValueError("Orbax found no weight metadata")
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in tree.items()}
-
-
-def _is_complete_orbax_dir(path: str) -> bool:
-  """Orbax finished this directory: its commit marker and committed metadata are present."""
-  if not os.path.isfile(os.path.join(path, COMMIT_FILE)):
-    return False
-  try:
-    with open(os.path.join(path, STEP_METADATA_FILE)) as f:
-      return json.load(f).get("commit_timestamp_nsecs") is not None
-  except (OSError, ValueError):
-    return False
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def _file_manifest(root: str) -> dict[str, dict[str, Any]]:
@@ -207,7 +156,7 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
     os.makedirs(tmp)
-  _sync("zoo_save_tmp")
+  checkpoint_format.sync_processes("zoo_save_tmp")
   model_config = model.config.to_dict()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(tmp, WEIGHTS_DIR), _flat_state(model))
@@ -221,8 +170,8 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
         "format_version": FORMAT_VERSION,
         "model_class": _qualname(model),
         "config_class": _qualname(model.config),
-        "model_config": _to_jsonable(model_config),
-        "config": _to_jsonable(config) if config is not None else None,
+        "model_config": checkpoint_format.to_jsonable(model_config),
+        "config": checkpoint_format.to_jsonable(config) if config is not None else None,
         "files": _file_manifest(os.path.join(tmp, WEIGHTS_DIR)),
     }
     if step is not None:
@@ -235,7 +184,7 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
       shutil.rmtree(directory + _OLD_SUFFIX)
     else:
       os.rename(tmp, directory)
-  _sync("zoo_save_done")
+  checkpoint_format.sync_processes("zoo_save_done")
   return directory
 
 
@@ -303,7 +252,7 @@ def restore_weights(model: nnx.Module, directory: str | os.PathLike, *, verify: 
   if verify:
     verify_files(directory)
   weights = os.path.join(os.path.abspath(directory), WEIGHTS_DIR)
-  if not os.path.isdir(weights) or not _is_complete_orbax_dir(weights):
+  if not os.path.isdir(weights) or not checkpoint_format.is_complete_orbax_dir(weights):
     raise CheckpointError(f"{directory} is incomplete or corrupt: {WEIGHTS_DIR}/ is missing or was "
                           "not finalized by Orbax")
   graphdef, state = nnx.split(model)
@@ -403,138 +352,3 @@ def _tokenizer(model_config: Any, directory: str, tokenizers: Any,
 def _preprocess(model_config: Any, transforms: Any):
   return transforms.make_preprocess(model_config.vision.image_size, model_config.image_mean,
                                     model_config.image_std)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def is_complete_step(step_dir: str | os.PathLike) -> bool:
-  """A train-checkpoint step directory was fully written and finalized."""
-  path = os.fspath(step_dir)
-  return (_is_complete_orbax_dir(path)
-          and all(os.path.isdir(os.path.join(path, item)) for item in ("state", "extra")))
-
-
-def complete_steps(directory: str | os.PathLike) -> list[int]:
-  """Complete steps of a train-checkpoint directory, ascending ([] when it does not exist)."""
-  directory = os.fspath(directory)
-  if not os.path.isdir(directory):
-    return []
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
-  return sorted(s for s in steps if is_complete_step(os.path.join(directory, str(s))))
-
-
-def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any) -> Any:
-  """Only the parameters of train-checkpoint `step` under `directory` (what
-  `TrainCheckpointer` wrote), read into `abstract_params`' shapes and shardings (a pytree of
-  `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, e.g. an `nnx.State`). The optimizer
-  state is not read, so no optimizer or train state has to be built."""
-  step_dir = os.path.join(os.path.abspath(os.fspath(directory)), str(int(step)))
-  if not is_complete_step(step_dir):
-    raise CheckpointError(f"step {step} under {directory} is missing or incomplete; complete "
-                          f"steps: {complete_steps(directory) or 'none'}")
-  item = {"params": abstract_params}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    restored = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-  except Exception as e:
-    raise CheckpointError(f"restoring the parameters of step {step} from {step_dir} failed "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "the model config differs from the one trained, or the files are "
-                          "damaged") from e
-  finally:
-    checkpointer.close()
-  return restored["params"]
-
-
-class TrainCheckpointer:
-  """Orbax CheckpointManager for the train loop: state pytree + JSON extra per step.
-
-  `save(step, state, extra)` writes when `step % save_every == 0` (or `force=True`), keeping the
-  newest `keep` steps; with `async_` the write finishes in the background (arrays are copied
-  to host before `save` returns, so the caller may donate/overwrite its state).
-  `restore(step, abstract_state)` reads straight into the shardings of `abstract_state`
-  (a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`).
-  """
-
-  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 2,
-               async_: bool = True):
-    if save_every < 1 or keep < 1:
-      raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
-    self.directory = os.path.abspath(os.fspath(directory))
-    self.save_every = int(save_every)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=1, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "extra"))
-
-  def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(int(step)))
-
-  def is_complete(self, step: int) -> bool:
-    """Step `step` was fully written and finalized (never true for a half-written step)."""
-    return is_complete_step(self.step_dir(step))
-
-  def all_steps(self) -> list[int]:
-    """Complete steps on disk, ascending (temporary / uncommitted directories are skipped)."""
-    return complete_steps(self.directory)
-
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
-
-  def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None, *,
-           force: bool = False) -> bool:
-    """Saves if `step` is due (or forced) and not already on disk; returns whether it did."""
-    step = int(step)
-    if not force and step % self.save_every:
-      return False
-    if os.path.exists(self.step_dir(step)) and not self.is_complete(step):
-      # Debris of a write that never finished (never restorable); replace it.
-      self._manager.wait_until_finished()
-      log.warning("removing incomplete checkpoint directory %s", self.step_dir(step))
-      if jax.process_index() == 0:
-        shutil.rmtree(self.step_dir(step))
-      _sync(f"zoo_ckpt_rm_{step}")
-      self._manager.reload()
-    if self.is_complete(step):
-      log.info("checkpoint for step %d already exists; not overwriting", step)
-      return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              extra=ocp.args.JsonSave(_to_jsonable(dict(extra or {}))))
-    return bool(self._manager.save(step, args=args, force=True))
-
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """(state, extra) of a complete `step`, arrays placed on `abstract_state`'s shardings."""
-    step = int(step)
-    self._manager.wait_until_finished()
-    if not self.is_complete(step):
-      raise CheckpointError(f"step {step} under {self.directory} is missing or incomplete; "
-                            f"complete steps: {self.all_steps() or 'none'}")
-    self._manager.reload()
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
-    except Exception as e:
-      raise CheckpointError(f"restoring step {step} from {self.step_dir(step)} failed "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            "the state structure or shapes differ from what was saved, or the "
-                            "files are damaged") from e
-    return restored["state"], _from_jsonable(restored["extra"] or {})
-
-  def wait(self) -> None:
-    """Blocks until pending async saves are on disk."""
-    self._manager.wait_until_finished()
-
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
-
-  def __enter__(self) -> "TrainCheckpointer":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()

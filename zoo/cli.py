@@ -86,7 +86,7 @@ def quiet_logging() -> None:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-  from zoo.checkpoint import CheckpointError
+  from zoo.checkpoint_format import CheckpointError
 
   return (UserError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
           ValueError, KeyError)
@@ -125,7 +125,7 @@ def run(main: Callable[..., Any], *args: Any, prog: str | None = None) -> Any:
   except _user_error_types() as e:
     if debug():
       raise
-    from zoo.checkpoint import CheckpointError
+    from zoo.checkpoint_format import CheckpointError
 
     generic = not isinstance(e, (UserError, CheckpointError, OSError))
     print(f"{prog}: error: {one_line(e)}{hint if generic else ''}", file=sys.stderr)

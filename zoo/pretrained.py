@@ -14,7 +14,6 @@ architecture and zoo version, so a second load is a plain Orbax restore.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import logging
@@ -24,8 +23,9 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from zoo import checkpoint, convert, registry, tokenizers, transforms
-from zoo.convert import clip_moe, io, long_clip, mclip
+from zoo import checkpoint, convert, hub, registry, tokenizers, transforms
+from zoo.convert import clip_moe, long_clip, mclip, open_clip_config
+from zoo.convert.io import write_safetensors
 from zoo.models import clip as clip_lib, multilingual
 from zoo.version import __version__
 
@@ -40,9 +40,22 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _REGISTERED: dict[str, dict[str, dict]] = {}
 
-
-class PretrainedError(ValueError):
-  """Unknown name or tag, a file that cannot be fetched, or weights that do not fit."""
+# Moved to zoo.hub / zoo.convert.open_clip_config; these names stay importable from here.
+PretrainedError = hub.PretrainedError
+hub_cache_dir = hub.hub_cache_dir
+zoo_cache_dir = hub.zoo_cache_dir
+offline = hub.offline
+download = hub.download
+download_first = hub.download_first
+repo_files = hub.repo_files
+weight_names = hub.weight_names
+revision_of = hub.revision_of
+verify_file = hub.verify_file
+read_weights = hub.read_weights
+TIMM_TRUNKS = open_clip_config.TIMM_TRUNKS
+config_from_open_clip_cfg = open_clip_config.config_from_open_clip_cfg
+same_towers = open_clip_config.same_towers
+open_clip_model_cfg = open_clip_config.open_clip_model_cfg
 
 
 # ----------------------------------------------------------------------------- the table
@@ -111,277 +124,6 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
       return name, tag
   raise PretrainedError(f"pretrained reference {ref!r} must be NAME/TAG (e.g. "
                         "ViT-B-16/laion2b_s34b_b88k) or hf-hub:ORG/REPO")
-
-
-# ----------------------------------------------------------------------------- hub access
-
-
-def hub_cache_dir() -> str:
-  """huggingface_hub's cache, read from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
-  if os.environ.get("HF_HUB_CACHE"):
-    return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-  if os.environ.get("HF_HOME"):
-    return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-  from huggingface_hub import constants
-
-  return constants.HF_HUB_CACHE
-
-
-def zoo_cache_dir() -> str:
-  """Where converted checkpoints live: $ZOO_CACHE, else `zoo/` beside the hub cache."""
-  if os.environ.get("ZOO_CACHE"):
-    return os.path.expanduser(os.environ["ZOO_CACHE"])
-  return os.path.join(os.path.dirname(os.path.abspath(hub_cache_dir())), "zoo")
-
-
-def offline() -> bool:
-  value = os.environ.get("HF_HUB_OFFLINE")
-  if value is not None:
-    return value.strip().lower() in ("1", "true", "yes", "on")
-  from huggingface_hub import constants
-
-  return bool(constants.HF_HUB_OFFLINE)
-
-
-def download(repo_id: str, filename: str, revision: str | None = None) -> str:
-  """Local path of `repo_id/filename` through huggingface_hub (cached; offline-aware)."""
-  import huggingface_hub
-  from huggingface_hub import errors
-
-  try:
-    return huggingface_hub.hf_hub_download(
-        repo_id, filename, revision=revision, cache_dir=hub_cache_dir(),
-        local_files_only=offline(), library_name="zoo", library_version=__version__)
-  except errors.LocalEntryNotFoundError:
-    why = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached"
-    raise PretrainedError(f"{repo_id}/{filename} is not in the Hugging Face cache "
-                          f"{hub_cache_dir()} and {why}; download it once online or point "
-                          "HF_HOME at a cache that holds it") from None
-  except (errors.EntryNotFoundError, errors.RepositoryNotFoundError,
-          errors.RevisionNotFoundError) as e:
-    raise FileNotFoundError(f"{repo_id}/{filename}@{revision or 'main'} not found on the hub "
-                            f"({type(e).__name__})") from None
-  except errors.HfHubHTTPError as e:
-    raise PretrainedError(f"downloading {repo_id}/{filename} failed: {str(e).splitlines()[0]}"
-                          ) from None
-
-
-def download_first(repo_id: str, filenames: tuple[str, ...] | list[str],
-                   revision: str | None = None) -> str:
-  """The first of `filenames` the repo (or the offline cache) has."""
-  misses = []
-  for name in filenames:
-    try:
-      return download(repo_id, name, revision)
-    except (FileNotFoundError, PretrainedError) as e:
-      misses.append(e)
-  if len(misses) == 1 or all(isinstance(e, PretrainedError) for e in misses):
-    raise misses[-1]
-  raise PretrainedError(f"{repo_id} has none of {', '.join(filenames)}")
-
-
-def repo_files(repo_id: str, revision: str | None = None) -> list[str]:
-  """File names of a hub repo: listed online, or read from the cached snapshot offline."""
-  if not offline():
-    import huggingface_hub
-
-    try:
-      return list(huggingface_hub.HfApi().list_repo_files(repo_id, revision=revision))
-    except Exception as e:  # unreachable hub: fall back to what the cache holds
-      log.info("listing %s failed (%s); reading the cache", repo_id, e)
-  base = os.path.join(hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
-  rev = revision or "main"
-  ref = os.path.join(base, "refs", rev)
-  if os.path.isfile(ref):
-    with open(ref) as f:
-      rev = f.read().strip()
-  snap = os.path.join(base, "snapshots", rev)
-  if not os.path.isdir(snap):
-    raise PretrainedError(f"{repo_id}@{revision or 'main'} is not in the Hugging Face cache "
-                          f"{hub_cache_dir()} and it cannot be listed online; download it once "
-                          "online or point HF_HOME at a cache that holds it")
-  return sorted(os.path.relpath(os.path.join(d, n), snap).replace(os.sep, "/")
-                for d, _, names in os.walk(snap) for n in names)
-
-
-def weight_names(entry: Mapping[str, Any], revision: str | None = None) -> list[str]:
-  """The entry's weight file candidates; `weights_glob` patterns matched against the repo."""
-  if entry.get("weights"):
-    return list(entry["weights"])
-  files = repo_files(entry["hf_hub"], revision)
-  found = [f for pattern in entry.get("weights_glob", ())
-           for f in files if fnmatch.fnmatch(f.lower(), pattern.lower())]
-  if not found:
-    raise PretrainedError(f"{entry['hf_hub']} has no file matching "
-                          f"{', '.join(entry.get('weights_glob', ()))} (files: {', '.join(files)})")
-  return found[:1]
-
-
-def revision_of(path: str) -> str:
-  """The commit hash of a file in huggingface_hub's cache (…/snapshots/<rev>/<file>)."""
-  parts = os.path.normpath(path).split(os.sep)
-  if "snapshots" in parts:
-    return parts[parts.index("snapshots") + 1]
-  return "local"
-
-
-def verify_file(path: str, sha256: str | None = None) -> None:
-  """The table's SHA-256 when given, else the hub's LFS object id (the blob's file name)."""
-  label = path
-  if not sha256:
-    blob = os.path.basename(os.path.realpath(path))
-    if re.fullmatch(r"[0-9a-f]{64}", blob):
-      sha256, label = blob, f"{path} (hub LFS object {blob[:12]}...)"
-  if sha256:
-    try:
-      io.check_sha256(path, sha256, label=label)
-    except io.WeightFileError as e:
-      raise PretrainedError(str(e)) from None
-
-
-def read_weights(path: str, sha256: str | None = None) -> dict[str, Any]:
-  verify_file(path, sha256)
-  try:
-    return io.read_state_dict(path)
-  except io.WeightFileError as e:
-    raise PretrainedError(str(e)) from None
-
-
-# ----------------------------------------------------------------------------- open_clip configs
-
-
-# open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
-_VISION_FIXED = dict(ls_init_value=None, patch_dropout=0.0, attentional_pool=False,
-                     no_ln_pre=False, pos_embed_type="learnable", final_ln_after_pool=False,
-                     pool_type="tok", act_kwargs=None, block_type=None, qk_norm=False,
-                     scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
-                     scale_attn=False, scale_fc=False)
-_TEXT_FIXED = dict(ls_init_value=None, embed_cls=False, no_causal_mask=False,
-                   final_ln_after_pool=False, pool_type="argmax", proj_bias=False,
-                   proj_type="linear", act_kwargs=None, block_type=None, qk_norm=False,
-                   scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
-                   scale_attn=False, scale_fc=False, hf_model_name=None)
-# timm trunks (open_clip's SigLIP configs) -> the zoo architecture with the same towers.
-TIMM_TRUNKS = {"vit_base_patch16_siglip_224": "ViT-B-16-SigLIP"}
-_SIGLIP_TOKENIZERS = {"ViT-B-16-SigLIP": "timm/ViT-B-16-SigLIP"}
-
-
-def _one_size(value: Any, key: str) -> int:
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise PretrainedError(f"open_clip config {key}={value}: zoo needs square images/patches")
-    value = value[0]
-  return int(value)
-
-
-def _check_fixed(cfg: Mapping[str, Any], fixed: Mapping[str, Any], where: str) -> None:
-  for key, default in fixed.items():
-    if cfg.get(key, default) != default:
-      raise PretrainedError(f"open_clip config {where}.{key}={cfg[key]!r} is not implemented "
-                            f"in zoo (supported: {default!r})")
-
-
-def _eps(cfg: Mapping[str, Any], default: float = 1e-5) -> float:
-  return float((cfg.get("norm_kwargs") or {}).get("eps", default))
-
-
-def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
-  """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
-
-  Built-in ViT + text transformer configs map field by field; timm-trunk configs only for the
-  trunks in TIMM_TRUNKS (SigLIP). Anything zoo does not implement is a PretrainedError.
-  """
-  v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
-  if v.get("timm_model_name"):
-    base = TIMM_TRUNKS.get(v["timm_model_name"])
-    if base is None:
-      raise PretrainedError(f"open_clip config uses timm trunk {v['timm_model_name']!r}; zoo "
-                            f"implements {', '.join(TIMM_TRUNKS)}")
-    config = registry.get_model_config(base)
-    want = dict(image_size=config.vision.image_size, context_length=config.text.context_length,
-                vocab_size=config.text.vocab_size, width=config.text.width,
-                layers=config.text.layers, heads=config.text.heads,
-                embed_dim=config.embed_dim)
-    got = dict(image_size=_one_size(v.get("image_size", 224), "image_size"),
-               **{k: t.get(k) for k in ("context_length", "vocab_size", "width", "layers",
-                                        "heads")}, embed_dim=model_cfg.get("embed_dim"))
-    if got != want or v.get("timm_pool") != "map" or v.get("timm_proj") != "none":
-      raise PretrainedError(f"open_clip config with timm trunk {v['timm_model_name']!r} differs "
-                            f"from zoo's {base} ({got} vs {want})")
-    return config
-  if model_cfg.get("custom_text") or t.get("hf_model_name"):
-    raise PretrainedError("open_clip config uses a custom / Hugging Face text tower "
-                          "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
-  _check_fixed(v, _VISION_FIXED, "vision_cfg")
-  _check_fixed(t, _TEXT_FIXED, "text_cfg")
-  if v.get("layers") is None or isinstance(v.get("layers"), (list, tuple)):
-    raise PretrainedError("open_clip config has a ResNet vision tower (layers is a list); zoo "
-                          "implements ViT towers")
-  width = int(v.get("width", 768))
-  vision = registry.VisionConfig(
-      image_size=_one_size(v.get("image_size", 224), "image_size"),
-      patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
-      layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
-      mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
-  text = registry.TextConfig(
-      context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
-      width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
-      mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t))
-  extra = {}
-  if model_cfg.get("init_logit_scale") is not None:
-    extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
-  if model_cfg.get("init_logit_bias") is not None:
-    extra["init_logit_bias"] = float(model_cfg["init_logit_bias"])
-  return registry.CLIPConfig(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision,
-                             text=text, quick_gelu=bool(model_cfg.get("quick_gelu", False)),
-                             **extra)
-
-
-def same_towers(a: registry.CLIPConfig, b: registry.CLIPConfig) -> bool:
-  """Equal architectures (towers, embedding, activation), ignoring preprocessing fields."""
-  keys = ("embed_dim", "vision", "text", "kind", "quick_gelu")
-  return all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
-def open_clip_model_cfg(config: Any) -> dict[str, Any]:
-  """open_clip's `model_cfg` for a zoo CLIPConfig (the inverse of config_from_open_clip_cfg)."""
-  if type(config) is not registry.CLIPConfig:
-    raise PretrainedError(f"open_clip's layout has no {type(config).__name__} (MoE / XLM-R "
-                          "towers); use zoo.moe.export_safetensors or python -m zoo.multilingual "
-                          "to-mclip for those")
-  for name, base in ((n, registry.get_model_config(n)) for n in TIMM_TRUNKS.values()):
-    if config.vision.pool == "map" and same_towers(config, base):
-      trunk = next(k for k, n in TIMM_TRUNKS.items() if n == name)
-      t = config.text
-      return {"embed_dim": config.embed_dim, "init_logit_bias": config.init_logit_bias,
-              "custom_text": True,
-              "vision_cfg": {"image_size": config.vision.image_size, "timm_model_name": trunk,
-                             "timm_model_pretrained": False, "timm_pool": "map",
-                             "timm_proj": "none"},
-              "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
-                           "hf_tokenizer_name": _SIGLIP_TOKENIZERS[name],
-                           "tokenizer_kwargs": {"clean": "canonicalize"}, "width": t.width,
-                           "heads": t.heads, "layers": t.layers, "no_causal_mask": True,
-                           "proj_bias": True, "pool_type": "last",
-                           "norm_kwargs": {"eps": t.ln_eps}}}
-  v, t = config.vision, config.text
-  if (v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection
-      or t.pool != "argmax" or not t.causal or t.proj_bias or config.tokenizer != "clip"):
-    raise PretrainedError("this model's towers have no open_clip config equivalent (open_clip's "
-                          "built-in CLIP: class-token ViT, causal text tower, CLIP BPE)")
-  vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
-            "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size}
-  text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-          "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}
-  if v.ln_eps != 1e-5:
-    vision["norm_kwargs"] = {"eps": v.ln_eps}
-  if t.ln_eps != 1e-5:
-    text["norm_kwargs"] = {"eps": t.ln_eps}
-  cfg = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision,
-         "text_cfg": text, "init_logit_scale": config.init_logit_scale}
-  if config.init_logit_bias is not None:
-    cfg["init_logit_bias"] = config.init_logit_bias
-  return cfg
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -640,8 +382,6 @@ def export_pretrained(model: nnx.Module, directory: str, *,
   """Writes open_clip's hub layout: open_clip_config.json (model_cfg + preprocess_cfg) and
   open_clip_model.safetensors, loadable by open_clip as 'local-dir:DIR' or 'hf-hub:' after
   upload (python -m zoo.convert push)."""
-  from zoo.convert.io import write_safetensors
-
   directory = os.path.abspath(directory)
   weights = os.path.join(directory, OPEN_CLIP_WEIGHTS[0])
   if os.path.exists(weights) and not overwrite:

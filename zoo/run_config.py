@@ -10,12 +10,15 @@ unless `config.resume_policy` says what to do:
   keeps its past: steps before the resume point follow the old schedule, later steps the new
   one (`schedule_history` in the stored config records the seams);
 * `"restart"`: a new run; the previous run's files move to `workdir/previous/<n>/`.
+
+`check_config`: one-line errors for values the loop cannot run with.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from typing import Any, Mapping
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from zoo import cli
+from zoo import cli, sharding
 
 log = logging.getLogger("zoo.train")
 
@@ -205,3 +208,32 @@ def schedule(config: Mapping[str, Any]) -> optax.Schedule:
     return value
 
   return piecewise
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line UserErrors for values the loop cannot run with (before anything is built)."""
+  def positive(key: str, value: Any) -> None:
+    if not isinstance(value, int) or value < 1:
+      raise cli.UserError(f"config.{key} must be a positive integer, got {value!r}")
+
+  for key in ("batch_size", "checkpoint_every", "log_every", "grad_accum"):
+    positive(key, config.get(key, 1))
+  if config.total_steps < 0:
+    raise cli.UserError(f"config.total_steps must be >= 0, got {config.total_steps}")
+  if config.batch_size % config.get("grad_accum", 1):
+    raise cli.UserError(f"config.batch_size={config.batch_size} is not divisible by "
+                        f"config.grad_accum={config.get('grad_accum', 1)}")
+  mesh = config.mesh.to_dict() if hasattr(config.mesh, 'to_dict') else dict(config.mesh)
+  fixed = math.prod(v for v in mesh.values() if v != -1)
+  n = jax.device_count()
+  if (-1 in mesh.values() and n % fixed) or (-1 not in mesh.values() and fixed != n):
+    raise cli.UserError(f"config.mesh {mesh} does not fit the {n} device"
+                        f"{'s' if n != 1 else ''} of this job (the product of the axes must be "
+                        "the device count; one axis may be -1 = the rest)")
+  shards = math.prod(v for k, v in mesh.items() if k in sharding.BATCH_AXES and v != -1)
+  if -1 in [v for k, v in mesh.items() if k in sharding.BATCH_AXES]:
+    shards *= n // fixed
+  per_step = config.batch_size // config.get("grad_accum", 1)
+  if per_step % shards:
+    raise cli.UserError(f"config.batch_size={config.batch_size} (per micro-batch {per_step}) is "
+                        f"not divisible by the {shards} batch shards of mesh {mesh}")

@@ -1,0 +1,145 @@
+"""open_clip model configs (`model_configs/*.json`, a hub repo's `model_cfg`) <-> zoo's
+`registry.CLIPConfig`: built-in ViT + text transformer configs map field by field, timm-trunk
+configs only for the trunks in `TIMM_TRUNKS` (SigLIP); anything zoo does not implement is a
+`PretrainedError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from zoo import registry
+from zoo.hub import PretrainedError
+
+# open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
+_VISION_FIXED = dict(ls_init_value=None, patch_dropout=0.0, attentional_pool=False,
+                     no_ln_pre=False, pos_embed_type="learnable", final_ln_after_pool=False,
+                     pool_type="tok", act_kwargs=None, block_type=None, qk_norm=False,
+                     scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
+                     scale_attn=False, scale_fc=False)
+_TEXT_FIXED = dict(ls_init_value=None, embed_cls=False, no_causal_mask=False,
+                   final_ln_after_pool=False, pool_type="argmax", proj_bias=False,
+                   proj_type="linear", act_kwargs=None, block_type=None, qk_norm=False,
+                   scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
+                   scale_attn=False, scale_fc=False, hf_model_name=None)
+# timm trunks (open_clip's SigLIP configs) -> the zoo architecture with the same towers.
+TIMM_TRUNKS = {"vit_base_patch16_siglip_224": "ViT-B-16-SigLIP"}
+SIGLIP_TOKENIZERS = {"ViT-B-16-SigLIP": "timm/ViT-B-16-SigLIP"}
+
+
+def _one_size(value: Any, key: str) -> int:
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise PretrainedError(f"open_clip config {key}={value}: zoo needs square images/patches")
+    value = value[0]
+  return int(value)
+
+
+def _check_fixed(cfg: Mapping[str, Any], fixed: Mapping[str, Any], where: str) -> None:
+  for key, default in fixed.items():
+    if cfg.get(key, default) != default:
+      raise PretrainedError(f"open_clip config {where}.{key}={cfg[key]!r} is not implemented "
+                            f"in zoo (supported: {default!r})")
+
+
+def _eps(cfg: Mapping[str, Any], default: float = 1e-5) -> float:
+  return float((cfg.get("norm_kwargs") or {}).get("eps", default))
+
+
+def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
+  """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
+
+  Built-in ViT + text transformer configs map field by field; timm-trunk configs only for the
+  trunks in TIMM_TRUNKS (SigLIP). Anything zoo does not implement is a PretrainedError.
+  """
+  v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+  if v.get("timm_model_name"):
+    base = TIMM_TRUNKS.get(v["timm_model_name"])
+    if base is None:
+      raise PretrainedError(f"open_clip config uses timm trunk {v['timm_model_name']!r}; zoo "
+                            f"implements {', '.join(TIMM_TRUNKS)}")
+    config = registry.get_model_config(base)
+    want = dict(image_size=config.vision.image_size, context_length=config.text.context_length,
+                vocab_size=config.text.vocab_size, width=config.text.width,
+                layers=config.text.layers, heads=config.text.heads,
+                embed_dim=config.embed_dim)
+    got = dict(image_size=_one_size(v.get("image_size", 224), "image_size"),
+               **{k: t.get(k) for k in ("context_length", "vocab_size", "width", "layers",
+                                        "heads")}, embed_dim=model_cfg.get("embed_dim"))
+    if got != want or v.get("timm_pool") != "map" or v.get("timm_proj") != "none":
+      raise PretrainedError(f"open_clip config with timm trunk {v['timm_model_name']!r} differs "
+                            f"from zoo's {base} ({got} vs {want})")
+    return config
+  if model_cfg.get("custom_text") or t.get("hf_model_name"):
+    raise PretrainedError("open_clip config uses a custom / Hugging Face text tower "
+                          "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
+  _check_fixed(v, _VISION_FIXED, "vision_cfg")
+  _check_fixed(t, _TEXT_FIXED, "text_cfg")
+  if v.get("layers") is None or isinstance(v.get("layers"), (list, tuple)):
+    raise PretrainedError("open_clip config has a ResNet vision tower (layers is a list); zoo "
+                          "implements ViT towers")
+  width = int(v.get("width", 768))
+  vision = registry.VisionConfig(
+      image_size=_one_size(v.get("image_size", 224), "image_size"),
+      patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
+      layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
+      mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
+  text = registry.TextConfig(
+      context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
+      width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
+      mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t))
+  extra = {}
+  if model_cfg.get("init_logit_scale") is not None:
+    extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
+  if model_cfg.get("init_logit_bias") is not None:
+    extra["init_logit_bias"] = float(model_cfg["init_logit_bias"])
+  return registry.CLIPConfig(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision,
+                             text=text, quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+                             **extra)
+
+
+def same_towers(a: registry.CLIPConfig, b: registry.CLIPConfig) -> bool:
+  """Equal architectures (towers, embedding, activation), ignoring preprocessing fields."""
+  keys = ("embed_dim", "vision", "text", "kind", "quick_gelu")
+  return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def open_clip_model_cfg(config: Any) -> dict[str, Any]:
+  """open_clip's `model_cfg` for a zoo CLIPConfig (the inverse of config_from_open_clip_cfg)."""
+  if type(config) is not registry.CLIPConfig:
+    raise PretrainedError(f"open_clip's layout has no {type(config).__name__} (MoE / XLM-R "
+                          "towers); use zoo.moe.export_safetensors or python -m zoo.multilingual "
+                          "to-mclip for those")
+  for name, base in ((n, registry.get_model_config(n)) for n in TIMM_TRUNKS.values()):
+    if config.vision.pool == "map" and same_towers(config, base):
+      trunk = next(k for k, n in TIMM_TRUNKS.items() if n == name)
+      t = config.text
+      return {"embed_dim": config.embed_dim, "init_logit_bias": config.init_logit_bias,
+              "custom_text": True,
+              "vision_cfg": {"image_size": config.vision.image_size, "timm_model_name": trunk,
+                             "timm_model_pretrained": False, "timm_pool": "map",
+                             "timm_proj": "none"},
+              "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
+                           "hf_tokenizer_name": SIGLIP_TOKENIZERS[name],
+                           "tokenizer_kwargs": {"clean": "canonicalize"}, "width": t.width,
+                           "heads": t.heads, "layers": t.layers, "no_causal_mask": True,
+                           "proj_bias": True, "pool_type": "last",
+                           "norm_kwargs": {"eps": t.ln_eps}}}
+  v, t = config.vision, config.text
+  if (v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection
+      or t.pool != "argmax" or not t.causal or t.proj_bias or config.tokenizer != "clip"):
+    raise PretrainedError("this model's towers have no open_clip config equivalent (open_clip's "
+                          "built-in CLIP: class-token ViT, causal text tower, CLIP BPE)")
+  vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
+            "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size}
+  text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+          "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}
+  if v.ln_eps != 1e-5:
+    vision["norm_kwargs"] = {"eps": v.ln_eps}
+  if t.ln_eps != 1e-5:
+    text["norm_kwargs"] = {"eps": t.ln_eps}
+  cfg = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision,
+         "text_cfg": text, "init_logit_scale": config.init_logit_scale}
+  if config.init_logit_bias is not None:
+    cfg["init_logit_bias"] = config.init_logit_bias
+  return cfg
