@@ -95,8 +95,8 @@ def moe() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       num_experts=4,
       top_k=2,
-      capacity_factor=1.25,
-      dropless=False,
+      capacity_factor=1.25,  # only with dropless=False, in training steps
+      dropless=True,  # False: capacity routing in training; evaluation is always dropless
       normalize_gates=True,
       layers="every_other",  # all | every_other | last:N | none | 1,3 | "vision:SPEC;text:SPEC"
       router_init_std=0.02,
