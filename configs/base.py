@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
       # per-language zero-shot on the demo's images or the data.tfds set (e.g. imagenet2012).
       babel_labels="",
       babel_prompts="",
+      babel_languages="",  # "DE,FR,...": Babel per-language eval only for these ("" = all)
+      babel_en="auto",  # English as Babel's paper: openai (OpenAI ImageNet names + 80 templates)
+      # | file (the label file's EN) | auto (openai when the classes index ImageNet-1k)
       language_adapters="",  # "AR=dir,SW=dir": zoo.peft adapters used for those languages
       num_threads=2,
       # A TFDS zero-shot eval set ("" name = none); needs `pip install -e ".[tfds]"`.

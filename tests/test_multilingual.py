@@ -297,6 +297,51 @@ def test_babel_eval_counts_only_named_classes(tmp_path, teacher_dir):
   assert "DE" in eval_lib.format_language_table(records)
 
 
+def _babel_files(tmp_path):
+  names = {lang: demo.class_names(lang.lower()) for lang in ("DE", "FR", "ES")}
+  labels_file = tmp_path / "labels.json"
+  labels_file.write_text(json.dumps({lang: [list(range(24)), n] for lang, n in names.items()},
+                                    ensure_ascii=False))
+  return labels_file
+
+
+def test_babel_languages_and_english_protocol(tmp_path, teacher_dir):
+  model, tok, _ = zoo.load(teacher_dir)
+  cfg = {"name": "demo", "eval_size": 40, "eval_sets": "", "babel_labels": str(_babel_files(tmp_path)),
+         "babel_languages": "de,FR"}
+  build = lambda c: pipeline.build_eval_sets(c, image_size=32, mean=model.config.image_mean,  # noqa: E731
+                                             std=model.config.image_std)["babel"]
+  spec = build(cfg)
+  assert spec["languages"] == ["DE", "FR"] and "EN" not in spec["class_labels"]  # 24 demo classes
+  got = eval_lib.evaluate(model, {"babel": spec}, tok)
+  assert {k.split("/")[1] for k in got if k.count("/") == 2} == {"DE", "FR"}
+  with pytest.raises(ValueError, match=r"data.babel_languages names \['IT'\]"):
+    build(dict(cfg, babel_languages="DE,IT"))
+  with pytest.raises(ValueError, match="data.babel_en"):
+    build(dict(cfg, babel_en="paper"))
+  # English as Babel-ImageNet's paper: OpenAI's ImageNet class names and its 80 templates
+  spec = build(dict(cfg, babel_en="openai", babel_languages="EN,DE"))
+  idx, names = spec["class_labels"]["EN"]
+  assert idx == list(range(1000)) and names[:2] == ["tench", "goldfish"]
+  assert len(spec["prompts"]["EN"]) == 80 and spec["prompts"]["EN"][0] == "a bad photo of a {}."
+  assert spec["languages"] == ["EN", "DE"]
+
+
+def test_eval_cli_babel_languages(tmp_path, teacher_dir):
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "eval.py", "--config", "configs/demo.py", "--checkpoint",
+                      str(teacher_dir), "--workdir", str(tmp_path / "w"), "--config.data.eval_size=24",
+                      "--config.data.eval_sets=", f"--config.data.babel_labels={_babel_files(tmp_path)}",
+                      "--config.data.babel_languages=DE,ES"], env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "DE" in r.stdout and "ES" in r.stdout and "FR" not in r.stdout, r.stdout
+
+
 def test_babel_files_are_validated(tmp_path):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"DE": [[3, 1], ["a", "b"]]}))

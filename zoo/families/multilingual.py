@@ -270,7 +270,8 @@ class MultilingualFamily(base.Family):
   def field_hook(self, config: ml_collections.ConfigDict, settings: Settings,
                  model: nnx.Module) -> MultilingualFields:
     length = int(config.get("context_length", 0) or model.config.text.context_length)
-    teacher = checkpoint.load_tokenizer(settings.teacher, context_length=length)
+    own = checkpoint.load_config(settings.teacher)[0].text.context_length
+    teacher = checkpoint.load_tokenizer(settings.teacher, context_length=min(length, own))
     return MultilingualFields(languages(config.data), {"ml_en_tokens": teacher})
 
   def forward(self, model: MultilingualCLIP, batch: dict, rng: Array, settings: Settings) -> dict:
