@@ -59,3 +59,7 @@ __all__ = [
     "from_hf_text", "list_text_models", "main", "settings", "student_only", "text_config",
     "text_config_from_hf", "to_hf_text", "tokenizer_for", "train_sentencepiece",
 ]
+
+
+if __name__ == "__main__":  # python -m zoo.multilingual build ... (the old command line)
+  raise SystemExit(main())
