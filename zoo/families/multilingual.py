@@ -92,6 +92,8 @@ class MultilingualFields:
       own = self.tokenizers.get(field)
       if own is None and field != "ml_en_tokens":  # translations: the student's tokenizer
         own = self.tokenizers.get("ml_tokens")
+      if field == "ml_en_tokens" and getattr(own, "context_length", None):  # the teacher's rows
+        return pipeline.tokenize(own, [text], own.context_length, field)[0]
       return view.tokenize([text], field, own)[0]
 
     out: dict[str, np.ndarray] = {}
