@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
       # per-language zero-shot on the demo's images or the data.tfds set (e.g. imagenet2012).
       babel_labels="",
       babel_prompts="",
+      babel_languages="",  # "DE,FR,...": Babel per-language eval only for these ("" = all)
+      babel_en="auto",  # English as Babel's paper: openai (OpenAI ImageNet names + 80 templates)
+      # | file (the label file's EN) | auto (openai when the classes index ImageNet-1k)
       language_adapters="",  # "AR=dir,SW=dir": zoo.peft adapters used for those languages
       num_threads=2,
       # A TFDS zero-shot eval set ("" name = none); needs `pip install -e ".[tfds]"`.
@@ -99,8 +102,8 @@ def moe() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       num_experts=4,
       top_k=2,
-      capacity_factor=1.25,
-      dropless=False,
+      capacity_factor=1.25,  # only with dropless=False, in training steps
+      dropless=True,  # False: capacity routing in training; evaluation is always dropless
       normalize_gates=True,
       layers="every_other",  # all | every_other | last:N | none | 1,3 | "vision:SPEC;text:SPEC"
       router_init_std=0.02,

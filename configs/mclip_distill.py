@@ -17,7 +17,8 @@ tower of the teacher works with ~100 languages.
   # 4. Babel-ImageNet: its own label / prompt files over ImageNet-1k from TFDS:
   python eval.py --config configs/mclip_distill.py --workdir runs/mclip \
       --config.data.tfds.name=imagenet2012 --config.data.tfds.split=validation \
-      --config.data.babel_labels=babel_imagenet.json --config.data.babel_prompts=babel_prompts.json
+      --config.data.babel_labels=babel_imagenet.json --config.data.babel_prompts=babel_prompts.json \
+      --config.data.babel_languages=EN,DE,FR,ZH  # a subset; "" = every language of the file
 """
 
 from configs import base

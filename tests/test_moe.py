@@ -9,7 +9,7 @@ from flax import nnx
 
 import zoo
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import layers, losses, sharding, train_lib
+from zoo import eval_lib, layers, losses, sharding, train_lib
 from zoo.convert import clip_moe
 from zoo.families.moe import dmu, family as moe_family
 from zoo.models import moe
@@ -121,10 +121,12 @@ def test_route_matches_numpy_priority_and_drop_counts(capacity):
 
 
 def test_capacity_rule():
-  cfg = moe.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.25)
-  assert cfg.capacity(17) == 11  # ceil(2 * 17 * 1.25 / 4)
-  assert cfg.capacity(2) == 2  # never more than the tokens
-  assert moe.MoEConfig(dropless=True).capacity(50) == 50
+  cfg = moe.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.25, dropless=False)
+  assert moe.MoEConfig().dropless and cfg.capacity(17) == 17  # inference: dropless
+  with moe.capacity_routing():
+    assert cfg.capacity(17) == 11  # ceil(2 * 17 * 1.25 / 4)
+    assert cfg.capacity(2) == 2  # never more than the tokens
+    assert moe.MoEConfig(dropless=True).capacity(50) == 50
   with pytest.raises(ValueError, match="top_k"):
     moe.MoEConfig(num_experts=2, top_k=3)
 
@@ -137,9 +139,11 @@ def test_layer_output_and_dropped_count_equal_numpy(capacity_factor, dropless):
     v = getattr(layer, name)
     v.set_value(0.1 * jax.random.normal(jax.random.key(len(name)), v.shape))
   x = np.random.default_rng(1).normal(size=(2, 12, 16)).astype(np.float32)
-  y, aux = moe.capture_aux(lambda m, v: m(v), layer, jnp.asarray(x))
+  with moe.capacity_routing():  # as in a training step
+    y, aux = moe.capture_aux(lambda m, v: m(v), layer, jnp.asarray(x))
+    capacity = cfg.capacity(12)
   y = np.asarray(y)
-  ref, dropped = numpy_moe(x, layer, cfg.capacity(12))
+  ref, dropped = numpy_moe(x, layer, capacity)
   np.testing.assert_allclose(y, ref, atol=1e-5)
   assert int(aux[0]["dropped"]) == dropped
   assert aux[0]["assignments"] == 2 * 12 * K
@@ -152,8 +156,9 @@ def test_layer_output_and_dropped_count_equal_numpy(capacity_factor, dropless):
 # ----------------------------------------------------------------------------- upcycling
 
 
-@pytest.mark.parametrize("kw", [dict(dropless=True), dict(capacity_factor=E / K)])
+@pytest.mark.parametrize("kw", [dict(), dict(dropless=False, capacity_factor=0.5)])
 def test_upcycled_identical_experts_equal_dense(dense, kw):
+  """Defaults, and a capacity-trained config outside training: dropless, equal to dense."""
   images, tokens = tiny_inputs()
   ref = dense(images, tokens)
   forward = None
@@ -166,6 +171,36 @@ def test_upcycled_identical_experts_equal_dense(dense, kw):
     assert float(aux["moe_dropped"]) == 0
     for key in ("image_features", "text_features"):
       np.testing.assert_allclose(np.asarray(out[key]), np.asarray(ref[key]), atol=1e-5)
+
+
+def test_capacity_routing_only_in_the_training_forward(dense):
+  images, tokens = tiny_inputs()
+  m = moe.upcycle(dense, E, K, "all", dropless=False, capacity_factor=0.5)
+  randomize_routers(m, 0)
+  forward = jitted_forward(m)
+  _, aux, _ = forward(m, images, tokens)
+  assert float(aux["moe_dropped"]) == 0  # inference: dropless
+  with moe.capacity_routing():
+    out, aux = moe.capture_aux(lambda mm: mm(images, tokens), m)
+  assert float(moe.summarize_aux(aux)["moe_dropped"]) > 0
+  diff = np.abs(np.asarray(out["text_features"]) - np.asarray(dense(images, tokens)["text_features"]))
+  assert diff.max() > 1e-3  # drops change the function: why they are training-only
+
+
+def test_upcycled_defaults_equal_dense_and_ignore_batch_composition(dense):
+  """zoo's encode path (the eval loop's) on an upcycled model with the defaults: dense outputs,
+  whatever the batch size or the other rows of the batch."""
+  images, tokens = tiny_inputs(n=6, seed=3)
+  m = moe.upcycle(dense, E, K, "all")
+  assert m.config.moe.dropless
+  randomize_routers(m, 5)
+  for method, x in (("encode_image", images), ("encode_text", tokens)):
+    ref = np.asarray(eval_lib.encode_batched(dense, x, method, batch_size=6))
+    for bs in (1, 4, 6):
+      got = np.asarray(eval_lib.encode_batched(m, x, method, batch_size=bs))
+      np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{method} batch_size={bs}")
+    mixed = np.asarray(eval_lib.encode_batched(m, x[::-1].copy(), method, batch_size=4))[::-1]
+    np.testing.assert_allclose(mixed, ref, atol=1e-5, err_msg=f"{method} reversed")
 
 
 def test_upcycle_structure_and_sources(dense):
@@ -238,6 +273,7 @@ def moe_config(**kw):
   c = tiny_config(family="moe")
   c.moe = moe_family.default_settings()
   c.moe.layers = "all"
+  c.moe.dropless = False  # capacity routing, a training option
   c.moe.capacity_factor = 1.0  # some tokens dropped: the path with drops is exercised
   for k, v in kw.items():
     c.moe[k] = v

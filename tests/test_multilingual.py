@@ -3,6 +3,9 @@ student over a teacher's image tower, distillation through the train loop (+ a L
 adapter), and Babel-ImageNet-style per-language evaluation."""
 
 import json
+import os
+import subprocess
+import sys
 
 import grain
 import jax
@@ -297,6 +300,48 @@ def test_babel_eval_counts_only_named_classes(tmp_path, teacher_dir):
   assert "DE" in eval_lib.format_language_table(records)
 
 
+def _babel_files(tmp_path):
+  names = {lang: demo.class_names(lang.lower()) for lang in ("DE", "FR", "ES")}
+  labels_file = tmp_path / "labels.json"
+  labels_file.write_text(json.dumps({lang: [list(range(24)), n] for lang, n in names.items()},
+                                    ensure_ascii=False))
+  return labels_file
+
+
+def test_babel_languages_and_english_protocol(tmp_path, teacher_dir):
+  model, tok, _ = zoo.load(teacher_dir)
+  cfg = {"name": "demo", "eval_size": 40, "eval_sets": "", "babel_labels": str(_babel_files(tmp_path)),
+         "babel_languages": "de,FR"}
+  build = lambda c: pipeline.build_eval_sets(c, image_size=32, mean=model.config.image_mean,  # noqa: E731
+                                             std=model.config.image_std)["babel"]
+  spec = build(cfg)
+  assert spec["languages"] == ["DE", "FR"] and "EN" not in spec["class_labels"]  # 24 demo classes
+  got = eval_lib.evaluate(model, {"babel": spec}, tok)
+  assert {k.split("/")[1] for k in got if k.count("/") == 2} == {"DE", "FR"}
+  with pytest.raises(ValueError, match=r"data.babel_languages names \['IT'\]"):
+    build(dict(cfg, babel_languages="DE,IT"))
+  with pytest.raises(ValueError, match="data.babel_en"):
+    build(dict(cfg, babel_en="paper"))
+  # English as Babel-ImageNet's paper: OpenAI's ImageNet class names and its 80 templates
+  spec = build(dict(cfg, babel_en="openai", babel_languages="EN,DE"))
+  idx, names = spec["class_labels"]["EN"]
+  assert idx == list(range(1000)) and names[:2] == ["tench", "goldfish"]
+  assert len(spec["prompts"]["EN"]) == 80 and spec["prompts"]["EN"][0] == "a bad photo of a {}."
+  assert spec["languages"] == ["EN", "DE"]
+
+
+def test_eval_cli_babel_languages(tmp_path, teacher_dir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "eval.py", "--config", "configs/demo.py", "--checkpoint",
+                      str(teacher_dir), "--workdir", str(tmp_path / "w"), "--config.data.eval_size=24",
+                      "--config.data.eval_sets=", f"--config.data.babel_labels={_babel_files(tmp_path)}",
+                      "--config.data.babel_languages=DE,ES"], env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "DE" in r.stdout and "ES" in r.stdout and "FR" not in r.stdout, r.stdout
+
+
 def test_babel_files_are_validated(tmp_path):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"DE": [[3, 1], ["a", "b"]]}))
@@ -336,6 +381,94 @@ def test_cli_build_and_to_mclip(tmp_path, teacher_dir):
   np.testing.assert_array_equal(np.asarray(back(jnp.asarray(ids))), np.asarray(model.text(jnp.asarray(ids))))
   assert cli.main(["build-mclip", "--teacher", str(teacher_dir), "--text", str(tmp_path / "nope"),
                             "--tokenizer", multilingual.DEMO_TOKENIZER, "--output", str(tmp_path / "x")]) == 2
+
+
+def _convert(*args):
+  """`python -m zoo.convert ARGS` in a subprocess (the user's command line)."""
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "zoo.convert", *map(str, args)], env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_mclip_unknown_or_local_model_base_and_round_trip(tmp_path, teacher_dir):
+  """M-CLIP releases over LaBSE-like (unknown) or local encoders, through the subprocess CLI:
+  class names recorded by module path, encoder context = max_position_embeddings - 2,
+  to-mclip writes a modelBase that build-mclip reads back."""
+  torch, cfg, enc, lin = _mclip_torch(dict(XLMR_SMALL, max_position_embeddings=80), seed=4)
+  from safetensors.numpy import save_file
+
+  hf_dir = tmp_path / "mclip"
+  hf_dir.mkdir()
+  sd = {f"transformer.{k}": np.ascontiguousarray(v.numpy()) for k, v in enc.state_dict().items()}
+  sd["LinearTransformation.weight"] = lin.weight.detach().numpy()
+  sd["LinearTransformation.bias"] = lin.bias.detach().numpy()
+  save_file(sd, str(hf_dir / "model.safetensors"))
+  mclip_cfg = {"model_type": "M-CLIP", "modelBase": "sentence-transformers/LaBSE",
+               "transformerDimensions": 64, "numDims": 32}
+  (hf_dir / "config.json").write_text(json.dumps(mclip_cfg))
+  (tmp_path / "enc.json").write_text(json.dumps(cfg.to_dict()))
+  common = ["--teacher", teacher_dir, "--text", hf_dir, "--tokenizer", multilingual.DEMO_TOKENIZER]
+  r = _convert("build-mclip", *common, "--output", tmp_path / "x")
+  assert r.returncode == 2 and "--encoder-config" in r.stderr and len(r.stderr.splitlines()) == 1
+  r = _convert("build-mclip", *common, "--encoder-config", tmp_path / "enc.json",
+               "--output", tmp_path / "built")
+  assert r.returncode == 0, r.stderr
+  record = json.loads((tmp_path / "built" / zoo.checkpoint.CONFIG_FILE).read_text())
+  assert record["model_class"] == "zoo.models.multilingual.MultilingualCLIP"
+  assert record["config_class"] == "zoo.models.multilingual.MultilingualCLIPConfig"
+  model, tok, _ = zoo.load(tmp_path / "built")
+  assert model.config.text.context_length == 78  # max_position_embeddings 80 - 2, not 77
+  ids = tok(["ein " * 90, TEXTS[0]])
+  assert ids.shape == (2, 78)
+  _, ref, _ = _torch_mean_pool(torch, enc, lin, ids, pad=1)
+  np.testing.assert_allclose(np.asarray(model.text(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
+  # modelBase a local directory holding the encoder's config.json: no option needed
+  local = tmp_path / "labse_local"
+  local.mkdir()
+  (local / "config.json").write_text(json.dumps(cfg.to_dict()))
+  (hf_dir / "config.json").write_text(json.dumps(dict(mclip_cfg, modelBase=str(local))))
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "-m", "zoo.multilingual", "build", *map(str, common),
+                      "--output", str(tmp_path / "built2")], env=env, capture_output=True,
+                     text=True, timeout=300)  # the old command line: classes still by module
+  assert r.returncode == 0, r.stderr
+  record = json.loads((tmp_path / "built2" / zoo.checkpoint.CONFIG_FILE).read_text())
+  assert record["model_class"] == "zoo.models.multilingual.MultilingualCLIP"
+  assert isinstance(zoo.load(tmp_path / "built2")[0], multilingual.MultilingualCLIP)
+  # to-mclip names modelBase (here the written encoder config), and build-mclip reads it back
+  r = _convert("to-mclip", "--input", tmp_path / "built", "--output", tmp_path / "out")
+  assert r.returncode == 0, r.stderr
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  base_cfg = json.loads((tmp_path / "out" / "encoder" / "config.json").read_text())
+  assert written["modelBase"] == str(tmp_path / "out" / "encoder")
+  assert {k: base_cfg[k] for k in ("hidden_size", "num_hidden_layers", "max_position_embeddings")} \
+      == {"hidden_size": 64, "num_hidden_layers": 2, "max_position_embeddings": 80}
+  del written["encoder"]  # as a plain M-CLIP config: the encoder comes from modelBase alone
+  (tmp_path / "out" / "config.json").write_text(json.dumps(written))
+  r = _convert("build-mclip", *common[:2], "--text", tmp_path / "out", *common[4:],
+               "--output", tmp_path / "built3")
+  assert r.returncode == 0, r.stderr
+  again, _, _ = zoo.load(tmp_path / "built3")
+  np.testing.assert_array_equal(np.asarray(again.text(jnp.asarray(ids))),
+                                np.asarray(model.text(jnp.asarray(ids))))
+  assert mclip.model_base(multilingual.text_config("xlm-roberta-large"), str(tmp_path)) == \
+      "xlm-roberta-large"
+
+
+def test_from_hf_names_an_unsupported_model_type(tmp_path):
+  from zoo.convert import hf
+  with pytest.raises(ValueError, match="model_type 'siglip'"):
+    hf.config_from_hf({"model_type": "siglip", "vision_config": {}, "text_config": {}})
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"model_type": "siglip", "vision_config": {"hidden_act": "gelu_pytorch_tanh"},
+       "text_config": {"hidden_act": "gelu_pytorch_tanh"}}))
+  from safetensors.numpy import save_file
+  save_file({"logit_scale": np.zeros((1,), np.float32)}, str(tmp_path / "w.safetensors"))
+  r = _convert("from-hf", "--model", tmp_path / "config.json", "--input", tmp_path / "w.safetensors",
+               "--output", tmp_path / "o")
+  assert r.returncode == 2 and "model_type 'siglip'" in r.stderr, r.stderr
 
 
 # ----------------------------------------------------------------------------- data: field hook

@@ -22,6 +22,7 @@ from zoo.models.moe import (
   MoEMLP,
   Routing,
   balance_loss,
+  capacity_routing,
   capture_aux,
   create,
   dense_view,
@@ -50,7 +51,7 @@ def trainable_for(config: ml_collections.ConfigDict):
 
 __all__ = [
     "ClusterLabeler", "DMUSettings", "MoECLIP", "MoECLIPConfig", "MoEConfig", "MoEMLP", "Routing",
-    "Settings", "assign_clusters", "balance_loss", "build_model", "capture_aux",
+    "Settings", "assign_clusters", "balance_loss", "build_model", "capacity_routing", "capture_aux",
     "cluster_contrastive_loss", "create", "default_settings", "dense_view", "export_safetensors",
     "flops_per_token", "from_clip_moe", "kmeans", "moe_config", "parameter_counts",
     "resolve_layers", "route", "settings", "stage_config", "summarize_aux", "to_clip_moe",

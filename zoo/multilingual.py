@@ -3,6 +3,8 @@ zoo.families.multilingual and zoo.convert.mclip; `main` is `python -m zoo.conver
 
 from __future__ import annotations
 
+import sys
+
 import ml_collections
 
 from zoo.convert import cli
@@ -45,7 +47,7 @@ def build_model(config: ml_collections.ConfigDict) -> MultilingualCLIP:
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m zoo.convert {build-mclip,to-mclip} ...` ("build" is build-mclip)."""
-  argv = list(argv) if argv is not None else None
+  argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "build":
     argv[0] = "build-mclip"
   return cli.main(argv)
@@ -59,3 +61,7 @@ __all__ = [
     "from_hf_text", "list_text_models", "main", "settings", "student_only", "text_config",
     "text_config_from_hf", "to_hf_text", "tokenizer_for", "train_sentencepiece",
 ]
+
+
+if __name__ == "__main__":  # python -m zoo.multilingual build ... (the old command line)
+  raise SystemExit(main())

@@ -8,6 +8,7 @@
   python -m zoo.convert from-clip-moe --model ViT-L-14-quickgelu --input clip_moe.safetensors --output DIR
   python -m zoo.convert to-clip-moe --input DIR --output clip_moe.safetensors
   python -m zoo.convert build-mclip --teacher CLIP_DIR --text HF_DIR --tokenizer X.model --output DIR
+      [--encoder-config ENCODER/config.json]
   python -m zoo.convert to-mclip --input DIR --output mclip_dir/  (model.safetensors + config.json)
   python -m zoo.convert push --input DIR --repo ORG/NAME [--dry-run]   (hub upload; push --help)
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                       "XLM-R / BERT or M-CLIP")
   parser.add_argument("--tokenizer", help="build-mclip: the encoder's sentencepiece .model")
   parser.add_argument("--seed", type=int, default=0, help="build-mclip: seed of a fresh projection")
+  parser.add_argument("--encoder-config", help="build-mclip: the encoder's transformers "
+                      "config.json, for an M-CLIP whose modelBase zoo does not know (LaBSE, mBERT)")
   args = parser.parse_args(argv)
   if args.command != "build-mclip" and not args.input:
     parser.error(f"{args.command} needs --input")

@@ -86,6 +86,10 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> registry.CLIPConfig:
   """A zoo CLIPConfig from a transformers CLIPConfig dict (e.g. a model's config.json)."""
   if hasattr(hf_config, "to_dict"):
     hf_config = hf_config.to_dict()
+  model_type = hf_config.get("model_type", "clip")
+  if model_type != "clip":
+    raise ValueError(f"HF config model_type {model_type!r} is not supported by from-hf: it "
+                     "converts transformers CLIPModel (model_type 'clip') only")
   try:
     vc, tc = hf_config["vision_config"], hf_config["text_config"]
   except KeyError as e:

@@ -29,23 +29,41 @@ from zoo.models.multilingual import (
 )
 
 
-def text_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any
-                        ) -> tuple[MultilingualTextConfig, int | None]:
+def _read_json(path: str, what: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{what} {path}: not JSON ({e})") from None
+
+
+def text_config_from_hf(hf_config: Mapping[str, Any], encoder_config: Mapping[str, Any] | None = None,
+                        **overrides: Any) -> tuple[MultilingualTextConfig, int | None]:
   """(text config, projection dim or None) from a transformers config dict.
 
   Accepts XLM-R / RoBERTa / BERT configs (`model_type`, `hidden_size`, ...) and M-CLIP's
-  (`modelBase`, `transformerDimensions`, `numDims`), whose encoder is `modelBase`.
+  (`modelBase`, `transformerDimensions`, `numDims`), whose encoder is `modelBase`: a hub name
+  zoo knows, a local directory with a config.json, or any name with `encoder_config` (that
+  encoder's config.json dict, e.g. LaBSE's or mBERT's).
   """
   hf = dict(hf_config)
   if isinstance(hf.get("encoder"), Mapping):  # written by `to-mclip`: the exact zoo config
     cfg = dataclasses.replace(MultilingualTextConfig(**hf["encoder"]), **overrides)
     return cfg, int(hf["numDims"]) if "numDims" in hf else None
   if "transformerDimensions" in hf or "numDims" in hf:  # M-CLIP's MCLIPConfig
-    base = str(hf.get("modelBase", "")).split("/")[-1]
-    if base not in TEXT_MODELS:
-      raise ValueError(f"M-CLIP config names modelBase {hf.get('modelBase')!r}; zoo knows "
-                       f"{', '.join(list_text_models())} (pass that encoder's own config.json instead)")
-    cfg = text_config(base, **overrides)
+    model_base = str(hf.get("modelBase", ""))
+    base = model_base.split("/")[-1]
+    local = os.path.join(model_base, "config.json") if model_base else ""
+    if encoder_config is None and base not in TEXT_MODELS and local and os.path.isfile(local):
+      encoder_config = _read_json(local, "modelBase config")
+    if encoder_config is not None:
+      cfg, _ = text_config_from_hf(encoder_config, **overrides)
+    elif base in TEXT_MODELS:
+      cfg = text_config(base, **overrides)
+    else:
+      raise ValueError(f"M-CLIP config names modelBase {model_base!r}, which zoo does not know "
+                       f"({', '.join(list_text_models())}); pass that encoder's config.json with "
+                       "--encoder-config")
     if int(hf.get("transformerDimensions", cfg.width)) != cfg.width:
       raise ValueError(f"M-CLIP transformerDimensions={hf['transformerDimensions']} but "
                        f"{base} has width {cfg.width}")
@@ -70,9 +88,7 @@ def text_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any
       pad_token_id=int(hf.get("pad_token_id", 1 if model_type != "bert" else 0)),
       ln_eps=float(hf.get("layer_norm_eps", 1e-12)),
       positions="bert" if model_type == "bert" else "roberta")
-  fields["context_length"] = min(77, fields["max_positions"] - (
-      fields["pad_token_id"] + 1 if fields["positions"] == "roberta" else 0))
-  fields.update(overrides)
+  fields.update(overrides)  # context_length: the encoder's limit unless overridden
   return MultilingualTextConfig(**fields), None
 
 
@@ -169,6 +185,29 @@ def _weights_in(path: str) -> str:
   raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
+def to_hf_config(cfg: MultilingualTextConfig) -> dict[str, Any]:
+  """The transformers XLMRobertaConfig / BertConfig dict of a text tower's encoder."""
+  return {"model_type": "xlm-roberta" if cfg.positions == "roberta" else "bert",
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.width, "num_hidden_layers": cfg.layers,
+          "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim, "hidden_act": "gelu",
+          "max_position_embeddings": cfg.max_positions, "type_vocab_size": cfg.type_vocab_size,
+          "pad_token_id": cfg.pad_token_id, "layer_norm_eps": cfg.ln_eps}
+
+
+def model_base(cfg: MultilingualTextConfig, output: str) -> str:
+  """M-CLIP's `modelBase` for a tower: the hub name of a known encoder (e.g. xlm-roberta-large),
+  else the absolute path of `output/encoder`, where its transformers config.json is written."""
+  arch = dataclasses.replace(cfg, context_length=None)
+  for name in ("xlm-roberta-base", "xlm-roberta-large"):
+    if dataclasses.replace(TEXT_MODELS[name], proj_bias=cfg.proj_bias, pool=cfg.pool) == arch:
+      return name
+  path = os.path.abspath(os.path.join(output, "encoder"))
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(to_hf_config(cfg), f, indent=2)
+  return path
+
+
 def run_build(args: argparse.Namespace) -> int:
   """A MultilingualCLIP from a zoo CLIP (image tower, temperature, teacher) and a HF XLM-R /
   BERT encoder or an M-CLIP release (text tower)."""
@@ -178,9 +217,11 @@ def run_build(args: argparse.Namespace) -> int:
   teacher, _, _ = checkpoint.load(args.teacher)
   config_path = os.path.join(args.text if os.path.isdir(args.text) else
                              os.path.dirname(args.text), "config.json")
-  with open(config_path) as f:
-    hf_config = json.load(f)
-  tower = from_hf_text(read_state_dict(_weights_in(args.text)), hf_config,
+  hf_config = _read_json(config_path, "--text config")
+  encoder = getattr(args, "encoder_config", None)
+  cfg, _ = text_config_from_hf(hf_config, _read_json(encoder, "--encoder-config") if encoder
+                               else None)
+  tower = from_hf_text(read_state_dict(_weights_in(args.text)), cfg,
                        embed_dim=teacher.config.embed_dim, seed=args.seed)
   model = from_clip(teacher, tower, tokenizer=os.path.abspath(args.tokenizer))
   out = checkpoint.save(model, args.output, {"built_from": {"teacher": args.teacher,
@@ -202,7 +243,8 @@ def run_to_mclip(args: argparse.Namespace) -> int:
                     {"format": "pt"})
   cfg = model.config.text
   with open(os.path.join(args.output, "config.json"), "w") as f:
-    json.dump({"model_type": "M-CLIP", "transformerDimensions": cfg.width,
-               "numDims": model.config.embed_dim, "encoder": dataclasses.asdict(cfg)}, f, indent=2)
+    json.dump({"model_type": "M-CLIP", "modelBase": model_base(cfg, args.output),
+               "transformerDimensions": cfg.width, "numDims": model.config.embed_dim,
+               "encoder": dataclasses.asdict(cfg)}, f, indent=2)
   print(f"wrote {args.output}/model.safetensors and config.json")
   return 0

@@ -1,4 +1,5 @@
-"""Babel-ImageNet's file formats: per-language class labels and translated prompts, unchanged."""
+"""Babel-ImageNet's file formats: per-language class labels and translated prompts, unchanged;
+English as the paper evaluates it (`openai_imagenet`)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,16 @@ def load_babel_prompts(path_or_obj: Any) -> dict[str, list[str]]:
                        "placeholder")
     out[str(lang)] = list(prompts)
   return out
+
+
+def openai_imagenet() -> tuple[list[str], list[str]]:
+  """(1000 class names, 80 templates with '{}'): OpenAI's ImageNet zero-shot protocol, which
+  Babel-ImageNet uses for English. Read from open_clip (an optional dependency)."""
+  try:
+    from open_clip import zero_shot_metadata as meta
+  except ImportError:
+    raise ValueError("Babel's English protocol (OpenAI class names and templates) needs "
+                     "open_clip_torch installed; or set data.babel_en=file") from None
+  names = [str(n) for n in meta.IMAGENET_CLASSNAMES]
+  templates = [t("{}") if callable(t) else str(t) for t in meta.OPENAI_IMAGENET_TEMPLATES]
+  return names, templates

@@ -124,13 +124,34 @@ def demo_eval_sets(data_cfg: Any, *, image_size: int, mean: Sequence[float],
 
 def babel_set(data_cfg: Any, images: np.ndarray, labels: np.ndarray) -> dict:
   """A "babel_zeroshot" eval set over (images, labels) from Babel-ImageNet's own files:
-  `data.babel_labels` (labels JSON), `data.babel_prompts` (optional prompts JSON)."""
+  `data.babel_labels` (labels JSON), `data.babel_prompts` (optional prompts JSON),
+  `data.babel_languages` ("DE,FR,...": only those; default all), `data.babel_en` (auto |
+  openai | file: English as the paper, OpenAI's 1000 ImageNet class names and 80 templates;
+  auto = openai when the classes index ImageNet-1k)."""
   labels_file = config_value(data_cfg, "babel_labels", "")
   prompts_file = config_value(data_cfg, "babel_prompts", "")
   spec = {"kind": "babel_zeroshot", "images": images, "labels": labels,
           "class_labels": babel.load_babel_labels(labels_file),
           "prompts": babel.load_babel_prompts(prompts_file) if prompts_file else None}
   top = max(max(idx) for idx, _ in spec["class_labels"].values())
+  en = str(config_value(data_cfg, "babel_en", "auto")).lower()
+  if en not in ("auto", "openai", "file"):
+    raise ValueError(f"data.babel_en={en!r}; expected auto | openai | file")
+  if en == "openai" or (en == "auto" and max(top, int(labels.max()) if labels.size else 0) == 999):
+    names, templates = babel.openai_imagenet()
+    spec["class_labels"]["EN"] = (list(range(len(names))), names)
+    spec["prompts"] = dict(spec["prompts"] or {}, EN=templates)
+  langs = config_value(data_cfg, "babel_languages", "")
+  if isinstance(langs, str):
+    langs = [x.strip() for x in langs.split(",") if x.strip()]
+  if langs:
+    langs = [str(x).upper() for x in langs]
+    unknown = [x for x in langs if x not in spec["class_labels"]]
+    if unknown:
+      raise ValueError(f"data.babel_languages names {unknown}, not in {labels_file} (it has "
+                       f"{len(spec['class_labels'])} languages, e.g. "
+                       f"{', '.join(sorted(spec['class_labels'])[:8])})")
+    spec["languages"] = langs
   if labels.size and top > int(labels.max()) and top >= 1000:
     log.warning("babel labels %s index classes up to %d; the eval images' labels reach %d",
                 labels_file, top, int(labels.max()))

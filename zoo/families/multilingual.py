@@ -92,6 +92,8 @@ class MultilingualFields:
       own = self.tokenizers.get(field)
       if own is None and field != "ml_en_tokens":  # translations: the student's tokenizer
         own = self.tokenizers.get("ml_tokens")
+      if field == "ml_en_tokens" and getattr(own, "context_length", None):  # the teacher's rows
+        return pipeline.tokenize(own, [text], own.context_length, field)[0]
       return view.tokenize([text], field, own)[0]
 
     out: dict[str, np.ndarray] = {}
@@ -270,7 +272,8 @@ class MultilingualFamily(base.Family):
   def field_hook(self, config: ml_collections.ConfigDict, settings: Settings,
                  model: nnx.Module) -> MultilingualFields:
     length = int(config.get("context_length", 0) or model.config.text.context_length)
-    teacher = checkpoint.load_tokenizer(settings.teacher, context_length=length)
+    own = checkpoint.load_config(settings.teacher)[0].text.context_length
+    teacher = checkpoint.load_tokenizer(settings.teacher, context_length=min(length, own))
     return MultilingualFields(languages(config.data), {"ml_en_tokens": teacher})
 
   def forward(self, model: MultilingualCLIP, batch: dict, rng: Array, settings: Settings) -> dict:

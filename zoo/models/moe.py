@@ -2,8 +2,8 @@
 dense CLIP.
 
 `MoEMLP` replaces `zoo.layers.MLP` in chosen blocks: a float32 bias-free router, softmax, top-k
-with renormalized gates, GShard capacity and priority (`dropless` = no drops), experts stacked
-on an `expert` axis (sharded over the `expert` mesh axis, all-to-all dispatch). Each call sows
+with renormalized gates, dropless by default (GShard capacity and priority only for training with
+`dropless=False`, inside `capacity_routing()`), experts stacked on an `expert` axis (sharded over the `expert` mesh axis, all-to-all dispatch). Each call sows
 its aux losses (load balance, router z-loss, drop fractions) as `nnx.Intermediate`; collect
 them with `capture_aux`. `MoECLIP` is a CLIP with those blocks (same API); `upcycle` builds one
 from a dense model (expert e from `expert_sources[e]`'s FFN: DMU). Notes: docs/families/moe.md.
@@ -11,9 +11,11 @@ from a dense model (expert e from `expert_sources[e]`'s FFN: DMU). Notes: docs/f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +31,34 @@ Array = jax.Array
 # ----------------------------------------------------------------------------- config
 
 
+_CAPACITY_ROUTING = contextvars.ContextVar("zoo_moe_capacity_routing", default=False)
+
+
+@contextlib.contextmanager
+def capacity_routing(enabled: bool = True) -> Iterator[None]:
+  """Calls traced inside route with each model's capacity (when its config has dropless=False).
+
+  Outside (the default: inference, evaluation, conversion) every token reaches its top-k experts.
+  """
+  token = _CAPACITY_ROUTING.set(enabled)
+  try:
+    yield
+  finally:
+    _CAPACITY_ROUTING.reset(token)
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-  """MoE settings stored with the model. `vision_layers` / `text_layers`: block indices."""
+  """MoE settings stored with the model. `vision_layers` / `text_layers`: block indices.
+
+  `dropless=False` routes with a capacity (`capacity_factor`) only inside `capacity_routing()`
+  (the train family's forward); inference and evaluation always route dropless.
+  """
 
   num_experts: int = 4
   top_k: int = 2
   capacity_factor: float = 1.25
-  dropless: bool = False
+  dropless: bool = True
   normalize_gates: bool = True
   vision_layers: tuple[int, ...] = ()
   text_layers: tuple[int, ...] = ()
@@ -55,8 +77,9 @@ class MoEConfig:
       object.__setattr__(self, name, tuple(sorted(value)))
 
   def capacity(self, group_size: int) -> int:
-    """Slots per expert for a sequence of `group_size` tokens (dropless: all of them)."""
-    if self.dropless:
+    """Slots per expert for a sequence of `group_size` tokens (dropless or outside
+    `capacity_routing()`: all of them)."""
+    if self.dropless or not _CAPACITY_ROUTING.get():
       return group_size
     c = math.ceil(self.top_k * group_size * self.capacity_factor / self.num_experts)
     return max(1, min(group_size, c))
@@ -324,7 +347,7 @@ class MoECLIP(clip_lib.CLIP):
 
 def moe_config(base: registry.CLIPConfig | str, *, num_experts: int = 4, top_k: int = 2,
                layers: Any = "every_other", capacity_factor: float = 1.25,
-               dropless: bool = False, normalize_gates: bool = True) -> MoECLIPConfig:
+               dropless: bool = True, normalize_gates: bool = True) -> MoECLIPConfig:
   """A MoECLIPConfig over a dense architecture (a name or CLIPConfig).
 
   `layers`: one spec for both towers (see `resolve_layers`) or {"vision": spec, "text": spec}.
@@ -364,7 +387,7 @@ def _dense_ffn(model: clip_lib.CLIP, tower: str, index: int) -> dict[str, np.nda
 
 def upcycle(model: clip_lib.CLIP, num_experts: int = 4, top_k: int = 2,
             layers: Any = "every_other", *, capacity_factor: float = 1.25,
-            dropless: bool = False, normalize_gates: bool = True,
+            dropless: bool = True, normalize_gates: bool = True,
             expert_sources: Sequence[clip_lib.CLIP] | None = None,
             router_init_std: float = 0.02, seed: int = 0) -> MoECLIP:
   """A MoECLIP built from the dense `model`; the input is not modified.
@@ -373,7 +396,8 @@ def upcycle(model: clip_lib.CLIP, num_experts: int = 4, top_k: int = 2,
   that block, or, with `expert_sources` (DMU: one fine-tuned copy per expert, same
   architecture), from `expert_sources[e]`'s FFN. The router is drawn from N(0, std^2) (seeded).
   With identical experts and normalized gates the output equals the dense model's for any
-  router weights, as long as no choice is dropped (dropless, or capacity_factor >= E / k).
+  router weights: routing is dropless by default; `dropless=False` (capacity_factor) drops
+  only in training, inside `capacity_routing()`.
   """
   if not isinstance(model, clip_lib.CLIP) or isinstance(model, MoECLIP):
     raise TypeError(f"upcycle needs a dense zoo CLIP model, got {type(model).__name__}")

@@ -39,7 +39,8 @@ class MultilingualTextConfig:
   `positions`: 'roberta' (position = pad id + 1 + index among non-pad tokens, XLM-R) or
   'bert' (0..L-1). `pool`: 'mean' over non-pad tokens (M-CLIP) or 'cls' (first token).
   `context_length` is the row length the tokenizer produces (at most what the position table
-  allows).
+  allows; None: all of it, `usable_positions` = max_position_embeddings - 2 for XLM-R, as
+  M-CLIP embeds up to its encoder's limit).
   """
 
   vocab_size: int = 250002
@@ -47,7 +48,7 @@ class MultilingualTextConfig:
   layers: int = 12
   heads: int = 12
   mlp_dim: int = 3072
-  context_length: int = 77
+  context_length: int | None = None
   max_positions: int = 514
   type_vocab_size: int = 1
   pad_token_id: int = 1
@@ -61,6 +62,8 @@ class MultilingualTextConfig:
       raise ValueError(f"multilingual text pool {self.pool!r}: expected 'mean' or 'cls'")
     if self.positions not in ("roberta", "bert"):
       raise ValueError(f"multilingual text positions {self.positions!r}: expected 'roberta' or 'bert'")
+    if self.context_length is None:
+      object.__setattr__(self, "context_length", self.usable_positions)
     if self.context_length > self.usable_positions:
       raise ValueError(f"context_length {self.context_length} exceeds the {self.usable_positions} "
                        f"positions a table of {self.max_positions} allows ({self.positions} style)")

@@ -21,7 +21,7 @@ from zoo import checkpoint, losses
 from zoo.families import base
 from zoo.families.moe import dmu
 from zoo.models import clip as clip_lib
-from zoo.models.moe import MoECLIPConfig, capture_aux, summarize_aux, upcycle
+from zoo.models.moe import MoECLIPConfig, capacity_routing, capture_aux, summarize_aux, upcycle
 
 Array = jax.Array
 
@@ -54,8 +54,8 @@ class Settings:
 
   num_experts: int = 4
   top_k: int = 2
-  capacity_factor: float = 1.25
-  dropless: bool = False
+  capacity_factor: float = 1.25  # used only with dropless=False, in training steps
+  dropless: bool = True  # False: capacity routing in training (evaluation stays dropless)
   normalize_gates: bool = True
   layers: str = "every_other"  # see models.moe.resolve_layers; or "vision:SPEC;text:SPEC"
   router_init_std: float = 0.02
@@ -168,9 +168,11 @@ class MoEFamily(base.Family):
                    router_init_std=s.router_init_std, seed=config.seed)
 
   def forward(self, model: clip_lib.CLIP, batch: dict, rng: Array, settings: Settings) -> dict:
-    """CLIP outputs plus `moe_aux` (summarized aux losses of every MoE layer called)."""
+    """CLIP outputs plus `moe_aux` (summarized aux losses of every MoE layer called); a model
+    with dropless=False routes with its capacity here (training) and nowhere else."""
     del rng, settings
-    out, aux = capture_aux(lambda m: dict(m(batch["image"], batch["tokens"])), model)
+    with capacity_routing():
+      out, aux = capture_aux(lambda m: dict(m(batch["image"], batch["tokens"])), model)
     out["moe_aux"] = summarize_aux(aux)
     return out
 
