@@ -26,15 +26,14 @@ from zoo.models.moe import (
   capture_aux,
   create,
   dense_view,
-  flops_per_token,
   moe_config,
-  parameter_counts,
   resolve_layers,
   route,
   summarize_aux,
   upcycle,
   z_loss,
 )
+from zoo.models.moe_stats import flops_per_token, parameter_counts
 
 settings = parse_settings
 

@@ -311,7 +311,7 @@ def _towers(model: clip_lib.CLIP) -> dict[str, nnx.Module]:
   return {"visual": model.visual, "text": model.text}
 
 
-def _tower_layers(moe: MoEConfig) -> dict[str, tuple[int, ...]]:
+def tower_layers(moe: MoEConfig) -> dict[str, tuple[int, ...]]:
   return {"visual": moe.vision_layers, "text": moe.text_layers}
 
 
@@ -326,7 +326,7 @@ class MoECLIP(clip_lib.CLIP):
     dtype = jnp.dtype(config.dtype)
     for tower_name, tower in _towers(self).items():
       blocks = tower.transformer.resblocks
-      for i in _tower_layers(config.moe)[tower_name]:
+      for i in tower_layers(config.moe)[tower_name]:
         if i >= len(blocks):
           raise ValueError(f"moe {tower_name} layer {i} is out of range: the tower has "
                            f"{len(blocks)} blocks")
@@ -340,7 +340,7 @@ class MoECLIP(clip_lib.CLIP):
     """{'visual.3': layer, 'text.1': layer, ...}."""
     out = {}
     for tower_name, tower in _towers(self).items():
-      for i in _tower_layers(self.config.moe)[tower_name]:
+      for i in tower_layers(self.config.moe)[tower_name]:
         out[f"{tower_name}.{i}"] = tower.transformer.resblocks[i].mlp
     return out
 
@@ -432,39 +432,6 @@ def upcycle(model: clip_lib.CLIP, num_experts: int = 4, top_k: int = 2,
     raise ValueError(f"upcycle: no source for {['.'.join(map(str, p)) for p in missing[:3]]}")
   nnx.update(out, nnx.from_flat_state(flat))
   return out
-
-
-def parameter_counts(model: clip_lib.CLIP) -> dict[str, int]:
-  """Parameters: `total`, `active` (per token: k of E experts in each MoE layer), by tower."""
-  total = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  inactive = 0
-  if isinstance(model, MoECLIP):
-    moe = model.config.moe
-    for layer in model.moe_layers().values():
-      per_expert = sum(int(np.prod(p.shape[1:])) for p in (
-          layer.fc1_kernel, layer.fc1_bias, layer.fc2_kernel, layer.fc2_bias))
-      inactive += (moe.num_experts - moe.top_k) * per_expert
-  return {"total": total, "active": total - inactive}
-
-
-def flops_per_token(model: clip_lib.CLIP, tower: str) -> dict[str, float]:
-  """Analytic forward FLOPs per token of one tower's transformer blocks (2 per multiply-add).
-
-  `dense`: attention projections + FFN as if dense; `active`: with k experts per token in MoE
-  layers plus the router (what an ideal sparse kernel does). Attention scores (which grow with
-  sequence length) are excluded; see the bench for whole-encoder XLA counts.
-  """
-  cfg = {"visual": model.config.vision, "text": model.config.text}[tower]
-  w, h = cfg.width, int(cfg.width * cfg.mlp_ratio)
-  attn = 2 * (4 * w * w)
-  ffn = 2 * (2 * w * h)
-  dense = cfg.layers * (attn + ffn)
-  active = dense
-  if isinstance(model, MoECLIP):
-    moe = model.config.moe
-    n = len(_tower_layers(moe)[tower])
-    active = dense + n * ((moe.top_k - 1) * ffn + 2 * w * moe.num_experts)
-  return {"dense": float(dense), "active": float(active)}
 
 
 def dense_view(model: MoECLIP, expert: int = 0) -> clip_lib.CLIP:
