@@ -15,7 +15,6 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from PIL import Image
 
@@ -23,6 +22,7 @@ import zoo
 from zoo import convert, long_clip, moe, multilingual, pretrained, registry, train_lib
 from zoo.convert.io import write_safetensors
 
+torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
