@@ -35,7 +35,7 @@ OWNED = [*sorted((ZOO / "models").glob("*.py")), *sorted((ZOO / "families").rglo
          *[ZOO / "convert" / f for f in ("cli.py", "io.py", "long_clip.py", "clip_moe.py",
                                          "mclip.py", "__main__.py")],
          *[ZOO / f"{m}.py" for m in ("moe", "region", "long_clip", "multilingual")]]
-OPTIONAL_DEPS = ("torch", "tensorflow", "tensorflow_datasets", "zoo.data.tfds")
+OPTIONAL_DEPS = ("torch", "open_clip", "transformers", "tensorflow", "tensorflow_datasets", "zoo.data.tfds")
 
 
 def module_name(path: pathlib.Path) -> str:

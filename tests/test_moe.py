@@ -12,7 +12,7 @@ from tests.train_utils import synthetic_batches, tiny_config
 from zoo import eval_lib, layers, losses, sharding, train_lib
 from zoo.convert import clip_moe
 from zoo.families.moe import dmu, family as moe_family
-from zoo.models import moe
+from zoo.models import moe, moe_stats
 
 E, K = 4, 2
 
@@ -214,11 +214,11 @@ def test_upcycle_structure_and_sources(dense):
   np.testing.assert_array_equal(np.asarray(layer.fc2_bias[...][0]),
                                 np.asarray(dense.visual.transformer.resblocks[1].mlp.fc2.bias[...]))
   np.testing.assert_array_equal(np.asarray(m.visual.proj[...]), np.asarray(dense.visual.proj[...]))
-  counts = moe.parameter_counts(m)
+  counts = moe_stats.parameter_counts(m)
   per_expert = sum(int(np.prod(p.shape[1:])) for l in m.moe_layers().values()
                    for p in (l.fc1_kernel, l.fc1_bias, l.fc2_kernel, l.fc2_bias))
   assert counts["total"] - counts["active"] == per_expert  # (E - k) = 1 expert idle per layer
-  assert counts["total"] == moe.parameter_counts(dense)["total"] + per_expert + 2 * 64 * 2
+  assert counts["total"] == moe_stats.parameter_counts(dense)["total"] + per_expert + 2 * 64 * 2
   with pytest.raises(ValueError, match="expert_sources"):
     moe.upcycle(dense, 3, 1, expert_sources=[dense, other])
   with pytest.raises(ValueError, match="out of range"):

@@ -334,7 +334,7 @@ def test_eval_cli_babel_languages(tmp_path, teacher_dir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
   env.pop("XLA_FLAGS", None)
   r = subprocess.run([sys.executable, "eval.py", "--config", "configs/demo.py", "--checkpoint",
-                      str(teacher_dir), "--workdir", str(tmp_path / "w"), "--config.data.eval_size=24",
+                      str(teacher_dir), "--output", str(tmp_path / "w"), "--config.data.eval_size=24",
                       "--config.data.eval_sets=", f"--config.data.babel_labels={_babel_files(tmp_path)}",
                       "--config.data.babel_languages=DE,ES"], env=env, capture_output=True,
                      text=True, timeout=600)
