@@ -13,7 +13,6 @@ the traced pallas_calls (independently of the kernels' own plans):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import subprocess
@@ -36,6 +35,14 @@ def _abstract_tpu():
   dev = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
   return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                   abstract_device=dev))
+
+
+def _abstract_gpu():
+  """An abstract H100 mesh: newer JAX lowers GPU Pallas calls only with a GPU device kind."""
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                    platform="cuda")
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=dev))
 
 
 def _avals(kind: str, b: int, d: int, dtype):
@@ -67,7 +74,7 @@ def _lowered(platform: str, kind: str, dtype: str, b: int, d: int):
   loss = functools.partial(contrastive_loss, kind=kind, impl="pallas")
   fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
   target = "tpu" if platform == "tpu" else "gpu"
-  mesh = _abstract_tpu() if platform == "tpu" else contextlib.nullcontext()
+  mesh = _abstract_tpu() if platform == "tpu" else _abstract_gpu()
   with _pallas.use_target(target), mesh:
     traced = fn.trace(*args)
     lowered = traced.lower(lowering_platforms=(platform,))
