@@ -7,7 +7,6 @@ import ast
 import dataclasses
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -285,7 +284,6 @@ def test_a_family_defined_in_this_file_trains_through_the_public_seam(tmp_path):
 # ----------------------------------------------------------------------------- ruff
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_ruff_clean():
   cmd = ["ruff", "check", "zoo", "kernels", "configs", "tests", "bench", "train.py", "eval.py"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})

@@ -171,7 +171,9 @@ def test_triton_ir_compiles_for_sm90_without_spills(tmp_path):
   from triton.backends.compiler import GPUTarget
 
   if not hasattr(tl, "lower_jaxpr_to_triton_module"):
-    pytest.skip("this JAX emits Triton IR through another function")
+    pytest.skip(f"jax {jax.__version__} no longer has the Triton lowering entry this test hooks "
+                "to capture the IR; the smem budget is still asserted by "
+                "test_lowers_for_cuda_within_shared_memory")
 
   modules = []
   orig = tl.lower_jaxpr_to_triton_module
