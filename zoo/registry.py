@@ -81,6 +81,16 @@ class CLIPConfig:
     return cls(vision=vision, text=text, **d)
 
 
+def checked_config(cls: type, d: Any, what: str) -> Any:
+  """`cls(**d)` for a dataclass, refusing an unknown key with one line naming it and the valid
+  keys (model sub-configs such as MoE and region settings share this check)."""
+  valid = {f.name for f in dataclasses.fields(cls)}
+  bad = sorted(set(d) - valid)
+  if bad:
+    raise ValueError(f"unknown {what} config key {bad[0]!r}; valid keys: {', '.join(sorted(valid))}")
+  return cls(**dict(d))
+
+
 def _vit(image_size: int, patch: int, width: int, layers: int) -> VisionConfig:
   return VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
                       heads=width // 64)

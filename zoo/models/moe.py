@@ -86,11 +86,7 @@ class MoEConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "MoEConfig":
-    valid = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(d) - valid)
-    if bad:
-      raise ValueError(f"unknown MoE config key {bad[0]!r}; valid keys: {', '.join(sorted(valid))}")
-    return cls(**dict(d))
+    return registry.checked_config(cls, d, "MoE")
 
 
 @dataclasses.dataclass(frozen=True)

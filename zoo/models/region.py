@@ -64,11 +64,7 @@ class RegionConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "RegionConfig":
-    valid = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(d) - valid)
-    if bad:
-      raise ValueError(f"unknown region config key {bad[0]!r}; valid keys: {', '.join(sorted(valid))}")
-    return cls(**dict(d))
+    return registry.checked_config(cls, d, "region")
 
 
 @dataclasses.dataclass(frozen=True)
