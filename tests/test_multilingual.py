@@ -322,8 +322,16 @@ def test_babel_languages_and_english_protocol(tmp_path, teacher_dir):
     build(dict(cfg, babel_languages="DE,IT"))
   with pytest.raises(ValueError, match="data.babel_en"):
     build(dict(cfg, babel_en="paper"))
-  # English as Babel-ImageNet's paper: OpenAI's ImageNet class names and its 80 templates
-  spec = build(dict(cfg, babel_en="openai", babel_languages="EN,DE"))
+
+
+def test_babel_english_openai_protocol(tmp_path, teacher_dir):
+  """English as Babel-ImageNet's paper: OpenAI's ImageNet class names and its 80 templates."""
+  pytest.importorskip("open_clip")
+  model, _, _ = zoo.load(teacher_dir)
+  cfg = {"name": "demo", "eval_size": 40, "eval_sets": "", "babel_labels": str(_babel_files(tmp_path)),
+         "babel_en": "openai", "babel_languages": "EN,DE"}
+  spec = pipeline.build_eval_sets(cfg, image_size=32, mean=model.config.image_mean,
+                                  std=model.config.image_std)["babel"]
   idx, names = spec["class_labels"]["EN"]
   assert idx == list(range(1000)) and names[:2] == ["tench", "goldfish"]
   assert len(spec["prompts"]["EN"]) == 80 and spec["prompts"]["EN"][0] == "a bad photo of a {}."
