@@ -187,12 +187,13 @@ def profile_pieces(trainer, state, batch, reps: int = 3) -> dict[str, float]:
   from zoo import sharding, train_lib
 
   family, config, mesh = trainer.family, trainer.config, trainer.mesh
-  ctx = train_lib.LossContext(config=config, mesh=mesh, impl=config.loss.impl)
+  settings = family.settings(config)
+  ctx = train_lib.LossContext(settings=settings, mesh=mesh, impl=config.loss.impl)
   rng = jax.random.key(0)
 
   def loss_fn(params, batch):
     model = nnx.merge(trainer.graphdef, params, trainer.rest)
-    return family.loss(family.forward(model, batch, rng), batch, ctx)[0]
+    return family.loss(family.forward(model, batch, rng, settings), batch, ctx)[0]
 
   fwd = jax.jit(loss_fn)
   fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))
