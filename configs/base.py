@@ -44,8 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   # auto (xla on CPU, pallas on accelerators) | reference | xla | pallas
-  # label_smoothing: softmax CE target 1 - eps on the pair, eps / (B - 1) on each negative
-  c.loss = ml_collections.ConfigDict(dict(impl="auto", label_smoothing=0.0))
+  # label_smoothing: softmax CE target 1 - eps on the pair, eps / (B - 1) on each negative;
+  # schedule constant | linear | cosine: eps decays to label_smoothing_end over total_steps
+  c.loss = ml_collections.ConfigDict(dict(impl="auto", label_smoothing=0.0,
+                                          label_smoothing_end=0.0,
+                                          label_smoothing_schedule="constant"))
 
   c.data = ml_collections.ConfigDict(dict(
       name="demo",  # demo | webdataset

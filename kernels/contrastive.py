@@ -41,13 +41,14 @@ class _Cfg:
   impl: str
   block: int | None
   axis_name: Any
-  smoothing: float = 0.0
+  smoothed: bool = False  # label smoothing on: eps travels as an array argument
 
 
-def _smoothing_weights(eps: float, b_global: int) -> tuple[float, float]:
-  """(weight of z_ii, weight of every z_ij) in sum_j target_ij z_ij with label smoothing eps:
-  target 1 - eps on the pair and w = eps / (B - 1) on each negative, so (1 - eps - w, w)."""
-  if not eps:
+def _smoothing_weights(eps: Array | None, b_global: int) -> tuple[Array | float, Array | float]:
+  """(weight of z_ii, weight of every z_ij) in sum_j target_ij z_ij with label smoothing eps
+  (None: off): target 1 - eps on the pair and w = eps / (B - 1) on each negative, so
+  (1 - eps - w, w). eps may be traced (a schedule over steps)."""
+  if eps is None:
     return 1.0, 0.0
   if b_global < 2:
     raise ValueError(f"contrastive_loss: label_smoothing needs a global batch >= 2, got "
@@ -139,33 +140,33 @@ def _add(a, b):
 # ----------------------------------------------------------------------------- softmax
 
 
-def _softmax_fwd(x: Array, y: Array, scale: Array, cfg: _Cfg):
+def _softmax_fwd(x: Array, y: Array, scale: Array, eps: Array, cfg: _Cfg):
   """Forward: one stats pass per chunk (row statistics local, column statistics travelling)."""
   backend = _BACKENDS[cfg.impl]
   n_dev, b_local = _axis_size(cfg.axis_name), x.shape[0]
   compute = lambda own, c: backend.softmax_stats(x, c, scale, cfg.block)
   lse_r, lse_c = _ring_walk(cfg.axis_name, y, compute, jnp.logaddexp, jnp.logaddexp)
   b_global = b_local * n_dev
-  a, w = _smoothing_weights(cfg.smoothing, b_global)
+  a, w = _smoothing_weights(eps if cfg.smoothed else None, b_global)
   # Cross-entropies row by row (as the reference does), then summed. Label smoothing adds
   # -w sum_ij z_ij = -w scale <sum_i x_i, sum_j y_j> (rows and columns alike): O(B d), no B x B.
   z_diag = scale * jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32), axis=1)
   ce = jnp.sum(lse_r - a * z_diag) + jnp.sum(lse_c - a * z_diag)
   loss = _psum(ce, cfg.axis_name) / (2 * b_global)
   sums = None
-  if w:
+  if cfg.smoothed:
     sums = (_global_sum(x, cfg.axis_name), _global_sum(y, cfg.axis_name))
     loss = loss - w * scale * jnp.dot(sums[0], sums[1]) / b_global
-  return loss, (x, y, scale, lse_r, lse_c, sums)
+  return loss, (x, y, scale, eps, lse_r, lse_c, sums)
 
 
 def _softmax_bwd(cfg: _Cfg, res, g: Array):
   """Backward: one grads pass per chunk; the chunk's lse_c travels with it, its G.T @ x
   accumulator one step behind."""
-  x, y, scale, lse_r, lse_c, sums = res
+  x, y, scale, eps, lse_r, lse_c, sums = res
   backend = _BACKENDS[cfg.impl]
   b_global = x.shape[0] * _axis_size(cfg.axis_name)
-  a, w = _smoothing_weights(cfg.smoothing, b_global)
+  a, w = _smoothing_weights(eps if cfg.smoothed else None, b_global)
   g, reduce_rep = _bwd_collectives(x, g, cfg.axis_name)
 
   def compute(own, chunk):
@@ -179,20 +180,22 @@ def _softmax_bwd(cfg: _Cfg, res, g: Array):
   dx = scale * (c * gx - c_diag * yf)
   dy = scale * (c * gy - c_diag * xf)
   ds = c * _dot_rows(x, gx) - c_diag * _dot_rows(x, y)
-  if w:  # d/d(x, y, scale) of -w scale <sum x, sum y> / B; scale's share is this device's rows
+  if cfg.smoothed:  # d/d(x, y, scale) of -w scale <sum x, sum y> / B; scale's share is this device's rows
     c_all = w * g / b_global
     dx, dy = dx - c_all * scale * sums[1], dy - c_all * scale * sums[0]
     ds = ds - c_all * jnp.dot(jnp.sum(xf, axis=0), sums[1])
   dscale = reduce_rep(ds)
-  return dx.astype(x.dtype), dy.astype(y.dtype), dscale.astype(scale.dtype)
+  # eps is a hyperparameter (a schedule value), not learned: no gradient.
+  return (dx.astype(x.dtype), dy.astype(y.dtype), dscale.astype(scale.dtype),
+          jnp.zeros_like(eps))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _softmax_loss(x: Array, y: Array, scale: Array, cfg: _Cfg) -> Array:
-  return _softmax_fwd(x, y, scale, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_loss(x: Array, y: Array, scale: Array, eps: Array, cfg: _Cfg) -> Array:
+  return _softmax_fwd(x, y, scale, eps, cfg)[0]
 
 
-_softmax_loss.defvjp(lambda x, y, s, cfg: _softmax_fwd(x, y, s, cfg), _softmax_bwd)
+_softmax_loss.defvjp(lambda x, y, s, e, cfg: _softmax_fwd(x, y, s, e, cfg), _softmax_bwd)
 
 
 # ----------------------------------------------------------------------------- sigmoid
@@ -255,7 +258,7 @@ _sigmoid_loss.defvjp(lambda x, y, s, b, cfg: _sigmoid_fwd(x, y, s, b, cfg), _sig
 
 def reference_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                    logit_bias: Array | None = None, *, kind: str = "softmax",
-                   axis_name: AxisName = None, label_smoothing: float = 0.0) -> Array:
+                   axis_name: AxisName = None, label_smoothing: float | Array = 0.0) -> Array:
   """The plain definition (materializes the logits; [B/n, B] per device when sharded)."""
   x, y = image_emb, text_emb
   offset = 0
@@ -275,7 +278,7 @@ def reference_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                                         preferred_element_type=jnp.float32)
     eps = label_smoothing
     pair = labels[:, None] == jnp.arange(b_global)[None, :]
-    target = jnp.where(pair, 1.0 - eps, eps / max(b_global - 1, 1) if eps else 0.0)
+    target = jnp.where(pair, 1.0 - eps, eps / max(b_global - 1, 1))
     ce_rows = -jnp.sum(target * jax.nn.log_softmax(logits, axis=1))
     ce_cols = -jnp.sum(target * jax.nn.log_softmax(logits_t, axis=1))
     return _psum(ce_rows + ce_cols, axis_name) / (2 * b_global)
@@ -325,7 +328,8 @@ def _check(image_emb: Array, text_emb: Array, logit_scale: Array, logit_bias: Ar
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      logit_bias: Array | None = None, *, kind: str = "softmax",
                      impl: str = "auto", axis_name: AxisName = None,
-                     block_size: int | None = None, label_smoothing: float = 0.0) -> Array:
+                     block_size: int | None = None,
+                     label_smoothing: float | Array = 0.0) -> Array:
   """Mean contrastive loss over the batch, differentiable in all four inputs.
 
   Args:
@@ -343,7 +347,8 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
       split over it; then each device passes its B/n rows, and every device gets the loss over
       the global batch (gradients equal those of the unsharded loss).
     label_smoothing: eps for kind="softmax": each cross-entropy's target is 1 - eps on the
-      pair and eps / (B - 1) on each of the B - 1 negatives (global B; needs B >= 2).
+      pair and eps / (B - 1) on each of the B - 1 negatives (global B; needs B >= 2). A float
+      or a scalar array (traced: a schedule over steps; it gets no gradient).
     block_size: tile size (power of two >= 16); default 512 columns for "xla"; for "pallas" an
       upper bound on the planned tiles (TPU tiles are at least 128, GPU tiles at most 64).
       Ignored by "reference".
@@ -362,16 +367,25 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   if isinstance(axis_name, list):
     axis_name = tuple(axis_name)
   impl = resolve_impl(impl)
-  if label_smoothing and (kind != "softmax" or not 0.0 < label_smoothing < 1.0):
-    raise ValueError(f"contrastive_loss: label_smoothing={label_smoothing} must be in (0, 1) "
-                     f"and is only for kind='softmax'")
-  eps = float(label_smoothing)
+  smoothed = isinstance(label_smoothing, jax.Array) or bool(label_smoothing)
+  if smoothed and kind != "softmax":
+    raise ValueError(f"contrastive_loss: label_smoothing={label_smoothing} is only for "
+                     f"kind='softmax'")
+  if smoothed:
+    try:
+      value = float(label_smoothing)
+    except jax.errors.ConcretizationTypeError:  # traced (a schedule): checked where it is built
+      value = 0.0
+    if not 0.0 <= value < 1.0:
+      raise ValueError(f"contrastive_loss: label_smoothing={value} must be in [0, 1)")
+  eps = jnp.reshape(jnp.asarray(label_smoothing, jnp.float32), ())
   if impl == "reference":
-    return reference_loss(x, y, scale, bias, kind=kind, axis_name=axis_name, label_smoothing=eps)
+    return reference_loss(x, y, scale, bias, kind=kind, axis_name=axis_name,
+                          label_smoothing=eps if smoothed else 0.0)
   cfg = _Cfg(impl=impl, block=block_size or DEFAULT_BLOCK[impl], axis_name=axis_name,
-             smoothing=eps)
+             smoothed=smoothed)
   if kind == "softmax":
-    return _softmax_loss(x, y, scale, cfg)
+    return _softmax_loss(x, y, scale, eps, cfg)
   if bias is None:
     bias = jnp.zeros((), jnp.float32)
   return _sigmoid_loss(x, y, scale, bias, cfg)

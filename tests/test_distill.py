@@ -80,7 +80,7 @@ def test_feature_loss_matches_numpy(kind):
 
 
 def test_config_section_equals_settings_defaults_and_bad_keys():
-  assert base.distill().to_dict() == dataclasses.asdict(distill.Settings())
+  assert base.distill().to_dict() == distill.config_keys(distill.Settings())
   with pytest.raises(ValueError, match="feature_loss"):
     distill.Settings(feature_loss="l1")
 
@@ -212,6 +212,63 @@ def test_label_smoothing_trains_through_the_loop(tmp_path):
   summary = train_lib.train(config, str(tmp_path / "run"))
   assert summary["step"] == 2 and np.all(np.isfinite(summary["losses"]))
   assert summary["metrics"]["label_smoothing"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_label_smoothing_schedule_values(schedule):
+  from zoo.families import clip as clip_family
+
+  config = base.base_config()
+  config.total_steps = 100
+  config.loss.label_smoothing, config.loss.label_smoothing_end = 0.3, 0.1
+  config.loss.label_smoothing_schedule = schedule
+  s = clip_family.FAMILY.settings(config)
+  mid = 0.2  # both schedules are half-way at t = 1/2
+  for step, want in ((0, 0.3), (50, mid), (100, 0.1), (250, 0.1)):
+    assert float(s.eps(jnp.int32(step))) == pytest.approx(want, abs=1e-6), (schedule, step)
+  if schedule == "cosine":  # slower than linear at the start
+    assert float(s.eps(jnp.int32(25))) > 0.25
+  config.loss.label_smoothing_schedule = "step"
+  with pytest.raises(ValueError, match="label_smoothing_schedule"):
+    clip_family.FAMILY.settings(config)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+def test_traced_label_smoothing_equals_fixed(impl):
+  """eps as a traced scalar (a schedule under jit): values and gradients as the fixed eps, and
+  the same over an 8-device mesh through zoo.losses."""
+  from jax.sharding import Mesh
+
+  from zoo import losses
+
+  rng = np.random.default_rng(5)
+  x, y = jnp.asarray(_normed(rng, 16, 8)), jnp.asarray(_normed(rng, 16, 8))
+
+  def value_and_grads(fn):
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(x, y, jnp.float32(7.0))
+
+  fixed = value_and_grads(lambda a, b, s: losses.contrastive_loss(
+      a, b, s, kind="softmax", impl="reference", label_smoothing=0.15))
+  np.testing.assert_allclose(float(fixed[0]), np_smoothed_clip_loss(
+      np.asarray(x), np.asarray(y), 7.0, 0.15), rtol=1e-5)
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  for m in (None, mesh):
+    got = value_and_grads(lambda a, b, s: losses.contrastive_loss(
+        a, b, s, kind="softmax", impl=impl, mesh=m, batch_axes=("data",),
+        label_smoothing=jnp.float32(0.1) + 0.05 * jnp.tanh(s * 0 + 100.0)))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(fixed)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_schedule_trains_through_the_loop(tmp_path):
+  config = tiny_config(total_steps=4, batch_size=8)
+  config.data.size = 32
+  config.log_every = 1
+  config.loss.label_smoothing, config.loss.label_smoothing_schedule = 0.2, "linear"
+  summary = train_lib.train(config, str(tmp_path / "run"))
+  assert summary["step"] == 4 and np.all(np.isfinite(summary["losses"]))
+  # the last logged step is step index 3 of 4: eps = 0.2 * (1 - 3/4)
+  assert summary["metrics"]["label_smoothing"] == pytest.approx(0.05, abs=1e-6)
 
 
 def _num_params(name, overrides):

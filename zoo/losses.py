@@ -14,6 +14,7 @@ import math
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import kernels
@@ -43,20 +44,20 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      logit_bias: Array | None = None, *, kind: str, impl: str,
                      mesh: Mesh | None = None,
                      batch_axes: Sequence[str] = sharding.BATCH_AXES,
-                     label_smoothing: float = 0.0) -> Array:
+                     label_smoothing: float | Array = 0.0) -> Array:
   """Global-batch contrastive loss (see `kernels.contrastive_loss` for kind / impl).
 
   `logit_scale` is the already-exponentiated multiplier. With impl "xla" / "pallas" and a mesh
   whose `batch_axes` (default: the axes the train loop shards the batch over) split the batch,
   the kernel runs per device inside `jax.shard_map` with `axis_name` = those axes.
-  `label_smoothing` (softmax only) as in `kernels.contrastive_loss`, over the global batch.
+  `label_smoothing` (softmax only) as in `kernels.contrastive_loss`, over the global batch; a
+  float or a traced scalar (a schedule), passed into the shard_map replicated.
   """
   impl = resolve_impl(impl)
   axes = () if impl == "reference" else _batch_axes(mesh, batch_axes)
-  loss_fn = functools.partial(kernels.contrastive_loss, kind=kind, impl=impl,
-                              label_smoothing=label_smoothing)
+  loss_fn = functools.partial(kernels.contrastive_loss, kind=kind, impl=impl)
   if not axes:
-    return loss_fn(image_emb, text_emb, logit_scale, logit_bias)
+    return loss_fn(image_emb, text_emb, logit_scale, logit_bias, label_smoothing=label_smoothing)
   n = math.prod(mesh.shape[a] for a in axes)
   if image_emb.shape[0] % n:
     raise ValueError(f"contrastive_loss: batch {image_emb.shape[0]} is not divisible by the "
@@ -67,9 +68,16 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   # handles both modes, so pallas always uses check_vma=False (the path tested on CPU).
   check_vma = impl != "pallas"
   if logit_bias is None:
-    body = lambda x, y, s: loss_fn(x, y, s, axis_name=axes)
-    return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rep), out_specs=rep,
-                         check_vma=check_vma)(image_emb, text_emb, logit_scale)
+    if not isinstance(label_smoothing, jax.Array) and not label_smoothing:
+      body = lambda x, y, s: loss_fn(x, y, s, axis_name=axes)
+      return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rep), out_specs=rep,
+                           check_vma=check_vma)(image_emb, text_emb, logit_scale)
+    body = lambda x, y, s, e: loss_fn(x, y, s, axis_name=axes, label_smoothing=e)
+    eps = jnp.asarray(label_smoothing, jnp.float32)
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rep, rep), out_specs=rep,
+                         check_vma=check_vma)(image_emb, text_emb, logit_scale, eps)
+  if isinstance(label_smoothing, jax.Array) or label_smoothing:
+    raise ValueError("contrastive_loss: label_smoothing is only for kind='softmax'")
   body = lambda x, y, s, b: loss_fn(x, y, s, b, axis_name=axes)
   return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rep, rep), out_specs=rep,
                        check_vma=check_vma)(image_emb, text_emb, logit_scale, logit_bias)

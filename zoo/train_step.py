@@ -7,6 +7,7 @@ update); the step differentiates only the trainable leaves, accumulates micro-ba
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -138,29 +139,30 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
   ctx = LossContext(settings=settings, mesh=mesh, impl=config.loss.impl)
   accum = int(config.get("grad_accum", 1))
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, step):
     model = nnx.merge(graphdef, params, rest)
     outputs = family.forward(model, batch, rng, settings)
-    return family.loss(outputs, batch, ctx)
+    return family.loss(outputs, batch, dataclasses.replace(ctx, step=step))
 
   grad_fn = trainable_value_and_grad(loss_fn, trainable)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     rng = jax.random.fold_in(state["rng"], state["step"])
-    params = state["params"]
+    params, step = state["params"], state["step"]
     if accum == 1:
-      (loss, metrics), grads = grad_fn(params, batch, rng)
+      (loss, metrics), grads = grad_fn(params, batch, rng, step)
     else:
       micro = split_microbatches(batch, accum)
 
       def body(carry, xs):
         i, mb = xs
-        (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), step)
         acc_g, acc_l, acc_m = carry
         return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
                 jax.tree.map(jnp.add, acc_m, m)), None
 
-      zero_m = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+      zero_m = jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, step)[0][1])
       init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m))
       (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))

@@ -28,11 +28,14 @@ log = logging.getLogger("zoo.families")
 @dataclasses.dataclass(frozen=True)
 class LossContext:
   """What a family loss may need besides (outputs, batch): its parsed settings, the mesh, the
-  contrastive implementation (`config.loss.impl`, "auto" resolved by zoo.losses)."""
+  contrastive implementation (`config.loss.impl`, "auto" resolved by zoo.losses) and the
+  optimizer step being taken (a traced int32 in the train step, for loss schedules; None
+  outside training)."""
 
   settings: Any
   mesh: jax.sharding.Mesh | None
   impl: str
+  step: Array | None = None
 
 
 def parse_section(config: ml_collections.ConfigDict, name: str, cls: type) -> Any:
@@ -40,7 +43,7 @@ def parse_section(config: ml_collections.ConfigDict, name: str, cls: type) -> An
   unknown key is a one-line error naming it and listing the valid ones."""
   given = config.get(name, None) or {}
   given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
-  valid = {f.name for f in dataclasses.fields(cls)}
+  valid = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
   unknown = sorted(set(given) - valid)
   if unknown:
     raise ValueError(f"unknown config.{name} key {unknown[0]!r}; valid keys: "

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from zoo import checkpoint, losses
-from zoo.families import base
+from zoo import checkpoint, losses, pretrained
+from zoo.families import base, clip as clip_family
 from zoo.layers import param
 from zoo.models import clip as clip_lib
 
@@ -33,13 +33,16 @@ Array = jax.Array
 class Settings:
   """`config.distill`."""
 
-  teacher: str = ""  # zoo.save directory of the teacher CLIP (required)
+  teacher: str = ""  # the teacher CLIP: a zoo.save directory, 'pretrained:NAME/TAG' or 'hf-hub:...'
   image_feature_weight: float = 1.0  # image tower: student (through its head) vs teacher
   text_feature_weight: float = 1.0  # text tower: the same
   feature_loss: str = "cosine"  # cosine (mean 1 - cos) | mse (mean squared error, normalized)
   logit_weight: float = 1.0  # KL(teacher || student) of the batch softmaxes, both directions
   contrastive_weight: float = 1.0  # the student's own CLIP loss
   block_size: int = 256  # rows per block of the logit distillation (impl xla / pallas)
+  # config.loss's label smoothing, for the student's contrastive term (not a config.distill key)
+  smoothing: clip_family.Settings = dataclasses.field(
+      default_factory=clip_family.Settings, metadata={"derived": True})
 
   def __post_init__(self):
     if self.feature_loss not in ("cosine", "mse"):
@@ -126,10 +129,13 @@ def logit_distillation(s_img: Array, s_txt: Array, s_scale: Array, t_img: Array,
 
 
 def load_teacher(path: str) -> clip_lib.CLIP:
-  """The teacher CLIP from a zoo.save directory (one-line error when missing or not a CLIP)."""
+  """The teacher CLIP from a zoo.save directory or a 'pretrained:NAME/TAG' / 'hf-hub:...' name
+  (converted once into zoo's cache); one-line error when missing or not a CLIP."""
   if not path:
     raise ValueError("config.distill.teacher is empty: set it to the zoo.save directory of the "
-                     "teacher CLIP")
+                     "teacher CLIP, or to 'pretrained:NAME/TAG'")
+  if pretrained.is_ref(path):
+    path = pretrained.checkpoint_dir(path)
   try:
     teacher, _, _ = checkpoint.load(path)
   except FileNotFoundError as e:
@@ -145,7 +151,8 @@ class DistillFamily(base.Family):
   name = "distill"
 
   def settings(self, config: ml_collections.ConfigDict) -> Settings:
-    return base.parse_section(config, "distill", Settings)
+    return dataclasses.replace(base.parse_section(config, "distill", Settings),
+                               smoothing=clip_family.smoothing_settings(config))
 
   def build_model(self, config: ml_collections.ConfigDict, settings: Settings) -> DistillCLIP:
     """Student `config.model` (+ overrides, `config.init_from`), teacher `distill.teacher`."""
@@ -203,10 +210,11 @@ class DistillFamily(base.Family):
           o["teacher_text"], o["teacher_scale"], impl=ctx.impl, block_size=ds.block_size)
       total = total + ds.logit_weight * metrics["logit_kl"]
     if ds.contrastive_weight:
-      clip, _ = losses.clip_loss({k: o[k] for k in ("image_features", "text_features",
-                                                    "logit_scale")}, batch, impl=ctx.impl,
-                                 mesh=ctx.mesh)
+      student = {k: o[k] for k in ("image_features", "text_features", "logit_scale")}
+      clip, clip_metrics = clip_family.clip_loss(student, ctx, ds.smoothing)
       metrics["contrastive"] = clip
+      if "label_smoothing" in clip_metrics:
+        metrics["label_smoothing"] = clip_metrics["label_smoothing"]
       total = total + ds.contrastive_weight * clip
     metrics["logit_scale"] = o["logit_scale"]
     return total, metrics
@@ -226,4 +234,10 @@ FAMILY = DistillFamily()
 
 def default_settings() -> ml_collections.ConfigDict:
   """`config.distill` with the defaults (configs.base.distill() is the same)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(Settings()))
+  return ml_collections.ConfigDict(config_keys(Settings()))
+
+
+def config_keys(settings: Settings) -> dict:
+  """The `config.distill` keys of `settings` (without the derived label-smoothing settings)."""
+  return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+          if not f.metadata.get("derived")}
