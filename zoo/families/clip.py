@@ -95,10 +95,8 @@ class ClipFamily(base.Family):
 
   def loss(self, outputs: dict, batch: dict, ctx: base.LossContext) -> tuple[jax.Array, dict]:
     # Subclasses with their own settings (no label smoothing) get the plain loss.
-    smoothing = ctx.settings if isinstance(ctx.settings, Settings) else None
-    if smoothing is None or not smoothing.smoothed:
-      return super().loss(outputs, batch, ctx)
-    return clip_loss(outputs, ctx, smoothing)
+    del batch
+    return clip_loss(outputs, ctx, ctx.settings if isinstance(ctx.settings, Settings) else None)
 
 
 FAMILY = ClipFamily()
