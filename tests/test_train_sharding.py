@@ -41,10 +41,11 @@ def test_loss_trajectory_matches_single_device(reference, name):
   ref_params = jax.device_get(ref_trainer.state["params"])
   params = jax.device_get(trainer.state["params"])
   # Adam divides by sqrt(v): where a gradient is near zero, a different reduction order moves
-  # that element by a visible fraction of one step (lr = 1e-3). Bound every element by 5% of
+  # that element by a visible fraction of one step (at most lr). Bound every element by 5% of
   # one step, and the bulk much tighter.
+  one_step = tiny_config().lr
   for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=5e-5)
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.05 * one_step)
     assert np.mean(np.abs(np.asarray(a) - np.asarray(b))) < 1e-6
 
 
