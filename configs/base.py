@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       random_resized_crop_scale=(0.9, 1.0),
       random_resized_crop_ratio=(3 / 4, 4 / 3),
       hflip=False,  # off: demo captions name left / right
+      captions="random",  # random: one of KEY.txt, KEY.txt_1, ... per step (seeded) | first
       max_regions=4,  # boxes per sample (region heads)
       min_box_visible=0.5,  # a box keeps this fraction inside the crop or is dropped
       languages="",  # multilingual: comma-separated codes ("" = the demo's 8)
@@ -176,4 +177,7 @@ def distill() -> ml_collections.ConfigDict:
       logit_weight=1.0,  # KL(teacher || student) of the batch softmaxes, both directions
       contrastive_weight=1.0,  # the student's own CLIP loss
       block_size=256,  # rows per block of the logit distillation (impl xla / pallas)
+      # the teacher's embeddings come from the shards (KEY.teacher_{image,text,scale}.npy,
+      # python -m zoo.data.embed_cache); `teacher` then only supplies the teacher's config
+      teacher_cache=False,
   ))

@@ -429,3 +429,62 @@ def test_tfds_zero_shot_set_from_array_record(tmp_path):
     np.testing.assert_allclose(ts["images"][i], pre(images[j]), atol=1e-6)
   with pytest.raises(ValueError, match="cannot be opened"):
     tfds_lib.data_source("zoo_tiny_shapes", "train", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- multi-caption
+
+
+def multi_caption_shards(tmp_path, n=8):
+  """n samples with two captions each (KEY.txt, KEY.txt_1)."""
+  samples = []
+  for i, s in enumerate(labelled_samples(n)):
+    s = dict(s, caption=f"s{i} primary", captions=[f"s{i} primary", f"s{i} alt one"])
+    s.pop("captions_ml", None)
+    samples.append(s)
+  paths = wds.write_shards(samples, str(tmp_path), samples_per_shard=4)
+  return paths
+
+
+def test_alternative_captions_and_arrays_decode(tmp_path):
+  members = wds.sample_to_members(dict(labelled_samples(1)[0], captions=["a", "b", "c"],
+                                       arrays={"emb": np.arange(4, dtype=np.float32)}))
+  assert members["txt_1"] == b"b" and members["txt_2"] == b"c" and "emb.npy" in members
+  members["json"] = json.dumps({"captions": ["d", ""]}).encode()
+  members["txt_10"], members["txt_3"] = b"after three", b"  "  # numeric order; blanks dropped
+  s = wds.decode_sample(dict(members, __key__="k"))
+  assert s["captions"] == [s["caption"], "b", "c", "after three", "d"]
+  np.testing.assert_array_equal(s["arrays"]["emb"], np.arange(4, dtype=np.float32))
+  with pytest.raises(wds.SkipSample) as e:
+    wds.decode_sample(dict(members, **{"emb.npy": b"\x93NUMPY garbage"}))
+  assert e.value.reason == "unreadable_array"
+  # A tar member round trip keeps the keys (KEY.txt_1 and KEY.emb.npy group with KEY).
+  path = wds.write_shards([dict(labelled_samples(1)[0], captions=["x", "y"],
+                                arrays={"emb": np.ones(2)})], str(tmp_path))[0]
+  raw = wds.TarShardSource([path])[0]
+  assert {"txt", "txt_1", "emb.npy"} <= set(raw)
+
+
+def test_multi_caption_draws_are_seeded_vary_by_epoch_and_resume_exactly(tmp_path):
+  paths = multi_caption_shards(tmp_path)
+  cfg = demo_cfg(name="webdataset", shards=",".join(paths))
+  it = train_iter(cfg, batch=4, seed=1)
+  epochs = [sorted(decode_tokens(r) for b in take(it, 2) for r in b["tokens"]) for _ in range(3)]
+  for drawn in epochs:  # each epoch: every sample once, with one of its own captions
+    assert sorted(d.split(" ")[0] for d in drawn) == sorted(f"s{i}" for i in range(8))
+  assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # draws differ between epochs
+  seen = {d for e in epochs for d in e}
+  assert any(d.endswith("alt one") for d in seen) and any(d.endswith("primary") for d in seen)
+  # Same seed: same draws; a restored iterator continues with the same draws.
+  it = train_iter(cfg, batch=4, seed=1)
+  take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 3)
+  resumed = train_iter(cfg, batch=4, seed=1)
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 3), expected)
+  # captions="first": only the primary caption.
+  first = train_iter(demo_cfg(name="webdataset", shards=",".join(paths), captions="first"),
+                     batch=4, seed=1)
+  assert all(decode_tokens(r).endswith("primary") for b in take(first, 4) for r in b["tokens"])
+  with pytest.raises(ValueError, match="data.captions='all'"):
+    train_iter(demo_cfg(name="webdataset", shards=",".join(paths), captions="all"))

@@ -13,8 +13,10 @@ from flax import nnx
 
 import zoo
 from configs import base
+from tests.cli_run import run
 from tests.train_utils import tiny_config
 from zoo import checkpoint, train_lib
+from zoo.data import demo, webdataset as wds
 from zoo.families import distill
 from zoo.models import clip as clip_lib
 
@@ -160,6 +162,80 @@ def test_distill_loss_matches_terms_computed_by_hand(teacher_dir):
   np.testing.assert_allclose(float(m["logit_kl"]), want_kl, rtol=1e-4)
   np.testing.assert_allclose(float(total), 0.5 * float(m["image_feature"]) + float(m["text_feature"])
                              + 2.0 * float(m["logit_kl"]) + float(m["contrastive"]), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+
+@pytest.fixture(scope="module")
+def cached_shards(tmp_path_factory, teacher_dir):
+  """Demo samples with two captions each, and the same shards with the teacher's embeddings
+  written by `python -m zoo.data.embed_cache` (the CLI, in a subprocess)."""
+  root = tmp_path_factory.mktemp("cache")
+  samples = []
+  for i in range(24):
+    s = demo.make_sample(demo.SPLIT_SEEDS["test"], i, 32)
+    samples.append(dict(s, captions=[s["caption"], s["short_caption"]]))
+  paths = wds.write_shards(samples, str(root / "raw"), samples_per_shard=10)
+  proc = run("-m", "zoo.data.embed_cache", "--model", teacher_dir, "--shards",
+             str(root / "raw" / "*.tar"), "--out", str(root / "cached"), "--batch_size", "16",
+             "--context_length", "16")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "24 samples in 3 shards" in proc.stdout
+  return paths, sorted(str(p) for p in (root / "cached").glob("*.tar"))
+
+
+def test_embed_cache_holds_the_teachers_embeddings(cached_shards, teacher_dir):
+  raw_paths, cached = cached_shards
+  assert [os.path.basename(p) for p in cached] == [os.path.basename(p) for p in raw_paths]
+  teacher, _, preprocess = zoo.load(teacher_dir)
+  tok = checkpoint.load_tokenizer(teacher_dir, context_length=16)
+  src = wds.TarShardSource(cached)
+  raw_src = wds.TarShardSource(raw_paths)
+  assert len(src) == 24
+  for i in (0, 13, 23):
+    raw = src[i]
+    assert all(raw[k] == v for k, v in raw_src[i].items() if k != "__shard__")  # copied as is
+    s = wds.decode_sample(raw)
+    img = teacher.encode_image(jnp.asarray(preprocess(s["image"])[None]), normalize=True)
+    txt = teacher.encode_text(jnp.asarray(tok(s["captions"])), normalize=True)
+    np.testing.assert_allclose(s["arrays"]["teacher_image"], np.asarray(img)[0], atol=1e-5)
+    np.testing.assert_allclose(s["arrays"]["teacher_text"], np.asarray(txt), atol=1e-5)
+    assert s["arrays"]["teacher_text"].shape == (2, 32)
+    np.testing.assert_allclose(s["arrays"]["teacher_scale"],
+                               np.exp(np.asarray(teacher.logit_scale[...])), rtol=1e-6)
+
+
+def test_embed_cache_bad_model_is_a_one_line_error(tmp_path, cached_shards):
+  proc = run("-m", "zoo.data.embed_cache", "--model", str(tmp_path / "nope"), "--shards",
+             cached_shards[0][0], "--out", str(tmp_path / "out"))
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert "nope" in proc.stderr
+
+
+def test_teacher_cache_trains_like_the_online_teacher(tmp_path, cached_shards, teacher_dir):
+  """Cached embeddings (eval preprocess) == the teacher run on the batch when the train crop is
+  the whole image: same losses step by step; the teacher is not in the cached model."""
+  _, cached = cached_shards
+  runs = {}
+  for mode in ("online", "cache"):
+    c = distill_config(teacher_dir)
+    c.context_length = 16
+    c.data.name, c.data.shards = "webdataset", ",".join(cached)
+    c.data.random_resized_crop_scale, c.data.random_resized_crop_ratio = (1.0, 1.0), (1.0, 1.0)
+    c.distill.teacher_cache = mode == "cache"
+    runs[mode] = train_lib.train(c, str(tmp_path / mode))
+  np.testing.assert_allclose(runs["cache"]["losses"], runs["online"]["losses"], rtol=1e-5)
+  for k in ("image_feature", "text_feature", "logit_kl"):
+    assert runs["cache"]["metrics"][k] == pytest.approx(runs["online"]["metrics"][k], rel=1e-4)
+  assert runs["cache"]["trainer"].model().teacher is None
+  # Shards without the embeddings: every sample is skipped, named in the error.
+  c = distill_config(teacher_dir)
+  c.total_steps = 1
+  c.data.name, c.data.shards = "webdataset", cached_shards[0][0]
+  c.distill.teacher_cache = True
+  with pytest.raises(RuntimeError, match="missing_teacher_features"):
+    train_lib.train(c, str(tmp_path / "raw"))
 
 
 def test_missing_teacher_is_a_one_line_error():

@@ -198,13 +198,13 @@ def build_data(config: ml_collections.ConfigDict, model: nnx.Module, family: Fam
                settings: Any = None):
   """The train pipeline of `config.data` with the family's fields (and its field hook)."""
   mc = model.config
-  hook = family.field_hook(config, family.settings(config) if settings is None else settings,
-                           model)
+  settings = family.settings(config) if settings is None else settings
+  hook = family.field_hook(config, settings, model)
   return data.build_train_pipeline(
       config.data, tokenizer=tokenizer, image_size=mc.vision.image_size, mean=mc.image_mean,
       std=mc.image_std, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      fields=family.fields, context_length=context_length(config, model),
+      fields=family.batch_fields(settings), context_length=context_length(config, model),
       field_hooks=() if hook is None else (hook,))
 
 
@@ -299,6 +299,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   model0 = trainer.model()
   tokenizer = make_tokenizer(config, model0)
   data_iter = build_data(config, model0, trainer.family, tokenizer, trainer.settings)
+  fields = trainer.family.batch_fields(trainer.settings)
   ckpt = train_checkpoint.TrainCheckpointer(ckpt_dir, save_every=config.checkpoint_every,
                                             keep=config.get("keep_checkpoints", 2))
   if latest is not None:
@@ -324,7 +325,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
       try:
         for step in range(start, total):
           host_batch = next(data_iter)
-          host_batch = {k: v for k, v in host_batch.items() if k in trainer.family.fields}
+          host_batch = {k: v for k, v in host_batch.items() if k in fields}
           if batch_fn is not None:
             host_batch = batch_fn(host_batch)
           batch = sharding.host_to_global(host_batch, trainer.mesh)

@@ -42,7 +42,7 @@ Tokenizer = Callable[[list[str]], np.ndarray]
 # through field hooks.
 FIELDS: dict[str, str] = {
     "image": "float32 [b, H, W, 3], random-resized-crop, normalized",
-    "tokens": "int32 [b, L], the caption",
+    "tokens": "int32 [b, L], the caption (one of the sample's captions, see data.captions)",
     "label": "int32 [b], class of the primary object (-1 when unknown)",
 }
 DEFAULT_RATIO = (3 / 4, 4 / 3)
@@ -51,8 +51,9 @@ DEFAULT_RATIO = (3 / 4, 4 / 3)
 @dataclasses.dataclass(frozen=True)
 class SampleView:
   """What a field hook sees of one sample besides the decoded sample: its RNG (draws after the
-  crop and flip), the random-resized-crop (`transforms.random_resized_crop_params`) of the
-  image of size `image_hw`, the flip, the requested fields, and the caption tokenizer."""
+  crop, flip and caption choice), the random-resized-crop
+  (`transforms.random_resized_crop_params`) of the image of size `image_hw`, the flip, the
+  requested fields, the caption tokenizer, and which of `sample["captions"]` became `tokens`."""
 
   rng: np.random.Generator
   crop: Any
@@ -61,6 +62,7 @@ class SampleView:
   fields: tuple[str, ...]
   tokenizer: Any
   context_length: int | None
+  caption_index: int = 0
 
   def tokenize(self, texts: list[str], field: str, tokenizer: Any = None) -> np.ndarray:
     """int32 [N, L] of `texts` with `tokenizer` (default: the pipeline's)."""
@@ -123,6 +125,21 @@ class Skipped:
   detail: str = ""
 
 
+CAPTION_MODES = ("random", "first")
+
+
+def choose_caption(sample: Mapping[str, Any], rng: np.random.Generator, mode: str
+                   ) -> tuple[int, str]:
+  """(index, text) of the caption to train on: with mode "random" one of `sample["captions"]`
+  (primary + alternatives) drawn from the sample's RNG — (seed, epoch, index) fix it, so a
+  resumed run draws the same one and each epoch may draw another; "first": the primary."""
+  captions = sample.get("captions") or [sample["caption"]]
+  if mode == "random" and len(captions) > 1:
+    i = int(rng.integers(len(captions)))
+    return i, str(captions[i])
+  return 0, str(captions[0])
+
+
 @dataclasses.dataclass
 class SampleProcessor:
   """Decoded sample + per-sample RNG -> dict of numpy arrays for the requested fields."""
@@ -137,6 +154,11 @@ class SampleProcessor:
   hflip: bool = False
   context_length: int | None = None
   hooks: tuple[FieldHook, ...] = ()
+  captions: str = "random"
+
+  def __post_init__(self):
+    if self.captions not in CAPTION_MODES:
+      raise ValueError(f"data.captions={self.captions!r}: expected one of {CAPTION_MODES}")
 
   def __call__(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     fields = self.fields
@@ -146,18 +168,19 @@ class SampleProcessor:
     h, w = image.shape[:2]
     crop = transforms.random_resized_crop_params(rng, h, w, self.scale, self.ratio)
     flip = bool(self.hflip and rng.random() < 0.5)
+    caption_index, caption = choose_caption(sample, rng, self.captions)
     out: dict[str, np.ndarray] = {}
     if "image" in fields:
       pixels = transforms.apply_crop_resize(image, crop, self.image_size, hflip=flip)
       out["image"] = transforms.normalize(pixels, self.mean, self.std)
     if "tokens" in fields:
-      out["tokens"] = tokenize(self.tokenizer, [sample["caption"]], self.context_length,
-                               "tokens")[0]
+      out["tokens"] = tokenize(self.tokenizer, [caption], self.context_length, "tokens")[0]
     if "label" in fields:
       out["label"] = np.int32(sample.get("label", -1))
     if self.hooks:
       view = SampleView(rng=rng, crop=crop, image_hw=(h, w), hflip=flip, fields=fields,
-                        tokenizer=self.tokenizer, context_length=self.context_length)
+                        tokenizer=self.tokenizer, context_length=self.context_length,
+                        caption_index=caption_index)
       for hook in self.hooks:
         out.update(hook(sample, view))
     return out
@@ -302,7 +325,8 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
   data_cfg keys: `name` ("demo" | "webdataset"), `size` (demo), `shards` (webdataset: glob,
   brace range, comma-separated list or list), `random_resized_crop_scale`, `num_threads`;
   optional: `random_resized_crop_ratio`, `hflip` (off by default: captions name left / right),
-  `render_size` (demo). `field_hooks`: a model family's extra batch fields (see FieldHook),
+  `render_size` (demo), `captions` ("random": each step trains on one of a sample's captions,
+  drawn by the seeded data order; "first": the primary caption only). `field_hooks`: a model family's extra batch fields (see FieldHook),
   called per sample after the image and caption.
   """
   if global_batch_size % process_count:
@@ -319,7 +343,8 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
       mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
       scale=_pair(_cfg(data_cfg, "random_resized_crop_scale", (0.9, 1.0)), "random_resized_crop_scale"),
       ratio=_pair(_cfg(data_cfg, "random_resized_crop_ratio", DEFAULT_RATIO), "random_resized_crop_ratio"),
-      hflip=bool(_cfg(data_cfg, "hflip", False)), context_length=context_length, hooks=hooks)
+      hflip=bool(_cfg(data_cfg, "hflip", False)), context_length=context_length, hooks=hooks,
+      captions=str(_cfg(data_cfg, "captions", "random")))
   if name == "demo":
     size = int(_cfg(data_cfg, "size", 20000))
     source = demo_lib.DemoSource(size, "train", int(_cfg(data_cfg, "render_size", 0)) or int(image_size))

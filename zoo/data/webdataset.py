@@ -1,16 +1,19 @@
 """WebDataset tar shards in img2dataset's layout, as a grain random-access source.
 
 A shard is a plain tar file whose members are grouped into samples by key: `KEY.jpg` (or
-.jpeg / .png / .webp), `KEY.txt` (the caption) and optionally `KEY.json`. The key is the member
-path up to the first dot of its basename (WebDataset's convention). `TarShardSource` indexes
+.jpeg / .png / .webp), `KEY.txt` (the caption), optionally `KEY.txt_1`, `KEY.txt_2`, ...
+(alternative captions, LaCLIP-style), `KEY.json` and `KEY.NAME.npy` arrays (e.g. cached
+teacher embeddings). The key is the member path up to the first dot of its basename
+(WebDataset's convention). `TarShardSource` indexes
 the members of each shard once (names, data offsets, sizes; no payload is read) and serves a
 sample by reading its members with `os.pread`, so any sample can be fetched in any order by
 any thread — the shape grain's `MapDataset.source` needs for global shuffling and exact resume.
 
 `decode_sample` turns the raw bytes into the pipeline's sample dict and raises `SkipSample`
 for corrupt images and missing / unreadable / empty captions; the pipeline counts those and
-moves on. `KEY.json` may carry `short_caption`, `label`, `captions` ({lang: caption}) and
-`regions`: a list of `{"bbox": [x0, y0, x1, y1], "caption": str}` with normalized boxes.
+moves on. `KEY.json` may carry `short_caption`, `label`, `captions` ({lang: caption} for
+multilingual data, or a list of alternative captions) and `regions`: a list of
+`{"bbox": [x0, y0, x1, y1], "caption": str}` with normalized boxes.
 
 `write_shards(samples, out_dir, samples_per_shard)` writes such shards (tests, demos).
 """
@@ -21,6 +24,7 @@ import glob
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 from typing import Any, Iterable, Mapping, Sequence
@@ -29,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_ALT_CAPTION = re.compile(r"txt_(\d+)")
 
 
 class SkipSample(Exception):
@@ -213,11 +218,43 @@ def first_sentence(text: str) -> str:
   return text.strip()
 
 
-def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
-  """Raw tar members -> sample dict (image, caption, long/short caption, label, regions, ml).
+def alternative_captions(raw: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+  """`KEY.txt_1`, `KEY.txt_2`, ... (numeric order) then a `captions` list in KEY.json; empty or
+  undecodable alternatives are dropped (the sample keeps its primary caption)."""
+  numbered = sorted((int(m.group(1)), ext) for ext in raw
+                    if isinstance(ext, str) and (m := _ALT_CAPTION.fullmatch(ext)))
+  texts = []
+  for _, ext in numbered:
+    try:
+      texts.append(_text(raw[ext], "caption"))
+    except SkipSample:
+      continue
+  listed = meta.get("captions")
+  if isinstance(listed, list):
+    texts += [str(t).strip() for t in listed if isinstance(t, str) and t.strip()]
+  return texts
 
-  Raises SkipSample (reason: missing_image, corrupt_image, missing_caption, empty_caption,
-  unreadable_caption, unreadable_json) for samples that cannot be used.
+
+def decode_arrays(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """{NAME: array} of the `KEY.NAME.npy` members (numpy format, never unpickled)."""
+  arrays = {}
+  for ext, data in raw.items():
+    if isinstance(ext, str) and ext.endswith(".npy"):
+      try:
+        arrays[ext[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
+      except (ValueError, OSError, EOFError) as e:
+        raise SkipSample("unreadable_array", f"{raw.get('__key__')}.{ext}: {e}") from e
+  return arrays
+
+
+def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
+  """Raw tar members -> sample dict (image, caption(s), long/short caption, label, regions, ml,
+  arrays).
+
+  `captions` is the primary caption followed by its alternatives (`alternative_captions`);
+  `arrays` holds the `KEY.NAME.npy` members. Raises SkipSample (reason: missing_image,
+  corrupt_image, missing_caption, empty_caption, unreadable_caption, unreadable_json,
+  unreadable_array) for samples that cannot be used.
   """
   image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
   if image_ext is None:
@@ -241,6 +278,8 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
       "long_caption": text,
       "short_caption": str(meta.get("short_caption") or first_sentence(text)),
       "label": int(meta["label"]) if isinstance(meta.get("label"), (int, np.integer)) else -1,
+      "captions": [text] + alternative_captions(raw, meta),
+      "arrays": decode_arrays(raw),
   }
   regions = meta.get("regions") or []
   boxes, region_captions, region_labels = [], [], []
@@ -280,13 +319,20 @@ def sample_to_members(sample: Mapping[str, Any], image_format: str = "jpg") -> d
   """A sample dict (demo layout) -> {ext: bytes} for one tar sample.
 
   `image` may be a uint8 array or already-encoded bytes; `caption` (or `long_caption` when
-  `caption_field='long'`) goes to KEY.txt; short caption, label, regions, multilingual
+  `caption_field='long'`) goes to KEY.txt, the rest of a `captions` list to KEY.txt_1, ...;
+  `arrays` ({NAME: array}) to KEY.NAME.npy; short caption, label, regions, multilingual
   captions go to KEY.json.
   """
   image = sample["image"]
   members = {image_format: image if isinstance(image, bytes) else encode_image(image, image_format)}
   caption = sample.get("caption", "")
   members["txt"] = caption if isinstance(caption, bytes) else str(caption).encode("utf-8")
+  for i, alt in enumerate(list(sample.get("captions") or [])[1:], start=1):
+    members[f"txt_{i}"] = alt if isinstance(alt, bytes) else str(alt).encode("utf-8")
+  for name, array in dict(sample.get("arrays") or {}).items():
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    members[f"{name}.npy"] = buf.getvalue()
   meta: dict[str, Any] = {}
   if sample.get("short_caption"):
     meta["short_caption"] = sample["short_caption"]

@@ -117,6 +117,11 @@ class Family:
     del config, settings, model
     return None
 
+  def batch_fields(self, settings: Any) -> tuple[str, ...]:
+    """The batch fields the train step reads under `settings` (default: `fields`)."""
+    del settings
+    return self.fields
+
   def forward(self, model: nnx.Module, batch: dict, rng: Array, settings: Any) -> dict:
     del rng, settings
     return model(batch["image"], batch["tokens"])

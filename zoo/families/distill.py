@@ -6,7 +6,9 @@ mapping student features to the teacher's width. Loss (`config.distill`: `Settin
 weighted: feature distillation per tower (cosine or MSE on normalized embeddings), logit
 distillation (KL between teacher and student image->text and text->image softmaxes over the
 batch, open_clip's DistillClipLoss; blockwise with impl xla / pallas, never B x B) and the
-student's own contrastive loss. The export is the student alone (a plain CLIP).
+student's own contrastive loss. With `distill.teacher_cache` the teacher's embeddings come
+with the batch (shards written by `python -m zoo.data.embed_cache`) and the teacher is neither
+loaded nor run. The export is the student alone (a plain CLIP).
 Notes: docs/families/distill.md.
 """
 
@@ -14,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from zoo import checkpoint, losses, pretrained
+from zoo import checkpoint, losses, pretrained, registry
+from zoo.data import webdataset as wds
 from zoo.families import base, clip as clip_family
 from zoo.layers import param
 from zoo.models import clip as clip_lib
@@ -40,6 +44,9 @@ class Settings:
   logit_weight: float = 1.0  # KL(teacher || student) of the batch softmaxes, both directions
   contrastive_weight: float = 1.0  # the student's own CLIP loss
   block_size: int = 256  # rows per block of the logit distillation (impl xla / pallas)
+  # the teacher's embeddings are read from the shards (KEY.teacher_{image,text,scale}.npy,
+  # python -m zoo.data.embed_cache); `teacher` then only supplies the teacher's config
+  teacher_cache: bool = False
   # config.loss's label smoothing, for the student's contrastive term (not a config.distill key)
   smoothing: clip_family.Settings = dataclasses.field(
       default_factory=clip_family.Settings, metadata={"derived": True})
@@ -52,15 +59,19 @@ class Settings:
 
 
 class DistillCLIP(nnx.Module):
-  """Student CLIP + frozen teacher + feature heads (student width -> teacher width, or None).
+  """Student CLIP + frozen teacher (None with a teacher cache) + feature heads (student width
+  -> teacher width `teacher_dim`, or None when equal).
 
   Encoding (eval during training) is the student's; `config` is the student's config.
   """
 
-  def __init__(self, student: clip_lib.CLIP, teacher: clip_lib.CLIP, *, seed: int = 0):
+  def __init__(self, student: clip_lib.CLIP, teacher: clip_lib.CLIP | None, *,
+               teacher_dim: int | None = None, seed: int = 0):
     self.student, self.teacher = student, teacher
     self.config = student.config
-    es, et = student.config.embed_dim, teacher.config.embed_dim
+    es = student.config.embed_dim
+    et = teacher.config.embed_dim if teacher is not None else int(teacher_dim)
+    self.teacher_dim = et
     rngs = nnx.Rngs(seed)
     init = nnx.initializers.normal(es ** -0.5)
     self.image_head = param(rngs, init, (es, et), (None, None)) if es != et else None
@@ -128,14 +139,17 @@ def logit_distillation(s_img: Array, s_txt: Array, s_scale: Array, t_img: Array,
   return (i2t + t2i) / (2.0 * s_img.shape[0])
 
 
-def load_teacher(path: str) -> clip_lib.CLIP:
-  """The teacher CLIP from a zoo.save directory or a 'pretrained:NAME/TAG' / 'hf-hub:...' name
-  (converted once into zoo's cache); one-line error when missing or not a CLIP."""
+def _teacher_dir(path: str) -> str:
   if not path:
     raise ValueError("config.distill.teacher is empty: set it to the zoo.save directory of the "
                      "teacher CLIP, or to 'pretrained:NAME/TAG'")
-  if pretrained.is_ref(path):
-    path = pretrained.checkpoint_dir(path)
+  return pretrained.checkpoint_dir(path) if pretrained.is_ref(path) else path
+
+
+def load_teacher(path: str) -> clip_lib.CLIP:
+  """The teacher CLIP from a zoo.save directory or a 'pretrained:NAME/TAG' / 'hf-hub:...' name
+  (converted once into zoo's cache); one-line error when missing or not a CLIP."""
+  path = _teacher_dir(path)
   try:
     teacher, _, _ = checkpoint.load(path)
   except FileNotFoundError as e:
@@ -143,6 +157,52 @@ def load_teacher(path: str) -> clip_lib.CLIP:
   if not isinstance(teacher, clip_lib.CLIP):
     raise ValueError(f"distill.teacher {path} holds a {type(teacher).__name__}; expected a CLIP")
   return teacher
+
+
+def teacher_config(path: str) -> registry.CLIPConfig:
+  """The teacher's model config alone (no weights): what a teacher-cache run needs."""
+  path = _teacher_dir(path)
+  try:
+    config, _ = checkpoint.load_config(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.distill.teacher {path!r}: {e}") from None
+  if not isinstance(config, registry.CLIPConfig):
+    raise ValueError(f"distill.teacher {path} holds a {type(config).__name__}; expected a CLIP")
+  return config
+
+
+CACHE_FIELDS = {
+    "teacher_image": "float32 [b, Et], the teacher's normalized image embedding (cached)",
+    "teacher_text": "float32 [b, Et], the teacher's normalized embedding of the drawn caption",
+    "teacher_scale": "float32 [b], the teacher's exp(logit_scale)",
+}
+
+
+class TeacherCacheFields:
+  """Field hook: the teacher's cached embeddings of a sample (`KEY.teacher_*.npy`); the text
+  row is the one of the caption the pipeline drew (`view.caption_index`)."""
+
+  fields = CACHE_FIELDS
+
+  def __init__(self, teacher_dim: int):
+    self.teacher_dim = int(teacher_dim)
+
+  def __call__(self, sample: Mapping[str, Any], view: Any) -> dict[str, np.ndarray]:
+    arrays = sample.get("arrays") or {}
+    missing = [k for k in CACHE_FIELDS if k not in arrays]
+    if missing:
+      raise wds.SkipSample("missing_teacher_features", f"{sample.get('key')}: no "
+                           f"{', '.join(f'KEY.{k}.npy' for k in missing)}")
+    image = np.asarray(arrays["teacher_image"], np.float32).reshape(-1)
+    text = np.asarray(arrays["teacher_text"], np.float32)
+    text = text.reshape(1, -1) if text.ndim == 1 else text
+    n = len(sample.get("captions") or [None])
+    if text.shape != (n, self.teacher_dim) or image.shape != (self.teacher_dim,):
+      raise wds.SkipSample("teacher_features_shape", f"{sample.get('key')}: teacher_image "
+                           f"{image.shape}, teacher_text {text.shape}; expected "
+                           f"({self.teacher_dim},) and ({n}, {self.teacher_dim}) for {n} captions")
+    return {"teacher_image": image, "teacher_text": text[view.caption_index],
+            "teacher_scale": np.float32(np.asarray(arrays["teacher_scale"]).reshape(()))}
 
 
 class DistillFamily(base.Family):
@@ -155,30 +215,43 @@ class DistillFamily(base.Family):
                                smoothing=clip_family.smoothing_settings(config))
 
   def build_model(self, config: ml_collections.ConfigDict, settings: Settings) -> DistillCLIP:
-    """Student `config.model` (+ overrides, `config.init_from`), teacher `distill.teacher`."""
-    teacher = load_teacher(settings.teacher)
+    """Student `config.model` (+ overrides, `config.init_from`), teacher `distill.teacher`
+    (only its config with a teacher cache)."""
+    teacher = None if settings.teacher_cache else load_teacher(settings.teacher)
+    tc = teacher_config(settings.teacher) if teacher is None else teacher.config
     student = base.build_clip_model(config)
     base.init_params_from(config, student)
-    sc, tc = student.config, teacher.config
+    sc = student.config
     if sc.text.vocab_size != tc.text.vocab_size:
       raise ValueError(f"distill: student vocab {sc.text.vocab_size} != teacher vocab "
                        f"{tc.text.vocab_size}; they read the same tokens")
     if tuple(sc.image_mean) != tuple(tc.image_mean) or tuple(sc.image_std) != tuple(tc.image_std):
       raise ValueError("distill: student and teacher image normalization (mean/std) differ")
-    return DistillCLIP(student, teacher, seed=config.seed)
+    return DistillCLIP(student, teacher, teacher_dim=tc.embed_dim, seed=config.seed)
+
+  def batch_fields(self, settings: Settings) -> tuple[str, ...]:
+    return self.fields + (tuple(CACHE_FIELDS) if settings.teacher_cache else ())
+
+  def field_hook(self, config: ml_collections.ConfigDict, settings: Settings, model: nnx.Module
+                 ) -> TeacherCacheFields | None:
+    del config
+    if not settings.teacher_cache:
+      return None
+    return TeacherCacheFields(model.teacher_dim)
 
   def forward(self, model: DistillCLIP, batch: dict, rng: Array, settings: Settings) -> dict:
-    """Student outputs, its raw features through the heads, teacher outputs (no gradient)."""
-    del rng, settings
+    """Student outputs, its raw features through the heads, teacher outputs (no gradient;
+    from the batch with a teacher cache)."""
+    del rng
     images, tokens = batch["image"], batch["tokens"]
     s_img = model.student.encode_image(images)
     s_txt = model.student.encode_text(tokens)
-    t_size = model.teacher.config.vision.image_size
-    t_images = images
-    if images.shape[1] != t_size or images.shape[2] != t_size:
-      t_images = jax.image.resize(images, (images.shape[0], t_size, t_size, images.shape[3]),
-                                  "bilinear")
-    teacher = jax.lax.stop_gradient(model.teacher(t_images, tokens))
+    if settings.teacher_cache:
+      teacher = {"image_features": clip_lib.l2_normalize(batch["teacher_image"]),
+                 "text_features": clip_lib.l2_normalize(batch["teacher_text"]),
+                 "logit_scale": jnp.mean(batch["teacher_scale"])}
+    else:
+      teacher = jax.lax.stop_gradient(self._run_teacher(model.teacher, images, tokens))
     head = lambda h, x: x if h is None else x @ h[...]
     return {
         "image_features": clip_lib.l2_normalize(s_img),
@@ -190,6 +263,15 @@ class DistillFamily(base.Family):
         "teacher_text": teacher["text_features"],
         "teacher_scale": teacher["logit_scale"],
     }
+
+  @staticmethod
+  def _run_teacher(teacher: clip_lib.CLIP, images: Array, tokens: Array) -> dict:
+    """The teacher on the student's batch (images resized to its size when they differ)."""
+    size = teacher.config.vision.image_size
+    if images.shape[1] != size or images.shape[2] != size:
+      images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
+                                "bilinear")
+    return teacher(images, tokens)
 
   def loss(self, outputs: dict, batch: dict, ctx: base.LossContext) -> tuple[Array, dict]:
     ds: Settings = ctx.settings

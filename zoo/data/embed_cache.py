@@ -1,0 +1,160 @@
+"""A CLIP's embeddings precomputed into WebDataset shards (e.g. a distillation teacher's).
+
+python -m zoo.data.embed_cache --model DIR|pretrained:NAME/TAG --shards 'in/*.tar' --out DIR
+
+Each output shard is the input shard with, per sample, `KEY.{prefix}_image.npy` (float32 [E],
+the L2-normalized image embedding), `KEY.{prefix}_text.npy` (float32 [n, E], one row per
+caption: KEY.txt, KEY.txt_1, ... in `decode_sample`'s order) and `KEY.{prefix}_scale.npy` (the
+model's exp(logit_scale), a 0-d float32). Images go through the model's eval preprocess
+(resize + center crop), not the train augmentation. The other members are copied byte for
+byte; samples `decode_sample` rejects are left out and counted. Shards are written to a
+temporary name and renamed, so an interrupted run leaves no half-written shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from zoo import checkpoint, pretrained
+from zoo.data import webdataset as wds
+
+_INTERNAL = ("__key__", "__shard__")
+
+
+class Encoder:
+  """Jitted, fixed-batch normalized image and text encoders of a zoo.save CLIP."""
+
+  def __init__(self, model_dir: str, batch_size: int, context_length: int | None = None):
+    model, _, self.preprocess = checkpoint.load(model_dir)
+    self.tokenizer = checkpoint.load_tokenizer(model_dir, context_length=context_length)
+    if self.tokenizer is None:
+      raise ValueError(f"embed_cache: the model in {model_dir} has no tokenizer file")
+    self.batch_size = int(batch_size)
+    self.scale = np.float32(np.exp(np.asarray(model.logit_scale[...])))
+    graphdef, self._state = nnx.split(model)
+    self._image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x, normalize=True))
+    self._text = jax.jit(lambda s, t: nnx.merge(graphdef, s).encode_text(t, normalize=True))
+
+  def _padded(self, fn, rows: np.ndarray) -> np.ndarray:
+    """fn over `rows` in batches of batch_size (the last one padded: one compiled shape)."""
+    out = []
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+      out.append(np.asarray(fn(self._state, chunk), np.float32)[:self.batch_size - pad])
+    return np.concatenate(out)
+
+  def images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    return self._padded(self._image, np.stack([self.preprocess(im) for im in images]))
+
+  def texts(self, texts: Sequence[str]) -> np.ndarray:
+    return self._padded(self._text, np.asarray(self.tokenizer(list(texts)), np.int32))
+
+
+def _npy(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(array, np.float32), allow_pickle=False)
+  return buf.getvalue()
+
+
+def _write_members(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+  for ext, data in members.items():
+    info = tarfile.TarInfo(f"{key}.{ext}")
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def cache_shard(encoder: Encoder, path: str, out_path: str, prefix: str) -> dict[str, int]:
+  """One input shard -> `out_path` with the embeddings added; {samples, skipped}."""
+  source = wds.TarShardSource([path])
+  names = {f"{prefix}_{part}.npy" for part in ("image", "text", "scale")}
+  written = skipped = 0
+  tmp = out_path + ".tmp"
+  try:
+    with tarfile.open(tmp, "w") as tar:
+      for start in range(0, len(source), encoder.batch_size):
+        raws, samples = [], []
+        for i in range(start, min(start + encoder.batch_size, len(source))):
+          raw = source[i]
+          try:
+            samples.append(wds.decode_sample(raw))
+            raws.append(raw)
+          except wds.SkipSample:
+            skipped += 1
+        if not samples:
+          continue
+        image_emb = encoder.images([s["image"] for s in samples])
+        counts = [len(s["captions"]) for s in samples]
+        text_emb = encoder.texts([c for s in samples for c in s["captions"]])
+        offsets = np.cumsum([0] + counts)
+        for j, raw in enumerate(raws):
+          members = {k: v for k, v in raw.items() if k not in _INTERNAL and k not in names}
+          members[f"{prefix}_image.npy"] = _npy(image_emb[j])
+          members[f"{prefix}_text.npy"] = _npy(text_emb[offsets[j]:offsets[j + 1]])
+          members[f"{prefix}_scale.npy"] = _npy(encoder.scale)
+          _write_members(tar, raw["__key__"], members)
+          written += 1
+    os.replace(tmp, out_path)
+  finally:
+    source.close()
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return {"samples": written, "skipped": skipped}
+
+
+def write_cache(model: str, shards: str | Sequence[str], out_dir: str, *, prefix: str = "teacher",
+                batch_size: int = 128, context_length: int | None = None) -> dict[str, Any]:
+  """Embeds every sample of `shards` with `model` (a zoo.save directory or a pretrained: /
+  hf-hub: name) into shards of the same names under `out_dir`; returns the counts."""
+  paths = wds.expand_shards(shards)
+  if pretrained.is_ref(model):
+    model = pretrained.checkpoint_dir(model)
+  encoder = Encoder(model, batch_size, context_length)
+  os.makedirs(out_dir, exist_ok=True)
+  outputs = [os.path.join(out_dir, os.path.basename(p)) for p in paths]
+  clash = [p for p, o in zip(paths, outputs) if os.path.abspath(p) == os.path.abspath(o)]
+  if clash:
+    raise ValueError(f"embed_cache: --out {out_dir} holds the input shard {clash[0]}; "
+                     "write the cache to another directory")
+  totals = {"shards": len(paths), "samples": 0, "skipped": 0, "outputs": outputs}
+  for path, out in zip(paths, outputs):
+    counts = cache_shard(encoder, path, out, prefix)
+    totals["samples"] += counts["samples"]
+    totals["skipped"] += counts["skipped"]
+  return totals
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m zoo.data.embed_cache", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="zoo.save directory or pretrained:NAME/TAG")
+  p.add_argument("--shards", required=True, help="input shards: glob, brace range or list")
+  p.add_argument("--out", required=True, help="output directory (same shard names)")
+  p.add_argument("--prefix", default="teacher", help="array name prefix (default: teacher)")
+  p.add_argument("--batch_size", type=int, default=128)
+  p.add_argument("--context_length", type=int, default=None,
+                 help="tokenizer length (default: the model's)")
+  args = p.parse_args(argv)
+  totals = write_cache(args.model, args.shards, args.out, prefix=args.prefix,
+                       batch_size=args.batch_size, context_length=args.context_length)
+  print(f"embed_cache: {totals['samples']} samples in {totals['shards']} shards -> {args.out} "
+        f"({totals['skipped']} unusable samples left out)")
+  return 0
+
+
+if __name__ == "__main__":
+  from zoo import cli
+
+  cli.quiet_logging()
+  sys.exit(cli.run(main, prog="python -m zoo.data.embed_cache"))
