@@ -167,6 +167,14 @@ def multilingual() -> ml_collections.ConfigDict:
   ))
 
 
+def vit_s16_student() -> ml_collections.ConfigDict:
+  """`config.model_overrides` turning ViT-B-16 into a ViT-S/16-sized CLIP (width 384, 6 heads,
+  12 layers in both towers, 384-d embedding): the student of the B/16 distillation recipes."""
+  return ml_collections.ConfigDict(dict(
+      embed_dim=384, vision=dict(width=384, heads=6, layers=12),
+      text=dict(width=384, heads=6, layers=12)))
+
+
 def distill() -> ml_collections.ConfigDict:
   """`config.distill` (zoo.families.distill.Settings)."""
   return ml_collections.ConfigDict(dict(

@@ -9,9 +9,10 @@ distillation runs blockwise (pallas / xla), never building the 32k x 32k batch s
   python train.py --config configs/distill_b16_to_s16.py --workdir runs/distill_s16 \
       --config.distill.teacher=ckpt/clip_b16 \
       --config.data.shards='/data/laion400m/{00000..41455}.tar'
-"""
 
-import ml_collections
+The same student in DC-CLIP's two stages (feature distillation from a teacher cache, then
+contrastive alignment): configs/dcclip_b16_to_s16_stage1.py and _stage2.py.
+"""
 
 from configs import base
 
@@ -20,9 +21,7 @@ def get_config():
   c = base.base_config()
   c.family = "distill"
   c.model = "ViT-B-16"
-  c.model_overrides = ml_collections.ConfigDict(dict(
-      embed_dim=384, vision=dict(width=384, heads=6, layers=12),
-      text=dict(width=384, heads=6, layers=12)))
+  c.model_overrides = base.vit_s16_student()
   c.dtype = "auto"  # float32 on CPU, bfloat16 on accelerators
   c.batch_size = 32768
   c.total_steps = 100_000

@@ -238,6 +238,40 @@ def test_teacher_cache_trains_like_the_online_teacher(tmp_path, cached_shards, t
     train_lib.train(c, str(tmp_path / "raw"))
 
 
+def test_two_stage_recipe_configs_run_feature_then_contrastive(tmp_path, cached_shards,
+                                                                teacher_dir):
+  """configs/dcclip_b16_to_s16_stage{1,2}.py at test size: stage 1 trains on the features
+  alone from the cache; stage 2 (a plain CLIP run) starts from the exported stage-1 student."""
+  from configs import dcclip_b16_to_s16_stage1 as stage1, dcclip_b16_to_s16_stage2 as stage2
+
+  def shrink(c, workdir_name):
+    tiny = distill_config(teacher_dir)
+    for key in ("model", "model_overrides", "batch_size", "total_steps", "warmup_steps",
+                "checkpoint_every", "eval_every", "log_every"):
+      c[key] = tiny[key]
+    c.dtype, c.context_length, c.loss.impl = "float32", 16, "xla"
+    c.data.shards = ",".join(cached_shards[1])
+    return c, str(tmp_path / workdir_name)
+
+  c1, w1 = shrink(stage1.get_config(), "stage1")
+  c1.distill.teacher = teacher_dir
+  first = train_lib.train(c1, w1)
+  assert set(first["metrics"]) >= {"image_feature", "text_feature"}
+  assert not {"logit_kl", "contrastive"} & set(first["metrics"])
+  assert first["losses"][-1] < first["losses"][0]
+  c2, w2 = shrink(stage2.get_config(), "stage2")
+  assert c2.family == "clip" and c2.init_from
+  c2.init_from = os.path.join(w1, "model")
+  trainer = train_lib.build_trainer(c2)
+  start = dict(nnx.to_flat_state(nnx.state(trainer.model(), nnx.Param)))
+  exported = dict(nnx.to_flat_state(nnx.state(zoo.load(c2.init_from)[0], nnx.Param)))
+  assert set(start) == set(exported)
+  for k in start:
+    np.testing.assert_array_equal(np.asarray(start[k][...]), np.asarray(exported[k][...]))
+  second = train_lib.train(c2, w2)
+  assert second["step"] == 3 and np.all(np.isfinite(second["losses"]))
+
+
 def test_missing_teacher_is_a_one_line_error():
   config = distill_config("")
   with pytest.raises(ValueError, match="config.distill.teacher is empty"):
@@ -352,11 +386,21 @@ def _num_params(name, overrides):
 
 
 def test_distill_configs_student_sizes():
-  from configs import demo, distill_b16_to_s16, distill_demo
+  from configs import (
+    dcclip_b16_to_s16_stage1,
+    dcclip_b16_to_s16_stage2,
+    demo,
+    distill_b16_to_s16,
+    distill_demo,
+  )
 
   for mod, teacher, ratio in ((distill_demo, demo.get_config().model, 4.0),
-                              (distill_b16_to_s16, "ViT-B-16", 2.3)):
+                              (distill_b16_to_s16, "ViT-B-16", 2.3),
+                              (dcclip_b16_to_s16_stage1, "ViT-B-16", 2.3),
+                              (dcclip_b16_to_s16_stage2, "ViT-B-16", 2.3)):
     c = mod.get_config()
-    assert c.family == "distill" and c.distill.to_dict().keys() == base.distill().to_dict().keys()
+    if mod is not dcclip_b16_to_s16_stage2:  # stage 2 is a plain CLIP run
+      assert c.family == "distill"
+      assert c.distill.to_dict().keys() == base.distill().to_dict().keys()
     student = _num_params(c.model, c.model_overrides.to_dict())
     assert _num_params(teacher, {}) / student >= ratio, (mod.__name__, student)
