@@ -7,7 +7,9 @@ matrices only) and the logit-scale clamp. Rounds alternate zoo / open_clip / a m
 all three see the same background load; the headline ratio is the median of per-round ratios
 (as bench/encode_throughput.py). Reports samples/s of both, GFLOP/step (XLA cost analysis) and
 FLOP/s as a fraction of the matmul peak: on CPU a jitted 2048^2 float32 matmul timed in the
-same rounds, on GPU/TPU the device's spec peak (bf16 dense). `--profile` adds a breakdown of
+same rounds (and torch's own 2048^2 matmul, so each framework's step can be set against its
+own GEMM: their ratio bounds what a GEMM-bound step can gain), on GPU/TPU the device's spec
+peak (bf16 dense). `--profile` adds a breakdown of
 zoo's step (host->device, forward, forward+backward, optimizer). Writes JSON.
 
   python bench/train_throughput.py --model ViT-B-32 --batch 32
@@ -162,6 +164,19 @@ def build_open_clip(args, c, batch, threads: int):
   return step, torch.get_num_threads(), dev
 
 
+def build_torch_matmul_probe():
+  """() -> FLOP/s of torch's MATMUL_N^2 float32 matmul on the CPU (best of 3)."""
+  import torch
+
+  a = torch.randn(MATMUL_N, MATMUL_N)
+  a @ a
+
+  def probe() -> float:
+    return 2 * MATMUL_N ** 3 / min(timed(lambda: a @ a) for _ in range(3))
+
+  return probe
+
+
 def build_matmul_probe():
   """() -> FLOP/s of a jitted MATMUL_N^2 float32 matmul (best of 3 back-to-back runs)."""
   import jax
@@ -235,18 +250,21 @@ def main(argv=None) -> dict:
       torch_step, torch_threads, torch_dev = build_open_clip(args, c, batch, threads)
     except ImportError:  # open_clip_torch is an optional extra
       torch_step = None
+  torch_probe = build_torch_matmul_probe() if probe and torch_step and torch_dev == "cpu" else None
   for _ in range(args.warmup):
     zoo_step()
     if torch_step:
       torch_step()
 
-  zoo_t, torch_t, peak = [], [], []
+  zoo_t, torch_t, peak, torch_peak = [], [], [], []
   for _ in range(args.rounds):
     zoo_t.append(timed(zoo_step))
     if torch_step:
       torch_t.append(timed(torch_step))
     if probe:
       peak.append(probe())
+    if torch_probe:
+      torch_peak.append(torch_probe())
   zoo_med = statistics.median(zoo_t)
   zoo_fps = [flops / t for t in zoo_t]
   result = {
@@ -282,6 +300,13 @@ def main(argv=None) -> dict:
     if probe:
       result["open_clip"]["fraction_of_matmul_peak"] = statistics.median(
           flops / t / p for t, p in zip(torch_t, peak))
+    if torch_probe:
+      result["torch_matmul_peak_flops_per_sec"] = statistics.median(torch_peak)
+      result["torch_matmul_peak_per_round"] = torch_peak
+      result["open_clip"]["fraction_of_torch_matmul_peak"] = statistics.median(
+          flops / t / p for t, p in zip(torch_t, torch_peak))
+      result["matmul_peak_ratio_jax_over_torch"] = statistics.median(
+          j / t for j, t in zip(peak, torch_peak))
   if args.profile:
     result["zoo"]["profile_seconds"] = profile_pieces(trainer, live["state"], batch)
   result["loadavg_after"] = os.getloadavg()
@@ -307,7 +332,13 @@ def main(argv=None) -> dict:
             f"{o['step_seconds'] * 1e3:8.1f} ms/step  ({o['torch_threads']} torch threads)")
     if "fraction_of_matmul_peak" in o:
       line += f"  {o['fraction_of_matmul_peak']:.0%} of the matmul peak at zoo's FLOPs"
+    if "fraction_of_torch_matmul_peak" in o:
+      line += (f", {o['fraction_of_torch_matmul_peak']:.0%} of torch's own "
+               f"({result['torch_matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s)")
     print(line)
+    if "matmul_peak_ratio_jax_over_torch" in result:
+      print(f"  matmul peaks JAX/torch {result['matmul_peak_ratio_jax_over_torch']:.2f}x "
+            "(the ratio a step at the same fraction of each framework's GEMM peak would show)")
     print(f"  ratio zoo/open_clip {result['ratio_zoo_over_open_clip']:.2f}x (median of per-round "
           f"ratios; ratio of medians {result['ratio_of_medians']:.2f}x)")
   if args.profile:
