@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from zoo import checkpoint, pretrained
+from zoo import checkpoint, cli, pretrained
 from zoo.data import webdataset as wds
 
 _INTERNAL = ("__key__", "__shard__")
@@ -154,7 +154,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from zoo import cli
-
   cli.quiet_logging()
   sys.exit(cli.run(main, prog="python -m zoo.data.embed_cache"))

@@ -1,20 +1,14 @@
 """WebDataset tar shards in img2dataset's layout, as a grain random-access source.
 
-A shard is a plain tar file whose members are grouped into samples by key: `KEY.jpg` (or
-.jpeg / .png / .webp), `KEY.txt` (the caption), optionally `KEY.txt_1`, `KEY.txt_2`, ...
-(alternative captions, LaCLIP-style), `KEY.json` and `KEY.NAME.npy` arrays (e.g. cached
-teacher embeddings). The key is the member path up to the first dot of its basename
-(WebDataset's convention). `TarShardSource` indexes
-the members of each shard once (names, data offsets, sizes; no payload is read) and serves a
-sample by reading its members with `os.pread`, so any sample can be fetched in any order by
-any thread — the shape grain's `MapDataset.source` needs for global shuffling and exact resume.
-
-`decode_sample` turns the raw bytes into the pipeline's sample dict and raises `SkipSample`
-for corrupt images and missing / unreadable / empty captions; the pipeline counts those and
-moves on. `KEY.json` may carry `short_caption`, `label`, `captions` ({lang: caption} for
-multilingual data, or a list of alternative captions) and `regions`: a list of
-`{"bbox": [x0, y0, x1, y1], "caption": str}` with normalized boxes.
-
+A sample is the members sharing a key (the member path up to the first dot of its basename):
+`KEY.jpg` (.jpeg / .png / .webp), `KEY.txt`, optionally alternative captions `KEY.txt_1`, ...,
+`KEY.json` and `KEY.NAME.npy` arrays (e.g. cached teacher embeddings). `TarShardSource` indexes
+each shard's members once (names, offsets, sizes) and reads a sample with `os.pread`, so any
+sample can be fetched in any order by any thread (what grain's global shuffle and exact resume
+need). `decode_sample` turns raw bytes into the pipeline's sample dict and raises `SkipSample`
+for corrupt images and missing / unreadable / empty captions (counted, then skipped). KEY.json
+may carry `short_caption`, `label`, `captions` ({lang: caption}, or a list of alternative
+captions) and `regions`: `[{"bbox": [x0, y0, x1, y1], "caption": str}]`, normalized boxes.
 `write_shards(samples, out_dir, samples_per_shard)` writes such shards (tests, demos).
 """
 
