@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -31,10 +32,18 @@ def run(*args: str, devices: int = 1, timeout: float = 900,
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _default_sigint() -> None:
+  # A shell starts background jobs with SIGINT ignored and children inherit that; a user's
+  # terminal delivers Ctrl-C to a foreground train.py, so the child gets the default handler.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(*args: str, devices: int = 1, extra_env: dict[str, str] | None = None,
           **kwargs) -> subprocess.Popen:
+  """`python ARGS...` started in the background (e.g. to send it signals), as a user would."""
   return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(devices, **(extra_env or {})),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_default_sigint, **kwargs)
 
 
 def lines(text: str) -> list[str]:
