@@ -14,7 +14,6 @@ temporary name and renamed, so an interrupted run leaves no half-written shard.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tarfile
@@ -56,23 +55,10 @@ class Encoder:
     return np.concatenate(out)
 
   def images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-    return self._padded(self._image, np.stack([self.preprocess(im) for im in images]))
+    return self._padded(self._image, self.preprocess.batch(images))
 
   def texts(self, texts: Sequence[str]) -> np.ndarray:
     return self._padded(self._text, np.asarray(self.tokenizer(list(texts)), np.int32))
-
-
-def _npy(array: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, np.asarray(array, np.float32), allow_pickle=False)
-  return buf.getvalue()
-
-
-def _write_members(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
-  for ext, data in members.items():
-    info = tarfile.TarInfo(f"{key}.{ext}")
-    info.size, info.mtime = len(data), 0
-    tar.addfile(info, io.BytesIO(data))
 
 
 def cache_shard(encoder: Encoder, path: str, out_path: str, prefix: str) -> dict[str, int]:
@@ -100,10 +86,10 @@ def cache_shard(encoder: Encoder, path: str, out_path: str, prefix: str) -> dict
         offsets = np.cumsum([0] + counts)
         for j, raw in enumerate(raws):
           members = {k: v for k, v in raw.items() if k not in _INTERNAL and k not in names}
-          members[f"{prefix}_image.npy"] = _npy(image_emb[j])
-          members[f"{prefix}_text.npy"] = _npy(text_emb[offsets[j]:offsets[j + 1]])
-          members[f"{prefix}_scale.npy"] = _npy(encoder.scale)
-          _write_members(tar, raw["__key__"], members)
+          members[f"{prefix}_image.npy"] = wds.encode_array(image_emb[j])
+          members[f"{prefix}_text.npy"] = wds.encode_array(text_emb[offsets[j]:offsets[j + 1]])
+          members[f"{prefix}_scale.npy"] = wds.encode_array(encoder.scale)
+          wds.add_members(tar, raw["__key__"], members)
           written += 1
     os.replace(tmp, out_path)
   finally:

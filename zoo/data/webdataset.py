@@ -309,6 +309,21 @@ def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95) -> byte
   return buf.getvalue()
 
 
+def encode_array(array: np.ndarray) -> bytes:
+  """A `KEY.NAME.npy` member: numpy's format, no pickles."""
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(array), allow_pickle=False)
+  return buf.getvalue()
+
+
+def add_members(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes]) -> None:
+  """Appends one sample's members as `KEY.ext` (mtime 0: reproducible shards)."""
+  for ext, data in members.items():
+    info = tarfile.TarInfo(f"{key}.{ext}")
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
 def sample_to_members(sample: Mapping[str, Any], image_format: str = "jpg") -> dict[str, bytes]:
   """A sample dict (demo layout) -> {ext: bytes} for one tar sample.
 
@@ -324,9 +339,7 @@ def sample_to_members(sample: Mapping[str, Any], image_format: str = "jpg") -> d
   for i, alt in enumerate(list(sample.get("captions") or [])[1:], start=1):
     members[f"txt_{i}"] = alt if isinstance(alt, bytes) else str(alt).encode("utf-8")
   for name, array in dict(sample.get("arrays") or {}).items():
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
-    members[f"{name}.npy"] = buf.getvalue()
+    members[f"{name}.npy"] = encode_array(array)
   meta: dict[str, Any] = {}
   if sample.get("short_caption"):
     meta["short_caption"] = sample["short_caption"]
@@ -371,12 +384,7 @@ def write_shards(samples: Iterable[Mapping[str, Any]], out_dir: str, samples_per
       sample = dict(sample)
       if caption_field != "caption":
         sample["caption"] = sample[caption_field]
-      key = f"{shard:06d}{pos:04d}"
-      for ext, data in sample_to_members(sample, image_format).items():
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        info.mtime = 0
-        tar.addfile(info, io.BytesIO(data))
+      add_members(tar, f"{shard:06d}{pos:04d}", sample_to_members(sample, image_format))
       count += 1
   finally:
     if tar is not None:
