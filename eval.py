@@ -132,9 +132,10 @@ def evaluate() -> None:
 
 def main(argv):
   del argv
-  from zoo import cli
+  from zoo import cli, host_memory
 
   cli.quiet_logging()
+  host_memory.retain_freed_memory()  # before JAX's first step: no per-step page faults
   cli.run(evaluate, prog="eval.py")
 
 

@@ -10,7 +10,11 @@ FLOP/s as a fraction of the matmul peak: on CPU a jitted 2048^2 float32 matmul t
 same rounds (and torch's own 2048^2 matmul, so each framework's step can be set against its
 own GEMM: their ratio bounds what a GEMM-bound step can gain), on GPU/TPU the device's spec
 peak (bf16 dense). `--profile` adds a breakdown of
-zoo's step (host->device, forward, forward+backward, optimizer). Writes JSON.
+zoo's step (host->device, forward, forward+backward, optimizer). Host memory is retained for
+reuse as train.py does (zoo.host_memory; the same glibc settings serve both frameworks, which
+share this process); `--host_memory default` measures glibc's defaults, under which XLA:CPU
+page-faults its step buffer back in every step. Minor page faults per step are reported for
+both. Writes JSON.
 
   python bench/train_throughput.py --model ViT-B-32 --batch 32
   python bench/train_throughput.py --model ViT-B-16 --batch 256 --dtype bfloat16   # accelerator
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -51,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="CPU cores for both frameworks (default: all this process may use)")
   p.add_argument("--profile", action="store_true", help="time the pieces of zoo's step")
   p.add_argument("--no_torch", action="store_true", help="skip the open_clip baseline")
+  p.add_argument("--host_memory", choices=("retain", "default"), default="retain",
+                 help="retain: zoo.host_memory.retain_freed_memory (as train.py); "
+                      "default: glibc's malloc defaults")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "train_throughput.json"))
   return p.parse_args(argv)
@@ -79,6 +87,16 @@ def timed(fn) -> float:
   t = time.perf_counter()
   fn()
   return time.perf_counter() - t
+
+
+def minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed_faults(fn) -> tuple[float, int]:
+  """(seconds, minor page faults) of one call."""
+  faults = minor_faults()
+  return timed(fn), minor_faults() - faults
 
 
 def build_zoo(args):
@@ -238,6 +256,9 @@ def profile_pieces(trainer, state, batch, reps: int = 3) -> dict[str, float]:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   threads = pin_threads(args.threads)
+  from zoo import host_memory
+
+  retained = args.host_memory == "retain" and host_memory.retain_freed_memory()
   import jax
 
   load_before = os.getloadavg()
@@ -256,11 +277,15 @@ def main(argv=None) -> dict:
     if torch_step:
       torch_step()
 
-  zoo_t, torch_t, peak, torch_peak = [], [], [], []
+  zoo_t, torch_t, peak, torch_peak, zoo_faults, torch_faults = [], [], [], [], [], []
   for _ in range(args.rounds):
-    zoo_t.append(timed(zoo_step))
+    seconds, faults = timed_faults(zoo_step)
+    zoo_t.append(seconds)
+    zoo_faults.append(faults)
     if torch_step:
-      torch_t.append(timed(torch_step))
+      seconds, faults = timed_faults(torch_step)
+      torch_t.append(seconds)
+      torch_faults.append(faults)
     if probe:
       peak.append(probe())
     if torch_probe:
@@ -272,10 +297,11 @@ def main(argv=None) -> dict:
       "rounds": args.rounds, "threads": threads, "backend": backend,
       "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
       "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-      "loadavg_before": load_before,
+      "loadavg_before": load_before, "host_memory": args.host_memory,
+      "host_memory_retained": retained,
       "zoo": {"samples_per_sec": args.batch / zoo_med, "step_seconds": zoo_med,
               "step_times_s": zoo_t, "flops_per_step": flops,
-              "flops_per_sec": flops / zoo_med},
+              "flops_per_sec": flops / zoo_med, "minor_faults_per_step": zoo_faults},
   }
   if probe:
     # Per round: zoo's FLOP/s over the matmul probe's FLOP/s in the same round.
@@ -292,6 +318,7 @@ def main(argv=None) -> dict:
     torch_med = statistics.median(torch_t)
     result["open_clip"] = {"samples_per_sec": args.batch / torch_med, "step_seconds": torch_med,
                            "step_times_s": torch_t, "torch_threads": torch_threads,
+                           "minor_faults_per_step": torch_faults,
                            "device": torch_dev,
                            "flops_per_sec_at_zoo_flops": flops / torch_med}
     result["ratio_zoo_over_open_clip"] = statistics.median(
@@ -317,9 +344,11 @@ def main(argv=None) -> dict:
   z = result["zoo"]
   print(f"{args.model} batch {args.batch} {args.dtype} remat={args.remat} on {backend}, "
         f"{threads} threads (JAX and torch), {args.rounds} alternating rounds, load avg "
-        f"{load_before[0]:.2f} -> {result['loadavg_after'][0]:.2f}")
+        f"{load_before[0]:.2f} -> {result['loadavg_after'][0]:.2f}, host memory "
+        f"{'retained' if retained else 'glibc defaults'}")
   line = (f"  zoo       {z['samples_per_sec']:8.2f} samples/s  {zoo_med * 1e3:8.1f} ms/step  "
-          f"{flops / 1e9:8.1f} GFLOP/step  {z['flops_per_sec'] / 1e9:7.1f} GFLOP/s")
+          f"{flops / 1e9:8.1f} GFLOP/step  {z['flops_per_sec'] / 1e9:7.1f} GFLOP/s  "
+          f"{statistics.median(zoo_faults):.0f} faults/step")
   if "fraction_of_matmul_peak" in z:
     line += (f"  = {z['fraction_of_matmul_peak']:.0%} of the matmul peak "
              f"({result['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s, {MATMUL_N}^2 fp32)")
@@ -329,7 +358,8 @@ def main(argv=None) -> dict:
   if torch_step:
     o = result["open_clip"]
     line = (f"  open_clip {o['samples_per_sec']:8.2f} samples/s  "
-            f"{o['step_seconds'] * 1e3:8.1f} ms/step  ({o['torch_threads']} torch threads)")
+            f"{o['step_seconds'] * 1e3:8.1f} ms/step  ({o['torch_threads']} torch threads, "
+            f"{statistics.median(torch_faults):.0f} faults/step)")
     if "fraction_of_matmul_peak" in o:
       line += f"  {o['fraction_of_matmul_peak']:.0%} of the matmul peak at zoo's FLOPs"
     if "fraction_of_torch_matmul_peak" in o:
