@@ -285,7 +285,7 @@ def test_a_family_defined_in_this_file_trains_through_the_public_seam(tmp_path):
 
 
 def test_ruff_clean():
-  cmd = ["ruff", "check", "zoo", "zoo_kernels", "configs", "tests", "bench", "train.py", "eval.py"]
+  cmd = ["ruff", "check", "zoo", "kernels", "configs", "tests", "bench", "train.py", "eval.py"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from zoo_kernels import _pallas
-from zoo_kernels.contrastive import contrastive_loss
+from kernels import _pallas
+from kernels.contrastive import contrastive_loss
 
 MIB = 1 << 20
 SMEM_H100 = 227 * 1024

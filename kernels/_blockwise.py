@@ -6,7 +6,7 @@ an [m, block] tile of logits exists at a time: memory O(m * block) instead of O(
 are in every tile, so column statistics of a block are exact without a second pass.
 
 The diagonal (positive-pair) terms are not handled here: they are O(B * d) and are added by the
-caller (`zoo_kernels/contrastive.py`), which also owns the custom_vjp and the collectives.
+caller (`kernels/contrastive.py`), which also owns the custom_vjp and the collectives.
 """
 
 from __future__ import annotations

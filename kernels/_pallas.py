@@ -1,9 +1,9 @@
-"""The `impl="pallas"` backend: Pallas kernels with the interface of `zoo_kernels/_blockwise.py`.
+"""The `impl="pallas"` backend: Pallas kernels with the interface of `kernels/_blockwise.py`.
 
 Which kernels run (decided when the loss is traced):
-* TPU: the Mosaic kernels of `zoo_kernels/_mosaic.py` (2-D tiled grid, VMEM sized per kernel).
+* TPU: the Mosaic kernels of `kernels/_mosaic.py` (2-D tiled grid, VMEM sized per kernel).
 * NVIDIA GPU, compute capability >= 8.0 (A100, H100/H200 and newer): the Triton kernels of
-  `zoo_kernels/_triton.py`, selected explicitly by Triton CompilerParams (Triton exists in JAX 0.10
+  `kernels/_triton.py`, selected explicitly by Triton CompilerParams (Triton exists in JAX 0.10
   through 0.12; their shared memory, <= 96 KiB at 2 stages, fits sm_80 and sm_90; compiled for
   sm_90 they use no local memory / spills). Older GPUs and ROCm: `impl="auto"` picks "xla".
 * CPU: interpret mode, of the GPU kernels (JAX's generic interpreter) by default; `use_target`
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from zoo_kernels import _blockwise, _mosaic, _triton
+from kernels import _blockwise, _mosaic, _triton
 
 Array = jax.Array
 

@@ -1,7 +1,7 @@
 """Fused contrastive losses (CLIP softmax, SigLIP sigmoid) that never store the B x B logits.
 
 impl: "reference" (plain jnp, B x B; 6 B^2 d matmul units fwd+bwd softmax, 3 sigmoid), "xla"
-(`lax.scan` over column blocks), "pallas" (kernels; `zoo_kernels/_pallas.py`: which, where): 4 units
+(`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 4 units
 (softmax: a stats pass, one gradient pass recomputing each tile once), 3 (sigmoid: the forward
 emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
   softmax: loss = [sum_i lse_row_i + sum_j lse_col_j] / (2B) - sum_i z_ii / B,
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from zoo_kernels import _blockwise, _pallas
+from kernels import _blockwise, _pallas
 
 Array = jax.Array
 AxisName = Hashable | tuple[Hashable, ...] | None
