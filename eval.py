@@ -1,3 +1,7 @@
+from zoo import families
+from zoo.eval import report
+from zoo.train import checkpoints, distributed
+
 """Evaluate a zoo model: zero-shot classification, retrieval (and each family's own evals).
 
 python eval.py --workdir runs/demo                 # latest training checkpoint of a workdir
@@ -30,7 +34,9 @@ def _stored_config(source: str):
   """The training config stored with the model in `source`, as a ConfigDict, for evaluation."""
   import ml_collections
 
-  from zoo import checkpoint, cli, run_config
+  from zoo import errors
+  from zoo.train import run_config
+  from zoo.weights import model_dir as checkpoint
 
   if _WORKDIR.value:
     stored = run_config.read_stored(source)
@@ -39,7 +45,7 @@ def _stored_config(source: str):
     stored = checkpoint.read_record(source).get("config")
     where = os.path.join(source, checkpoint.CONFIG_FILE)
   if not isinstance(stored, dict) or "data" not in stored or "model" not in stored:
-    raise cli.UserError(f"{where} holds no training config (a converted or hand-saved model?); "
+    raise errors.UserError(f"{where} holds no training config (a converted or hand-saved model?); "
                         "pass --config configs/FILE.py to say which data to evaluate on")
   config = ml_collections.ConfigDict(stored)
   if "distributed" in config:
@@ -49,7 +55,7 @@ def _stored_config(source: str):
 
 def _eval_mesh(config):
   """The config's mesh, or all devices on `fsdp` when it does not fit this job's devices."""
-  from zoo import sharding
+  from zoo.models import sharding
 
   try:
     return sharding.mesh_from_config(config.mesh)
@@ -58,7 +64,7 @@ def _eval_mesh(config):
 
 
 def _output_dir(model_dir: str | None) -> str:
-  from zoo import cli
+  from zoo import errors
 
   if _OUTPUT.value:
     out = _OUTPUT.value
@@ -70,7 +76,7 @@ def _output_dir(model_dir: str | None) -> str:
     out = os.path.normpath(model_dir) + "-eval"
   if model_dir and os.path.commonpath([os.path.abspath(out), os.path.abspath(model_dir)]) == \
       os.path.abspath(model_dir):
-    raise cli.UserError(f"--output {out} is inside the model directory {model_dir}; pick "
+    raise errors.UserError(f"--output {out} is inside the model directory {model_dir}; pick "
                         "another folder")
   return out
 
@@ -78,34 +84,36 @@ def _output_dir(model_dir: str | None) -> str:
 def evaluate() -> None:
   import jax
 
-  from zoo import checkpoint, cli, eval_lib, pretrained, train_lib
+  from zoo import errors
+  from zoo.train import loop
+  from zoo.weights import model_dir as checkpoint, pretrained
 
   sources = [s for s in (_WORKDIR.value, _CHECKPOINT.value, _PRETRAINED.value) if s]
   if len(sources) != 1:
-    raise cli.UserError("pass one of --workdir DIR (its latest training checkpoint), "
+    raise errors.UserError("pass one of --workdir DIR (its latest training checkpoint), "
                         "--checkpoint DIR (a zoo.save directory) or --pretrained NAME/TAG")
   source = sources[0]
   if _PRETRAINED.value:
     if _CONFIG.value is None:
-      raise cli.UserError("--pretrained needs --config configs/FILE.py (the eval data; released "
+      raise errors.UserError("--pretrained needs --config configs/FILE.py (the eval data; released "
                           "weights carry no training config)")
-    train_lib.maybe_initialize_distributed(_CONFIG.value)  # before the conversion touches JAX
+    distributed.maybe_initialize_distributed(_CONFIG.value)  # before the conversion touches JAX
     source = pretrained.checkpoint_dir(_PRETRAINED.value)  # download + convert once, cached
   if not os.path.isdir(source):
-    raise cli.UserError(f"{'--workdir' if _WORKDIR.value else '--checkpoint'} {source}: no such "
+    raise errors.UserError(f"{'--workdir' if _WORKDIR.value else '--checkpoint'} {source}: no such "
                         "directory")
-  steps = checkpoint.complete_steps(os.path.join(source, "checkpoints"))
+  steps = checkpoints.complete_steps(os.path.join(source, "checkpoints"))
   if _WORKDIR.value and not steps:
-    raise cli.UserError(f"--workdir {source} holds no complete checkpoint (under "
+    raise errors.UserError(f"--workdir {source} holds no complete checkpoint (under "
                         f"{os.path.join(source, 'checkpoints')}); train first")
   if not _WORKDIR.value:
     checkpoint.read_record(source)  # one-line error for an empty / incomplete directory
   config = _CONFIG.value if _CONFIG.value is not None else _stored_config(source)
   if not _PRETRAINED.value:  # (done above for --pretrained)
-    train_lib.maybe_initialize_distributed(config)  # before anything touches a JAX backend
+    distributed.maybe_initialize_distributed(config)  # before anything touches a JAX backend
   if _WORKDIR.value:
     mesh = _eval_mesh(config)
-    model, step = train_lib.restore_model(config, source, steps[-1], mesh), steps[-1]
+    model, step = loop.restore_model(config, source, steps[-1], mesh), steps[-1]
     what, model_dir = f"step {step}", None
   else:
     model, _, _ = checkpoint.load(source)
@@ -115,31 +123,32 @@ def evaluate() -> None:
     if _PRETRAINED.value:
       what = f"pretrained {_PRETRAINED.value}"
   out_dir = _output_dir(model_dir)
-  family = train_lib.get_family(config.get("family", "clip"))
-  tokenizer = train_lib.make_tokenizer(config, model)
-  eval_sets = train_lib.build_eval_sets(config, model, tokenizer)
-  metrics = train_lib.run_eval(model, config, tokenizer, eval_sets, mesh, family)
+  family = families.get(config.get("family", "clip"))
+  tokenizer = loop.make_tokenizer(config, model)
+  eval_sets = loop.build_eval_sets(config, model, tokenizer)
+  metrics = loop.run_eval(model, config, tokenizer, eval_sets, mesh, family)
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    records = eval_lib.language_records(metrics)  # Babel-style per-language zero-shot
-    path = eval_lib.append_metrics(out_dir, step, {**metrics, "per_language": records}
+    records = report.language_records(metrics)  # Babel-style per-language zero-shot
+    path = report.append_metrics(out_dir, step, {**metrics, "per_language": records}
                                    if records else metrics, merge=bool(_WORKDIR.value))
-    print(eval_lib.format_table(metrics, title=what))
+    print(report.format_table(metrics, title=what))
     if records:
-      print(eval_lib.format_language_table(records, title="per-language zero-shot"))
+      print(report.format_language_table(records, title="per-language zero-shot"))
     print(f"metrics written to {path} ({what})")
 
 
 def main(argv):
   del argv
-  from zoo import cli, host_memory
+  from zoo import errors
+  from zoo.train import host_memory
 
-  cli.quiet_logging()
+  errors.quiet_logging()
   host_memory.retain_freed_memory()  # before JAX's first step: no per-step page faults
-  cli.run(evaluate, prog="eval.py")
+  errors.run(evaluate, prog="eval.py")
 
 
 if __name__ == "__main__":
-  from zoo.config_utils import parse_flags
+  from zoo.train.config_files import parse_flags
 
   app.run(main, flags_parser=parse_flags)

@@ -1,3 +1,6 @@
+from zoo.eval import report
+from zoo.train import distributed
+
 """Train a zoo model: python train.py --config configs/demo.py --workdir runs/demo [--config.k=v]
 
 Restarting with the same --workdir resumes from the latest complete checkpoint (the config
@@ -18,30 +21,31 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def train() -> None:
-  from zoo import eval_lib, train_lib
+  from zoo.train import loop
 
   config = _CONFIG.value
-  train_lib.maybe_initialize_distributed(config)  # before anything touches a JAX backend
-  result = train_lib.train(config, _WORKDIR.value)
+  distributed.maybe_initialize_distributed(config)  # before anything touches a JAX backend
+  result = loop.train(config, _WORKDIR.value)
   import jax
 
   if jax.process_index() == 0:
     if result["eval"]:
-      print(eval_lib.format_table(result["eval"], title=f"step {result['step']}"))
+      print(report.format_table(result["eval"], title=f"step {result['step']}"))
     logging.getLogger("zoo.train").info("finished at step %d; model: %s/model", result["step"],
                                         _WORKDIR.value.rstrip("/"))
 
 
 def main(argv):
   del argv
-  from zoo import cli, host_memory
+  from zoo import errors
+  from zoo.train import host_memory
 
-  cli.quiet_logging()
+  errors.quiet_logging()
   host_memory.retain_freed_memory()  # before JAX's first step: no per-step page faults
-  cli.run(train, prog="train.py")
+  errors.run(train, prog="train.py")
 
 
 if __name__ == "__main__":
-  from zoo.config_utils import parse_flags
+  from zoo.train.config_files import parse_flags
 
   app.run(main, flags_parser=parse_flags)

@@ -48,7 +48,7 @@ def naive_loss(x, y, scale, bias=None, *, kind: str = "softmax"):
 
 
 def loss_fn(impl: str, kind: str, block: int | None = None):
-  from kernels import contrastive_loss
+  from zoo.kernels import contrastive_loss
 
   if impl == "naive":
     return functools.partial(naive_loss, kind=kind)
@@ -92,7 +92,7 @@ def matmul_units(impl: str, kind: str, batch: int, dim: int, target: str | None 
   import jax
   import jax.numpy as jnp
 
-  from kernels import _pallas
+  from zoo.kernels import _pallas
 
   e = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
   s = jax.ShapeDtypeStruct((), jnp.float32)

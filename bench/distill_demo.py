@@ -35,8 +35,9 @@ from flax import nnx  # noqa: E402
 
 import zoo  # noqa: E402
 from configs import demo as demo_config, distill_demo  # noqa: E402
-from zoo import eval_lib, train_lib  # noqa: E402
 from zoo.data import pipeline  # noqa: E402
+from zoo.eval import suite
+from zoo.train import loop as train_lib
 
 METRICS = {"zeroshot_top1": "zeroshot/top1",
            "image_retrieval_R@1": "retrieval/image_retrieval_recall@1",
@@ -83,7 +84,7 @@ def scores(model_dir: str, eval_size: int) -> dict[str, float]:
                                    "eval_sets": "zeroshot,retrieval"},
                                   image_size=c.vision.image_size, mean=c.image_mean,
                                   std=c.image_std)
-  metrics = eval_lib.evaluate(model, sets, tokenizer)
+  metrics = suite.evaluate(model, sets, tokenizer)
   return {k: float(metrics[v]) for k, v in METRICS.items()}
 
 

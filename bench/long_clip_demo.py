@@ -36,8 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import zoo  # noqa: E402
 from configs import base  # noqa: E402
-from zoo import eval_lib, long_clip, sharding, train_lib, transforms  # noqa: E402
+from zoo import transforms
 from zoo.data import demo  # noqa: E402
+from zoo.eval import suite
+from zoo.families.long_clip import default_settings
+from zoo.models import configs, sharding
+from zoo.models.long_clip import LONG_CLIP_CONTEXT_LENGTH
+from zoo.train import loop
 
 
 def parse_args():
@@ -72,7 +77,7 @@ def load_data(args, image_size, mean, std):
   retrieval = demo.samples(args.eval_size, "retrieval", image_size)
   zs = demo.zero_shot_arrays(args.zeroshot_size, image_size)
   tok77 = zoo.get_tokenizer(args.model)
-  tok248 = zoo.get_tokenizer(args.model, context_length=long_clip.LONG_CLIP_CONTEXT_LENGTH)
+  tok248 = zoo.get_tokenizer(args.model, context_length=LONG_CLIP_CONTEXT_LENGTH)
   data = {
       "images": transforms.normalize(np.stack([s["image"] for s in train]), mean, std),
       "caption": trim(tok77([s["caption"] for s in train])),
@@ -112,7 +117,7 @@ def make_config(args, *, family, steps, lr, init_from="", short_weight=1.0):
   c.eval_every = 0
   c.checkpoint_every = 10 ** 9
   if family == "long_clip":
-    c.long_clip = long_clip.default_settings()
+    c.long_clip = default_settings()
     c.long_clip.components = args.components
     c.long_clip.short_weight = short_weight
   return c
@@ -120,7 +125,7 @@ def make_config(args, *, family, steps, lr, init_from="", short_weight=1.0):
 
 def train(config, data, fields, mesh, seed, log_name):
   """Runs `config.total_steps` steps of the one train step on batches of `fields` (name -> key)."""
-  trainer = train_lib.build_trainer(config, mesh)
+  trainer = loop.build_trainer(config, mesh)
   rng = np.random.default_rng(seed)
   n = data["images"].shape[0]
   order = np.concatenate([rng.permutation(n) for _ in range(config.total_steps * config.batch_size // n + 1)])
@@ -150,7 +155,7 @@ def summarize(metrics):
 
 def main():
   args = parse_args()
-  cfg = zoo.get_model_config(args.model)
+  cfg = configs.get_model_config(args.model)
   mesh = sharding.make_mesh(devices=jax.devices()[:1], data=1, fsdp=1)
   data, eval_sets, tok77 = load_data(args, cfg.vision.image_size, cfg.image_mean, cfg.image_std)
   results, timings = {}, {}
@@ -159,7 +164,7 @@ def main():
     pre_cfg = make_config(args, family="clip", steps=args.pretrain_steps, lr=args.pretrain_lr)
     model, timings["pretrain_s"] = train(pre_cfg, data, {"image": "images", "tokens": "caption"},
                                          mesh, args.seed, "pretrain")
-    results["pretrained"] = summarize(eval_lib.evaluate(model, eval_sets, tok77))
+    results["pretrained"] = summarize(suite.evaluate(model, eval_sets, tok77))
     ckpt = zoo.save(model, os.path.join(tmp, "pretrained"), pre_cfg)
 
     runs = {
@@ -174,7 +179,7 @@ def main():
       ft_cfg = make_config(args, steps=args.finetune_steps, lr=args.finetune_lr, init_from=ckpt, **kw)
       # same seed: the same batches in the same order for both runs
       model, timings[f"{name}_s"] = train(ft_cfg, data, fields, mesh, args.seed + 1, name)
-      results[name] = summarize(eval_lib.evaluate(model, eval_sets, tok77))
+      results[name] = summarize(suite.evaluate(model, eval_sets, tok77))
 
   a, b, p = results["long_clip"], results["truncated77"], results["pretrained"]
   checks = {

@@ -38,8 +38,10 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import clip_moe_demo  # noqa: E402
-from zoo import checkpoint, eval_lib, train_lib  # noqa: E402
+from zoo.eval import suite
 from zoo.models import moe  # noqa: E402
+from zoo.train import loop as train_lib
+from zoo.weights import model_dir
 
 
 def parse_args():
@@ -152,7 +154,7 @@ def main():
     moe_result, timings["dmu_total_s"] = run(moe_cfg, os.path.join(root, "moe"))
     info["moe_last_train_metrics"] = moe_result["metrics"]
 
-    base, tokenizer, _ = checkpoint.load(base_dir)
+    base, tokenizer, _ = model_dir.load(base_dir)
     eval_sets = train_lib.build_eval_sets(dense_cfg, base, tokenizer)
     images = eval_sets["zeroshot"]["images"][:1]
     tokens = tokenizer(["a red circle"])
@@ -161,11 +163,11 @@ def main():
     for s in range(1, 5):
       dirs[f"dmu_stage_{s}"] = os.path.join(root, "moe", "dmu", f"stage_{s}", "model")
     for name, d in dirs.items():
-      model, _, _ = checkpoint.load(d)
-      results[name] = summarize(eval_lib.evaluate(model, eval_sets, tokenizer))
+      model, _, _ = model_dir.load(d)
+      results[name] = summarize(suite.evaluate(model, eval_sets, tokenizer))
       if not name.startswith("dmu_stage"):
         results[name].update(describe(model, images, tokens))
-    moe_model, _, _ = checkpoint.load(dirs["clip_moe_dmu"])
+    moe_model, _, _ = model_dir.load(dirs["clip_moe_dmu"])
     info["moe_config"] = moe_model.config.moe.__dict__
     # Router balance after training on a held-out batch.
     _, aux = moe.capture_aux(

@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import zoo  # noqa: E402
 from configs import base, mclip_demo  # noqa: E402
-from zoo import eval_lib, train_lib  # noqa: E402
 from zoo.data import demo, pipeline  # noqa: E402
+from zoo.eval import report, suite
+from zoo.train import loop as train_lib
 
 LOW_RESOURCE = "ar"
 
@@ -76,8 +77,8 @@ def per_language(model_dir: str, eval_size: int, adapters: dict | None = None) -
                                   std=c.image_std)["multilingual"]
   if adapters:
     spec["adapters"] = adapters
-  metrics = eval_lib.evaluate(model, {"multilingual": spec}, tokenizer)
-  return {r["language"]: r["top1"] for r in eval_lib.language_records(metrics)}
+  metrics = suite.evaluate(model, {"multilingual": spec}, tokenizer)
+  return {r["language"]: r["top1"] for r in report.language_records(metrics)}
 
 
 def main():

@@ -40,8 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import zoo  # noqa: E402
 from configs import base  # noqa: E402
-from zoo import eval_lib, region, sharding, train_lib, transforms  # noqa: E402
+from zoo import transforms
 from zoo.data import demo, pipeline  # noqa: E402
+from zoo.eval import suite
+from zoo.families.region import family as region_family
+from zoo.models import configs, sharding
+from zoo.train import loop
 
 
 def parse_args():
@@ -117,7 +121,7 @@ def make_config(args, *, family, steps, lr, init_from="", **region_settings):
   c.eval_every = 0
   c.checkpoint_every = 10 ** 9
   if family == "region":
-    c.region = region.default_settings()
+    c.region = region_family.default_settings()
     c.region.roi_size = args.roi_size
     c.region.width = 64
     for k, v in region_settings.items():
@@ -127,7 +131,7 @@ def make_config(args, *, family, steps, lr, init_from="", **region_settings):
 
 def train(config, data, fields, mesh, seed, log_name):
   """Runs `config.total_steps` steps of the one train step on batches of `fields` (name -> key)."""
-  trainer = train_lib.build_trainer(config, mesh)
+  trainer = loop.build_trainer(config, mesh)
   rng = np.random.default_rng(seed)
   n = data["images"].shape[0]
   order = np.concatenate([rng.permutation(n) for _ in range(config.total_steps * config.batch_size // n + 1)])
@@ -147,7 +151,7 @@ def train(config, data, fields, mesh, seed, log_name):
 
 def region_eval(model, eval_sets, tok, method, roi_size, crop_context=1.0):
   # pooled_patches: the same RoIAlign grid as the head (a plain CLIP has no region config)
-  m = eval_lib.evaluate(model, {"regions": dict(eval_sets["regions"], method=method,
+  m = suite.evaluate(model, {"regions": dict(eval_sets["regions"], method=method,
                                                 roi_size=roi_size, crop_context=crop_context)},
                         tok)
   return {"region_top1": m["regions/top1"], "region_top5": m["regions/top5"],
@@ -158,7 +162,7 @@ def region_eval(model, eval_sets, tok, method, roi_size, crop_context=1.0):
 
 def main():
   args = parse_args()
-  cfg = zoo.get_model_config(args.model)
+  cfg = configs.get_model_config(args.model)
   mesh = sharding.make_mesh(devices=jax.devices()[:1], data=1, fsdp=1)
   data, eval_sets, tok = load_data(args, cfg.vision.image_size, cfg.image_mean, cfg.image_std)
   zs = {"zeroshot": eval_sets["zeroshot"]}
@@ -185,13 +189,13 @@ def main():
                             lr=args.finetune_lr, init_from=ckpt, **kw)
         ablations[name], timings[f"{name}_s"] = train(cfg_a, data, fields, mesh, args.seed + 1, name)
   t = time.perf_counter()
-  base_zs = eval_lib.evaluate(base_model, zs, tok)["zeroshot/top1"]
-  head_zs = eval_lib.evaluate(head_model, zs, tok)["zeroshot/top1"]
+  base_zs = suite.evaluate(base_model, zs, tok)["zeroshot/top1"]
+  head_zs = suite.evaluate(head_model, zs, tok)["zeroshot/top1"]
   results["region_head"] = {**region_eval(head_model, eval_sets, tok, "head", args.roi_size),
                             "image_zeroshot_top1": head_zs}
   for name, model in ablations.items():
     results[name] = {**region_eval(model, eval_sets, tok, "head", args.roi_size),
-                     "image_zeroshot_top1": eval_lib.evaluate(model, zs, tok)["zeroshot/top1"]}
+                     "image_zeroshot_top1": suite.evaluate(model, zs, tok)["zeroshot/top1"]}
   for name, model, zs_top1 in (("base", base_model, base_zs), ("finetuned", head_model, head_zs)):
     for method, context in (("crop", 1.0), ("crop", args.crop_context), ("pooled_patches", 1.0)):
       label = method if context == 1.0 else f"crop_x{context:g}"

@@ -11,7 +11,7 @@ same rounds (and torch's own 2048^2 matmul, so each framework's step can be set 
 own GEMM: their ratio bounds what a GEMM-bound step can gain), on GPU/TPU the device's spec
 peak (bf16 dense). `--profile` adds a breakdown of
 zoo's step (host->device, forward, forward+backward, optimizer). Host memory is retained for
-reuse as train.py does (zoo.host_memory; the same glibc settings serve both frameworks, which
+reuse as train.py does (zoo.train.host_memory; the same glibc settings serve both frameworks, which
 share this process); `--host_memory default` measures glibc's defaults, under which XLA:CPU
 page-faults its step buffer back in every step. Minor page faults per step are reported for
 both. Writes JSON.
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--profile", action="store_true", help="time the pieces of zoo's step")
   p.add_argument("--no_torch", action="store_true", help="skip the open_clip baseline")
   p.add_argument("--host_memory", choices=("retain", "default"), default="retain",
-                 help="retain: zoo.host_memory.retain_freed_memory (as train.py); "
+                 help="retain: zoo.train.host_memory.retain_freed_memory (as train.py); "
                       "default: glibc's malloc defaults")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "train_throughput.json"))
@@ -104,14 +104,15 @@ def build_zoo(args):
   import jax
 
   from configs import base
-  from zoo import sharding, train_lib
+  from zoo.models import sharding
+  from zoo.train import loop
 
   c = base.base_config()
   c.model, c.batch_size, c.dtype, c.remat = args.model, args.batch, args.dtype, args.remat
   c.context_length = args.context_length
   c.total_steps, c.warmup_steps = 100_000, 10
   c.loss.impl = args.loss_impl
-  trainer = train_lib.build_trainer(c, sharding.make_mesh(data=1, fsdp=-1))
+  trainer = loop.build_trainer(c, sharding.make_mesh(data=1, fsdp=-1))
   mc = trainer.model().config
   batch = make_batch(args, mc.vision.image_size, args.context_length or mc.text.context_length)
   gbatch = sharding.host_to_global(batch, trainer.mesh)
@@ -133,7 +134,7 @@ def build_open_clip(args, c, batch, threads: int):
   import open_clip
   import torch
 
-  from zoo import registry
+  from zoo.models import configs as registry
 
   torch.set_num_threads(threads)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,11 +218,13 @@ def profile_pieces(trainer, state, batch, reps: int = 3) -> dict[str, float]:
   import optax
   from flax import nnx
 
-  from zoo import sharding, train_lib
+  from zoo import families
+  from zoo.models import sharding
+  from zoo.train import step as train_step
 
   family, config, mesh = trainer.family, trainer.config, trainer.mesh
   settings = family.settings(config)
-  ctx = train_lib.LossContext(settings=settings, mesh=mesh, impl=config.loss.impl)
+  ctx = families.LossContext(settings=settings, mesh=mesh, impl=config.loss.impl)
   rng = jax.random.key(0)
 
   def loss_fn(params, batch):
@@ -234,7 +237,7 @@ def profile_pieces(trainer, state, batch, reps: int = 3) -> dict[str, float]:
   def update(grads, opt_state, params):
     updates, opt_state = trainer.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return train_lib.clamp_logit_scale(params, config.max_logit_scale), opt_state
+    return train_step.clamp_logit_scale(params, config.max_logit_scale), opt_state
 
   opt = jax.jit(update)
   params, opt_state = state["params"], state["opt_state"]
@@ -256,7 +259,7 @@ def profile_pieces(trainer, state, batch, reps: int = 3) -> dict[str, float]:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   threads = pin_threads(args.threads)
-  from zoo import host_memory
+  from zoo.train import host_memory
 
   retained = args.host_memory == "retain" and host_memory.retain_freed_memory()
   import jax

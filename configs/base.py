@@ -72,13 +72,13 @@ def base_config() -> ml_collections.ConfigDict:
       babel_languages="",  # "DE,FR,...": Babel per-language eval only for these ("" = all)
       babel_en="auto",  # English as Babel's paper: openai (OpenAI ImageNet names + 80 templates)
       # | file (the label file's EN) | auto (openai when the classes index ImageNet-1k)
-      language_adapters="",  # "AR=dir,SW=dir": zoo.peft adapters used for those languages
+      language_adapters="",  # "AR=dir,SW=dir": zoo.models.lora adapters used for those languages
       num_threads=2,
       # A TFDS zero-shot eval set ("" name = none); needs `pip install -e ".[tfds]"`.
       tfds=ml_collections.ConfigDict(dict(name="", split="test", data_dir="", size=0,
                                           image_key="image", label_key="label")),
   ))
-  # LoRA (zoo.peft): rank > 0 trains only adapters on the kernels matching `targets`.
+  # LoRA (zoo.models.lora): rank > 0 trains only adapters on the kernels matching `targets`.
   c.peft = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="", adapter_from="",
                                           language=""))
   c.distributed = ml_collections.ConfigDict(dict(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import _blockwise, _mosaic, _triton
+from zoo.kernels import _blockwise, _mosaic, _triton
 
 Array = jax.Array
 

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from kernels._blockwise import out_struct, varying_like
+from zoo.kernels._blockwise import out_struct, varying_like
 
 Array = jax.Array
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import _blockwise, _pallas
+from zoo.kernels import _blockwise, _pallas
 
 Array = jax.Array
 AxisName = Hashable | tuple[Hashable, ...] | None

@@ -6,7 +6,7 @@
 Reads the installed open_clip_torch (`list_pretrained`, `get_pretrained_cfg`,
 `get_model_config`); an (arch, tag) is kept when zoo's registry has the architecture (tags
 trained with QuickGELU map to the `-quickgelu` form) and open_clip's model config maps onto
-it field by field (`zoo.pretrained.config_from_open_clip_cfg`). The variants' releases
+it field by field (`zoo.weights.pretrained.config_from_open_clip_cfg`). The variants' releases
 (Long-CLIP, CLIP-MoE, M-CLIP) are declared below. zoo itself never imports open_clip.
 """
 
@@ -22,11 +22,13 @@ sys.path.insert(0, ROOT)
 
 import open_clip  # noqa: E402
 
-from zoo import pretrained, registry  # noqa: E402
+from zoo.convert import open_clip_config
+from zoo.models import configs
+from zoo.weights import hub, pretrained
 
 TABLE = os.path.join(ROOT, "zoo", "assets", "pretrained.json")
 DOCS = os.path.join(ROOT, "docs", "pretrained.md")
-OPENAI_PP = {"mean": list(registry.OPENAI_MEAN), "std": list(registry.OPENAI_STD),
+OPENAI_PP = {"mean": list(configs.OPENAI_MEAN), "std": list(configs.OPENAI_STD),
              "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
@@ -70,12 +72,12 @@ def open_clip_entries() -> tuple[dict, dict, int]:
     model_cfg = dict(open_clip.get_model_config(name) or {}, quick_gelu=quick)
     reason = None
     try:
-      config = pretrained.config_from_open_clip_cfg(model_cfg)
-    except pretrained.PretrainedError as e:
+      config = open_clip_config.config_from_open_clip_cfg(model_cfg)
+    except hub.PretrainedError as e:
       reason = str(e).replace("open_clip config ", "")
-    if reason is None and arch not in registry.list_models():
+    if reason is None and arch not in configs.list_models():
       reason = f"architecture {arch} is not implemented in zoo"
-    if reason is None and not pretrained.same_towers(config, registry.get_model_config(arch)):
+    if reason is None and not open_clip_config.same_towers(config, configs.get_model_config(arch)):
       reason = f"open_clip's {name} config differs from zoo's {arch}"
     if reason is not None:
       unsupported.setdefault(name, {"tags": [], "reason": reason})["tags"].append(tag)
@@ -138,7 +140,7 @@ def build() -> dict:
 
 
 def _short(values: list[float]) -> str:
-  known = {tuple(registry.OPENAI_MEAN): "OpenAI", tuple(registry.OPENAI_STD): "OpenAI",
+  known = {tuple(configs.OPENAI_MEAN): "OpenAI", tuple(configs.OPENAI_STD): "OpenAI",
            (0.5, 0.5, 0.5): "0.5"}
   return known.get(tuple(values), "/".join(f"{v:g}" for v in values))
 

@@ -1,4 +1,4 @@
-"""Runs train_lib.train in its own process; optionally SIGKILLs itself after a given step."""
+"""Runs loop.train in its own process; optionally SIGKILLs itself after a given step."""
 
 import os
 import signal
@@ -11,13 +11,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(workdir: str, kill_after: int) -> None:
   from tests.test_resume import resume_config
-  from zoo import train_lib
+  from zoo.train import loop
 
   def maybe_kill(step: int) -> None:
     if kill_after and step == kill_after:
       os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
 
-  train_lib.train(resume_config(), workdir, on_step_end=maybe_kill)
+  loop.train(resume_config(), workdir, on_step_end=maybe_kill)
 
 
 if __name__ == "__main__":

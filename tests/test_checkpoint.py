@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -14,8 +15,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import zoo
-from zoo import checkpoint
-from zoo.checkpoint import CheckpointError, TrainCheckpointer
+from zoo.models import configs
+from zoo.train.checkpoints import TrainCheckpointer
+from zoo.weights import model_dir
+from zoo.weights.layout import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def test_load_gives_identical_outputs_tokenizer_preprocess_and_config(saved):
 
   image = Image.fromarray(np.random.RandomState(1).randint(0, 255, (40, 50, 3), np.uint8))
   assert preprocess(image).shape == (32, 32, 3)
-  model_config, user_config = checkpoint.load_config(directory)
+  model_config, user_config = model_dir.load_config(directory)
   assert model_config == model.config
   assert user_config == {"lr": 1e-3, "schedule": ["warmup", 10], "note": "tiny"}
 
@@ -69,7 +72,7 @@ def test_load_gives_identical_outputs_tokenizer_preprocess_and_config(saved):
 def test_siglip_model_round_trip(tmp_path):
   model = zoo.create("test-tiny-siglip", seed=1)
   zoo.save(model, str(tmp_path / "s"))
-  loaded, _, _ = checkpoint.load(str(tmp_path / "s"))
+  loaded, _, _ = model_dir.load(str(tmp_path / "s"))
   images, tokens = _inputs()
   np.testing.assert_array_equal(_img(loaded, images), _img(model, images))
   np.testing.assert_array_equal(_txt(loaded, tokens), _txt(model, tokens))
@@ -79,13 +82,13 @@ def test_siglip_model_round_trip(tmp_path):
 def test_load_into_other_architecture_names_keys_and_shapes(saved):
   _, directory = saved
   with pytest.raises(CheckpointError) as info:
-    checkpoint.load(directory, config=zoo.get_model_config("test-tiny", embed_dim=16))
+    model_dir.load(directory, config=configs.get_model_config("test-tiny", embed_dim=16))
   msg = str(info.value)
   assert "2 problems" in msg
   assert "mis-shaped visual.proj: expected (64, 16), found (64, 32)" in msg
   assert "mis-shaped text.text_projection: expected (64, 16), found (64, 32)" in msg
   with pytest.raises(CheckpointError) as info:
-    checkpoint.load(directory, config="test-tiny-siglip")
+    model_dir.load(directory, config="test-tiny-siglip")
   msg = str(info.value)
   assert "missing    visual.attn_pool.latent: expected (1, 64)" in msg
   assert "unexpected visual.class_embedding: found (64,)" in msg
@@ -95,7 +98,7 @@ def test_load_into_other_architecture_names_keys_and_shapes(saved):
 def test_restore_weights_into_an_existing_model(saved):
   model, directory = saved
   other = zoo.create("test-tiny", seed=99)
-  checkpoint.restore_weights(other, directory)
+  model_dir.restore_weights(other, directory)
   images, _ = _inputs()
   np.testing.assert_array_equal(_img(other, images), _img(model, images))
 
@@ -122,10 +125,10 @@ def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path, damage):
       f.write(data)
     match = "checksum differs"
   elif damage == "delete_config":
-    os.remove(os.path.join(d, checkpoint.CONFIG_FILE))
+    os.remove(os.path.join(d, model_dir.CONFIG_FILE))
     match = "zoo_config.json is missing"
   elif damage == "garbage_config":
-    with open(os.path.join(d, checkpoint.CONFIG_FILE), "w") as f:
+    with open(os.path.join(d, model_dir.CONFIG_FILE), "w") as f:
       f.write('{"format_version": 1, "model_cl')
     match = "not valid JSON"
   else:
@@ -145,7 +148,7 @@ def test_corrupt_weights_without_manifest_check_still_a_clear_error(saved, tmp_p
     for f in files:
       os.remove(os.path.join(root, f))
   with pytest.raises(CheckpointError, match="is corrupt"):
-    checkpoint.load(d, verify=False)
+    model_dir.load(d, verify=False)
 
 
 def test_interrupted_save_is_never_loaded_and_save_is_not_clobbering(saved, tmp_path):
@@ -160,7 +163,7 @@ def test_interrupted_save_is_never_loaded_and_save_is_not_clobbering(saved, tmp_
   with pytest.raises(FileExistsError, match="overwrite=True"):
     zoo.save(model, target)
   newer = zoo.create("test-tiny", seed=5)
-  checkpoint.save(newer, target, overwrite=True)
+  model_dir.save(newer, target, overwrite=True)
   images, _ = _inputs()
   np.testing.assert_array_equal(_img(zoo.load(target)[0], images), _img(newer, images))
 
@@ -168,7 +171,7 @@ def test_interrupted_save_is_never_loaded_and_save_is_not_clobbering(saved, tmp_
 def test_record_refuses_classes_outside_zoo(saved, tmp_path):
   _, directory = saved
   d = _copy(directory, tmp_path)
-  path = os.path.join(d, checkpoint.CONFIG_FILE)
+  path = os.path.join(d, model_dir.CONFIG_FILE)
   with open(path) as f:
     record = json.load(f)
   record["model_class"] = "os.system"
@@ -299,7 +302,7 @@ def test_restore_with_wrong_structure_is_a_clear_error(tmp_path):
 
 def test_model_params_round_trip_through_train_checkpointer(tmp_path):
   """The loop's use: nnx params split off a model, sharded by logical rules, saved, restored."""
-  from zoo import sharding
+  from zoo.models import sharding
 
   mesh = sharding.make_mesh(data=2, fsdp=4)
   model = zoo.create("test-tiny", seed=2)
@@ -315,3 +318,27 @@ def test_model_params_round_trip_through_train_checkpointer(tmp_path):
   _assert_same(restored, {"params": params})
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves({"params": params})):
     assert got.sharding == want.sharding
+
+
+# ----------------------------------------------------------------------------- older layouts
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("kind", ["clip", "moe"])
+def test_model_dir_written_by_0_1_0_loads(kind):
+  """Directories written by zoo 0.1.0 (before the layout move; the fixture was made with that
+  commit) record `zoo.registry.CLIPConfig`: they load through the rename table and give the
+  features 0.1.0 computed."""
+  expected = np.load(FIXTURES / "model_dir_v0_1_0_expected.npz")
+  model, _, _ = zoo.load(FIXTURES / f"model_dir_v0_1_0_{kind}")
+  image = np.asarray(model.encode_image(jnp.asarray(expected["images"])))
+  text = np.asarray(model.encode_text(jnp.asarray(expected["tokens"])))
+  np.testing.assert_allclose(image, expected[f"{kind}_image"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(text, expected[f"{kind}_text"], atol=1e-5, rtol=0)
+
+
+def test_moved_class_names_resolve():
+  assert model_dir.current_qualname("zoo.registry.CLIPConfig") == "zoo.models.configs.CLIPConfig"
+  assert model_dir.current_qualname("zoo.moe.MoECLIP") == "zoo.models.moe.MoECLIP"
+  assert model_dir.current_qualname("zoo.models.clip.CLIP") == "zoo.models.clip.CLIP"

@@ -1,3 +1,5 @@
+from zoo.train import checkpoints
+
 """User errors on the command lines: one line on stderr, exit code 2, no traceback (unless
 ZOO_DEBUG=1); Ctrl-C stops a run cleanly."""
 
@@ -60,7 +62,6 @@ def test_convert_refused_pickle(tmp_path):
 
 
 def test_ctrl_c_stops_cleanly(tmp_path):
-  from zoo import checkpoint
 
   workdir = tmp_path / "w"
   proc = popen("train.py", *TINY, "--workdir", str(workdir), "--config.total_steps=500",
@@ -78,7 +79,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
   assert "Traceback" not in stderr, stderr[-3000:]
   last = lines(stderr)[-1]
   assert last.startswith("train.py: interrupted after step"), lines(stderr)
-  steps = checkpoint.complete_steps(workdir / "checkpoints")
+  steps = checkpoints.complete_steps(workdir / "checkpoints")
   assert steps and f"latest complete checkpoint: step {steps[-1]}" in last
   # Only complete steps (and no half-written directory) are left behind.
   assert sorted(os.listdir(workdir / "checkpoints")) == sorted(map(str, steps))

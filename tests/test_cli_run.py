@@ -1,3 +1,5 @@
+from zoo.train import checkpoints
+
 """train.py / eval.py end to end on a tiny run: quiet logs, strict JSON logs, a finished workdir
 re-prints its table, eval.py reads the stored config, a diverged run stops without saving."""
 
@@ -75,7 +77,7 @@ def test_eval_refuses_nan_model(finished, tmp_path):
   from flax import nnx
 
   import zoo
-  from zoo import checkpoint
+  from zoo.weights import model_dir as checkpoint
 
   workdir, _ = finished
   model, _, _ = zoo.load(os.path.join(workdir, "model"))
@@ -108,9 +110,8 @@ def test_diverged_run_stops_and_keeps_good_checkpoint(finished, tmp_path):
                                  or "parameters" in diverged[0]), err
   assert "Traceback" not in proc.stderr
   # Nothing saved from the bad state: every checkpoint left is finite, the export untouched.
-  from zoo import checkpoint
 
-  steps = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
+  steps = checkpoints.complete_steps(os.path.join(workdir, "checkpoints"))
   assert steps and f"latest good checkpoint: step {steps[-1]}" in diverged[0]
   assert open(os.path.join(workdir, "model", "zoo_config.json")).read() == model_record
   import orbax.checkpoint as ocp
@@ -130,7 +131,7 @@ def jax_leaves(tree):
 
 
 def test_nan_scores_rank_last_in_every_metric():
-  from zoo import eval_lib
+  from zoo.eval import evaluator
   from zoo.families import multilingual as multilingual_family
 
   rng = np.random.default_rng(0)
@@ -139,16 +140,16 @@ def test_nan_scores_rank_last_in_every_metric():
   labels = np.arange(6) % 3
   classifier = feats[:3].T.copy()
   nan_classifier = np.full_like(classifier, np.nan)
-  zs = eval_lib.zero_shot_metrics(feats, labels, nan_classifier)
+  zs = evaluator.zero_shot_metrics(feats, labels, nan_classifier)
   assert zs == {"top1": 0.0, "top5": 0.0, "mean_per_class_recall": 0.0}
   # One NaN class column: it never outranks a number, so the others score as without it.
   partial = classifier.copy()
   partial[:, 2] = np.nan
-  ranks = eval_lib.stable_ranks(feats @ partial, labels)  # noqa: SLF001 - the ranking itself
+  ranks = evaluator.stable_ranks(feats @ partial, labels)  # noqa: SLF001 - the ranking itself
   assert (ranks[labels == 2] == 3).all()  # a NaN target is no hit at any k
-  clean = eval_lib.stable_ranks(feats @ classifier, labels)  # noqa: SLF001
+  clean = evaluator.stable_ranks(feats @ classifier, labels)  # noqa: SLF001
   assert (ranks[labels != 2] <= clean[labels != 2]).all()  # NaNs never outrank a number
-  r = eval_lib.retrieval_metrics(np.full_like(feats, np.nan), feats, [[i] for i in range(6)],
+  r = evaluator.retrieval_metrics(np.full_like(feats, np.nan), feats, [[i] for i in range(6)],
                                  ks=(1,))
   assert r == {"image_retrieval_recall@1": 0.0, "text_retrieval_recall@1": 0.0}
   top1, n = multilingual_family.babel_zeroshot_language(feats, labels, [0, 1, 2], nan_classifier)

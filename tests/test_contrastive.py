@@ -22,10 +22,10 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc  # the
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import kernels
-from kernels import _mosaic, _pallas
-from kernels.contrastive import contrastive_loss
-from zoo import losses, sharding
+from zoo import kernels, losses
+from zoo.kernels import _mosaic, _pallas
+from zoo.kernels.contrastive import contrastive_loss
+from zoo.models import sharding
 
 SCALE, BIAS = 10.0, -5.0
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import sharding, train_lib
+from zoo.models import sharding
+from zoo.train import loop as train_lib
 
 
 def _step_metrics(impl: str, accum: int, bias: float | None) -> dict:

@@ -20,11 +20,10 @@ open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 
 import zoo  # noqa: E402
-from zoo import (
-  checkpoint,  # noqa: E402
-  convert,  # noqa: E402
-)
+from zoo import convert
 from zoo.convert import __main__ as cli  # noqa: E402
+from zoo.models import configs
+from zoo.weights import model_dir
 
 TOL = 1e-4
 TEXTS = ["a photo of a cat", "A DIAGRAM of the <b>zoo</b>'s layout &amp; more!!", "",
@@ -242,7 +241,7 @@ def tiny_open_clip_siglip(seed: int = 0):
 def test_siglip_timm_layout_parity_and_exact_round_trip():
   torch_model = tiny_open_clip_siglip()
   sd = torch_model.state_dict()
-  config = zoo.get_model_config("test-tiny-siglip", embed_dim=64, vision={"projection": False})
+  config = configs.get_model_config("test-tiny-siglip", embed_dim=64, vision={"projection": False})
   model = convert.from_open_clip(sd, config)
   images, tokens = _images(2, 32, seed=5), _texts_tokens()
   want = _torch_features(torch_model, images, tokens)
@@ -326,7 +325,7 @@ def test_hf_config_mapping():
                          patch_size=32, image_size=224),
       projection_dim=512)
   got = convert.config_from_hf(b32.to_dict())
-  want = zoo.get_model_config("ViT-B-32-quickgelu")
+  want = configs.get_model_config("ViT-B-32-quickgelu")
   assert got.vision == want.vision and got.text == want.text and got.quick_gelu
   assert abs(got.init_logit_scale - want.init_logit_scale) < 1e-4
 
@@ -344,7 +343,7 @@ def test_cli_open_clip_round_trip_through_safetensors_and_pt(tmp_path):
   cli.write_safetensors(sd, src)
   assert cli.main(["from-open-clip", "--model", "test-tiny", "--input", src,
                    "--output", str(tmp_path / "ckpt")]) == 0
-  model, _, _ = checkpoint.load(str(tmp_path / "ckpt"))
+  model, _, _ = model_dir.load(str(tmp_path / "ckpt"))
   _assert_same_state_dict(convert.to_open_clip(model), sd)
   out = str(tmp_path / "out.safetensors")
   assert cli.main(["to-open-clip", "--input", str(tmp_path / "ckpt"), "--output", out]) == 0
@@ -356,7 +355,7 @@ def test_cli_open_clip_round_trip_through_safetensors_and_pt(tmp_path):
   torch.save({"epoch": 1, "state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()}}, pt)
   assert cli.main(["from-open-clip", "--model", "test-tiny", "--input", pt,
                    "--output", str(tmp_path / "ckpt_pt")]) == 0
-  _assert_same_state_dict(convert.to_open_clip(checkpoint.load(str(tmp_path / "ckpt_pt"))[0]), sd)
+  _assert_same_state_dict(convert.to_open_clip(model_dir.load(str(tmp_path / "ckpt_pt"))[0]), sd)
 
 
 def test_cli_refuses_pickled_objects(tmp_path):
@@ -383,4 +382,4 @@ def test_cli_hf_round_trip_with_config_json(tmp_path):
   _assert_same_state_dict(_as_numpy(reloaded.state_dict()), sd)
   with open(tmp_path / "hf_out" / "config.json") as f:
     assert json.load(f)["vision_config"]["hidden_act"] == "quick_gelu"
-  assert os.path.isfile(tmp_path / "ckpt" / checkpoint.CONFIG_FILE)
+  assert os.path.isfile(tmp_path / "ckpt" / model_dir.CONFIG_FILE)

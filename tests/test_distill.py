@@ -15,10 +15,12 @@ import zoo
 from configs import base
 from tests.cli_run import run
 from tests.train_utils import tiny_config
-from zoo import checkpoint, train_lib
+from zoo import families
 from zoo.data import demo, webdataset as wds
 from zoo.families import distill
 from zoo.models import clip as clip_lib
+from zoo.train import loop
+from zoo.weights import model_dir
 
 
 def _normed(rng, b, e):
@@ -89,7 +91,7 @@ def test_config_section_equals_settings_defaults_and_bad_keys():
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("teacher") / "model")
-  return checkpoint.save(clip_lib.create("test-tiny", seed=3), path)
+  return model_dir.save(clip_lib.create("test-tiny", seed=3), path)
 
 
 def distill_config(teacher: str, **overrides):
@@ -107,12 +109,12 @@ def distill_config(teacher: str, **overrides):
 def test_distill_trains_teacher_frozen_and_exports_student_alone(tmp_path, teacher_dir):
   config = distill_config(teacher_dir)
   config.loss.impl = "xla"
-  trainer = train_lib.build_trainer(config)
+  trainer = loop.build_trainer(config)
   model0 = trainer.model()
   assert model0.image_head is not None and model0.image_head.shape == (16, 32)
   teacher_before = jax.device_get(nnx.to_flat_state(nnx.state(model0.teacher, nnx.Param)))
   student_before = jax.device_get(nnx.to_flat_state(nnx.state(model0.student, nnx.Param)))
-  summary = train_lib.train(config, str(tmp_path / "run"))
+  summary = loop.train(config, str(tmp_path / "run"))
   assert summary["step"] == 3 and np.all(np.isfinite(summary["losses"]))
   m = summary["metrics"]
   for k in ("image_feature", "text_feature", "logit_kl", "contrastive"):
@@ -150,7 +152,7 @@ def test_distill_loss_matches_terms_computed_by_hand(teacher_dir):
            "tokens": jnp.asarray(np.tile(np.r_[49406, 5, 6, 49407, np.zeros(12)], (8, 1))
                                  + np.eye(8, 16, 1) * np.arange(8)[:, None], jnp.int32)}
   out = family.forward(model, batch, jax.random.key(0), settings)
-  total, m = family.loss(out, batch, train_lib.LossContext(settings, None, "reference"))
+  total, m = family.loss(out, batch, families.LossContext(settings, None, "reference"))
   t = model.teacher(batch["image"], batch["tokens"])
   si = np.asarray(model.student.encode_image(batch["image"])) @ np.asarray(model.image_head[...])
   sn = si / np.linalg.norm(si, axis=1, keepdims=True)
@@ -189,7 +191,7 @@ def test_embed_cache_holds_the_teachers_embeddings(cached_shards, teacher_dir):
   raw_paths, cached = cached_shards
   assert [os.path.basename(p) for p in cached] == [os.path.basename(p) for p in raw_paths]
   teacher, _, preprocess = zoo.load(teacher_dir)
-  tok = checkpoint.load_tokenizer(teacher_dir, context_length=16)
+  tok = model_dir.load_tokenizer(teacher_dir, context_length=16)
   src = wds.TarShardSource(cached)
   raw_src = wds.TarShardSource(raw_paths)
   assert len(src) == 24
@@ -224,7 +226,7 @@ def test_teacher_cache_trains_like_the_online_teacher(tmp_path, cached_shards, t
     c.data.name, c.data.shards = "webdataset", ",".join(cached)
     c.data.random_resized_crop_scale, c.data.random_resized_crop_ratio = (1.0, 1.0), (1.0, 1.0)
     c.distill.teacher_cache = mode == "cache"
-    runs[mode] = train_lib.train(c, str(tmp_path / mode))
+    runs[mode] = loop.train(c, str(tmp_path / mode))
   np.testing.assert_allclose(runs["cache"]["losses"], runs["online"]["losses"], rtol=1e-5)
   for k in ("image_feature", "text_feature", "logit_kl"):
     assert runs["cache"]["metrics"][k] == pytest.approx(runs["online"]["metrics"][k], rel=1e-4)
@@ -235,7 +237,7 @@ def test_teacher_cache_trains_like_the_online_teacher(tmp_path, cached_shards, t
   c.data.name, c.data.shards = "webdataset", cached_shards[0][0]
   c.distill.teacher_cache = True
   with pytest.raises(RuntimeError, match="missing_teacher_features"):
-    train_lib.train(c, str(tmp_path / "raw"))
+    loop.train(c, str(tmp_path / "raw"))
 
 
 def test_two_stage_recipe_configs_run_feature_then_contrastive(tmp_path, cached_shards,
@@ -255,27 +257,27 @@ def test_two_stage_recipe_configs_run_feature_then_contrastive(tmp_path, cached_
 
   c1, w1 = shrink(stage1.get_config(), "stage1")
   c1.distill.teacher = teacher_dir
-  first = train_lib.train(c1, w1)
+  first = loop.train(c1, w1)
   assert set(first["metrics"]) >= {"image_feature", "text_feature"}
   assert not {"logit_kl", "contrastive"} & set(first["metrics"])
   assert first["losses"][-1] < first["losses"][0]
   c2, w2 = shrink(stage2.get_config(), "stage2")
   assert c2.family == "clip" and c2.init_from
   c2.init_from = os.path.join(w1, "model")
-  trainer = train_lib.build_trainer(c2)
+  trainer = loop.build_trainer(c2)
   start = dict(nnx.to_flat_state(nnx.state(trainer.model(), nnx.Param)))
   exported = dict(nnx.to_flat_state(nnx.state(zoo.load(c2.init_from)[0], nnx.Param)))
   assert set(start) == set(exported)
   for k in start:
     np.testing.assert_array_equal(np.asarray(start[k][...]), np.asarray(exported[k][...]))
-  second = train_lib.train(c2, w2)
+  second = loop.train(c2, w2)
   assert second["step"] == 3 and np.all(np.isfinite(second["losses"]))
 
 
 def test_missing_teacher_is_a_one_line_error():
   config = distill_config("")
   with pytest.raises(ValueError, match="config.distill.teacher is empty"):
-    train_lib.build_trainer(config)
+    loop.build_trainer(config)
 
 
 # ----------------------------------------------------------------------------- label smoothing
@@ -301,13 +303,13 @@ def test_clip_family_label_smoothing_matches_numpy(impl):
   settings = fam.settings(config)
   out = {"image_features": jnp.asarray(x), "text_features": jnp.asarray(y),
          "logit_scale": jnp.float32(10.0)}
-  loss, m = fam.loss(out, {}, train_lib.LossContext(settings, None, impl))
+  loss, m = fam.loss(out, {}, families.LossContext(settings, None, impl))
   np.testing.assert_allclose(float(loss), np_smoothed_clip_loss(x, y, 10.0, 0.2), rtol=1e-5)
   assert float(m["label_smoothing"]) == pytest.approx(0.2)
-  plain, _ = fam.loss(out, {}, train_lib.LossContext(fam.settings(base.base_config()), None, impl))
+  plain, _ = fam.loss(out, {}, families.LossContext(fam.settings(base.base_config()), None, impl))
   np.testing.assert_allclose(float(plain), np_smoothed_clip_loss(x, y, 10.0, 0.0), rtol=1e-5)
   with pytest.raises(ValueError, match="softmax"):
-    fam.loss({**out, "logit_bias": jnp.float32(-10.0)}, {}, train_lib.LossContext(settings, None,
+    fam.loss({**out, "logit_bias": jnp.float32(-10.0)}, {}, families.LossContext(settings, None,
                                                                                    impl))
   config.loss.label_smoothing = 1.0
   with pytest.raises(ValueError, match="label_smoothing"):
@@ -318,7 +320,7 @@ def test_label_smoothing_trains_through_the_loop(tmp_path):
   config = tiny_config(total_steps=2, batch_size=8)
   config.data.size = 32
   config.loss.label_smoothing = 0.1
-  summary = train_lib.train(config, str(tmp_path / "run"))
+  summary = loop.train(config, str(tmp_path / "run"))
   assert summary["step"] == 2 and np.all(np.isfinite(summary["losses"]))
   assert summary["metrics"]["label_smoothing"] == pytest.approx(0.1)
 
@@ -374,7 +376,7 @@ def test_label_smoothing_schedule_trains_through_the_loop(tmp_path):
   config.data.size = 32
   config.log_every = 1
   config.loss.label_smoothing, config.loss.label_smoothing_schedule = 0.2, "linear"
-  summary = train_lib.train(config, str(tmp_path / "run"))
+  summary = loop.train(config, str(tmp_path / "run"))
   assert summary["step"] == 4 and np.all(np.isfinite(summary["losses"]))
   # the last logged step is step index 3 of 4: eps = 0.2 * (1 - 3/4)
   assert summary["metrics"]["label_smoothing"] == pytest.approx(0.05, abs=1e-6)

@@ -1,4 +1,4 @@
-"""zoo.host_memory: with freed memory retained, a compiled step's buffers are reused, not
+"""zoo.train.host_memory: with freed memory retained, a compiled step's buffers are reused, not
 page-faulted back in on every call (measured in a fresh process, as train.py runs)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from zoo import host_memory
+from zoo.train import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A jitted call whose intermediate (a 4096 x 4096 float32 dot output, 64 MiB) lives in XLA's

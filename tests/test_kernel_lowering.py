@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from kernels import _pallas
-from kernels.contrastive import contrastive_loss
+from zoo.kernels import _pallas
+from zoo.kernels.contrastive import contrastive_loss
 
 MIB = 1 << 20
 SMEM_H100 = 227 * 1024

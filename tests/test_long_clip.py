@@ -8,10 +8,11 @@ import pytest
 import zoo
 from configs import base
 from tests.train_utils import tiny_config
-from zoo import eval_lib, sharding, train_lib
 from zoo.convert import cli, long_clip as lc_convert
+from zoo.eval import evaluator, suite
 from zoo.families import long_clip as lc_family
-from zoo.models import long_clip as lc_model
+from zoo.models import long_clip as lc_model, sharding
+from zoo.train import loop
 
 L, NEW, KEEP = 77, 248, 20
 
@@ -237,7 +238,7 @@ def long_batches(n, b=16, seed=0):
 
 
 def run_steps(mesh, config, batches):
-  trainer = train_lib.build_trainer(config, mesh)
+  trainer = loop.build_trainer(config, mesh)
   losses = []
   for batch in batches:
     trainer.state, m = trainer.step_fn(trainer.state, sharding.host_to_global(batch, mesh))
@@ -343,10 +344,10 @@ def test_long_retrieval_evaluator(models):
           "image_to_captions": [[0], [1], [2], [3]]}
   tok77 = zoo.get_tokenizer("test-tiny")
   for model, truncated in ((base, 1.0), (stretched, 0.0)):
-    got = eval_lib.evaluate(model, {"long": spec}, tok77)
-    img = eval_lib.encode_images(model, images)
-    txt = eval_lib.encode_texts(model, tok77(captions, context_length=model.config.text.context_length))
-    want = eval_lib.retrieval_metrics(img, txt, spec["image_to_captions"])
+    got = suite.evaluate(model, {"long": spec}, tok77)
+    img = evaluator.encode_images(model, images)
+    txt = evaluator.encode_texts(model, tok77(captions, context_length=model.config.text.context_length))
+    want = evaluator.retrieval_metrics(img, txt, spec["image_to_captions"])
     for k, v in want.items():
       assert got[f"long/{k}"] == v
     assert got["long/truncated_fraction"] == truncated

@@ -9,10 +9,12 @@ from flax import nnx
 
 import zoo
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import eval_lib, layers, losses, sharding, train_lib
+from zoo import families, losses
 from zoo.convert import clip_moe
+from zoo.eval import evaluator
 from zoo.families.moe import dmu, family as moe_family
-from zoo.models import moe, moe_stats
+from zoo.models import layers, moe, moe_stats, sharding
+from zoo.train import loop as train_lib
 
 E, K = 4, 2
 
@@ -195,11 +197,11 @@ def test_upcycled_defaults_equal_dense_and_ignore_batch_composition(dense):
   assert m.config.moe.dropless
   randomize_routers(m, 5)
   for method, x in (("encode_image", images), ("encode_text", tokens)):
-    ref = np.asarray(eval_lib.encode_batched(dense, x, method, batch_size=6))
+    ref = np.asarray(evaluator.encode_batched(dense, x, method, batch_size=6))
     for bs in (1, 4, 6):
-      got = np.asarray(eval_lib.encode_batched(m, x, method, batch_size=bs))
+      got = np.asarray(evaluator.encode_batched(m, x, method, batch_size=bs))
       np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{method} batch_size={bs}")
-    mixed = np.asarray(eval_lib.encode_batched(m, x[::-1].copy(), method, batch_size=4))[::-1]
+    mixed = np.asarray(evaluator.encode_batched(m, x[::-1].copy(), method, batch_size=4))[::-1]
     np.testing.assert_allclose(mixed, ref, atol=1e-5, err_msg=f"{method} reversed")
 
 
@@ -283,7 +285,7 @@ def moe_config(**kw):
 def loss_and_grads(config, mesh, batch):
   """The family's loss and gradients, jitted over `mesh` as the train step does."""
   trainer = train_lib.build_trainer(config, mesh)
-  ctx = train_lib.LossContext(settings=trainer.settings, mesh=mesh, impl="reference")
+  ctx = families.LossContext(settings=trainer.settings, mesh=mesh, impl="reference")
 
   def loss_fn(params, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -1,3 +1,5 @@
+from zoo.train import distributed
+
 """Two train.py processes on 127.0.0.1 (4 CPU devices each), started as the README says, train
 exactly like one 8-device train.py: the same losses, evaluation and exported model."""
 
@@ -66,22 +68,21 @@ def test_two_train_processes_match_one(tmp_path):
     ({"TPU_WORKER_HOSTNAMES": "t0"}, None),
 ])
 def test_cluster_detection(monkeypatch, env, expected):
-  from zoo import train_lib
 
   for k in list(os.environ):
     if k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
       monkeypatch.delenv(k)
   for k, v in env.items():
     monkeypatch.setenv(k, v)
-  assert train_lib.cluster_environment() == expected
+  assert distributed.cluster_environment() == expected
 
 
 def test_incomplete_multihost_settings_are_one_line_errors(monkeypatch):
   from tests.train_utils import tiny_config
-  from zoo import cli, train_lib
+  from zoo import errors
 
   for k in ("ZOO_NUM_PROCESSES", "ZOO_PROCESS_ID", "ZOO_COORDINATOR_ADDRESS"):
     monkeypatch.delenv(k, raising=False)
   config = tiny_config(**{"distributed.coordinator_address": "127.0.0.1:1234"})
-  with pytest.raises(cli.UserError, match="num_processes=0, process_id=-1"):
-    train_lib.maybe_initialize_distributed(config)
+  with pytest.raises(errors.UserError, match="num_processes=0, process_id=-1"):
+    distributed.maybe_initialize_distributed(config)

@@ -1,4 +1,4 @@
-"""LoRA (zoo.peft): zero update at init, merged = unmerged, only adapters train, adapters saved
+"""LoRA (zoo.models.lora): zero update at init, merged = unmerged, only adapters train, adapters saved
 and loaded alone with clear mismatch errors, per-language adapter swapping, merged models save
 and load as plain zoo models, adapter shardings."""
 
@@ -14,7 +14,10 @@ from safetensors.numpy import load_file
 
 import zoo
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import layers, losses, peft, sharding, train_lib
+from zoo import losses
+from zoo.models import layers, lora as peft, sharding
+from zoo.train import step as train_step
+from zoo.weights import adapters
 
 ALL = r"kernel$"  # every LoRA-able kernel: Linear.kernel, qkv_kernel, out_kernel
 BATCH = synthetic_batches(1, 4)[0]
@@ -145,9 +148,9 @@ def test_only_lora_parameters_train():
                           rank=4, alpha=8.0))
   config = tiny_config(lr=1e-2, warmup_steps=0, total_steps=10)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = train_lib.make_optimizer(config, params, trainable=peft.is_lora_path)
-  lora_keys = {train_lib.path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
-               if peft.is_lora_path(train_lib.path_names(p))}
+  tx = train_step.make_optimizer(config, params, trainable=peft.is_lora_path)
+  lora_keys = {sharding.path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+               if peft.is_lora_path(sharding.path_names(p))}
   assert len(lora_keys) == 2 * n and all(k[0] == "text" for k in lora_keys)
 
   def loss_fn(params, batch):
@@ -170,10 +173,10 @@ def test_only_lora_parameters_train():
   changed = 0
   for path, old in jax.tree_util.tree_leaves_with_path(before):
     new = np.asarray(trained_leaf(trained, path))
-    if peft.is_lora_path(train_lib.path_names(path)):
+    if peft.is_lora_path(sharding.path_names(path)):
       changed += int(not np.array_equal(new, old))
     else:
-      assert new.dtype == old.dtype and np.array_equal(new, old), train_lib.path_names(path)
+      assert new.dtype == old.dtype and np.array_equal(new, old), sharding.path_names(path)
   assert changed == 2 * n  # every a and b moved
 
 
@@ -186,13 +189,13 @@ def trained_leaf(tree, path):
 
 def test_apply_settings():
   model = zoo.create("test-tiny")
-  settings = peft.default_settings()
-  assert settings.rank == 0 and peft.apply_settings(model, settings) == []
+  settings = adapters.default_settings()
+  assert settings.rank == 0 and adapters.apply_settings(model, settings) == []
   settings.rank = 2
   with pytest.raises(ValueError, match="peft.targets is empty"):
-    peft.apply_settings(model, settings)
+    adapters.apply_settings(model, settings)
   settings.targets = r"^text/.*qkv_kernel$"
-  assert peft.apply_settings(model, settings) == [
+  assert adapters.apply_settings(model, settings) == [
       f"text/transformer/resblocks/{i}/attn/qkv_kernel" for i in range(2)]
 
 
@@ -203,32 +206,32 @@ def adapter(tmp_path, name: str, seed: int, language: str, targets=r"^text/.*ker
   model = zoo.create("test-tiny")
   peft.apply_lora(model, targets=targets, rank=4, alpha=8.0)
   set_lora(model, seed=seed)
-  path = peft.save_adapters(model, tmp_path / name, metadata={"language": language})
+  path = adapters.save_adapters(model, tmp_path / name, metadata={"language": language})
   return model, path
 
 
 def test_save_load_adapters_round_trip(tmp_path):
   source, path = adapter(tmp_path, "ar", seed=1, language="ar")
-  assert sorted(os.listdir(path)) == [peft.ADAPTER_FILE, peft.CONFIG_FILE]
-  tensors = load_file(os.path.join(path, peft.ADAPTER_FILE))
-  assert tensors.keys() == peft.lora_state(source).keys()
+  assert sorted(os.listdir(path)) == [adapters.ADAPTER_FILE, adapters.CONFIG_FILE]
+  tensors = load_file(os.path.join(path, adapters.ADAPTER_FILE))
+  assert tensors.keys() == adapters.lora_state(source).keys()
   assert all(peft.is_lora_path(tuple(k.split("/"))) for k in tensors)  # adapters only
-  with open(os.path.join(path, peft.CONFIG_FILE)) as f:
+  with open(os.path.join(path, adapters.CONFIG_FILE)) as f:
     config = json.load(f)
   assert (config["rank"], config["alpha"], config["metadata"]) == (4, 8.0, {"language": "ar"})
   assert len(config["kernel_paths"]) == 8 and config["patterns"] == [r"^text/.*kernel$"]
 
   fresh = zoo.create("test-tiny")
-  assert peft.load_adapters(fresh, path)["metadata"]["language"] == "ar"
+  assert adapters.load_adapters(fresh, path)["metadata"]["language"] == "ar"
   assert peft.lora_paths(fresh) == peft.lora_paths(source)
   assert_same(outputs(fresh), outputs(source))
-  again = peft.save_adapters(fresh, tmp_path / "again")
-  assert peft.read_adapter_config(again)["patterns"] == config["patterns"]
+  again = adapters.save_adapters(fresh, tmp_path / "again")
+  assert adapters.read_adapter_config(again)["patterns"] == config["patterns"]
   with pytest.raises(FileExistsError, match="overwrite=True"):
-    peft.save_adapters(source, path)
+    adapters.save_adapters(source, path)
   set_lora(source, seed=5)
-  peft.save_adapters(source, path, overwrite=True)
-  peft.load_adapters(fresh, path)  # same layout: the values are swapped in place
+  adapters.save_adapters(source, path, overwrite=True)
+  adapters.load_adapters(fresh, path)  # same layout: the values are swapped in place
   assert_same(outputs(fresh), outputs(source))
 
 
@@ -236,7 +239,7 @@ def test_load_adapters_mismatch_errors(tmp_path):
   _, path = adapter(tmp_path, "ar", seed=1, language="ar")
   narrow = zoo.create("test-tiny", text={"width": 32, "layers": 1})
   with pytest.raises(ValueError, match="does not fit CLIP") as err:
-    peft.load_adapters(narrow, path)
+    adapters.load_adapters(narrow, path)
   message = str(err.value)
   assert "missing kernel text/transformer/resblocks/1/attn/qkv_kernel" in message
   assert ("mis-shaped text/transformer/resblocks/0/attn/qkv_lora/a: expected (32, 4), found "
@@ -247,9 +250,9 @@ def test_load_adapters_mismatch_errors(tmp_path):
   other = zoo.create("test-tiny")
   peft.apply_lora(other, targets="^visual/", rank=4, alpha=8.0)
   with pytest.raises(ValueError, match="already has LoRA on other kernels"):
-    peft.load_adapters(other, path)
+    adapters.load_adapters(other, path)
   with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
-    peft.load_adapters(other, tmp_path)
+    adapters.load_adapters(other, tmp_path)
 
 
 def test_with_adapter_swaps_and_restores(tmp_path):
@@ -257,18 +260,18 @@ def test_with_adapter_swaps_and_restores(tmp_path):
   model = zoo.create("test-tiny")
   peft.apply_lora(model, targets=r"^text/.*attn", rank=2, alpha=4.0)
   set_lora(model, seed=7)
-  own, own_state, own_paths = outputs(model), peft.lora_state(model), peft.lora_paths(model)
-  with peft.with_adapter(model, ar) as config:
+  own, own_state, own_paths = outputs(model), adapters.lora_state(model), peft.lora_paths(model)
+  with adapters.with_adapter(model, ar) as config:
     assert config["metadata"]["language"] == "ar"
     assert_same(outputs(model), outputs(ar_model))
   assert peft.lora_paths(model) == own_paths
-  assert_same(peft.lora_state(model), own_state)
+  assert_same(adapters.lora_state(model), own_state)
   assert_same(outputs(model), own)
 
   plain = zoo.create("test-tiny")
   base = outputs(plain)
   with pytest.raises(RuntimeError, match="inside"):
-    with peft.with_adapter(plain, ar):
+    with adapters.with_adapter(plain, ar):
       raise RuntimeError("inside")
   assert peft.lora_paths(plain) == []
   assert_same(outputs(plain), base)

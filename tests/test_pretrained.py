@@ -19,8 +19,13 @@ from flax import nnx
 from PIL import Image
 
 import zoo
-from zoo import convert, long_clip, moe, multilingual, pretrained, registry, train_lib
+from zoo import convert
+from zoo.convert import clip_moe, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
+from zoo.convert.long_clip import to_long_clip
+from zoo.families import base as family_base
+from zoo.models import configs as registry, moe, multilingual
+from zoo.weights import hub as hub_lib, pretrained
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
@@ -110,13 +115,13 @@ def hub(tmp_path_factory):
   # Long-CLIP: torch.save'd state dict, released name
   long_src = zoo.create("test-tiny-long", seed=4)
   lc = pretrained.get_pretrained_cfg("LongCLIP-ViT-B-16", "sharegpt4v")
-  put_repo(home, lc["hf_hub"], {lc["weights"][0]: _torch_bytes(long_clip.to_long_clip(long_src), tmp)})
+  put_repo(home, lc["hf_hub"], {lc["weights"][0]: _torch_bytes(to_long_clip(long_src), tmp)})
   pretrained.register_pretrained("test-long", "sharegpt4v", dict(lc, architecture="test-tiny-long"))
   # CLIP-MoE: 4 experts, top-2, every block, Long-CLIP positions
   moe_src = moe.create("test-tiny-long", seed=5, num_experts=4, top_k=2, layers="all",
                        dropless=True)
   mc = pretrained.get_pretrained_cfg("CLIP-MoE-ViT-L-14", "sharegpt4v")
-  put_repo(home, mc["hf_hub"], {"CLIP-MoE_ShareGPT4V.pt": _torch_bytes(moe.to_clip_moe(moe_src), tmp)})
+  put_repo(home, mc["hf_hub"], {"CLIP-MoE_ShareGPT4V.pt": _torch_bytes(clip_moe.to_clip_moe(moe_src), tmp)})
   pretrained.register_pretrained("test-moe", "sharegpt4v", dict(mc, architecture="test-tiny-long"))
   # M-CLIP: the text tower repo + OpenAI's image tower repo
   mm = pretrained.get_pretrained_cfg("xlm-roberta-large-ViT-B-32", "mclip")
@@ -126,7 +131,7 @@ def hub(tmp_path_factory):
   tower = multilingual.MultilingualTextTransformer(multilingual.text_config("xlmr-tiny"), 32,
                                                    rngs=nnx.Rngs(7))
   put_repo(home, mm["hf_hub"], {
-      "pytorch_model.bin": _torch_bytes(multilingual.to_hf_text(tower), tmp),
+      "pytorch_model.bin": _torch_bytes(mclip.to_hf_text(tower), tmp),
       "config.json": json.dumps({"model_type": "M-CLIP", "modelBase": "xlmr-tiny",
                                  "transformerDimensions": 64, "numDims": 32}).encode(),
       "sentencepiece.bpe.model": _bytes(multilingual.DEMO_TOKENIZER)})
@@ -219,11 +224,11 @@ def test_preprocess_equals_open_clip_transform(name, tag):
 
 
 def test_unknown_tag_and_model_are_one_line_errors():
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(hub_lib.PretrainedError) as e:
     zoo.create("ViT-B-32", pretrained="laion9b_nope")
   msg = str(e.value)
   assert "\n" not in msg and "'laion9b_nope'" in msg and "laion2b_s34b_b79k" in msg
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(hub_lib.PretrainedError) as e:
     zoo.create("RN50", pretrained="openai")
   assert "\n" not in str(e.value) and "ResNet" in str(e.value)
 
@@ -303,7 +308,7 @@ def test_mclip_release(hub, offline_home):
 def test_offline_with_empty_cache_is_one_line(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HOME", str(tmp_path))
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(hub_lib.PretrainedError) as e:
     zoo.create(*B32[:1], pretrained=B32[1])
   msg = str(e.value)
   assert "\n" not in msg and "not in the Hugging Face cache" in msg and "HF_HUB_OFFLINE" in msg
@@ -318,14 +323,14 @@ def test_truncated_download_is_one_line(hub, tmp_path, monkeypatch):
     f.write(good[: len(good) // 3])
   monkeypatch.setenv("HF_HOME", str(tmp_path))
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(hub_lib.PretrainedError) as e:
     zoo.create("test-tiny", pretrained=B32[1])
   assert "\n" not in str(e.value) and "truncated or corrupt" in str(e.value)
   # without a digest to compare, the reader itself names the damaged file
   cut = tmp_path / "cut.safetensors"
   cut.write_bytes(good[: len(good) // 3])
   with pytest.raises(ValueError, match="truncated or corrupt"):
-    pretrained.read_weights(str(cut))
+    hub_lib.read_weights(str(cut))
 
 
 # ----------------------------------------------------------------------------- train / push
@@ -336,7 +341,7 @@ def test_init_from_pretrained(hub, offline_home):
   pretrained.resolve_init_from(config)
   assert os.path.isfile(os.path.join(config.init_from, "zoo_config.json"))
   fresh = zoo.create("test-tiny", seed=9)
-  train_lib.init_params_from(config, fresh)
+  family_base.init_params_from(config, fresh)
   images, tokens = _inputs()
   _close(_features(fresh, images, tokens), _oc_features(hub["oc_model"], images, tokens))
 
@@ -360,13 +365,13 @@ def test_open_clip_model_configs_round_trip():
   for name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-SigLIP",
                "ViT-B-32-quickgelu", "LongCLIP-ViT-B-16"):
     config = registry.get_model_config(name)
-    back = pretrained.open_clip_model_cfg(config)
-    assert pretrained.same_towers(pretrained.config_from_open_clip_cfg(back), config), name
+    back = open_clip_config.open_clip_model_cfg(config)
+    assert open_clip_config.same_towers(open_clip_config.config_from_open_clip_cfg(back), config), name
     oc = open_clip.get_model_config(name)
     if oc is not None:
-      assert pretrained.same_towers(pretrained.config_from_open_clip_cfg(oc), config), name
+      assert open_clip_config.same_towers(open_clip_config.config_from_open_clip_cfg(oc), config), name
   # the SigLIP export is open_clip's own config, key for key
-  assert pretrained.open_clip_model_cfg(registry.get_model_config("ViT-B-16-SigLIP")) == \
+  assert open_clip_config.open_clip_model_cfg(registry.get_model_config("ViT-B-16-SigLIP")) == \
       json.loads(json.dumps(open_clip.get_model_config("ViT-B-16-SigLIP")))
 
 

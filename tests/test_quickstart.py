@@ -13,13 +13,13 @@ NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart
 def test_quickstart_notebook_runs_on_a_trained_checkpoint(tmp_path):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
-  from zoo import train_lib
+  from zoo.train import loop
 
   config = tiny_config()
   config.total_steps = 3
   config.eval_every = 0
   workdir = tmp_path / "run"
-  train_lib.train(config, str(workdir))
+  loop.train(config, str(workdir))
   model_dir = workdir / "model"
   assert (model_dir / "zoo_config.json").exists()
 

@@ -13,10 +13,13 @@ import zoo
 from configs import base
 from tests import test_data as data_tests
 from tests.train_utils import tiny_config
-from zoo import eval_lib, losses, sharding, train_lib, transforms
+from zoo import losses, transforms
 from zoo.data import demo, pipeline
+from zoo.eval import evaluator, suite
+from zoo.families import base as family_base
 from zoo.families.region import evals as region_evals, family as region_family
-from zoo.models import clip as clip_lib, region
+from zoo.models import clip as clip_lib, configs, region, sharding
+from zoo.train import loop as train_lib, step as train_step
 
 FAMILY = region_family.FAMILY
 
@@ -127,7 +130,7 @@ def test_roi_align_bad_input_errors():
   with pytest.raises(ValueError, match=r"region batch lacks \['boxes', 'box_mask', 'region_tokens'\]"):
     FAMILY.forward(abstract, {"image": None, "tokens": None}, None, None)
   with pytest.raises(TypeError, match="needs a RegionCLIPConfig"):
-    region.RegionCLIP(zoo.get_model_config("test-tiny"), rngs=nnx.Rngs(0))
+    region.RegionCLIP(configs.get_model_config("test-tiny"), rngs=nnx.Rngs(0))
 
 
 # ----------------------------------------------------------------------------- data: boxes
@@ -374,7 +377,7 @@ def test_trainable_region_only_updates_the_head(tiny_region):
   config.region = base.region()
   config.region.trainable = "region"
   params = nnx.state(tiny_region, nnx.Param)
-  tx = train_lib.make_optimizer(config, params, FAMILY.trainable(FAMILY.settings(config)))
+  tx = train_step.make_optimizer(config, params, FAMILY.trainable(FAMILY.settings(config)))
   grads = jax.tree.map(lambda x: jnp.ones_like(x), params)
   update = jax.jit(tx.update)
   _, opt_state = update(grads, jax.jit(tx.init)(params), params)  # step 0: warm-up lr is 0
@@ -407,7 +410,7 @@ def test_save_load_and_init_from_clip(tmp_path, tiny_region):
   config = tiny_config(family="region", init_from=clip_dir)
   config.region = base.region()
   model = FAMILY.build_model(config, FAMILY.settings(config))
-  train_lib.init_params_from(config, model)
+  family_base.init_params_from(config, model)
   np.testing.assert_allclose(np.asarray(globals_(model, images)),
                              np.asarray(globals_(clip, images)), atol=1e-6)
   same = region.from_clip(clip, roi_size=4, seed=config.seed)
@@ -447,11 +450,11 @@ def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
   spec = {"kind": "region_zeroshot", "images": images, "boxes": boxes, "box_mask": mask,
           "region_labels": labels, "region_captions": captions, "class_names": classes,
           "templates": ["a {}.", "a photo of a {}."]}
-  metrics = eval_lib.evaluate(tiny_region, {"regions": spec}, tok, batch_size=4)
+  metrics = suite.evaluate(tiny_region, {"regions": spec}, tok, batch_size=4)
   feats, _ = nnx.jit(lambda m, x, b: m.encode_regions(x, b, normalize=True))(
       tiny_region, jnp.asarray(images), jnp.asarray(boxes))
   feats = np.asarray(feats)[mask]
-  classifier = eval_lib.zero_shot_classifier(tiny_region, tok, classes, spec["templates"])
+  classifier = evaluator.zero_shot_classifier(tiny_region, tok, classes, spec["templates"])
   top1 = np.mean(np.argmax(feats @ classifier, -1) == labels[mask])
   np.testing.assert_allclose(metrics["regions/top1"], top1, atol=1e-6)
   assert metrics["regions/num_regions"] == mask.sum()
@@ -460,7 +463,7 @@ def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
   # region -> text: caption set is the 3 distinct "a <class>" strings -> top-5 always hits
   assert metrics["regions/region_to_text_recall@5"] == 1.0
   # grounding head: IoU of the boxes it predicts from the (normalized) caption embeddings
-  txt = eval_lib.encode_texts(tiny_region, tok([c for row in captions for c in row]))
+  txt = evaluator.encode_texts(tiny_region, tok([c for row in captions for c in row]))
   text = np.zeros((n, r, txt.shape[1]), np.float32)
   text[mask] = txt
   pred = np.asarray(nnx.jit(lambda m, x, t: m.ground(m.image_and_patches(x)[1], t))(
@@ -475,7 +478,7 @@ def test_region_zeroshot_eval_matches_direct_computation(tiny_region):
   np.testing.assert_allclose(metrics["regions/grounding_acc@0.5"], (iou >= 0.5).mean(), atol=1e-6)
   # a plain CLIP is evaluated on box crops; both baselines run and mask padded boxes
   clip = clip_lib.create("test-tiny")
-  crop = eval_lib.evaluate(clip, {"regions": spec}, tok)
+  crop = suite.evaluate(clip, {"regions": spec}, tok)
   assert 0.0 <= crop["regions/top1"] <= 1.0
   pooled = region_evals.region_features(clip, images, boxes, method="pooled_patches")
   assert pooled.shape == (n, r, 32) and not pooled[~mask].any()

@@ -64,12 +64,12 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
   for step in range(1, 21):
     assert a[step] == b[step], (step, a[step], b[step])
 
-  from zoo import train_lib
+  from zoo.train import loop
 
   config = resume_config()
   config.mesh.fsdp = -1  # this process has 8 devices: restore onto a different mesh than saved
-  model_a, step_a, _ = train_lib.load_for_eval(config, workdir=str(straight))
-  model_b, step_b, _ = train_lib.load_for_eval(config, workdir=str(resumed))
+  model_a, step_a, _ = loop.load_for_eval(config, workdir=str(straight))
+  model_b, step_b, _ = loop.load_for_eval(config, workdir=str(resumed))
   assert step_a == step_b == 20
   from flax import nnx
 
@@ -109,7 +109,7 @@ def test_resume_refuses_changed_config(finished_run):
 
 
 def test_resume_continue_extends_schedule_keeping_its_past(finished_run, tmp_path):
-  from zoo import run_config
+  from zoo.train import run_config
 
   workdir = _copy(finished_run, tmp_path)
   proc = run("train.py", *TINY, "--workdir", workdir, "--config.eval_every=0",
@@ -149,7 +149,7 @@ def test_resume_restart_moves_old_run_aside(finished_run, tmp_path):
 
 
 def test_config_changes_ignore_placement_and_logging():
-  from zoo import run_config
+  from zoo.train import run_config
 
   a = resume_config()
   b = resume_config()

@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import sharding, train_lib
+from zoo.models import sharding
+from zoo.train import loop, step as train_step
 
 MESHES = {
     "single": dict(data=1, fsdp=1, tensor=1),
@@ -19,7 +20,7 @@ MESHES = {
 def run(mesh_kw, steps=5, **cfg):
   devices = jax.devices()[:1] if mesh_kw == MESHES["single"] else jax.devices()
   mesh = sharding.make_mesh(devices=devices, **mesh_kw)
-  trainer = train_lib.build_trainer(tiny_config(**cfg), mesh)
+  trainer = loop.build_trainer(tiny_config(**cfg), mesh)
   losses = []
   for batch in synthetic_batches(steps, 16):
     trainer.state, metrics = trainer.step_fn(trainer.state, sharding.host_to_global(batch, mesh))
@@ -52,7 +53,7 @@ def test_loss_trajectory_matches_single_device(reference, name):
 def test_parameters_sharded_by_rules():
   mesh_kw = MESHES["data2_fsdp2_tensor2"]
   mesh = sharding.make_mesh(**mesh_kw)
-  trainer = train_lib.build_trainer(tiny_config(), mesh)
+  trainer = loop.build_trainer(tiny_config(), mesh)
   params = trainer.state["params"]
   block = params["visual"]["transformer"]["resblocks"][0]
   assert block["mlp"]["fc1"]["kernel"].value.sharding.spec == P("fsdp", "tensor")
@@ -77,8 +78,8 @@ def test_grad_accumulation_runs_and_matches_shapes():
 
 
 def test_no_weight_decay_on_norms_embeddings_and_scale():
-  trainer = train_lib.build_trainer(tiny_config(), sharding.make_mesh(devices=jax.devices()[:1]))
-  mask = train_lib.decay_mask(trainer.state["params"])
+  trainer = loop.build_trainer(tiny_config(), sharding.make_mesh(devices=jax.devices()[:1]))
+  mask = train_step.decay_mask(trainer.state["params"])
   assert mask["visual"]["transformer"]["resblocks"][0]["mlp"]["fc1"]["kernel"].value
   assert not mask["visual"]["transformer"]["resblocks"][0]["mlp"]["fc1"]["bias"].value
   assert not mask["text"]["token_embedding"].value
@@ -102,7 +103,7 @@ def test_only_trainable_parameters_are_differentiated():
     return jnp.sum(y ** 2), {"mean": jnp.mean(y)}
 
   trainable = lambda path: path[0] == "train"  # noqa: E731
-  (loss, aux), grads = train_lib.trainable_value_and_grad(loss_fn, trainable)(params, x)
+  (loss, aux), grads = train_step.trainable_value_and_grad(loss_fn, trainable)(params, x)
   (ref_loss, ref_aux), ref = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
   assert float(loss) == float(ref_loss) and float(aux["mean"]) == float(ref_aux["mean"])
   np.testing.assert_array_equal(grads["frozen"]["w"], np.zeros((3, 4)))
@@ -110,5 +111,5 @@ def test_only_trainable_parameters_are_differentiated():
     np.testing.assert_allclose(grads["train"][k], ref["train"][k], rtol=1e-6)
   # The backward pass has no matmul for the frozen weight's gradient.
   count = lambda f: str(jax.make_jaxpr(f)(params, x)).count("dot_general")  # noqa: E731
-  assert count(train_lib.trainable_value_and_grad(loss_fn, trainable)) < count(
+  assert count(train_step.trainable_value_and_grad(loss_fn, trainable)) < count(
       jax.value_and_grad(loss_fn, has_aux=True))

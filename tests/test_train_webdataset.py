@@ -22,9 +22,9 @@ def test_train_through_corrupt_webdataset_samples(tmp_path):
   config = tiny_config(seed=seed, batch_size=8, total_steps=1)
   config.data.name = "webdataset"
   config.data.shards = ",".join(paths)
-  from zoo import train_lib
+  from zoo.train import loop
 
-  result = train_lib.train(config, str(tmp_path / "run"))
+  result = loop.train(config, str(tmp_path / "run"))
   assert result["step"] == 1 and np.isfinite(result["losses"][0])
   assert result["skipped"] == 2
   with open(tmp_path / "run" / "train_log.jsonl") as f:

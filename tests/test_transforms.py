@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from zoo import transforms as T
+from zoo.models import configs
 
 SIZES = [(100, 150), (300, 227), (224, 224), (481, 640), (37, 500), (640, 97)]
 
@@ -32,7 +33,7 @@ def vit_b32_preprocess(open_clip):
 
 def test_preprocess_equals_open_clip_vit_b32(vit_b32_preprocess):
   rng = np.random.default_rng(0)
-  ours = T.make_preprocess(224, T.OPENAI_MEAN, T.OPENAI_STD)
+  ours = T.make_preprocess(224, configs.OPENAI_MEAN, configs.OPENAI_STD)
   images = [_random_image(rng, hw) for hw in SIZES]
   for im in images:
     got = ours(im)
@@ -52,11 +53,11 @@ def test_preprocess_other_pil_modes_equal_open_clip(vit_b32_preprocess, mode):
 
 
 @pytest.mark.parametrize("image_size,resize_mode,mean,std", [
-    ((224, 192), "shortest", T.OPENAI_MEAN, T.OPENAI_STD),
-    (64, "longest", T.INCEPTION_MEAN, T.INCEPTION_STD),
-    ((48, 80), "longest", T.IMAGENET_MEAN, T.IMAGENET_STD),
-    (96, "squash", T.SIGLIP_MEAN, T.SIGLIP_STD),
-    (336, "shortest", T.OPENAI_MEAN, T.OPENAI_STD),
+    ((224, 192), "shortest", configs.OPENAI_MEAN, configs.OPENAI_STD),
+    (64, "longest", configs.INCEPTION_MEAN, configs.INCEPTION_STD),
+    ((48, 80), "longest", configs.IMAGENET_MEAN, configs.IMAGENET_STD),
+    (96, "squash", configs.SIGLIP_MEAN, configs.SIGLIP_STD),
+    (336, "shortest", configs.OPENAI_MEAN, configs.OPENAI_STD),
 ])
 def test_preprocess_modes_equal_open_clip(open_clip, image_size, resize_mode, mean, std):
   from open_clip.transform import image_transform
@@ -81,10 +82,10 @@ def test_preprocess_numpy_input_equals_pil():
 
 
 def test_get_preprocess_uses_model_config():
-  registry = pytest.importorskip("zoo.registry")
+  registry = pytest.importorskip("zoo.models.configs")
   cfg = registry.get_model_config("ViT-B-16-SigLIP")
   pre = T.get_preprocess("ViT-B-16-SigLIP")
-  assert pre.image_size == (cfg.vision.image_size,) * 2 and pre.mean == T.SIGLIP_MEAN
+  assert pre.image_size == (cfg.vision.image_size,) * 2 and pre.mean == configs.SIGLIP_MEAN
   white = np.full((50, 70, 3), 255, np.uint8)
   np.testing.assert_allclose(pre(white), 1.0, atol=1e-6)  # SigLIP: x / 127.5 - 1
   small = registry.get_model_config("test-tiny")

@@ -1,26 +1,19 @@
 """zoo: a JAX-native model zoo for CLIP and its variants.
 
-Public API: `list_models`, `create`, `get_tokenizer`, `save`, `load`, and the
-`zoo.convert` subpackage for PyTorch weights.
+Public API: `list_models`, `list_pretrained`, `create`, `create_model_and_transforms`,
+`get_tokenizer`, `save`, `load`, `export_pretrained`, and the `zoo.convert` subpackage for
+PyTorch weights. Everything else lives in one module each (zoo.models, zoo.train, zoo.eval,
+zoo.weights, zoo.data, zoo.families, zoo.kernels).
 """
 
-import sys
-
-from zoo.models import clip
-from zoo.models.clip import CLIP, from_config, l2_normalize
-from zoo.pretrained import create, create_model_and_transforms, export_pretrained, list_pretrained
-from zoo.registry import (
-  CLIPConfig,
-  TextConfig,
-  VisionConfig,
-  get_model_config,
-  list_models,
-  register,
-)
+from zoo.models.configs import list_models
 from zoo.version import __version__
-
-# Old import path `zoo.clip` (the module moved to zoo.models.clip), kept for one release.
-sys.modules.setdefault("zoo.clip", clip)
+from zoo.weights.pretrained import (
+  create,
+  create_model_and_transforms,
+  export_pretrained,
+  list_pretrained,
+)
 
 
 def get_tokenizer(name: str, context_length: int | None = None, **kwargs):
@@ -31,23 +24,23 @@ def get_tokenizer(name: str, context_length: int | None = None, **kwargs):
 
 
 def save(model, directory, config=None, *, overwrite: bool = False) -> str:
-  """Writes `model`'s weights and config atomically with Orbax; see zoo.checkpoint.save."""
-  from zoo import checkpoint
+  """Writes `model`'s weights and config atomically with Orbax; see zoo.weights.model_dir."""
+  from zoo.weights import model_dir
 
-  return checkpoint.save(model, directory, config, overwrite=overwrite)
+  return model_dir.save(model, directory, config, overwrite=overwrite)
 
 
 def load(directory, *, config=None, verify: bool = True):
   """(model, tokenizer, preprocess) from a directory written by `save` or a training workdir's
-  `model/`; `verify` checks file hashes; see zoo.checkpoint.load."""
-  from zoo import checkpoint
+  `model/`; `verify` checks file hashes; see zoo.weights.model_dir.load."""
+  from zoo.weights import model_dir
 
-  return checkpoint.load(directory, config=config, verify=verify)
+  return model_dir.load(directory, config=config, verify=verify)
 
 
 def __getattr__(name):
   if name == "convert":  # imported lazily: conversion pulls in safetensors / optional torch
-    import importlib
+    import zoo.convert
 
-    return importlib.import_module("zoo.convert")
+    return zoo.convert
   raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-import kernels
-from zoo import sharding
+from zoo import kernels
+from zoo.models import sharding
 
 Array = jax.Array
 

@@ -423,16 +423,16 @@ Tokenizer = ClipTokenizer | SentencePieceTokenizer | XLMRobertaTokenizer
 def _model_config(name: str):
   """The zoo registry's config for `name`, or None when the registry or the name is unknown.
 
-  This is the only coupling to `zoo.registry`: it needs `get_model_config(name)` returning an
+  This is the only coupling to `zoo.models.configs`: it needs `get_model_config(name)` returning an
   object with `.tokenizer` ('clip', 'sentencepiece' or a `.model` path) and
   `.text.context_length`.
   """
   try:
-    from zoo import registry
+    from zoo.models import configs
   except ImportError:
     return None
   try:
-    return registry.get_model_config(name)
+    return configs.get_model_config(name)
   except (KeyError, ValueError):
     return None
 

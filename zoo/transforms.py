@@ -21,13 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)  # SigLIP / big_vision: x / 127.5 - 1
-INCEPTION_STD = (0.5, 0.5, 0.5)
-SIGLIP_MEAN, SIGLIP_STD = INCEPTION_MEAN, INCEPTION_STD
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from zoo.models import configs
 
 RESIZE_MODES = ("shortest", "longest", "squash")
 _INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -122,8 +116,8 @@ class Preprocess:
   """
 
   image_size: tuple[int, int]
-  mean: tuple[float, float, float] = OPENAI_MEAN
-  std: tuple[float, float, float] = OPENAI_STD
+  mean: tuple[float, float, float] = configs.OPENAI_MEAN
+  std: tuple[float, float, float] = configs.OPENAI_STD
   resize_mode: str = "shortest"
   interpolation: str = "bicubic"
   fill_color: int = 0
@@ -176,8 +170,8 @@ class Preprocess:
     return np.stack([self(im) for im in images])
 
 
-def make_preprocess(image_size: int | Sequence[int], mean: Sequence[float] = OPENAI_MEAN,
-                    std: Sequence[float] = OPENAI_STD, resize_mode: str = "shortest", *,
+def make_preprocess(image_size: int | Sequence[int], mean: Sequence[float] = configs.OPENAI_MEAN,
+                    std: Sequence[float] = configs.OPENAI_STD, resize_mode: str = "shortest", *,
                     interpolation: str = "bicubic", fill_color: int = 0) -> Preprocess:
   """The eval preprocess of a model with input `image_size` and normalization `mean`/`std`."""
   return Preprocess(_hw(image_size), tuple(float(m) for m in mean), tuple(float(s) for s in std),
@@ -187,12 +181,10 @@ def make_preprocess(image_size: int | Sequence[int], mean: Sequence[float] = OPE
 def get_preprocess(model: str | object) -> Preprocess:
   """The eval preprocess of a registered model name or a model config.
 
-  A config needs `.vision.image_size`, `.image_mean` and `.image_std` (zoo.registry.CLIPConfig).
+  A config needs `.vision.image_size`, `.image_mean` and `.image_std` (zoo.models.configs.CLIPConfig).
   """
   if isinstance(model, str):
-    from zoo import registry
-
-    model = registry.get_model_config(model)
+    model = configs.get_model_config(model)
   try:
     size, mean, std = model.vision.image_size, model.image_mean, model.image_std
   except AttributeError as e:

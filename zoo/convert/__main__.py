@@ -2,12 +2,12 @@
 
 import sys
 
-from zoo import cli as run_cli
+from zoo import errors
 from zoo.convert.cli import COMMANDS, main
 from zoo.convert.io import TORCH_SUFFIXES, read_state_dict, write_safetensors
 
 __all__ = ["COMMANDS", "TORCH_SUFFIXES", "main", "read_state_dict", "write_safetensors"]
 
 if __name__ == "__main__":
-  run_cli.quiet_logging()
-  sys.exit(run_cli.run(main, prog="python -m zoo.convert"))
+  errors.quiet_logging()
+  sys.exit(errors.run(main, prog="python -m zoo.convert"))

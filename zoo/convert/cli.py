@@ -23,9 +23,10 @@ import os
 import sys
 from typing import Any
 
-from zoo import checkpoint, convert
+from zoo import convert
 from zoo.convert import clip_moe, long_clip, mclip, push
 from zoo.convert.io import read_state_dict, write_safetensors
+from zoo.weights import model_dir
 
 
 def _hf_config_arg(model: str | None, input_path: str) -> Any:
@@ -61,13 +62,13 @@ def _open_clip_or_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) 
       model = convert.from_open_clip(state_dict, args.model)
     else:
       model = convert.from_hf(state_dict, _hf_config_arg(args.model, args.input))
-    out = checkpoint.save(model, args.output, {"converted_from": args.input,
+    out = model_dir.save(model, args.output, {"converted_from": args.input,
                                                "layout": args.command[5:]},
                           overwrite=args.overwrite)
     print(f"wrote zoo checkpoint {out}")
     return 0
 
-  model, _, _ = checkpoint.load(args.input)
+  model, _, _ = model_dir.load(args.input)
   if args.command == "to-open-clip":
     state_dict, hf_config = convert.to_open_clip(model), None
   else:

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo import checkpoint, registry
 from zoo.convert import common, long_clip, open_clip as oc
 from zoo.convert.io import read_state_dict, write_safetensors
+from zoo.models import configs
 from zoo.models.long_clip import LONG_CLIP_CONTEXT_LENGTH
 from zoo.models.moe import MoECLIP, dense_view, upcycle
+from zoo.weights import model_dir
 
 _MOE_BLOCK = re.compile(r"^((?:visual\.)?transformer\.resblocks\.(\d+))\.gate\.weight$")
 
@@ -30,12 +31,12 @@ def _np(x: Any) -> np.ndarray:
   return common.as_float32(common.to_numpy(x))
 
 
-def from_clip_moe(state_dict: Mapping[str, Any], name: str | registry.CLIPConfig = "ViT-L-14-quickgelu",
+def from_clip_moe(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig = "ViT-L-14-quickgelu",
                   *, top_k: int = 2, keep: int = 20, **overrides: Any) -> MoECLIP:
   """A MoECLIP from a CLIP-MoE PyTorch state dict (OpenSparseLLMs/CLIP-MoE layout).
 
   Layout: OpenAI CLIP keys (text positions as Long-CLIP's `positional_embedding` +
-  `positional_embedding_res` when present, see `zoo.long_clip.from_long_clip`); a block N of
+  `positional_embedding_res` when present, see `zoo.convert.long_clip.from_long_clip`); a block N of
   either tower that is an MoE block has `...resblocks.N.gate.weight` [E, W] (router, no bias)
   and `...resblocks.N.experts.e.c_fc.{weight,bias}`, `...experts.e.c_proj.{weight,bias}`
   instead of `...resblocks.N.mlp.*`. CLIP-MoE routes dropless with renormalized top-k gates,
@@ -136,14 +137,14 @@ def export_safetensors(model: MoECLIP, path: str) -> None:
 
 def run_from_clip_moe(args: argparse.Namespace) -> int:
   model = from_clip_moe(read_state_dict(args.input), args.model or "ViT-L-14-quickgelu")
-  out = checkpoint.save(model, args.output, {"converted_from": args.input, "layout": "clip_moe"},
+  out = model_dir.save(model, args.output, {"converted_from": args.input, "layout": "clip_moe"},
                         overwrite=args.overwrite)
   print(f"wrote zoo checkpoint {out}")
   return 0
 
 
 def run_to_clip_moe(args: argparse.Namespace) -> int:
-  model, _, _ = checkpoint.load(args.input)
+  model, _, _ = model_dir.load(args.input)
   if not args.output.endswith(".safetensors"):
     raise ValueError(f"--output {args.output!r} must be a .safetensors file")
   if os.path.exists(args.output) and not args.overwrite:

@@ -16,8 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from zoo import registry
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs
 
 Path = tuple[Any, ...]  # an NNX state path, e.g. ('visual', 'transformer', 'resblocks', 0, ...)
 ArrayLike = Any
@@ -124,20 +123,20 @@ def shape_str(shape: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------- zoo side
 
 
-def resolve_config(name_or_config: str | registry.CLIPConfig, **overrides: Any
-                   ) -> registry.CLIPConfig:
+def resolve_config(name_or_config: str | configs.CLIPConfig, **overrides: Any
+                   ) -> configs.CLIPConfig:
   """A CLIPConfig from a registered name (open_clip names) or a config instance."""
-  if isinstance(name_or_config, registry.CLIPConfig):
-    return registry.apply_overrides(name_or_config, **overrides)
+  if isinstance(name_or_config, configs.CLIPConfig):
+    return configs.apply_overrides(name_or_config, **overrides)
   if isinstance(name_or_config, str):
-    return registry.get_model_config(name_or_config, **overrides)
+    return configs.get_model_config(name_or_config, **overrides)
   raise TypeError(f"expected a model name or a zoo CLIPConfig, got {type(name_or_config).__name__}")
 
 
 Builder = Callable[[Any], nnx.Module]  # config -> module (fresh weights)
 
 
-def build_clip(config: registry.CLIPConfig) -> nnx.Module:
+def build_clip(config: configs.CLIPConfig) -> nnx.Module:
   return clip_lib.CLIP(config, rngs=nnx.Rngs(0))
 
 

@@ -15,10 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo import registry
 from zoo.convert import common
 from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs as registry
 
 
 def _ignored(key: str) -> bool:

@@ -13,14 +13,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from zoo import checkpoint, registry
 from zoo.convert import common, open_clip as oc
 from zoo.convert.io import read_state_dict, write_safetensors
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs
 from zoo.models.long_clip import LONG_CLIP_KEEP
+from zoo.weights import model_dir
 
 
-def from_long_clip(state_dict: Mapping[str, Any], name: str | registry.CLIPConfig = "ViT-B-16-quickgelu",
+def from_long_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig = "ViT-B-16-quickgelu",
                    keep: int = LONG_CLIP_KEEP, **overrides: Any) -> clip_lib.CLIP:
   """A zoo CLIP from a Long-CLIP PyTorch state dict (LongCLIP-B: 'ViT-B-16-quickgelu',
   LongCLIP-L: 'ViT-L-14-quickgelu').
@@ -56,7 +56,7 @@ def to_long_clip(model: clip_lib.CLIP) -> dict[str, np.ndarray]:
 
 def run_from_long_clip(args: argparse.Namespace) -> int:
   model = from_long_clip(read_state_dict(args.input), args.model or "ViT-B-16-quickgelu")
-  out = checkpoint.save(model, args.output, {"converted_from": args.input, "layout": "long_clip"},
+  out = model_dir.save(model, args.output, {"converted_from": args.input, "layout": "long_clip"},
                         overwrite=args.overwrite)
   print(f"wrote zoo checkpoint {out}")
   return 0
@@ -64,7 +64,7 @@ def run_from_long_clip(args: argparse.Namespace) -> int:
 
 def run_to_long_clip(args: argparse.Namespace) -> int:
   """A .pt (torch.save, what Long-CLIP's longclip.load reads) or .safetensors file."""
-  model, _, _ = checkpoint.load(args.input)
+  model, _, _ = model_dir.load(args.input)
   state_dict = to_long_clip(model)
   if os.path.exists(args.output) and not args.overwrite:
     raise FileExistsError(f"{args.output} exists; pass --overwrite")

@@ -13,11 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo import checkpoint
 from zoo.convert import common
 from zoo.convert.common import attn_out, identity, layer_norm, linear, split_qkv
 from zoo.convert.io import read_state_dict, write_safetensors
-from zoo.layers import Linear
+from zoo.models.layers import Linear
 from zoo.models.multilingual import (
   TEXT_MODELS,
   MultilingualCLIP,
@@ -27,6 +26,7 @@ from zoo.models.multilingual import (
   list_text_models,
   text_config,
 )
+from zoo.weights import model_dir
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -214,7 +214,7 @@ def run_build(args: argparse.Namespace) -> int:
   missing = [f"--{k}" for k in ("teacher", "text", "tokenizer") if not getattr(args, k)]
   if missing:
     raise ValueError(f"build-mclip needs {' '.join(missing)}")
-  teacher, _, _ = checkpoint.load(args.teacher)
+  teacher, _, _ = model_dir.load(args.teacher)
   config_path = os.path.join(args.text if os.path.isdir(args.text) else
                              os.path.dirname(args.text), "config.json")
   hf_config = _read_json(config_path, "--text config")
@@ -224,7 +224,7 @@ def run_build(args: argparse.Namespace) -> int:
   tower = from_hf_text(read_state_dict(_weights_in(args.text)), cfg,
                        embed_dim=teacher.config.embed_dim, seed=args.seed)
   model = from_clip(teacher, tower, tokenizer=os.path.abspath(args.tokenizer))
-  out = checkpoint.save(model, args.output, {"built_from": {"teacher": args.teacher,
+  out = model_dir.save(model, args.output, {"built_from": {"teacher": args.teacher,
                                                             "text": args.text}},
                         overwrite=args.overwrite)
   print(f"wrote zoo checkpoint {out}")
@@ -233,7 +233,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_to_mclip(args: argparse.Namespace) -> int:
   """A MultilingualCLIP's text tower in M-CLIP's layout (model.safetensors + config.json)."""
-  model, _, _ = checkpoint.load(args.input)
+  model, _, _ = model_dir.load(args.input)
   if not isinstance(model, MultilingualCLIP):
     raise ValueError(f"{args.input} holds a {type(model).__name__}, not a MultilingualCLIP")
   if os.path.exists(args.output) and not args.overwrite:

@@ -18,10 +18,9 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo import registry
 from zoo.convert import common
 from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -59,7 +58,7 @@ def _transformer_rules(zoo: tuple, key: str, width: int, heads: int, layers: int
   return rules
 
 
-def _check_clip_layout(config: registry.CLIPConfig) -> None:
+def _check_clip_layout(config: configs.CLIPConfig) -> None:
   v, t = config.vision, config.text
   unsupported = []
   if v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection:
@@ -70,7 +69,7 @@ def _check_clip_layout(config: registry.CLIPConfig) -> None:
     raise ValueError("open_clip's CLIP layout cannot hold this model's " + " and ".join(unsupported))
 
 
-def _clip_rules(config: registry.CLIPConfig) -> list[Rule]:
+def _clip_rules(config: configs.CLIPConfig) -> list[Rule]:
   """Rules for open_clip `model.CLIP` (built-in VisionTransformer + text transformer)."""
   _check_clip_layout(config)
   v, t = config.vision, config.text
@@ -98,7 +97,7 @@ def _clip_rules(config: registry.CLIPConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------- SigLIP (timm)
 
 
-def _siglip_rules(config: registry.CLIPConfig) -> list[Rule]:
+def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
   """Rules for open_clip `CustomTextCLIP` with a timm ViT trunk (MAP head) and `text.*` tower."""
   v, t = config.vision, config.text
   if (v.pool != "map" or v.class_token or v.ln_pre or not v.patch_bias or v.projection
@@ -143,7 +142,7 @@ def _siglip_rules(config: registry.CLIPConfig) -> list[Rule]:
   return rules
 
 
-def rules_for(config: registry.CLIPConfig) -> list[Rule]:
+def rules_for(config: configs.CLIPConfig) -> list[Rule]:
   """The open_clip layout of `config`: built-in CLIP, or the SigLIP timm-trunk layout."""
   if config.vision.pool == "map":
     return _siglip_rules(config)
@@ -153,12 +152,12 @@ def rules_for(config: registry.CLIPConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------- public
 
 
-def config_from_open_clip(name: str, **overrides: Any) -> registry.CLIPConfig:
+def config_from_open_clip(name: str, **overrides: Any) -> configs.CLIPConfig:
   """The zoo config of open_clip model `name` (zoo's registry uses open_clip's names).
 
   OpenAI weights use QuickGELU: pass the `-quickgelu` name (e.g. 'ViT-B-32-quickgelu').
   """
-  return registry.get_model_config(name, **overrides)
+  return configs.get_model_config(name, **overrides)
 
 
 def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,7 +170,7 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 strip_prefix = _strip_prefix  # public: the Long-CLIP and CLIP-MoE layouts reuse it
 
 
-def from_open_clip(state_dict: Mapping[str, Any], name: str | registry.CLIPConfig,
+def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig,
                    **overrides: Any) -> clip_lib.CLIP:
   """A zoo CLIP holding an open_clip (or OpenAI) state dict's weights.
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from zoo import registry
-from zoo.hub import PretrainedError
+from zoo.models import configs as registry
+from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
 _VISION_FIXED = dict(ls_init_value=None, patch_dropout=0.0, attentional_pool=False,
@@ -108,7 +108,7 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
   """open_clip's `model_cfg` for a zoo CLIPConfig (the inverse of config_from_open_clip_cfg)."""
   if type(config) is not registry.CLIPConfig:
     raise PretrainedError(f"open_clip's layout has no {type(config).__name__} (MoE / XLM-R "
-                          "towers); use zoo.moe.export_safetensors or python -m zoo.multilingual "
+                          "towers); use zoo.convert.clip_moe.export_safetensors or python -m zoo.convert "
                           "to-mclip for those")
   for name, base in ((n, registry.get_model_config(n)) for n in TIMM_TRUNKS.values()):
     if config.vision.pool == "map" and same_towers(config, base):

@@ -24,12 +24,12 @@ def _staged(directory: str, workdir: str) -> str:
   """`directory` if it already has the open_clip layout, else its export into `workdir`."""
   if all(os.path.isfile(os.path.join(directory, f)) for f in LAYOUT_FILES):
     return directory
-  from zoo import checkpoint, pretrained
+  from zoo.weights import model_dir, pretrained
 
-  if not os.path.isfile(os.path.join(directory, checkpoint.CONFIG_FILE)):
+  if not os.path.isfile(os.path.join(directory, model_dir.CONFIG_FILE)):
     raise ValueError(f"{directory} holds neither {' + '.join(LAYOUT_FILES)} nor a zoo.save "
-                     f"checkpoint ({checkpoint.CONFIG_FILE})")
-  model, _, preprocess = checkpoint.load(directory)
+                     f"checkpoint ({model_dir.CONFIG_FILE})")
+  model, _, preprocess = model_dir.load(directory)
   return pretrained.export_pretrained(model, workdir, preprocess=preprocess)
 
 

@@ -23,8 +23,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from zoo import checkpoint, cli, pretrained
+from zoo import errors
 from zoo.data import webdataset as wds
+from zoo.weights import model_dir as checkpoint, pretrained
 
 _INTERNAL = ("__key__", "__shard__")
 
@@ -140,5 +141,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  cli.quiet_logging()
-  sys.exit(cli.run(main, prog="python -m zoo.data.embed_cache"))
+  errors.quiet_logging()
+  sys.exit(errors.run(main, prog="python -m zoo.data.embed_cache"))

@@ -1,4 +1,4 @@
-"""Eval sets for zoo.eval_lib.evaluate: the demo's held-out splits, WebDataset retrieval shards,
+"""Eval sets for zoo.eval.evaluator.evaluate: the demo's held-out splits, WebDataset retrieval shards,
 a TFDS zero-shot set and Babel-ImageNet label files (host-local numpy, the same on every host)."""
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def babel_set(data_cfg: Any, images: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def language_adapters(data_cfg: Any) -> dict[str, str]:
-  """`data.language_adapters` ("AR=dir,SW=dir") -> {language: zoo.peft adapter directory}."""
+  """`data.language_adapters` ("AR=dir,SW=dir") -> {language: zoo.models.lora adapter directory}."""
   given = config_value(data_cfg, "language_adapters", "")
   if not given:
     return {}
@@ -207,7 +207,7 @@ def webdataset_retrieval_set(shards: str | Sequence[str], *, image_size: int, me
 
 def build_eval_sets(data_cfg: Any, *, tokenizer: Tokenizer | None = None, image_size: int,
                     mean: Sequence[float], std: Sequence[float]) -> dict[str, dict]:
-  """Eval sets for `zoo.eval_lib.evaluate` (full sets, host-local numpy, same on every host).
+  """Eval sets for `zoo.eval.evaluator.evaluate` (full sets, host-local numpy, same on every host).
 
   demo: the held-out sets of `demo_eval_sets` (`data.eval_sets`, default zeroshot +
   retrieval); webdataset: a retrieval set from `data.eval_shards` when given. Either way,

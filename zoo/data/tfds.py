@@ -64,7 +64,7 @@ def zero_shot_set(name: str, *, split: str = "test", data_dir: str | None = None
                   image_key: str = "image", label_key: str = "label",
                   class_names: Sequence[str] | None = None,
                   templates: Sequence[str] | None = None) -> dict[str, Any]:
-  """A `zoo.eval_lib` "zeroshot" eval set from the first `size` (0 = all) examples of a split.
+  """A `zoo.eval.evaluator` "zeroshot" eval set from the first `size` (0 = all) examples of a split.
 
   Class names default to the ClassLabel names ("_" -> " "); WordNet ids (ImageNet's TFDS
   labels) are not prompts, so those need `class_names`.

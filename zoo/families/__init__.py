@@ -1,13 +1,12 @@
 """The model families, listed once. The train loop imports this list; no family imports the loop.
 
 Adding a family: one module here (its model under zoo/models/) and one line in `FAMILIES`.
-`register` adds one at run time (e.g. a family defined in a test or a notebook). Importing this
-package also registers every family's eval kinds with zoo.eval_lib.
+`register` adds one at run time (e.g. a family defined in a test or a notebook). The families'
+eval kinds are read from this list by zoo.eval.suite (nothing registers them by import).
 """
 
 from __future__ import annotations
 
-from zoo import eval_lib
 from zoo.families import clip, distill, long_clip, moe, multilingual, region
 from zoo.families.base import Family, LossContext
 
@@ -24,15 +23,12 @@ _REGISTRY: dict[str, Family] = {}
 
 
 def register(family: Family, *, overwrite: bool = False) -> Family:
-  """Adds `family` (a `Family` instance) under `family.name`, with its eval kinds."""
+  """Adds `family` (a `Family` instance) under `family.name`."""
   if not isinstance(family, Family):
     raise TypeError(f"register needs a zoo.families.Family instance, got {type(family).__name__}")
   if family.name in _REGISTRY and _REGISTRY[family.name] is not family and not overwrite:
     raise ValueError(f"family {family.name!r} is already registered (pass overwrite=True)")
   _REGISTRY[family.name] = family
-  for kind, fn in family.eval_kinds.items():
-    if kind not in eval_lib.evaluator_kinds():
-      eval_lib.register_evaluator(kind, fn)
   return family
 
 
@@ -47,7 +43,12 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def registered() -> list[Family]:
+  """Every family: the list above, then those added with `register`."""
+  return list(_REGISTRY.values())
+
+
 for _family in FAMILIES:
   register(_family)
 
-__all__ = ["FAMILIES", "Family", "LossContext", "get", "names", "register"]
+__all__ = ["FAMILIES", "Family", "LossContext", "get", "names", "register", "registered"]

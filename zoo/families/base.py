@@ -17,8 +17,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from zoo import checkpoint, losses
+from zoo import losses
 from zoo.models import clip as clip_lib
+from zoo.weights import model_dir
 
 Array = jax.Array
 Predicate = Callable[[tuple[str, ...]], bool]
@@ -76,7 +77,7 @@ def init_params_from(config: ml_collections.ConfigDict, model: nnx.Module) -> No
   src = config.get("init_from", "")
   if not src:
     return
-  loaded, _, _ = checkpoint.load(src)
+  loaded, _, _ = model_dir.load(src)
   flat_t = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   flat_s = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
   for key, var in flat_t.items():
@@ -92,7 +93,7 @@ class Family:
   """A model family on the one train loop; subclass and override. Defaults: plain CLIP.
 
   `fields`: the batch fields the train step consumes. `eval_kinds`: eval-set kind ->
-  `fn(model, spec, tokenizer, *, mesh, batch_size)` (registered with zoo.eval_lib).
+  `fn(model, spec, tokenizer, *, mesh, batch_size)` (registered with zoo.eval.evaluator).
   """
 
   name: str = "clip"

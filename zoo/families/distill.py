@@ -24,11 +24,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from zoo import checkpoint, losses, pretrained, registry
+from zoo import losses
 from zoo.data import webdataset as wds
 from zoo.families import base, clip as clip_family
-from zoo.layers import param
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs as registry
+from zoo.models.layers import param
+from zoo.weights import model_dir, pretrained
 
 Array = jax.Array
 
@@ -151,7 +152,7 @@ def load_teacher(path: str) -> clip_lib.CLIP:
   (converted once into zoo's cache); one-line error when missing or not a CLIP."""
   path = _teacher_dir(path)
   try:
-    teacher, _, _ = checkpoint.load(path)
+    teacher, _, _ = model_dir.load(path)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"config.distill.teacher {path!r}: {e}") from None
   if not isinstance(teacher, clip_lib.CLIP):
@@ -163,7 +164,7 @@ def teacher_config(path: str) -> registry.CLIPConfig:
   """The teacher's model config alone (no weights): what a teacher-cache run needs."""
   path = _teacher_dir(path)
   try:
-    config, _ = checkpoint.load_config(path)
+    config, _ = model_dir.load_config(path)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"config.distill.teacher {path!r}: {e}") from None
   if not isinstance(config, registry.CLIPConfig):

@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from zoo import checkpoint, eval_lib, losses, tokenizers
+from zoo import losses, tokenizers
 from zoo.data import webdataset as wds
+from zoo.eval import evaluator
 from zoo.families import base
 from zoo.models import clip as clip_lib
 from zoo.models.long_clip import (
@@ -28,6 +29,7 @@ from zoo.models.long_clip import (
   pca_reconstruct,
   stretch_positions,
 )
+from zoo.weights import model_dir
 
 Array = jax.Array
 FIELDS = ("image", "long_tokens", "short_tokens")
@@ -107,9 +109,9 @@ def eval_long_retrieval(model: nnx.Module, spec: Mapping[str, Any], tokenizer, *
   length = int(model.config.text.context_length)
   captions = list(spec["captions"])
   tokens = tokenizer(captions, context_length=length)
-  img = eval_lib.encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
-  txt = eval_lib.encode_texts(model, tokens, batch_size=max(batch_size, 1024), mesh=mesh)
-  metrics = eval_lib.retrieval_metrics(img, txt, spec["image_to_captions"],
+  img = evaluator.encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
+  txt = evaluator.encode_texts(model, tokens, batch_size=max(batch_size, 1024), mesh=mesh)
+  metrics = evaluator.retrieval_metrics(img, txt, spec["image_to_captions"],
                                        ks=spec.get("ks", (1, 5, 10)))
   if isinstance(tokenizer, tokenizers.ClipTokenizer):
     lengths = np.array([len(tokenizer.encode(c)) + 2 for c in captions])  # + SOT, EOT
@@ -138,7 +140,7 @@ class LongClipFamily(base.Family):
     frozen = settings.keep if settings.freeze_kept_positions else 0
     source_length = None
     if config.get("init_from", ""):
-      source_length = checkpoint.load_config(config.init_from)[0].text.context_length
+      source_length = model_dir.load_config(config.init_from)[0].text.context_length
     overrides = base.model_overrides(config)
     text = {**overrides.pop("text", {}), "frozen_positions": frozen}
     if source_length == target:

@@ -22,8 +22,9 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from zoo import checkpoint, eval_lib, losses, peft, tokenizers
+from zoo import losses, tokenizers
 from zoo.data import babel, demo, pipeline, webdataset as wds
+from zoo.eval import evaluator
 from zoo.families import base
 from zoo.models import clip as clip_lib
 from zoo.models.multilingual import (
@@ -33,6 +34,7 @@ from zoo.models.multilingual import (
   student_only,
   text_config,
 )
+from zoo.weights import model_dir
 
 Array = jax.Array
 Mesh = jax.sharding.Mesh
@@ -130,7 +132,7 @@ def babel_zeroshot_language(image_features: np.ndarray, labels: np.ndarray,
     return float("nan"), 0
   target = np.searchsorted(idx, labels[keep])
   scores = np.asarray(image_features, np.float32)[keep] @ classifier
-  return float((eval_lib.stable_ranks(scores, target) == 0).mean()), n  # NaN scores rank last
+  return float((evaluator.stable_ranks(scores, target) == 0).mean()), n  # NaN scores rank last
 
 
 def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokenizer, *,
@@ -141,7 +143,7 @@ def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: T
   `class_labels` (a Babel label file path or its parsed object), optional `prompts` (a Babel
   prompt file / object; languages without prompts use `templates`, English, default
   "a photo of a {}."), `languages` (subset, default all in the label file), `adapters`
-  ({language: zoo.peft adapter directory} used for that language's prompts).
+  ({language: zoo.models.lora adapter directory} used for that language's prompts).
   Metrics per language L: `L/top1`, `L/num_classes`, `L/num_images`, `L/translated_prompts`
   (1 = its own prompts, 0 = English fallback), `L/adapter` (1 = scored with its adapter);
   plus `mean_top1` over the scored languages.
@@ -159,7 +161,7 @@ def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: T
                      f"(it has {sorted(by_lang)})")
   adapters = dict(spec.get("adapters") or {})
   labels = np.asarray(spec["labels"]).astype(np.int64)
-  feats = eval_lib.encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
+  feats = evaluator.encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
   out: dict[str, float] = {}
   scored = []
   for lang in languages:
@@ -167,11 +169,11 @@ def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: T
     templates = prompts.get(lang, english)
 
     def classifier():
-      return eval_lib.zero_shot_classifier(model, tokenizer, names, templates,
+      return evaluator.zero_shot_classifier(model, tokenizer, names, templates,
                                   batch_size=max(batch_size, 1024), mesh=mesh)
 
     if lang in adapters:
-      with peft.with_adapter(model, adapters[lang]):
+      with adapters.with_adapter(model, adapters[lang]):
         weights = classifier()
     else:
       weights = classifier()
@@ -192,8 +194,8 @@ def tokenizer_for(model_config: Any, context_length: int | None = None,
   """The XLM-R tokenizer of a MultilingualCLIPConfig (its `.model`, or the copy in a
   zoo.save `directory`)."""
   path = model_config.tokenizer
-  if directory and os.path.isfile(os.path.join(directory, checkpoint.TOKENIZER_FILE)):
-    path = os.path.join(directory, checkpoint.TOKENIZER_FILE)
+  if directory and os.path.isfile(os.path.join(directory, model_dir.TOKENIZER_FILE)):
+    path = os.path.join(directory, model_dir.TOKENIZER_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"the multilingual model's sentencepiece file {path!r} does not exist")
   return tokenizers.XLMRobertaTokenizer(path, context_length or model_config.text.context_length)
@@ -251,7 +253,7 @@ class MultilingualFamily(base.Family):
     if not ms.teacher:
       raise ValueError("config.multilingual.teacher is empty: set it to the zoo.save directory "
                        "of the English CLIP to distill from")
-    teacher, _, _ = checkpoint.load(ms.teacher)
+    teacher, _, _ = model_dir.load(ms.teacher)
     if not isinstance(teacher, clip_lib.CLIP) or isinstance(teacher, MultilingualCLIP):
       raise ValueError(f"multilingual.teacher {ms.teacher} holds a {type(teacher).__name__}; "
                        "expected an English zoo CLIP")
@@ -272,8 +274,8 @@ class MultilingualFamily(base.Family):
   def field_hook(self, config: ml_collections.ConfigDict, settings: Settings,
                  model: nnx.Module) -> MultilingualFields:
     length = int(config.get("context_length", 0) or model.config.text.context_length)
-    own = checkpoint.load_config(settings.teacher)[0].text.context_length
-    teacher = checkpoint.load_tokenizer(settings.teacher, context_length=min(length, own))
+    own = model_dir.load_config(settings.teacher)[0].text.context_length
+    teacher = model_dir.load_tokenizer(settings.teacher, context_length=min(length, own))
     return MultilingualFields(languages(config.data), {"ml_en_tokens": teacher})
 
   def forward(self, model: MultilingualCLIP, batch: dict, rng: Array, settings: Settings) -> dict:

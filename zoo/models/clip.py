@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import registry
-from zoo.layers import AttentionPool, LayerNorm, Transformer, param
+from zoo.models import configs
+from zoo.models.layers import AttentionPool, LayerNorm, Transformer, param
 
 Array = jax.Array
 
@@ -29,7 +29,7 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 class VisionTransformer(nnx.Module):
   """ViT: patch embedding, [class token], positions, [ln_pre], blocks, ln_post, pool, proj."""
 
-  def __init__(self, cfg: registry.VisionConfig, embed_dim: int, *, quick_gelu: bool = False,
+  def __init__(self, cfg: configs.VisionConfig, embed_dim: int, *, quick_gelu: bool = False,
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
     w, p = cfg.width, cfg.patch_size
@@ -101,7 +101,7 @@ class VisionTransformer(nnx.Module):
 class TextTransformer(nnx.Module):
   """Token + position embeddings, (causal) blocks, ln_final, EOT/last pooling, projection."""
 
-  def __init__(self, cfg: registry.TextConfig, embed_dim: int, *, quick_gelu: bool = False,
+  def __init__(self, cfg: configs.TextConfig, embed_dim: int, *, quick_gelu: bool = False,
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
     w = cfg.width
@@ -182,7 +182,7 @@ class CLIP(nnx.Module):
   `logit_scale` (exp of the learned log-scale) and, for SigLIP, `logit_bias`.
   """
 
-  def __init__(self, config: registry.CLIPConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: configs.CLIPConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = _dtype(config.dtype)
     self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
@@ -220,9 +220,9 @@ class CLIP(nnx.Module):
 
 def create(name: str, *, seed: int = 0, **overrides) -> CLIP:
   """Builds the architecture `name` (see `list_models()`) with freshly initialised weights."""
-  config = registry.get_model_config(name, **overrides)
+  config = configs.get_model_config(name, **overrides)
   return CLIP(config, rngs=nnx.Rngs(seed))
 
 
-def from_config(config: registry.CLIPConfig, *, seed: int = 0) -> CLIP:
+def from_config(config: configs.CLIPConfig, *, seed: int = 0) -> CLIP:
   return CLIP(config, rngs=nnx.Rngs(seed))

@@ -1,7 +1,7 @@
 """CLIP-MoE's model side: top-k routed mixture-of-experts FFNs for both towers, upcycled from a
 dense CLIP.
 
-`MoEMLP` replaces `zoo.layers.MLP` in chosen blocks: a float32 bias-free router, softmax, top-k
+`MoEMLP` replaces `zoo.models.layers.MLP` in chosen blocks: a float32 bias-free router, softmax, top-k
 with renormalized gates, dropless by default (GShard capacity and priority only for training with
 `dropless=False`, inside `capacity_routing()`), experts stacked on an `expert` axis (sharded over the `expert` mesh axis, all-to-all dispatch). Each call sows
 its aux losses (load balance, router z-loss, drop fractions) as `nnx.Intermediate`; collect
@@ -23,8 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from zoo import layers as layers_lib, registry, sharding
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs, layers as layers_lib, sharding
 
 Array = jax.Array
 
@@ -86,11 +85,11 @@ class MoEConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "MoEConfig":
-    return registry.checked_config(cls, d, "MoE")
+    return configs.checked_config(cls, d, "MoE")
 
 
 @dataclasses.dataclass(frozen=True)
-class MoECLIPConfig(registry.CLIPConfig):
+class MoECLIPConfig(configs.CLIPConfig):
   """A CLIPConfig whose chosen blocks use MoE FFNs (`moe`)."""
 
   moe: MoEConfig = MoEConfig()
@@ -317,7 +316,7 @@ class MoECLIP(clip_lib.CLIP):
   def __init__(self, config: MoECLIPConfig, *, rngs: nnx.Rngs, router_init_std: float = 0.02):
     if not isinstance(config, MoECLIPConfig):
       raise TypeError(f"MoECLIP needs a MoECLIPConfig, got {type(config).__name__}; "
-                      "build one with zoo.moe.moe_config(...) or zoo.moe.upcycle(model, ...)")
+                      "build one with zoo.models.moe.moe_config(...) or zoo.models.moe.upcycle(model, ...)")
     super().__init__(config, rngs=rngs)
     dtype = jnp.dtype(config.dtype)
     for tower_name, tower in _towers(self).items():
@@ -341,7 +340,7 @@ class MoECLIP(clip_lib.CLIP):
     return out
 
 
-def moe_config(base: registry.CLIPConfig | str, *, num_experts: int = 4, top_k: int = 2,
+def moe_config(base: configs.CLIPConfig | str, *, num_experts: int = 4, top_k: int = 2,
                layers: Any = "every_other", capacity_factor: float = 1.25,
                dropless: bool = True, normalize_gates: bool = True) -> MoECLIPConfig:
   """A MoECLIPConfig over a dense architecture (a name or CLIPConfig).
@@ -349,7 +348,7 @@ def moe_config(base: registry.CLIPConfig | str, *, num_experts: int = 4, top_k: 
   `layers`: one spec for both towers (see `resolve_layers`) or {"vision": spec, "text": spec}.
   """
   if isinstance(base, str):
-    base = registry.get_model_config(base)
+    base = configs.get_model_config(base)
   if isinstance(layers, Mapping):
     unknown = sorted(set(layers) - {"vision", "text"})
     if unknown:
@@ -361,11 +360,11 @@ def moe_config(base: registry.CLIPConfig | str, *, num_experts: int = 4, top_k: 
                   dropless=dropless, normalize_gates=normalize_gates,
                   vision_layers=resolve_layers(v_spec, base.vision.layers),
                   text_layers=resolve_layers(t_spec, base.text.layers))
-  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(registry.CLIPConfig)}
+  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(configs.CLIPConfig)}
   return MoECLIPConfig(moe=moe, **fields)
 
 
-def create(name: str | registry.CLIPConfig, *, seed: int = 0, router_init_std: float = 0.02,
+def create(name: str | configs.CLIPConfig, *, seed: int = 0, router_init_std: float = 0.02,
            **kwargs: Any) -> MoECLIP:
   """A freshly initialised MoECLIP over architecture `name` (kwargs: see `moe_config`)."""
   return MoECLIP(moe_config(name, **kwargs), rngs=nnx.Rngs(seed), router_init_std=router_init_std)
@@ -432,8 +431,8 @@ def upcycle(model: clip_lib.CLIP, num_experts: int = 4, top_k: int = 2,
 
 def dense_view(model: MoECLIP, expert: int = 0) -> clip_lib.CLIP:
   """A dense CLIP with every non-MoE weight of `model` and expert `expert`'s FFN in MoE blocks."""
-  fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(registry.CLIPConfig)}
-  dense = nnx.eval_shape(lambda: clip_lib.CLIP(registry.CLIPConfig(**fields), rngs=nnx.Rngs(0)))
+  fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(configs.CLIPConfig)}
+  dense = nnx.eval_shape(lambda: clip_lib.CLIP(configs.CLIPConfig(**fields), rngs=nnx.Rngs(0)))
   src = dict(nnx.to_flat_state(nnx.state(model)))
   flat = dict(nnx.to_flat_state(nnx.state(dense)))
   moe_names = {(n.split(".")[0], int(n.split(".")[1])) for n in model.moe_layers()}

@@ -2,7 +2,7 @@
 
 `MultilingualTextTransformer`: token + position (+ token-type) embeddings, embedding LayerNorm,
 post-LN bidirectional blocks over a padding mask, mean (M-CLIP) or CLS pooling, a projection
-into the image embedding space (zoo.layers' attention and MLP: LoRA and sharding apply).
+into the image embedding space (zoo.models.layers' attention and MLP: LoRA and sharding apply).
 `MultilingualCLIP`: a CLIP with that text tower; `teacher_text` optionally holds the frozen
 English tower it is distilled from (`student_only` drops it). Ids follow XLM-R's fairseq
 convention (`<s>`=0, `<pad>`=1, `</s>`=2; RoBERTa positions). Notes: docs/families/multilingual.md.
@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import registry
-from zoo.layers import MLP, Attention, LayerNorm, Linear, param
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs as registry
+from zoo.models.layers import MLP, Attention, LayerNorm, Linear, param
 
 Array = jax.Array
 

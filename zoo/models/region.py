@@ -19,17 +19,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import registry
-from zoo.layers import LayerNorm, Linear, Transformer, get_activation, param
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs
+from zoo.models.layers import LayerNorm, Linear, Transformer, get_activation, param
 
 Array = jax.Array
 
 # A CPU-sized architecture for the region demo: test-tiny's towers at 64 px, so the patch grid
 # is 8 x 8 (test-tiny's 4 x 4 is too coarse for boxes; demo-tiny's 192-wide tower is slow).
-registry.register("region-tiny", registry.CLIPConfig(
-    32, registry.VisionConfig(image_size=64, patch_size=8, width=64, layers=2, heads=2),
-    registry.TextConfig(width=64, heads=2, layers=2)))
+configs.register("region-tiny", configs.CLIPConfig(
+    32, configs.VisionConfig(image_size=64, patch_size=8, width=64, layers=2, heads=2),
+    configs.TextConfig(width=64, heads=2, layers=2)))
 # ----------------------------------------------------------------------------- config
 
 
@@ -64,11 +63,11 @@ class RegionConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "RegionConfig":
-    return registry.checked_config(cls, d, "region")
+    return configs.checked_config(cls, d, "region")
 
 
 @dataclasses.dataclass(frozen=True)
-class RegionCLIPConfig(registry.CLIPConfig):
+class RegionCLIPConfig(configs.CLIPConfig):
   """A CLIPConfig plus the region head (`region`)."""
 
   region: RegionConfig = RegionConfig()
@@ -80,11 +79,11 @@ class RegionCLIPConfig(registry.CLIPConfig):
     return dataclasses.replace(super().from_dict(d), region=region)
 
 
-def region_config(base: registry.CLIPConfig | str, **region: Any) -> RegionCLIPConfig:
+def region_config(base: configs.CLIPConfig | str, **region: Any) -> RegionCLIPConfig:
   """A RegionCLIPConfig over an architecture (a name or CLIPConfig); kwargs: RegionConfig."""
   if isinstance(base, str):
-    base = registry.get_model_config(base)
-  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(registry.CLIPConfig)}
+    base = configs.get_model_config(base)
+  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(configs.CLIPConfig)}
   return RegionCLIPConfig(region=RegionConfig.from_dict(region), **fields)
 
 
@@ -253,7 +252,7 @@ class RegionCLIP(clip_lib.CLIP):
   def __init__(self, config: RegionCLIPConfig, *, rngs: nnx.Rngs):
     if not isinstance(config, RegionCLIPConfig):
       raise TypeError(f"RegionCLIP needs a RegionCLIPConfig, got {type(config).__name__}; build "
-                      "one with zoo.region.region_config(...)")
+                      "one with zoo.models.region.region_config(...)")
     super().__init__(config, rngs=rngs)
     v = config.vision
     dtype = jnp.dtype(config.dtype)
@@ -313,7 +312,7 @@ def project_patch_tokens(model: clip_lib.CLIP, tokens: Array) -> Array:
   return tokens if proj is None else tokens @ proj[...].astype(jnp.float32)
 
 
-def create(name: str | registry.CLIPConfig, *, seed: int = 0, **region: Any) -> RegionCLIP:
+def create(name: str | configs.CLIPConfig, *, seed: int = 0, **region: Any) -> RegionCLIP:
   """A freshly initialised RegionCLIP over architecture `name` (kwargs: RegionConfig fields)."""
   return RegionCLIP(region_config(name, **region), rngs=nnx.Rngs(seed))
 

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zoo import checkpoint, eval_lib
+from zoo.eval import evaluator
 from zoo.models import clip as clip_lib
+from zoo.weights import model_dir as checkpoint
 
 Array = jax.Array
 log = logging.getLogger("zoo.moe")
@@ -109,9 +110,9 @@ def _features_for_clustering(model: clip_lib.CLIP, batch: Mapping[str, np.ndarra
                              ) -> np.ndarray:
   parts = []
   if on in ("image", "both"):
-    parts.append(np.asarray(eval_lib.encode_images(model, batch["image"])))
+    parts.append(np.asarray(evaluator.encode_images(model, batch["image"])))
   if on in ("text", "both"):
-    parts.append(np.asarray(eval_lib.encode_texts(model, batch["tokens"])))
+    parts.append(np.asarray(evaluator.encode_texts(model, batch["tokens"])))
   return np.concatenate(parts, axis=1) / math.sqrt(len(parts))
 
 

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zoo import checkpoint, losses
+from zoo import losses
 from zoo.families import base
 from zoo.families.moe import dmu
 from zoo.models import clip as clip_lib
 from zoo.models.moe import MoECLIPConfig, capacity_routing, capture_aux, summarize_aux, upcycle
+from zoo.weights import model_dir
 
 Array = jax.Array
 
@@ -150,15 +151,15 @@ class MoEFamily(base.Family):
     `init_from`'s weights) upcycled, experts from `expert_checkpoints` when given."""
     s = settings
     src = config.get("init_from", "")
-    if s.mode == "moe" and src and isinstance(checkpoint.load_config(src)[0], MoECLIPConfig):
-      return checkpoint.load(src)[0]
+    if s.mode == "moe" and src and isinstance(model_dir.load_config(src)[0], MoECLIPConfig):
+      return model_dir.load(src)[0]
     dense = super().build_model(config, s)
     if s.mode == "dense_ffn":
       return dense
     sources = None
     dirs = _split_dirs(s.expert_checkpoints)
     if dirs:
-      sources = [checkpoint.load(d)[0] for d in dirs]
+      sources = [model_dir.load(d)[0] for d in dirs]
       if len(sources) != s.num_experts:
         raise ValueError(f"config.moe.expert_checkpoints names {len(sources)} models but "
                          f"num_experts={s.num_experts}")

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from zoo import eval_lib, transforms
+from zoo import transforms
 from zoo.data import webdataset as wds
+from zoo.eval import evaluator
 from zoo.models import clip as clip_lib
 from zoo.models.region import RegionBaselines, RegionCLIP
 
@@ -37,7 +38,7 @@ def region_features(model: clip_lib.CLIP, images: Any, boxes: Any, *, method: st
     if not isinstance(model, RegionCLIP):
       raise ValueError(f"method 'head' needs a RegionCLIP, got {type(model).__name__}; use "
                        "'crop' or 'pooled_patches' for a plain CLIP")
-    return eval_lib.encode_batched(model, inputs, "encode_region_batch", batch_size=batch_size,
+    return evaluator.encode_batched(model, inputs, "encode_region_batch", batch_size=batch_size,
                                    mesh=mesh)
   rc = getattr(model.config, "region", None)
   size = roi_size or (rc.roi_size if rc is not None else 4)
@@ -46,7 +47,7 @@ def region_features(model: clip_lib.CLIP, images: Any, boxes: Any, *, method: st
   name = "crop_regions" if method == "crop" else "pooled_regions"
   # crops multiply the batch by R: keep the image-tower batch near `batch_size`
   bs = max(1, batch_size // boxes.shape[1]) if method == "crop" else batch_size
-  return eval_lib.encode_batched(wrapper, inputs, name, batch_size=bs, mesh=mesh)
+  return evaluator.encode_batched(wrapper, inputs, name, batch_size=bs, mesh=mesh)
 
 
 def _valid_region_lists(spec: Mapping[str, Any]) -> tuple[np.ndarray, list[str]]:
@@ -99,9 +100,9 @@ def _region_text_metrics(model: clip_lib.CLIP, spec: Mapping[str, Any], feats: n
   head, the IoU of the boxes it predicts from the captions (mean, and the share >= 0.5)."""
   unique = sorted(set(captions))
   index = {c: j for j, c in enumerate(unique)}
-  txt = eval_lib.encode_texts(model, tokenizer(unique), batch_size=max(batch_size, 1024), mesh=mesh)
+  txt = evaluator.encode_texts(model, tokenizer(unique), batch_size=max(batch_size, 1024), mesh=mesh)
   which = np.array([index[c] for c in captions], np.int64)
-  ret = eval_lib.retrieval_metrics(feats[mask], txt, [[j] for j in which], ks=(1, 5))
+  ret = evaluator.retrieval_metrics(feats[mask], txt, [[j] for j in which], ks=(1, 5))
   out = {}
   for k in (1, 5):
     out[f"text_to_region_recall@{k}"] = ret[f"image_retrieval_recall@{k}"]
@@ -153,10 +154,10 @@ def eval_region_zeroshot(model: clip_lib.CLIP, spec: Mapping[str, Any], tokenize
   feats, mask, captions = _spec_features(model, spec, batch_size=batch_size, mesh=mesh)
   labels = np.asarray(spec["region_labels"])
   labelled = mask & (labels >= 0)
-  classifier = eval_lib.zero_shot_classifier(model, tokenizer, spec["class_names"],
+  classifier = evaluator.zero_shot_classifier(model, tokenizer, spec["class_names"],
                                              spec["templates"], batch_size=max(batch_size, 1024),
                                              mesh=mesh)
-  out = eval_lib.zero_shot_metrics(feats[labelled], labels[labelled].astype(np.int64), classifier)
+  out = evaluator.zero_shot_metrics(feats[labelled], labels[labelled].astype(np.int64), classifier)
   out["num_regions"] = float(labelled.sum())
   if captions:
     out.update(_region_text_metrics(model, spec, feats, mask, captions, tokenizer, mesh=mesh,

@@ -18,11 +18,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from zoo import losses, registry, transforms
+from zoo import losses, transforms
 from zoo.data import pipeline, webdataset as wds
 from zoo.families import base
 from zoo.families.region import evals
-from zoo.models import clip as clip_lib
+from zoo.models import clip as clip_lib, configs as registry
 from zoo.models.region import RegionCLIP, check_boxes, region_config
 
 Array = jax.Array

@@ -1,0 +1,180 @@
+"""Architectures by name: open_clip model names -> frozen dataclass configs.
+
+Dimensions follow open_clip's `model_configs/*.json` so that converted weights fit exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# Image normalisation constants (mean, std per RGB channel) of the preprocesses in the table.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)  # SigLIP / big_vision: x / 127.5 - 1
+INCEPTION_STD = (0.5, 0.5, 0.5)
+SIGLIP_MEAN, SIGLIP_STD = INCEPTION_MEAN, INCEPTION_STD
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """Vision tower. `pool` is 'tok' (class token, CLIP) or 'map' (attention pooling, SigLIP)."""
+
+  image_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_ratio: float = 4.0
+  pool: str = "tok"
+  class_token: bool = True
+  ln_pre: bool = True
+  patch_bias: bool = False
+  ln_eps: float = 1e-5
+  projection: bool = True  # False when the pooled width already is the embed dim (SigLIP).
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Text tower. `pool` is 'argmax' (EOT = largest id, CLIP) or 'last' (SigLIP)."""
+
+  context_length: int = 77
+  vocab_size: int = 49408
+  width: int = 512
+  layers: int = 12
+  heads: int = 8
+  mlp_ratio: float = 4.0
+  causal: bool = True
+  pool: str = "argmax"
+  ln_eps: float = 1e-5
+  proj_bias: bool = False
+  frozen_positions: int = 0  # leading position rows that pass no gradient (Long-CLIP: 20)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """A two-tower contrastive model. `kind` 'clip' = softmax loss, 'siglip' = sigmoid loss + bias."""
+
+  embed_dim: int = 512
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  kind: str = "clip"
+  quick_gelu: bool = False
+  init_logit_scale: float = math.log(1 / 0.07)
+  init_logit_bias: float | None = None
+  image_mean: tuple[float, float, float] = OPENAI_MEAN
+  image_std: tuple[float, float, float] = OPENAI_STD
+  tokenizer: str = "clip"  # 'clip' (BPE) or a path to a sentencepiece .model
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+    d = dict(d)
+    vision = VisionConfig(**d.pop("vision"))
+    text = TextConfig(**d.pop("text"))
+    for key in ("image_mean", "image_std"):
+      if key in d:
+        d[key] = tuple(d[key])
+    return cls(vision=vision, text=text, **d)
+
+
+def checked_config(cls: type, d: Any, what: str) -> Any:
+  """`cls(**d)` for a dataclass, refusing an unknown key with one line naming it and the valid
+  keys (model sub-configs such as MoE and region settings share this check)."""
+  valid = {f.name for f in dataclasses.fields(cls)}
+  bad = sorted(set(d) - valid)
+  if bad:
+    raise ValueError(f"unknown {what} config key {bad[0]!r}; valid keys: {', '.join(sorted(valid))}")
+  return cls(**dict(d))
+
+
+def _vit(image_size: int, patch: int, width: int, layers: int) -> VisionConfig:
+  return VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
+                      heads=width // 64)
+
+
+_B_TEXT = TextConfig(width=512, heads=8, layers=12)
+_L_TEXT = TextConfig(width=768, heads=12, layers=12)
+
+_MODELS: dict[str, CLIPConfig] = {
+    "ViT-B-32": CLIPConfig(512, _vit(224, 32, 768, 12), _B_TEXT),
+    "ViT-B-16": CLIPConfig(512, _vit(224, 16, 768, 12), _B_TEXT),
+    "ViT-L-14": CLIPConfig(768, _vit(224, 14, 1024, 24), _L_TEXT),
+    "ViT-L-14-336": CLIPConfig(768, _vit(336, 14, 1024, 24), _L_TEXT),
+    "ViT-B-16-SigLIP": CLIPConfig(
+        768,
+        VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12, pool="map",
+                     class_token=False, ln_pre=False, patch_bias=True, ln_eps=1e-6,
+                     projection=False),
+        TextConfig(context_length=64, vocab_size=32000, width=768, heads=12, layers=12,
+                   causal=False, pool="last", ln_eps=1e-6, proj_bias=True),
+        kind="siglip", init_logit_scale=math.log(10.0), init_logit_bias=-10.0,
+        image_mean=INCEPTION_MEAN, image_std=INCEPTION_STD, tokenizer="sentencepiece"),
+    # Small architectures for tests and the CPU demo (not open_clip names).
+    "test-tiny": CLIPConfig(
+        32, VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2),
+        TextConfig(width=64, heads=2, layers=2)),
+    "test-tiny-siglip": CLIPConfig(
+        32,
+        VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, pool="map",
+                     class_token=False, ln_pre=False, patch_bias=True, ln_eps=1e-6),
+        TextConfig(width=64, heads=2, layers=2, causal=False, pool="last", ln_eps=1e-6,
+                   proj_bias=True),
+        kind="siglip", init_logit_scale=math.log(10.0), init_logit_bias=-10.0),
+    "demo-tiny": CLIPConfig(
+        128, VisionConfig(image_size=64, patch_size=8, width=192, layers=4, heads=3),
+        TextConfig(width=128, heads=2, layers=4)),
+}
+for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
+  _MODELS[f"{_name}-quickgelu"] = dataclasses.replace(_MODELS[_name], quick_gelu=True)
+# Long-CLIP releases (BeichenZhang/LongCLIP-B, -L): OpenAI towers, text read to 248 tokens.
+for _name in ("ViT-B-16", "ViT-L-14"):
+  _MODELS[f"LongCLIP-{_name}"] = dataclasses.replace(
+      _MODELS[f"{_name}-quickgelu"],
+      text=dataclasses.replace(_MODELS[_name].text, context_length=248))
+
+
+def list_models() -> list[str]:
+  """All architecture names zoo can create."""
+  return sorted(_MODELS)
+
+
+def register(name: str, config: CLIPConfig) -> None:
+  """Adds an architecture (e.g. from a family module or a user's notebook)."""
+  _MODELS[name] = config
+
+
+def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
+  """The config of `name`, with top-level fields or nested `vision=`/`text=` dicts replaced."""
+  if name not in _MODELS:
+    raise ValueError(f"Unknown model {name!r}; known models: {', '.join(list_models())}")
+  return apply_overrides(_MODELS[name], **overrides)
+
+
+def apply_overrides(config: CLIPConfig, **overrides: Any) -> CLIPConfig:
+  """Returns `config` with overrides; unknown keys are errors that list the valid ones."""
+  valid = {f.name for f in dataclasses.fields(config)}
+  changes: dict[str, Any] = {}
+  for key, value in overrides.items():
+    if key not in valid:
+      raise ValueError(f"Unknown model override {key!r}; valid keys: {', '.join(sorted(valid))}")
+    if key in ("vision", "text") and not dataclasses.is_dataclass(value):
+      value = dict(value.to_dict() if hasattr(value, "to_dict") else value)  # dict / ConfigDict
+      sub = getattr(config, key)
+      sub_valid = {f.name for f in dataclasses.fields(sub)}
+      bad = sorted(set(value) - sub_valid)
+      if bad:
+        raise ValueError(f"Unknown {key} override {bad[0]!r}; valid keys: {', '.join(sorted(sub_valid))}")
+      value = dataclasses.replace(sub, **value)
+    changes[key] = value
+  return dataclasses.replace(config, **changes)

@@ -1,0 +1,185 @@
+"""The optimizer and the pure, jittable train step of the train loop (`zoo.train.loop`).
+
+AdamW with a decay mask, global-norm clipping and warmup + cosine (frozen parameters get no
+update); the step differentiates only the trainable leaves, accumulates micro-batches with
+`lax.scan` and clamps the logit scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from zoo import families
+from zoo.models import sharding
+from zoo.train import run_config
+
+PyTree = Any
+Family = families.Family
+LossContext = families.LossContext
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+_NO_DECAY_NAMES = {"token_embedding", "positional_embedding", "class_embedding", "latent",
+                   "logit_scale", "logit_bias"}
+
+
+path_names = sharding.path_names
+
+
+def decay_mask(params: PyTree) -> PyTree:
+  """Weight decay on weight matrices only: none on biases (of any rank: the fused qkv bias
+  [3, H, Dh], MoE expert biases [E, d]), norms, embeddings, logit scale/bias."""
+  def decays(path, x) -> bool:
+    names = path_names(path)
+    return (x.ndim >= 2 and not set(names) & _NO_DECAY_NAMES
+            and not any(n.endswith("bias") for n in names))
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Warmup + cosine; a resumed run with a changed schedule keeps its past (run_config)."""
+  return run_config.schedule(config)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: PyTree,
+                   trainable: Callable[[tuple[str, ...]], bool] | None) -> optax.GradientTransformation:
+  """AdamW with decay mask, global-norm clipping, warmup+cosine; frozen params get no update."""
+  parts = []
+  if config.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(config.grad_clip))
+  parts.append(optax.adamw(make_schedule(config), b1=config.get("b1", 0.9),
+                           b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
+                           weight_decay=config.weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  if trainable is None:
+    return tx
+  labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "train" if trainable(path_names(p)) else "freeze", params)
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def clamp_logit_scale(params: PyTree, max_scale: float) -> PyTree:
+  """Clamps the learned log temperature at log(max_scale) (CLIP's 100)."""
+  limit = float(np.log(max_scale))
+
+  def clamp(path, x):
+    names = path_names(path)
+    return jnp.clip(x, 0.0, limit) if names and names[-1] == "logit_scale" else x
+
+  return jax.tree_util.tree_map_with_path(clamp, params)
+
+
+def split_microbatches(batch: dict, num: int) -> dict:
+  """[B, ...] -> [num, B/num, ...] with microbatch a = rows a, a+num, ... so each device's
+  contiguous shard contributes equally to every microbatch (no resharding)."""
+  def split(x):
+    b = x.shape[0]
+    if b % num:
+      raise ValueError(f"batch of {b} is not divisible by grad_accum={num}")
+    return jnp.swapaxes(x.reshape(b // num, num, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def trainable_value_and_grad(loss_fn: Callable, trainable: Callable[[tuple[str, ...]], bool] | None
+                             ) -> Callable:
+  """value_and_grad of `loss_fn(params, *args)` (has_aux) w.r.t. the trainable leaves only.
+
+  Frozen leaves are not differentiated (XLA computes no gradient for them) and get zero
+  gradients, so the result has the full parameter structure the optimizer expects.
+  """
+  grad_all = jax.value_and_grad(loss_fn, has_aux=True)
+  if trainable is None:
+    return grad_all
+
+  def grad_fn(params, *args):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mask = [bool(trainable(path_names(p))) for p, _ in flat]
+    leaves = [x for _, x in flat]
+    if all(mask):
+      return grad_all(params, *args)
+
+    def partial_loss(train_leaves):
+      it = iter(train_leaves)
+      full = [next(it) if m else jax.lax.stop_gradient(x) for x, m in zip(leaves, mask)]
+      return loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args)
+
+    value, grads = jax.value_and_grad(partial_loss, has_aux=True)(
+        [x for x, m in zip(leaves, mask) if m])
+    it = iter(grads)
+    full = [next(it) if m else jnp.zeros_like(x) for x, m in zip(leaves, mask)]
+    return value, jax.tree_util.tree_unflatten(treedef, full)
+
+  return grad_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
+                    tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh,
+                    trainable: Callable[[tuple[str, ...]], bool] | None = None,
+                    settings: Any = None) -> Callable:
+  """The pure train step (state, batch) -> (state, metrics); jitted by the caller.
+
+  Only `trainable` parameters (all when None) are differentiated; `grad_norm` is theirs.
+  `settings`: the family's parsed settings (parsed from `config` when None).
+  """
+  if settings is None:
+    settings = family.settings(config)
+  ctx = LossContext(settings=settings, mesh=mesh, impl=config.loss.impl)
+  accum = int(config.get("grad_accum", 1))
+
+  def loss_fn(params, batch, rng, step):
+    model = nnx.merge(graphdef, params, rest)
+    outputs = family.forward(model, batch, rng, settings)
+    return family.loss(outputs, batch, dataclasses.replace(ctx, step=step))
+
+  grad_fn = trainable_value_and_grad(loss_fn, trainable)
+
+  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    params, step = state["params"], state["step"]
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(params, batch, rng, step)
+    else:
+      micro = split_microbatches(batch, accum)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), step)
+        acc_g, acc_l, acc_m = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
+                jax.tree.map(jnp.add, acc_m, m)), None
+
+      zero_m = jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, step)[0][1])
+      init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m))
+      (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      metrics = jax.tree.map(lambda m: m / accum, metrics)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    params = clamp_logit_scale(params, config.get("max_logit_scale", 100.0))
+    metrics = dict(metrics)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["lr"] = make_schedule(config)(state["step"])
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+  return train_step
