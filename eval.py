@@ -1,7 +1,3 @@
-from zoo import families
-from zoo.eval import report
-from zoo.train import checkpoints, distributed
-
 """Evaluate a zoo model: zero-shot classification, retrieval (and each family's own evals).
 
 python eval.py --workdir runs/demo                 # latest training checkpoint of a workdir
@@ -30,39 +26,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Directory for metrics.json (defau
                               "or DIR-eval beside --checkpoint DIR).")
 
 
-def _stored_config(source: str):
-  """The training config stored with the model in `source`, as a ConfigDict, for evaluation."""
-  import ml_collections
-
-  from zoo import errors
-  from zoo.train import run_config
-  from zoo.weights import model_dir as checkpoint
-
-  if _WORKDIR.value:
-    stored = run_config.read_stored(source)
-    where = os.path.join(source, run_config.CONFIG_FILE)
-  else:
-    stored = checkpoint.read_record(source).get("config")
-    where = os.path.join(source, checkpoint.CONFIG_FILE)
-  if not isinstance(stored, dict) or "data" not in stored or "model" not in stored:
-    raise errors.UserError(f"{where} holds no training config (a converted or hand-saved model?); "
-                        "pass --config configs/FILE.py to say which data to evaluate on")
-  config = ml_collections.ConfigDict(stored)
-  if "distributed" in config:
-    config.distributed.coordinator_address = ""  # the training job's; ZOO_* still apply
-  return config
-
-
-def _eval_mesh(config):
-  """The config's mesh, or all devices on `fsdp` when it does not fit this job's devices."""
-  from zoo.models import sharding
-
-  try:
-    return sharding.mesh_from_config(config.mesh)
-  except ValueError:
-    return sharding.make_mesh(data=1, fsdp=-1, tensor=1, expert=1)
-
-
 def _output_dir(model_dir: str | None) -> str:
   from zoo import errors
 
@@ -84,45 +47,14 @@ def _output_dir(model_dir: str | None) -> str:
 def evaluate() -> None:
   import jax
 
-  from zoo import errors
+  from zoo import families
+  from zoo.eval import report, source
   from zoo.train import loop
-  from zoo.weights import model_dir as checkpoint, pretrained
 
-  sources = [s for s in (_WORKDIR.value, _CHECKPOINT.value, _PRETRAINED.value) if s]
-  if len(sources) != 1:
-    raise errors.UserError("pass one of --workdir DIR (its latest training checkpoint), "
-                        "--checkpoint DIR (a zoo.save directory) or --pretrained NAME/TAG")
-  source = sources[0]
-  if _PRETRAINED.value:
-    if _CONFIG.value is None:
-      raise errors.UserError("--pretrained needs --config configs/FILE.py (the eval data; released "
-                          "weights carry no training config)")
-    distributed.maybe_initialize_distributed(_CONFIG.value)  # before the conversion touches JAX
-    source = pretrained.checkpoint_dir(_PRETRAINED.value)  # download + convert once, cached
-  if not os.path.isdir(source):
-    raise errors.UserError(f"{'--workdir' if _WORKDIR.value else '--checkpoint'} {source}: no such "
-                        "directory")
-  steps = checkpoints.complete_steps(os.path.join(source, "checkpoints"))
-  if _WORKDIR.value and not steps:
-    raise errors.UserError(f"--workdir {source} holds no complete checkpoint (under "
-                        f"{os.path.join(source, 'checkpoints')}); train first")
-  if not _WORKDIR.value:
-    checkpoint.read_record(source)  # one-line error for an empty / incomplete directory
-  config = _CONFIG.value if _CONFIG.value is not None else _stored_config(source)
-  if not _PRETRAINED.value:  # (done above for --pretrained)
-    distributed.maybe_initialize_distributed(config)  # before anything touches a JAX backend
-  if _WORKDIR.value:
-    mesh = _eval_mesh(config)
-    model, step = loop.restore_model(config, source, steps[-1], mesh), steps[-1]
-    what, model_dir = f"step {step}", None
-  else:
-    model, _, _ = checkpoint.load(source)
-    mesh = _eval_mesh(config)
-    step = int(checkpoint.read_record(source).get("step") or 0)
-    what, model_dir = f"model {source}" + (f", trained {step} steps" if step else ""), source
-    if _PRETRAINED.value:
-      what = f"pretrained {_PRETRAINED.value}"
-  out_dir = _output_dir(model_dir)
+  src = source.open_model(workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
+                          pretrained=_PRETRAINED.value, config=_CONFIG.value)
+  config, model, mesh, step, what = src.config, src.model, src.mesh, src.step, src.label
+  out_dir = _output_dir(src.model_dir)
   family = families.get(config.get("family", "clip"))
   tokenizer = loop.make_tokenizer(config, model)
   eval_sets = loop.build_eval_sets(config, model, tokenizer)

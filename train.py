@@ -1,6 +1,3 @@
-from zoo.eval import report
-from zoo.train import distributed
-
 """Train a zoo model: python train.py --config configs/demo.py --workdir runs/demo [--config.k=v]
 
 Restarting with the same --workdir resumes from the latest complete checkpoint (the config
@@ -21,7 +18,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def train() -> None:
-  from zoo.train import loop
+  from zoo.eval import report
+  from zoo.train import distributed, loop
 
   config = _CONFIG.value
   distributed.maybe_initialize_distributed(config)  # before anything touches a JAX backend

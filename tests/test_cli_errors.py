@@ -1,5 +1,3 @@
-from zoo.train import checkpoints
-
 """User errors on the command lines: one line on stderr, exit code 2, no traceback (unless
 ZOO_DEBUG=1); Ctrl-C stops a run cleanly."""
 
@@ -10,6 +8,7 @@ import time
 import pytest
 
 from tests.cli_run import TINY, lines, popen, run
+from zoo.train import checkpoints
 
 
 def assert_one_line(proc, *needles):

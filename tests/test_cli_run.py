@@ -1,5 +1,3 @@
-from zoo.train import checkpoints
-
 """train.py / eval.py end to end on a tiny run: quiet logs, strict JSON logs, a finished workdir
 re-prints its table, eval.py reads the stored config, a diverged run stops without saving."""
 
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.cli_run import TINY, lines, run, strict_json_lines, train_losses
+from zoo.train import checkpoints
 
 
 @pytest.fixture(scope="module")

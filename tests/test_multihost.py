@@ -1,5 +1,3 @@
-from zoo.train import distributed
-
 """Two train.py processes on 127.0.0.1 (4 CPU devices each), started as the README says, train
 exactly like one 8-device train.py: the same losses, evaluation and exported model."""
 
@@ -11,6 +9,7 @@ import portpicker
 import pytest
 
 from tests.cli_run import TINY, popen, run, train_losses
+from zoo.train import distributed
 
 ARGS = (*TINY, "--config.total_steps=3", "--config.checkpoint_every=3", "--config.eval_every=3")
 

@@ -18,8 +18,8 @@ import pytest
 from flax import nnx
 
 from tests.train_utils import synthetic_batches, tiny_config
-from zoo import clip as clip_lib, losses
-from zoo.models import layers, sharding
+from zoo import losses
+from zoo.models import clip as clip_lib, layers, sharding
 from zoo.train import loop
 
 # bf16 vs fp32 over 5 train steps of test-tiny (lr 1e-3): |loss difference| per step.

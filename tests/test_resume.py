@@ -64,12 +64,14 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
   for step in range(1, 21):
     assert a[step] == b[step], (step, a[step], b[step])
 
-  from zoo.train import loop
+  from zoo.eval import source
 
   config = resume_config()
   config.mesh.fsdp = -1  # this process has 8 devices: restore onto a different mesh than saved
-  model_a, step_a, _ = loop.load_for_eval(config, workdir=str(straight))
-  model_b, step_b, _ = loop.load_for_eval(config, workdir=str(resumed))
+  a = source.open_model(workdir=str(straight), config=config)
+  model_a, step_a = a.model, a.step
+  b = source.open_model(workdir=str(resumed), config=config)
+  model_b, step_b = b.model, b.step
   assert step_a == step_b == 20
   from flax import nnx
 

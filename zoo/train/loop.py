@@ -418,17 +418,3 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int,
                           params, sharding.state_shardings(params, mesh))
   params = train_checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step, abstract)
   return nnx.merge(graphdef, params, rest)
-
-
-def load_for_eval(config: ml_collections.ConfigDict, *, workdir: str | None = None,
-                  checkpoint: str | None = None) -> tuple[nnx.Module, int, str]:
-  """(model, step, where to write metrics) from a training workdir's latest checkpoint or a
-  zoo.save directory (its step: the one it was exported at, 0 when unknown)."""
-  if checkpoint:
-    model, _, _ = model_dir.load(checkpoint)
-    return model, int(model_dir.read_record(checkpoint).get("step") or 0), workdir or checkpoint
-  steps = train_checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
-  if not steps:
-    raise errors.UserError(f"no complete checkpoint under {os.path.join(workdir, 'checkpoints')}; "
-                        "train first, or pass --checkpoint DIR")
-  return restore_model(config, workdir, steps[-1]), steps[-1], workdir
