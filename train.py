@@ -7,6 +7,7 @@ diverged run stops with exit code 1; Ctrl-C stops cleanly (exit 130).
 """
 
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -17,11 +18,28 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _check_workdir(workdir: str) -> None:
+  """A --workdir that is, or lies under, a regular file is a one-line error (not Errno 17)."""
+  from zoo import errors
+
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if os.path.isdir(path):
+    return
+  if path == os.path.abspath(workdir):
+    raise errors.UserError(f"--workdir {workdir} is a file, not a directory; pass a new directory "
+                           "or a run's workdir (e.g. runs/demo)")
+  raise errors.UserError(f"--workdir {workdir}: {path} is a file, not a directory; pass a "
+                         "workdir that does not lie under a file (e.g. runs/demo)")
+
+
 def train() -> None:
   from zoo.eval import report
   from zoo.train import distributed, loop
 
   config = _CONFIG.value
+  _check_workdir(_WORKDIR.value)
   distributed.maybe_initialize_distributed(config)  # before anything touches a JAX backend
   result = loop.train(config, _WORKDIR.value)
   import jax

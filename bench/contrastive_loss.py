@@ -48,7 +48,7 @@ def naive_loss(x, y, scale, bias=None, *, kind: str = "softmax"):
 
 
 def loss_fn(impl: str, kind: str, block: int | None = None):
-  from zoo.kernels import contrastive_loss
+  from zoo.kernels.contrastive import contrastive_loss
 
   if impl == "naive":
     return functools.partial(naive_loss, kind=kind)

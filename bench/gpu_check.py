@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         a.max_batch, "bfloat16"
   backend = jax.default_backend()
   device = jax.devices()[0].device_kind
-  from zoo.kernels import resolve_impl
+  from zoo.kernels.contrastive import resolve_impl
 
   head = (f"gpu_check: backend {backend} ({device}), impl='auto' -> {resolve_impl('auto')}, "
           f"budget {a.budget:.0f} s{' (smoke)' if a.smoke else ''}")

@@ -42,7 +42,7 @@ from zoo.eval import suite
 from zoo.families.long_clip import default_settings
 from zoo.models import configs, sharding
 from zoo.models.long_clip import LONG_CLIP_CONTEXT_LENGTH
-from zoo.train import loop
+from zoo.train import trainer as trainer_lib
 
 
 def parse_args():
@@ -125,7 +125,7 @@ def make_config(args, *, family, steps, lr, init_from="", short_weight=1.0):
 
 def train(config, data, fields, mesh, seed, log_name):
   """Runs `config.total_steps` steps of the one train step on batches of `fields` (name -> key)."""
-  trainer = loop.build_trainer(config, mesh)
+  trainer = trainer_lib.build_trainer(config, mesh)
   rng = np.random.default_rng(seed)
   n = data["images"].shape[0]
   order = np.concatenate([rng.permutation(n) for _ in range(config.total_steps * config.batch_size // n + 1)])

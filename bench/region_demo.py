@@ -45,7 +45,7 @@ from zoo.data import demo, pipeline  # noqa: E402
 from zoo.eval import suite
 from zoo.families.region import family as region_family
 from zoo.models import configs, sharding
-from zoo.train import loop
+from zoo.train import trainer as trainer_lib
 
 
 def parse_args():
@@ -131,7 +131,7 @@ def make_config(args, *, family, steps, lr, init_from="", **region_settings):
 
 def train(config, data, fields, mesh, seed, log_name):
   """Runs `config.total_steps` steps of the one train step on batches of `fields` (name -> key)."""
-  trainer = loop.build_trainer(config, mesh)
+  trainer = trainer_lib.build_trainer(config, mesh)
   rng = np.random.default_rng(seed)
   n = data["images"].shape[0]
   order = np.concatenate([rng.permutation(n) for _ in range(config.total_steps * config.batch_size // n + 1)])

@@ -105,14 +105,14 @@ def build_zoo(args):
 
   from configs import base
   from zoo.models import sharding
-  from zoo.train import loop
+  from zoo.train import trainer as trainer_lib
 
   c = base.base_config()
   c.model, c.batch_size, c.dtype, c.remat = args.model, args.batch, args.dtype, args.remat
   c.context_length = args.context_length
   c.total_steps, c.warmup_steps = 100_000, 10
   c.loss.impl = args.loss_impl
-  trainer = loop.build_trainer(c, sharding.make_mesh(data=1, fsdp=-1))
+  trainer = trainer_lib.build_trainer(c, sharding.make_mesh(data=1, fsdp=-1))
   mc = trainer.model().config
   batch = make_batch(args, mc.vision.image_size, args.context_length or mc.text.context_length)
   gbatch = sharding.host_to_global(batch, trainer.mesh)

@@ -1,9 +1,10 @@
 """Keys every training config has, with defaults; experiment files override them.
 
-Pure data: configs import only this module and ml_collections. "auto" values (dtype,
+Pure data: configs import only this module and ml_collections (this module reads the
+family and LoRA defaults from zoo, where they are defined once). "auto" values (dtype,
 loss.impl) are resolved by the train loop for the backend it runs on. The family sections
-(`long_clip()`, `moe()`, `region()`, `multilingual()`) equal the defaults of each family's
-`Settings` in zoo/families (a test checks it).
+(`long_clip()`, `moe()`, `region()`, `multilingual()`, `distill()`) are read from each
+family's `Settings` in zoo/families, the one copy of their defaults.
 """
 
 import ml_collections
@@ -78,9 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
       tfds=ml_collections.ConfigDict(dict(name="", split="test", data_dir="", size=0,
                                           image_key="image", label_key="label")),
   ))
-  # LoRA (zoo.models.lora): rank > 0 trains only adapters on the kernels matching `targets`.
-  c.peft = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="", adapter_from="",
-                                          language=""))
+  # LoRA (zoo.models.lora): rank > 0 trains only adapters on the kernels matching `targets`;
+  # the defaults are zoo.weights.adapters.default_settings (their one copy).
+  from zoo.weights import adapters
+
+  c.peft = adapters.default_settings()
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="",  # "host:port"; "" = single process (or ZOO_* env variables)
       num_processes=0,
@@ -90,81 +93,31 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def long_clip() -> ml_collections.ConfigDict:
-  """`config.long_clip` (zoo.families.long_clip.Settings): Long-CLIP's numbers."""
-  return ml_collections.ConfigDict(dict(
-      context_length=248,  # text positions after stretching
-      keep=20,  # leading positions kept bit-identical (and frozen)
-      components=32,  # principal components of the coarse image feature
-      short_weight=1.0,  # weight of the coarse-image <-> short-caption term
-      renormalize_coarse=False,  # Long-CLIP uses the PCA reconstruction as is
-      freeze_kept_positions=True,  # no gradient into positions [0, keep)
-  ))
+  """`config.long_clip`: the defaults of zoo.families.long_clip.Settings (their one copy)."""
+  from zoo.families import long_clip
+
+  return long_clip.default_settings()
 
 
 def moe() -> ml_collections.ConfigDict:
-  """`config.moe` (zoo.families.moe.Settings) with `config.moe.dmu` (DMUSettings)."""
-  c = ml_collections.ConfigDict(dict(
-      num_experts=4,
-      top_k=2,
-      capacity_factor=1.25,  # only with dropless=False, in training steps
-      dropless=True,  # False: capacity routing in training; evaluation is always dropless
-      normalize_gates=True,
-      layers="every_other",  # all | every_other | last:N | none | 1,3 | "vision:SPEC;text:SPEC"
-      router_init_std=0.02,
-      balance_weight=0.01,  # load-balancing loss weight
-      z_weight=0.001,  # router z-loss weight
-      mode="moe",  # moe | dense_ffn (a DMU stage: dense model, FFNs trained)
-      trainable="all",  # all | router | moe (router + experts) | ffn (every FFN, dense or MoE)
-      expert_checkpoints="",  # comma-separated zoo.save dirs, one dense model per expert (DMU)
-      cross_cluster_weight=0.0,  # for batches with a `cluster` field (DMU stages)
-  ))
-  c.dmu = ml_collections.ConfigDict(dict(
-      stages=0,  # FFN copies fine-tuned by the DMU driver (= experts); 0 = plain MoE run
-      steps_per_stage=1000,
-      lr=1e-5,  # stage fine-tuning learning rate
-      clusters=4,  # k-means clusters per stage (stage s >= 2 uses the joint labels so far)
-      kmeans_samples=4096,  # samples whose features are clustered at each stage
-      kmeans_iters=50,
-      cluster_on="both",  # image | text | both (concatenated normalized features)
-      cross_cluster_weight=0.0,  # weight of cross-cluster negatives in stage losses
-      init="base",  # each stage starts from: base (the dense model) | previous (stage s-1)
-  ))
-  return c
+  """`config.moe` with `config.moe.dmu`: the defaults of zoo.families.moe Settings / DMUSettings."""
+  from zoo.families.moe import family as moe_family
+
+  return moe_family.default_settings()
 
 
 def region() -> ml_collections.ConfigDict:
-  """`config.region` (zoo.families.region.Settings)."""
-  return ml_collections.ConfigDict(dict(
-      image_text_weight=1.0,  # CLIP / SigLIP image-text loss
-      region_weight=1.0,  # region <-> region-caption contrastive loss
-      same_caption_positive=True,  # identical region captions are positives, not negatives
-      grounding_weight=0.0,  # > 0: build the grounding head, add text -> box regression
-      grounding_l1=1.0,
-      grounding_giou=1.0,
-      tic_weight=0.0,  # > 0: FG-CLIP 2's textual intra-modal contrastive term
-      trainable="all",  # all | region (prompter / grounding head only)
-      # region head architecture (RegionConfig) when not fine-tuning a RegionCLIP checkpoint
-      roi_size=4,
-      sampling_ratio=0,
-      width=0,
-      heads=0,
-      layers=1,
-      mlp_ratio=4.0,
-      box_frequencies=8,
-      residual_pool=True,
-  ))
+  """`config.region`: the defaults of zoo.families.region.Settings."""
+  from zoo.families.region import family as region_family
+
+  return region_family.default_settings()
 
 
 def multilingual() -> ml_collections.ConfigDict:
-  """`config.multilingual` (zoo.families.multilingual.Settings)."""
-  return ml_collections.ConfigDict(dict(
-      teacher="",  # zoo.save directory of the English CLIP (required)
-      tokenizer="",  # the student's sentencepiece .model (XLM-R ids); "" = the demo vocabulary
-      mse_weight=1.0,  # M-CLIP: MSE between student and teacher embeddings
-      contrastive_weight=0.0,  # text-text InfoNCE, student(translation) vs teacher(English)
-      contrastive_scale=20.0,  # its fixed logit scale (inverse temperature)
-      train="text",  # text (the whole student text tower) | text_projection
-  ))
+  """`config.multilingual`: the defaults of zoo.families.multilingual.Settings."""
+  from zoo.families import multilingual
+
+  return multilingual.default_settings()
 
 
 def vit_s16_student() -> ml_collections.ConfigDict:
@@ -176,16 +129,7 @@ def vit_s16_student() -> ml_collections.ConfigDict:
 
 
 def distill() -> ml_collections.ConfigDict:
-  """`config.distill` (zoo.families.distill.Settings)."""
-  return ml_collections.ConfigDict(dict(
-      teacher="",  # zoo.save directory of the teacher CLIP (required)
-      image_feature_weight=1.0,  # image tower: student (through its head) vs teacher
-      text_feature_weight=1.0,  # text tower: the same
-      feature_loss="cosine",  # cosine (mean 1 - cos) | mse (mean squared error, normalized)
-      logit_weight=1.0,  # KL(teacher || student) of the batch softmaxes, both directions
-      contrastive_weight=1.0,  # the student's own CLIP loss
-      block_size=256,  # rows per block of the logit distillation (impl xla / pallas)
-      # the teacher's embeddings come from the shards (KEY.teacher_{image,text,scale}.npy,
-      # python -m zoo.data.embed_cache); `teacher` then only supplies the teacher's config
-      teacher_cache=False,
-  ))
+  """`config.distill`: the defaults of zoo.families.distill.Settings."""
+  from zoo.families import distill
+
+  return distill.default_settings()

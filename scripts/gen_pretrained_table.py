@@ -75,7 +75,7 @@ def open_clip_entries() -> tuple[dict, dict, int]:
       config = open_clip_config.config_from_open_clip_cfg(model_cfg)
     except hub.PretrainedError as e:
       reason = str(e).replace("open_clip config ", "")
-    if reason is None and arch not in configs.list_models():
+    if reason is None and arch not in configs.list_architectures():
       reason = f"architecture {arch} is not implemented in zoo"
     if reason is None and not open_clip_config.same_towers(config, configs.get_model_config(arch)):
       reason = f"open_clip's {name} config differs from zoo's {arch}"

@@ -90,9 +90,12 @@ def test_load_into_other_architecture_names_keys_and_shapes(saved):
   with pytest.raises(CheckpointError) as info:
     model_dir.load(directory, config="test-tiny-siglip")
   msg = str(info.value)
-  assert "missing    visual.attn_pool.latent: expected (1, 64)" in msg
+  # 20 problems: the first line counts them, then five lines (every kind shows) and the rest.
+  assert "(20 problems; was it saved from another model?)" in msg.splitlines()[0]
+  assert "missing    logit_bias: expected ()" in msg
   assert "unexpected visual.class_embedding: found (64,)" in msg
   assert "mis-shaped visual.positional_embedding: expected (16, 64), found (17, 64)" in msg
+  assert len(msg.splitlines()) == 7 and msg.splitlines()[-1] == "  ... and 15 more"
 
 
 def test_restore_weights_into_an_existing_model(saved):

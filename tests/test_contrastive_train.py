@@ -9,7 +9,7 @@ import pytest
 
 from tests.train_utils import synthetic_batches, tiny_config
 from zoo.models import sharding
-from zoo.train import loop as train_lib
+from zoo.train import trainer as trainer_lib
 
 
 def _step_metrics(impl: str, accum: int, bias: float | None) -> dict:
@@ -18,7 +18,7 @@ def _step_metrics(impl: str, accum: int, bias: float | None) -> dict:
     overrides["model_overrides"] = {"init_logit_bias": bias}
   config = tiny_config(**overrides)
   mesh = sharding.make_mesh(data=2, fsdp=4)
-  trainer = train_lib.build_trainer(config, mesh)
+  trainer = trainer_lib.build_trainer(config, mesh)
   batch = sharding.host_to_global(synthetic_batches(1, config.batch_size)[0], mesh)
   _, metrics = trainer.step_fn(trainer.state, batch)
   return {k: float(metrics[k]) for k in ("loss", "grad_norm")}

@@ -341,19 +341,19 @@ def test_cli_open_clip_round_trip_through_safetensors_and_pt(tmp_path):
   sd = _as_numpy(tiny_open_clip().state_dict())
   src = str(tmp_path / "in.safetensors")
   cli.write_safetensors(sd, src)
-  assert cli.main(["from-open-clip", "--model", "test-tiny", "--input", src,
+  assert cli.run(["from-open-clip", "--model", "test-tiny", "--input", src,
                    "--output", str(tmp_path / "ckpt")]) == 0
   model, _, _ = model_dir.load(str(tmp_path / "ckpt"))
   _assert_same_state_dict(convert.to_open_clip(model), sd)
   out = str(tmp_path / "out.safetensors")
-  assert cli.main(["to-open-clip", "--input", str(tmp_path / "ckpt"), "--output", out]) == 0
+  assert cli.run(["to-open-clip", "--input", str(tmp_path / "ckpt"), "--output", out]) == 0
   _assert_same_state_dict(_read(out), sd)
   _load_strict(tiny_open_clip(seed=1), _read(out))
 
   # torch files: plain state dicts and open_clip training checkpoints ({'state_dict': ...}).
   pt = str(tmp_path / "epoch_1.pt")
   torch.save({"epoch": 1, "state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()}}, pt)
-  assert cli.main(["from-open-clip", "--model", "test-tiny", "--input", pt,
+  assert cli.run(["from-open-clip", "--model", "test-tiny", "--input", pt,
                    "--output", str(tmp_path / "ckpt_pt")]) == 0
   _assert_same_state_dict(convert.to_open_clip(model_dir.load(str(tmp_path / "ckpt_pt"))[0]), sd)
 
@@ -373,9 +373,9 @@ def test_cli_hf_round_trip_with_config_json(tmp_path):
   hf = tiny_hf()
   hf.save_pretrained(str(tmp_path / "hf_in"))  # model.safetensors + config.json
   sd = _as_numpy(hf.state_dict())
-  assert cli.main(["from-hf", "--input", str(tmp_path / "hf_in" / "model.safetensors"),
+  assert cli.run(["from-hf", "--input", str(tmp_path / "hf_in" / "model.safetensors"),
                    "--output", str(tmp_path / "ckpt")]) == 0
-  assert cli.main(["to-hf", "--input", str(tmp_path / "ckpt"), "--output",
+  assert cli.run(["to-hf", "--input", str(tmp_path / "ckpt"), "--output",
                    str(tmp_path / "hf_out")]) == 0
   _assert_same_state_dict(_read(str(tmp_path / "hf_out" / "model.safetensors")), sd)
   reloaded = transformers.CLIPModel.from_pretrained(str(tmp_path / "hf_out")).eval()

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # call maps it fresh and faults its 16k pages in.
 SCRIPT = r"""
 import json, resource, sys
-from zoo import host_memory
+from zoo.train import host_memory
 applied = host_memory.retain_freed_memory() if sys.argv[1] == "retain" else False
 import jax, jax.numpy as jnp
 step = jax.jit(lambda a: jnp.tanh(a @ a.T).sum(0))

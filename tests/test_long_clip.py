@@ -12,7 +12,7 @@ from zoo.convert import cli, long_clip as lc_convert
 from zoo.eval import evaluator, suite
 from zoo.families import long_clip as lc_family
 from zoo.models import long_clip as lc_model, sharding
-from zoo.train import loop
+from zoo.train import trainer as trainer_lib
 
 L, NEW, KEEP = 77, 248, 20
 
@@ -238,7 +238,7 @@ def long_batches(n, b=16, seed=0):
 
 
 def run_steps(mesh, config, batches):
-  trainer = loop.build_trainer(config, mesh)
+  trainer = trainer_lib.build_trainer(config, mesh)
   losses = []
   for batch in batches:
     trainer.state, m = trainer.step_fn(trainer.state, sharding.host_to_global(batch, mesh))
@@ -316,9 +316,9 @@ def long_clip_config_with(**kw):
 def test_cli_round_trip(models, tmp_path):
   _, stretched = models
   zoo.save(stretched, tmp_path / "zoo")
-  assert cli.main(["to-long-clip", "--input", str(tmp_path / "zoo"),
+  assert cli.run(["to-long-clip", "--input", str(tmp_path / "zoo"),
                          "--output", str(tmp_path / "lc.safetensors")]) == 0
-  assert cli.main(["from-long-clip", "--model", "test-tiny", "--input",
+  assert cli.run(["from-long-clip", "--model", "test-tiny", "--input",
                          str(tmp_path / "lc.safetensors"), "--output", str(tmp_path / "back")]) == 0
   back, tok, _ = zoo.load(tmp_path / "back")
   np.testing.assert_array_equal(table(back), table(stretched))

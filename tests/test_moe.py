@@ -14,7 +14,7 @@ from zoo.convert import clip_moe
 from zoo.eval import evaluator
 from zoo.families.moe import dmu, family as moe_family
 from zoo.models import layers, moe, moe_stats, sharding
-from zoo.train import loop as train_lib
+from zoo.train import loop as train_lib, trainer as trainer_lib
 
 E, K = 4, 2
 
@@ -284,7 +284,7 @@ def moe_config(**kw):
 
 def loss_and_grads(config, mesh, batch):
   """The family's loss and gradients, jitted over `mesh` as the train step does."""
-  trainer = train_lib.build_trainer(config, mesh)
+  trainer = trainer_lib.build_trainer(config, mesh)
   ctx = families.LossContext(settings=trainer.settings, mesh=mesh, impl="reference")
 
   def loss_fn(params, batch):
@@ -347,7 +347,7 @@ def test_expert_parallel_equals_single_device(single_device_result):
 def test_router_only_training_freezes_the_rest():
   cfg = moe_config(trainable="router")
   mesh = sharding.make_mesh(devices=jax.devices()[:1], fsdp=1)
-  trainer = train_lib.build_trainer(cfg, mesh)
+  trainer = trainer_lib.build_trainer(cfg, mesh)
   before = flat(jax.device_get(trainer.state["params"]))
   for b in synthetic_batches(2, 16):  # step 0 has lr 0 (warmup)
     trainer.state, _ = trainer.step_fn(trainer.state, sharding.host_to_global(b, mesh))

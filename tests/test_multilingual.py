@@ -25,7 +25,7 @@ from zoo.data import babel, demo, pipeline
 from zoo.eval import evaluator, report, suite
 from zoo.families import multilingual as ml_family
 from zoo.models import lora, multilingual
-from zoo.train import loop as train_lib
+from zoo.train import loop as train_lib, trainer as trainer_lib
 from zoo.weights import adapters
 
 TEXTS = ["Ein Foto: ein grünes Quadrat.", "hi", "一张绿色正方形的照片。", "صورة مربع أخضر.",
@@ -214,7 +214,7 @@ def _distill_config(teacher_dir, **kw):
 
 def test_distillation_learns_and_freezes_all_but_the_student_text(tmp_path, teacher_dir):
   config = _distill_config(teacher_dir)
-  trainer0 = train_lib.build_trainer(config)
+  trainer0 = trainer_lib.build_trainer(config)
   before = jax.device_get(trainer0.state["params"])
   summary = train_lib.train(config, str(tmp_path / "run"))
   losses = summary["losses"]
@@ -234,7 +234,7 @@ def test_distillation_learns_and_freezes_all_but_the_student_text(tmp_path, teac
 
 
 def test_language_adapter_trains_only_lora(tmp_path, teacher_dir):
-  base = zoo.save(multilingual.student_only(train_lib.build_trainer(
+  base = zoo.save(multilingual.student_only(trainer_lib.build_trainer(
       _distill_config(teacher_dir)).model()), tmp_path / "student")
   config = _distill_config(teacher_dir, total_steps=6, init_from=str(base))
   config.data.languages = "ar"
@@ -380,17 +380,17 @@ def test_cli_build_and_to_mclip(tmp_path, teacher_dir):
   save_file(sd, str(hf_dir / "model.safetensors"))
   (hf_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
   out = tmp_path / "built"
-  assert cli.main(["build-mclip", "--teacher", str(teacher_dir), "--text", str(hf_dir),
+  assert cli.run(["build-mclip", "--teacher", str(teacher_dir), "--text", str(hf_dir),
                             "--tokenizer", multilingual.DEMO_TOKENIZER, "--output", str(out)]) == 0
   model, tok, _ = zoo.load(out)
   ids = tok(TEXTS)
   _, ref, _ = _torch_mean_pool(torch, enc, lin, ids, pad=1)
   np.testing.assert_allclose(np.asarray(model.text(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
-  assert cli.main(["to-mclip", "--input", str(out), "--output", str(tmp_path / "m")]) == 0
+  assert cli.run(["to-mclip", "--input", str(out), "--output", str(tmp_path / "m")]) == 0
   back = mclip.from_hf_text(load_file(str(tmp_path / "m" / "model.safetensors")),
                                    json.loads((tmp_path / "m" / "config.json").read_text()))
   np.testing.assert_array_equal(np.asarray(back(jnp.asarray(ids))), np.asarray(model.text(jnp.asarray(ids))))
-  assert cli.main(["build-mclip", "--teacher", str(teacher_dir), "--text", str(tmp_path / "nope"),
+  assert cli.run(["build-mclip", "--teacher", str(teacher_dir), "--text", str(tmp_path / "nope"),
                             "--tokenizer", multilingual.DEMO_TOKENIZER, "--output", str(tmp_path / "x")]) == 2
 
 

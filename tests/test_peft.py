@@ -242,8 +242,9 @@ def test_load_adapters_mismatch_errors(tmp_path):
     adapters.load_adapters(narrow, path)
   message = str(err.value)
   assert "missing kernel text/transformer/resblocks/1/attn/qkv_kernel" in message
-  assert ("mis-shaped text/transformer/resblocks/0/attn/qkv_lora/a: expected (32, 4), found "
+  assert ("mis-shaped text/transformer/resblocks/0/attn/out_lora/a: expected (32, 4), found "
           "(64, 4)") in message
+  assert "(12 problems)" in message and message.endswith("... and 7 more")  # the first five shown
   assert "unexpected" not in message
   assert peft.lora_paths(narrow) == []  # untouched
 

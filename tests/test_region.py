@@ -19,7 +19,7 @@ from zoo.eval import evaluator, suite
 from zoo.families import base as family_base
 from zoo.families.region import evals as region_evals, family as region_family
 from zoo.models import clip as clip_lib, configs, region, sharding
-from zoo.train import loop as train_lib, step as train_step
+from zoo.train import loop as train_lib, step as train_step, trainer as trainer_lib
 
 FAMILY = region_family.FAMILY
 
@@ -312,7 +312,7 @@ def run_region_steps(mesh_kw, steps=3, **overrides):
   config.region.tic_weight = 0.5
   for k, v in overrides.items():
     config.region[k] = v
-  trainer = train_lib.build_trainer(config, mesh)
+  trainer = trainer_lib.build_trainer(config, mesh)
   # one batch, repeated: the loss must fall. Length 8 = the smallest text bucket: one branch
   # to compile (trim_padding), which keeps this test fast.
   batch = region_batch(np.random.default_rng(11), length=8)

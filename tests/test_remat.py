@@ -20,7 +20,7 @@ from flax import nnx
 from tests.train_utils import synthetic_batches, tiny_config
 from zoo import losses
 from zoo.models import clip as clip_lib, layers, sharding
-from zoo.train import loop
+from zoo.train import trainer as trainer_lib
 
 # bf16 vs fp32 over 5 train steps of test-tiny (lr 1e-3): |loss difference| per step.
 BF16_LOSS_ATOL = 2e-2
@@ -64,7 +64,7 @@ def test_remat_bitwise_equal_and_saves_memory():
 @functools.lru_cache(maxsize=None)
 def _run_steps(n: int, overrides: tuple) -> tuple[list[float], dict]:
   config = tiny_config(**dict(overrides))
-  trainer = loop.build_trainer(config, one_device_mesh())
+  trainer = trainer_lib.build_trainer(config, one_device_mesh())
   state, out = trainer.state, []
   for batch in synthetic_batches(n, config.batch_size):
     state, metrics = trainer.step_fn(state, sharding.host_to_global(batch, trainer.mesh))
@@ -87,7 +87,7 @@ def test_config_remat_train_steps_bitwise():
 
 def test_bad_remat_is_a_clear_error():
   with pytest.raises(ValueError, match="remat 'some'"):
-    loop.build_trainer(tiny_config(remat="some"), one_device_mesh())
+    trainer_lib.build_trainer(tiny_config(remat="some"), one_device_mesh())
 
 
 def test_bf16_tracks_fp32_over_5_steps():

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests.train_utils import synthetic_batches, tiny_config
 from zoo.models import sharding
-from zoo.train import loop, step as train_step
+from zoo.train import step as train_step, trainer as trainer_lib
 
 MESHES = {
     "single": dict(data=1, fsdp=1, tensor=1),
@@ -20,7 +20,7 @@ MESHES = {
 def run(mesh_kw, steps=5, **cfg):
   devices = jax.devices()[:1] if mesh_kw == MESHES["single"] else jax.devices()
   mesh = sharding.make_mesh(devices=devices, **mesh_kw)
-  trainer = loop.build_trainer(tiny_config(**cfg), mesh)
+  trainer = trainer_lib.build_trainer(tiny_config(**cfg), mesh)
   losses = []
   for batch in synthetic_batches(steps, 16):
     trainer.state, metrics = trainer.step_fn(trainer.state, sharding.host_to_global(batch, mesh))
@@ -53,7 +53,7 @@ def test_loss_trajectory_matches_single_device(reference, name):
 def test_parameters_sharded_by_rules():
   mesh_kw = MESHES["data2_fsdp2_tensor2"]
   mesh = sharding.make_mesh(**mesh_kw)
-  trainer = loop.build_trainer(tiny_config(), mesh)
+  trainer = trainer_lib.build_trainer(tiny_config(), mesh)
   params = trainer.state["params"]
   block = params["visual"]["transformer"]["resblocks"][0]
   assert block["mlp"]["fc1"]["kernel"].value.sharding.spec == P("fsdp", "tensor")
@@ -78,7 +78,7 @@ def test_grad_accumulation_runs_and_matches_shapes():
 
 
 def test_no_weight_decay_on_norms_embeddings_and_scale():
-  trainer = loop.build_trainer(tiny_config(), sharding.make_mesh(devices=jax.devices()[:1]))
+  trainer = trainer_lib.build_trainer(tiny_config(), sharding.make_mesh(devices=jax.devices()[:1]))
   mask = train_step.decay_mask(trainer.state["params"])
   assert mask["visual"]["transformer"]["resblocks"][0]["mlp"]["fc1"]["kernel"].value
   assert not mask["visual"]["transformer"]["resblocks"][0]["mlp"]["fc1"]["bias"].value

@@ -110,6 +110,33 @@ def test_preprocess_bad_input_errors():
     T.make_preprocess((32, 0))
 
 
+def test_encode_image_refuses_unpreprocessed_input():
+  """One ValueError naming the expected input for an unbatched image or raw pixels; the check
+  is on shape / dtype at trace time (jit works; the value range only for numpy arrays)."""
+  import jax
+
+  from zoo.models import clip
+
+  expected = r"encode_image expects preprocessed float images \[B, H, W, 3\] \(e.g. preprocess"
+  with pytest.raises(ValueError, match=expected + r".*got shape \(224, 224, 3\)$"):
+    clip.check_images(np.zeros((224, 224, 3), np.float32))
+  with pytest.raises(ValueError, match=expected + r".*got uint8 pixels; apply the model's "
+                     "preprocess first"):
+    clip.check_images(np.zeros((2, 224, 224, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"got values up to 200 \(raw pixels\?\)"):
+    clip.check_images(np.full((2, 8, 8, 3), 200.0, np.float32))
+  clip.check_images(jax.ShapeDtypeStruct((2, 8, 8, 3), np.float32))  # traced: no value check
+  images = T.make_preprocess(8).batch([np.zeros((10, 12, 3), np.uint8)] * 2)
+  clip.check_images(images)
+
+  def encode(x):  # CLIP.encode_image checks at trace time (abstract: nothing is compiled)
+    return clip.create("test-tiny").encode_image(x)
+
+  with pytest.raises(ValueError, match=expected + r".*got shape \(32, 32, 3\)"):
+    jax.eval_shape(encode, jax.ShapeDtypeStruct((32, 32, 3), np.float32))
+  assert jax.eval_shape(encode, jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)).shape[0] == 2
+
+
 # ----------------------------------------------------------------------------- train augmentation
 
 

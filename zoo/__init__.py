@@ -6,12 +6,12 @@ PyTorch weights. Everything else lives in one module each (zoo.models, zoo.train
 zoo.weights, zoo.data, zoo.families, zoo.kernels).
 """
 
-from zoo.models.configs import list_models
 from zoo.version import __version__
 from zoo.weights.pretrained import (
   create,
   create_model_and_transforms,
   export_pretrained,
+  list_models,
   list_pretrained,
 )
 

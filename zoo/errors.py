@@ -1,19 +1,23 @@
 """What every zoo command line shares: one-line errors, quiet logging, clean Ctrl-C.
 
-`run(main)` wraps a command's main: a user error (`UserError`, a bad checkpoint, a missing
-file, a bad value) prints one `error: ...` line on stderr and exits 2; Ctrl-C prints one line
-and exits 130; a diverged run (`Diverged`) prints one line and exits 1. The traceback is shown
-only with `--verbosity=1` (absl commands) or `ZOO_DEBUG=1`. `quiet_logging()` silences other
-libraries' INFO lines (Orbax, absl, tensorboardX) unless `--verbosity` is given, and prints
-zoo's own log lines above any progress bar (never on the bar's line).
+`run(main, prog=...)` wraps a command's main: a user error (`UserError`, a bad checkpoint, a
+missing file, a bad value) prints one `PROG: error: ...` line on stderr and exits 2 (`report`
+does the same for a command that returns its exit code); Ctrl-C prints one line and exits 130;
+a diverged run (`Diverged`) prints one line and exits 1. The traceback is shown only with
+`--verbosity=1` (absl commands) or `ZOO_DEBUG=1`. `quiet_logging()` silences other libraries'
+INFO lines unless `--verbosity` is given and prints zoo's own log lines above any progress bar.
+Message helpers shared by the API and the commands: `unknown_key` / `check_keys` (an unknown
+config key, with a "did you mean"), `capped` (a long listing cut to its first lines + a count),
+`OutputExists` (says `overwrite=True` in Python, `--overwrite` on a command line).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
@@ -21,11 +25,22 @@ EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
-  """Bad input from the command line (flags, config values, paths): one line, exit code 2."""
+  """Bad input (flags, config values, paths, weight files): one line, exit code 2. The library's
+  own input errors (a bad checkpoint or weight file) derive from it and from ValueError."""
 
 
 class Diverged(RuntimeError):
   """Training produced a non-finite loss or gradient norm (the run stopped, nothing saved)."""
+
+
+class OutputExists(FileExistsError):
+  """An output exists and overwriting was not asked for. The message names the Python argument
+  (`overwrite=True`); on a command line (`one_line`) it names the flag (`--overwrite`)."""
+
+  def __init__(self, path: str, *, what: str = "directory"):
+    super().__init__(f"{path} already exists; pass overwrite=True or pick a new {what}")
+    self.path = path
+    self.cli_message = f"{path} already exists; pass --overwrite or pick a new {what}"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -34,6 +49,37 @@ class Interrupted(KeyboardInterrupt):
   def __init__(self, message: str):
     super().__init__(message)
     self.message = message
+
+
+def unknown_key(key: str, valid: Iterable[str], where: str) -> ValueError:
+  """The one-line error for a key not in `valid`: `unknown WHERE key 'KEY' (did you mean
+  'CLOSEST'?); valid keys: ...` (`where` e.g. "config", "config.data", "model override")."""
+  valid = sorted(valid)
+  close = difflib.get_close_matches(key, valid, n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  return ValueError(f"unknown {where} key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
+  """Raises `unknown_key` for the first (sorted) key of `given` that is not in `valid`."""
+  valid = set(valid)
+  bad = sorted(set(given) - valid)
+  if bad:
+    raise unknown_key(bad[0], valid, where)
+
+
+def capped(lines: Sequence[str], limit: int = 5, indent: str = "  ") -> list[str]:
+  """At most `limit` of `lines`, then `... and N more`. Lines are grouped by their first word
+  (e.g. missing / mis-shaped / unexpected) and taken from each group in turn, so every kind of
+  problem shows among the first lines; within a group the order is kept."""
+  groups: dict[str, list[str]] = {}
+  for line in lines:
+    groups.setdefault(line.split(maxsplit=1)[0] if line.strip() else "", []).append(line)
+  queues = list(groups.values())
+  mixed = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+  if len(mixed) <= limit:
+    return mixed
+  return [*mixed[:limit], f"{indent}... and {len(mixed) - limit} more"]
 
 
 def _verbosity() -> int | None:
@@ -85,24 +131,38 @@ def quiet_logging() -> None:
       pass
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-  from zoo.weights.layout import CheckpointError
-
-  return (UserError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
-          ValueError, KeyError)
+# What a command reports as a user error (one line, exit 2) rather than a crash.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+    PermissionError, ValueError, KeyError)
 
 
 def one_line(e: BaseException) -> str:
-  """The message of `e` on one line (a KeyError's quotes dropped, continuation lines joined)."""
-  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  """The message of `e` for a command line, on one line (a KeyError's quotes dropped,
+  continuation lines joined; an `OutputExists` names the --overwrite flag)."""
+  text = e.args[0] if isinstance(e, KeyError) and e.args else getattr(e, "cli_message", str(e))
   text = str(text) or type(e).__name__
-  return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+  parts = [" ".join(part.split()) for part in text.splitlines() if part.strip()]
+  out = parts[0] if parts else ""
+  for part in parts[1:]:  # a listing after "...:" continues the sentence; lines become clauses
+    out += (" " if out.endswith((":", ";", ",")) else "; ") + part
+  return out
+
+
+def report(e: BaseException, prog: str) -> int:
+  """Prints `PROG: error: MESSAGE` (one line) for the user error `e`; returns exit code 2.
+  With ZOO_DEBUG=1 / --verbosity=1 it re-raises instead (the traceback)."""
+  if debug():
+    raise e
+  generic = not isinstance(e, (UserError, OSError))
+  hint = " (ZOO_DEBUG=1 shows the traceback)" if generic else ""
+  print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
+  return EXIT_USER_ERROR
 
 
 def run(main: Callable[..., Any], *args: Any, prog: str | None = None) -> Any:
   """Calls `main(*args)`; turns user errors, divergence and Ctrl-C into one line + exit code."""
   prog = prog or os.path.basename(sys.argv[0])
-  hint = "" if debug() else " (ZOO_DEBUG=1 shows the traceback)"
   try:
     return main(*args)
   except SystemExit:
@@ -122,11 +182,5 @@ def run(main: Callable[..., Any], *args: Any, prog: str | None = None) -> Any:
       raise
     print(f"{prog}: {one_line(e)}", file=sys.stderr)
     sys.exit(EXIT_DIVERGED)
-  except _user_error_types() as e:
-    if debug():
-      raise
-    from zoo.weights.layout import CheckpointError
-
-    generic = not isinstance(e, (UserError, CheckpointError, OSError))
-    print(f"{prog}: error: {one_line(e)}{hint if generic else ''}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+  except USER_ERRORS as e:
+    sys.exit(report(e, prog))

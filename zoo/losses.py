@@ -1,6 +1,6 @@
 """Model-side losses: what the train loop calls with (model outputs, batch).
 
-Contrastive losses dispatch to `kernels.contrastive_loss`: "reference" (plain jnp; under jit with
+Contrastive losses dispatch to `zoo.kernels.contrastive.contrastive_loss`: "reference" (plain jnp; under jit with
 batch-sharded inputs GSPMD already makes it a global-batch loss), "xla" / "pallas" (fused, never
 storing B x B logits; over a mesh they run inside `jax.shard_map` over the batch axes so the loss
 is over the GLOBAL batch, not per device), "auto" (`resolve_impl`: pallas where its kernels
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from zoo import kernels
+from zoo.kernels import contrastive
 from zoo.models import sharding
 
 Array = jax.Array
@@ -37,7 +37,7 @@ def _batch_axes(mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str, ...]
 def resolve_impl(impl: str) -> str:
   """The loss impl that `impl` ("auto" | "pallas" | "xla" | "reference") means on this backend:
   "auto" -> "pallas" on TPU and NVIDIA GPUs of compute capability >= 8.0, else "xla"."""
-  return kernels.resolve_impl(impl)
+  return contrastive.resolve_impl(impl)
 
 
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
@@ -45,17 +45,17 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      mesh: Mesh | None = None,
                      batch_axes: Sequence[str] = sharding.BATCH_AXES,
                      label_smoothing: float | Array = 0.0) -> Array:
-  """Global-batch contrastive loss (see `kernels.contrastive_loss` for kind / impl).
+  """Global-batch contrastive loss (see `zoo.kernels.contrastive.contrastive_loss` for kind / impl).
 
   `logit_scale` is the already-exponentiated multiplier. With impl "xla" / "pallas" and a mesh
   whose `batch_axes` (default: the axes the train loop shards the batch over) split the batch,
   the kernel runs per device inside `jax.shard_map` with `axis_name` = those axes.
-  `label_smoothing` (softmax only) as in `kernels.contrastive_loss`, over the global batch; a
+  `label_smoothing` (softmax only) as in `zoo.kernels.contrastive.contrastive_loss`, over the global batch; a
   float or a traced scalar (a schedule), passed into the shard_map replicated.
   """
   impl = resolve_impl(impl)
   axes = () if impl == "reference" else _batch_axes(mesh, batch_axes)
-  loss_fn = functools.partial(kernels.contrastive_loss, kind=kind, impl=impl)
+  loss_fn = functools.partial(contrastive.contrastive_loss, kind=kind, impl=impl)
   if not axes:
     return loss_fn(image_emb, text_emb, logit_scale, logit_bias, label_smoothing=label_smoothing)
   n = math.prod(mesh.shape[a] for a in axes)

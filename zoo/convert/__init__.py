@@ -3,7 +3,7 @@
 `from_open_clip(state_dict, name)`, `to_open_clip(model)`, `from_hf(state_dict, name_or_config)`,
 `to_hf(model)`; `python -m zoo.convert --help` for the command line (safetensors in and out).
 Conversions are pure re-layouts (exact), and every input is checked: a state dict that does not
-fit raises one `StateDictError` listing each missing, unexpected and mis-shaped key.
+fit raises one `StateDictError` counting the missing, unexpected and mis-shaped keys.
 """
 
 from zoo.convert.common import StateDictError

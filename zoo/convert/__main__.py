@@ -3,11 +3,8 @@
 import sys
 
 from zoo import errors
-from zoo.convert.cli import COMMANDS, main
-from zoo.convert.io import TORCH_SUFFIXES, read_state_dict, write_safetensors
-
-__all__ = ["COMMANDS", "TORCH_SUFFIXES", "main", "read_state_dict", "write_safetensors"]
+from zoo.convert import cli
 
 if __name__ == "__main__":
   errors.quiet_logging()
-  sys.exit(errors.run(main, prog="python -m zoo.convert"))
+  sys.exit(errors.run(cli.run, prog="python -m zoo.convert"))

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any
 
-from zoo import convert
+from zoo import convert, errors
 from zoo.convert import clip_moe, long_clip, mclip, push
 from zoo.convert.io import read_state_dict, write_safetensors
 from zoo.weights import model_dir
@@ -80,15 +80,16 @@ def _open_clip_or_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) 
       json.dump(hf_config, f, indent=2)
     out = os.path.join(out, "model.safetensors")
   elif not out.endswith(".safetensors"):
-    parser.error(f"--output {out!r} must be a .safetensors file")
+    raise errors.UserError(f"--output {out!r} must be a .safetensors file (e.g. "
+                           "open_clip_model.safetensors)")
   if os.path.exists(out) and not args.overwrite:
-    parser.error(f"{out} exists; pass --overwrite")
+    raise errors.UserError(f"--output {out} exists; pass --overwrite or pick a new file")
   write_safetensors(state_dict, out, {"format": "pt"})
   print(f"wrote {len(state_dict)} tensors to {out}")
   return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
   """Runs one subcommand; a bad input is one line on stderr and exit code 2."""
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ["push"]:  # publishing a zoo / open_clip directory to the hub: convert/push.py
@@ -116,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in _LAYOUTS:
       return _LAYOUTS[args.command](args)
     return _open_clip_or_hf(args, parser)
-  except (OSError, ValueError) as e:
-    print(f"python -m zoo.convert {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except (OSError, *errors.USER_ERRORS) as e:
+    return errors.report(e, parser.prog)
 

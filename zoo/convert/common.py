@@ -16,14 +16,15 @@ import jax
 import numpy as np
 from flax import nnx
 
+from zoo import errors
 from zoo.models import clip as clip_lib, configs
 
 Path = tuple[Any, ...]  # an NNX state path, e.g. ('visual', 'transformer', 'resblocks', 0, ...)
 ArrayLike = Any
 
 
-class StateDictError(ValueError):
-  """A state dict does not fit the expected layout; the message lists every bad key."""
+class StateDictError(errors.UserError, ValueError):
+  """A state dict does not fit the expected layout; the message counts and lists the bad keys."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +212,8 @@ def check_coverage(rules: Sequence[Rule], zoo_shapes: Mapping[Path, Any], layout
 def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
                      *, layout: str, model: str, ignore: Callable[[str], bool] = lambda k: False
                      ) -> None:
-  """Raises one StateDictError listing every missing, unexpected and mis-shaped key."""
+  """Raises one StateDictError: a first line with the count of missing, unexpected and
+  mis-shaped keys, then the first few of them (zoo.errors.capped)."""
   problems: list[str] = []
   for key, shape in expected.items():
     if key not in state_dict:
@@ -228,7 +230,8 @@ def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
   if problems:
     raise StateDictError(
         f"{layout} state dict does not match zoo model {model!r} ({len(problems)} problem"
-        f"{'s' if len(problems) > 1 else ''}; is the model name right?):\n" + "\n".join(problems))
+        f"{'s' if len(problems) > 1 else ''}; is the model name right?):\n"
+        + "\n".join(errors.capped(problems)))
 
 
 def convert_from_torch(state_dict: Mapping[str, Any], rules: Sequence[Rule],

@@ -17,11 +17,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from zoo import errors
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
-class WeightFileError(ValueError):
+class WeightFileError(errors.UserError, ValueError):
   """A weight file is missing, truncated, corrupt, or not a plain state dict."""
 
 
@@ -52,17 +54,48 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _refusal_reason(e: BaseException) -> str:
-  """The one fact in torch's refusal (e.g. the global it would have had to unpickle), without
-  its advice to load the file with weights_only=False."""
+# How a torch.save file starts: a zip archive (torch >= 1.6), or the legacy pickle of torch's
+# magic number (protocol 2: PROTO 2, LONG1 10 bytes).
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _torch_reason(e: BaseException) -> str:
+  """The one fact in torch.load's failure: for a refused pickle the line after
+  "WeightsUnpickler error:" (not the advice to pass weights_only=False), else the first
+  sentence of its message (or the exception's name)."""
   text = str(e)
+  found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+  if found:
+    return found.group(1).strip()
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if not lines:
+    return type(e).__name__
+  return re.split(r"(?<=[.!?])\s", lines[0], maxsplit=1)[0].rstrip(".")
+
+
+def _torch_load_error(path: str, e: BaseException) -> WeightFileError:
+  """The one-line diagnosis of a failed torch.load(weights_only=True) of `path`."""
+  text = str(e)
+  with open(path, "rb") as f:
+    head = f.read(len(_LEGACY_MAGIC))
+  refit = "zoo never unpickles: re-save it as a plain state dict (torch.save(model.state_dict()))"
   found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
   if found:
-    return f"it pickles the object {found.group(1)}"
+    return WeightFileError(f"{path} is not a plain state dict: it pickles the object "
+                           f"{found.group(1)}, which torch.load(weights_only=True) refuses; "
+                           f"{refit} or as safetensors")
   if "TorchScript" in text or "constants.pkl" in text:
-    return "it is a TorchScript archive"
-  first = _first_line(e)
-  return first if "weights_only" not in first else "torch.load(weights_only=True) refused it"
+    return WeightFileError(f"{path} is a TorchScript archive, not a state dict (torch.load("
+                           f"weights_only=True) refuses it); {refit} or as safetensors")
+  if not head:
+    return WeightFileError(f"{path} is empty (0 bytes); delete it and download again")
+  if head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC:  # torch's format, damaged
+    return WeightFileError(f"{path} is truncated or corrupt (torch.load failed: "
+                           f"{_torch_reason(e)}); delete it and download again")
+  return WeightFileError(f"{path} is not a PyTorch checkpoint (torch.load with weights_only=True "
+                         f"failed: {_torch_reason(e)}); expected a torch.save() state dict or a "
+                         f"{SAFETENSORS_SUFFIX} file")
 
 
 def read_state_dict(path: str) -> dict[str, Any]:
@@ -92,11 +125,8 @@ def read_state_dict(path: str) -> dict[str, Any]:
                             "with torch.load(weights_only=True), never a full unpickle)") from e
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a cut-off zip, or a pickle that holds more than tensors
-      kind = ("truncated or corrupt" if "zip" in str(e).lower() or "EOF" in str(e)
-              else "not a plain state dict (weights_only=True refused it)")
-      raise WeightFileError(f"{path} is {kind} ({_refusal_reason(e)}); zoo never unpickles: "
-                            "re-save it as a plain state dict or safetensors") from e
+    except Exception as e:  # a cut-off file, a pickle of more than tensors, not torch at all
+      raise _torch_load_error(path, e) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
       obj = obj["state_dict"]  # training checkpoints wrap the weights
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):

@@ -176,7 +176,7 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
 
   `state_dict`: key -> numpy array or torch tensor (fp16/bf16 are widened to float32).
   `name`: the open_clip architecture name ('ViT-B-32', 'ViT-B-16-quickgelu', ...) or a
-  CLIPConfig. Raises `StateDictError` listing every missing / unexpected / mis-shaped key.
+  CLIPConfig. Raises `StateDictError` naming the missing / unexpected / mis-shaped keys.
   """
   config = common.resolve_config(name, **overrides)
   sd = _strip_prefix(state_dict)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
+
+from zoo import errors
 
 LAYOUT_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 
@@ -33,7 +34,7 @@ def _staged(directory: str, workdir: str) -> str:
   return pretrained.export_pretrained(model, workdir, preprocess=preprocess)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_push(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m zoo.convert push", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--input", required=True, help="zoo.save dir or open_clip layout dir")
@@ -66,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-  """main() with input errors as one line on stderr and exit code 2."""
+  """run_push() with input errors as one line on stderr and exit code 2."""
   try:
-    return main(argv)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"python -m zoo.convert push: error: {e}", file=sys.stderr)
-    return 2
+    return run_push(argv)
+  except errors.USER_ERRORS as e:
+    return errors.report(e, "python -m zoo.convert push")

@@ -35,22 +35,15 @@ Evaluator = Callable[..., dict[str, float]]
 
 BATCH_AXES = sharding.BATCH_AXES  # mesh axes the eval batch is sharded over, as in training
 ZERO_SHOT_LOGIT_SCALE = 100.0
-_PROGRESS = {"enabled": True}
 
 
 class NonFiniteError(ValueError):
   """The model produced NaN / inf features: its weights are broken (e.g. a diverged run)."""
 
 
-def set_progress(enabled: bool) -> None:
-  """Progress bars while encoding (on by default, on process 0 only)."""
-  _PROGRESS["enabled"] = bool(enabled)
-
-
 def _progress_bar(total: int, desc: str):
-  if not _PROGRESS["enabled"] or jax.process_index() != 0 or total < 2:
+  if jax.process_index() != 0 or total < 2:
     return None
-
   # disable=None: only on a terminal (redrawing a nested bar in a log file adds blank lines).
   return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5,
               disable=None)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from zoo import errors
 from zoo.models import sharding
-from zoo.train import checkpoints, distributed, loop, run_config
+from zoo.train import checkpoints, distributed, run_config, trainer as trainer_lib
 from zoo.weights import model_dir, pretrained as pretrained_lib
 
 
@@ -80,8 +80,11 @@ def open_model(*, workdir: str | None = None, checkpoint: str | None = None,
   if workdir:
     steps = checkpoints.complete_steps(os.path.join(workdir, "checkpoints"))
     if not steps:
+      aside = os.path.join(workdir, "diverged")
       raise errors.UserError(f"--workdir {workdir} holds no complete checkpoint (under "
-                             f"{os.path.join(workdir, 'checkpoints')}); train first")
+                             f"{os.path.join(workdir, 'checkpoints')}); train first"
+                             + (f" (a diverged run's checkpoints are in {aside})"
+                                if os.path.isdir(aside) else ""))
   else:
     record = model_dir.read_record(source)  # one-line error for an empty / incomplete directory
   config = config if config is not None else stored_config(source, workdir=bool(workdir))
@@ -90,7 +93,7 @@ def open_model(*, workdir: str | None = None, checkpoint: str | None = None,
   mesh = eval_mesh(config)
   if workdir:
     step = steps[-1]
-    return EvalModel(loop.restore_model(config, workdir, step, mesh), config, mesh, step,
+    return EvalModel(trainer_lib.restore_model(config, workdir, step, mesh), config, mesh, step,
                      f"step {step}", None)
   model, _, _ = model_dir.load(source)
   step = int(record.get("step") or 0)

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from zoo import losses
+from zoo import errors, losses
 from zoo.models import clip as clip_lib
 from zoo.weights import model_dir
 
@@ -45,10 +45,7 @@ def parse_section(config: ml_collections.ConfigDict, name: str, cls: type) -> An
   given = config.get(name, None) or {}
   given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
   valid = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
-  unknown = sorted(set(given) - valid)
-  if unknown:
-    raise ValueError(f"unknown config.{name} key {unknown[0]!r}; valid keys: "
-                     f"{', '.join(sorted(valid))}")
+  errors.check_keys(given, valid, f"config.{name}")
   return cls(**given)
 
 

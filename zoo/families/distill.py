@@ -316,7 +316,7 @@ FAMILY = DistillFamily()
 
 
 def default_settings() -> ml_collections.ConfigDict:
-  """`config.distill` with the defaults (configs.base.distill() is the same)."""
+  """`config.distill` with the defaults (configs.base.distill() returns it)."""
   return ml_collections.ConfigDict(config_keys(Settings()))
 
 

@@ -188,5 +188,5 @@ FAMILY = LongClipFamily()
 
 
 def default_settings() -> ml_collections.ConfigDict:
-  """`config.long_clip` with Long-CLIP's defaults (configs.base.long_clip() is the same)."""
+  """`config.long_clip` with Long-CLIP's defaults (configs.base.long_clip() returns it)."""
   return ml_collections.ConfigDict(dataclasses.asdict(Settings()))

@@ -325,5 +325,5 @@ FAMILY = MultilingualFamily()
 
 
 def default_settings() -> ml_collections.ConfigDict:
-  """`config.multilingual` with the defaults (configs.base.multilingual() is the same)."""
+  """`config.multilingual` with the defaults (configs.base.multilingual() returns it)."""
   return ml_collections.ConfigDict(dataclasses.asdict(Settings()))

@@ -6,8 +6,11 @@ features: see tests/test_convert.py for the parity checks against PyTorch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zoo.models import configs
@@ -175,6 +178,32 @@ class TextTransformer(nnx.Module):
     return jax.lax.switch(index, [branch(s) for s in sizes], token_ids)
 
 
+RAW_PIXEL_THRESHOLD = 10.0  # preprocessed images lie within about [-3, 3]; pixels go to 255
+
+
+def check_images(images: Any, where: str = "encode_image") -> None:
+  """Refuses what is not a preprocessed float batch [B, H, W, 3] with one ValueError: an
+  unbatched image, integer (uint8) pixels, a non-array. Shape and dtype only, so it costs nothing
+  under jit; the value range (raw float pixels) is checked only for a concrete numpy array."""
+  expected = (f"{where} expects preprocessed float images [B, H, W, 3] "
+              "(e.g. preprocess.batch([...]))")
+  shape, dtype = getattr(images, "shape", None), getattr(images, "dtype", None)
+  if shape is None or dtype is None:
+    raise ValueError(f"{expected}; got a {type(images).__name__}")
+  shape = tuple(shape)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    what = "uint8 pixels" if dtype == np.uint8 else f"dtype {dtype}"
+    raise ValueError(f"{expected}; got {what}" + (f" of shape {shape}" if len(shape) != 4 else "")
+                     + "; apply the model's preprocess first")
+  if len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f"{expected}; got shape {shape}")
+  if isinstance(images, np.ndarray) and images.size:
+    top = float(np.max(np.abs(images)))
+    if top > RAW_PIXEL_THRESHOLD:
+      raise ValueError(f"{expected}; got values up to {top:g} (raw pixels?); apply the model's "
+                       "preprocess first")
+
+
 class CLIP(nnx.Module):
   """Image and text towers with a learned temperature (and SigLIP's bias).
 
@@ -195,7 +224,9 @@ class CLIP(nnx.Module):
                        if config.init_logit_bias is not None else None)
 
   def encode_image(self, images: Array, normalize: bool = False) -> Array:
-    """images NHWC float32, already preprocessed -> [B, E] float32."""
+    """images NHWC float32, already preprocessed -> [B, E] float32 (`check_images` refuses
+    an unbatched image or raw pixels with one line)."""
+    check_images(images)
     x = self.visual(images).astype(jnp.float32)
     return l2_normalize(x) if normalize else x
 
@@ -219,7 +250,7 @@ class CLIP(nnx.Module):
 
 
 def create(name: str, *, seed: int = 0, **overrides) -> CLIP:
-  """Builds the architecture `name` (see `list_models()`) with freshly initialised weights."""
+  """Builds the architecture `name` (see `configs.list_architectures()`) with fresh weights."""
   config = configs.get_model_config(name, **overrides)
   return CLIP(config, rngs=nnx.Rngs(seed))
 

@@ -9,6 +9,8 @@ import dataclasses
 import math
 from typing import Any
 
+from zoo import errors
+
 # Image normalisation constants (mean, std per RGB channel) of the preprocesses in the table.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,10 +93,7 @@ class CLIPConfig:
 def checked_config(cls: type, d: Any, what: str) -> Any:
   """`cls(**d)` for a dataclass, refusing an unknown key with one line naming it and the valid
   keys (model sub-configs such as MoE and region settings share this check)."""
-  valid = {f.name for f in dataclasses.fields(cls)}
-  bad = sorted(set(d) - valid)
-  if bad:
-    raise ValueError(f"unknown {what} config key {bad[0]!r}; valid keys: {', '.join(sorted(valid))}")
+  errors.check_keys(d, (f.name for f in dataclasses.fields(cls)), f"{what} config")
   return cls(**dict(d))
 
 
@@ -144,8 +143,8 @@ for _name in ("ViT-B-16", "ViT-L-14"):
       text=dataclasses.replace(_MODELS[_name].text, context_length=248))
 
 
-def list_models() -> list[str]:
-  """All architecture names zoo can create."""
+def list_architectures() -> list[str]:
+  """Every architecture name (`zoo.list_models()` adds the pretrained releases)."""
   return sorted(_MODELS)
 
 
@@ -157,24 +156,19 @@ def register(name: str, config: CLIPConfig) -> None:
 def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
   """The config of `name`, with top-level fields or nested `vision=`/`text=` dicts replaced."""
   if name not in _MODELS:
-    raise ValueError(f"Unknown model {name!r}; known models: {', '.join(list_models())}")
+    raise ValueError(f"Unknown model {name!r}; known models: {', '.join(list_architectures())}")
   return apply_overrides(_MODELS[name], **overrides)
 
 
 def apply_overrides(config: CLIPConfig, **overrides: Any) -> CLIPConfig:
   """Returns `config` with overrides; unknown keys are errors that list the valid ones."""
-  valid = {f.name for f in dataclasses.fields(config)}
+  errors.check_keys(overrides, (f.name for f in dataclasses.fields(config)), "model override")
   changes: dict[str, Any] = {}
   for key, value in overrides.items():
-    if key not in valid:
-      raise ValueError(f"Unknown model override {key!r}; valid keys: {', '.join(sorted(valid))}")
     if key in ("vision", "text") and not dataclasses.is_dataclass(value):
       value = dict(value.to_dict() if hasattr(value, "to_dict") else value)  # dict / ConfigDict
       sub = getattr(config, key)
-      sub_valid = {f.name for f in dataclasses.fields(sub)}
-      bad = sorted(set(value) - sub_valid)
-      if bad:
-        raise ValueError(f"Unknown {key} override {bad[0]!r}; valid keys: {', '.join(sorted(sub_valid))}")
+      errors.check_keys(value, (f.name for f in dataclasses.fields(sub)), f"{key} override")
       value = dataclasses.replace(sub, **value)
     changes[key] = value
   return dataclasses.replace(config, **changes)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo import errors
 from zoo.models import clip as clip_lib, configs as registry
 from zoo.models.layers import MLP, Attention, LayerNorm, Linear, param
 
@@ -129,10 +130,8 @@ def text_config(name: str, **overrides: Any) -> MultilingualTextConfig:
   """The text architecture `name` with field overrides (unknown keys list the valid ones)."""
   if name not in TEXT_MODELS:
     raise ValueError(f"unknown multilingual text model {name!r}; known: {', '.join(list_text_models())}")
-  valid = {f.name for f in dataclasses.fields(MultilingualTextConfig)}
-  bad = sorted(set(overrides) - valid)
-  if bad:
-    raise ValueError(f"unknown multilingual text override {bad[0]!r}; valid keys: {', '.join(sorted(valid))}")
+  errors.check_keys(overrides, (f.name for f in dataclasses.fields(MultilingualTextConfig)),
+                    "multilingual text override")
   return dataclasses.replace(TEXT_MODELS[name], **overrides)
 
 

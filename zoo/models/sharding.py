@@ -128,14 +128,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def batch_size_per_shard(global_batch: int, mesh: Mesh) -> int:
-  n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-  if global_batch % n:
-    raise ValueError(f"batch_size {global_batch} is not divisible by the {n} batch shards of "
-                     f"mesh {dict(mesh.shape)}")
-  return global_batch // n
-
-
 def host_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """Host-local numpy batch (this host's rows) -> global jax.Arrays sharded over the batch axes."""
   def put(x):

@@ -3,7 +3,8 @@ optimizer state, rng; restored directly into the caller's shardings) plus a JSON
 
 Only complete steps are ever listed or restored: Orbax writes into
 `<step>.orbax-checkpoint-tmp-*` and renames after writing `commit_success.txt`; we also require
-that marker and the commit timestamp in `_CHECKPOINT_METADATA`.
+that marker and the commit timestamp in `_CHECKPOINT_METADATA`. `move_aside` takes steps out
+of that list for good (a diverged run's checkpoints whose loss was not finite).
 """
 
 from __future__ import annotations
@@ -36,6 +37,31 @@ def complete_steps(directory: str | os.PathLike) -> list[int]:
     return []
   steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
   return sorted(s for s in steps if is_complete_step(os.path.join(directory, str(s))))
+
+
+def move_aside(directory: str | os.PathLike, first_step: int,
+               destination: str | os.PathLike) -> list[tuple[int, str]]:
+  """Moves the complete steps >= `first_step` of a train-checkpoint directory to
+  `destination/<step>` (`<step>-<n>` when taken), where they are never listed, resumed or
+  evaluated again (e.g. the parameters of a diverged run). Returns (step, new path) pairs;
+  process 0 moves, every process returns the same list. Call with no write in flight."""
+  directory, destination = os.fspath(directory), os.fspath(destination)
+  moves = []
+  for step in complete_steps(directory):
+    if step < first_step:
+      continue
+    dest, n = os.path.join(destination, str(step)), 0
+    while os.path.exists(dest):
+      n += 1
+      dest = os.path.join(destination, f"{step}-{n}")
+    moves.append((step, dest))
+  layout.sync_processes(f"zoo_ckpt_aside_{first_step}")  # every process planned the same names
+  if moves and jax.process_index() == 0:
+    os.makedirs(destination, exist_ok=True)
+    for step, dest in moves:
+      shutil.move(os.path.join(directory, str(step)), dest)
+  layout.sync_processes(f"zoo_ckpt_aside_{first_step}_done")
+  return moves
 
 
 def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any) -> Any:

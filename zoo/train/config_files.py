@@ -10,6 +10,8 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from absl import flags
 
+from zoo import errors
+
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Runs `get_config()` of a configs/*.py file."""
@@ -35,11 +37,12 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str],
     node = config
     parts = key.split(".")
     for i, part in enumerate(parts):
-      valid = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
-      if part not in valid:
-        where = ".".join(parts[:i]) or flag
-        raise ValueError(f"unknown config key {key!r} ({part!r} is not in {where}); "
-                         f"valid keys: {', '.join(valid)}")
+      where = ".".join([flag, *parts[:i]])
+      if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"--{flag}.{key}: {where} is a value ({type(node).__name__}), not a "
+                         f"section with keys; set it with --{where}=VALUE")
+      if part not in node:
+        raise errors.unknown_key(part, node.keys(), where)
       node = node[part]
 
 
@@ -68,9 +71,10 @@ def parse_flags(argv: list[str], flag: str = "config") -> list[str]:
 
 
 def _usage_error(e: Exception) -> None:
-  """One line on stderr, exit code 2 (as every zoo command line's user errors)."""
-  print(f"error: {e}", file=sys.stderr)
-  sys.exit(2)
+  """`PROG: error: ...`, one line on stderr, exit code 2 (as every zoo command's user errors)."""
+  if errors.debug():
+    raise e
+  sys.exit(errors.report(errors.UserError(str(e)), os.path.basename(sys.argv[0])))
 
 
 def section(config: ml_collections.ConfigDict, name: str, defaults: Mapping[str, Any]
@@ -79,8 +83,5 @@ def section(config: ml_collections.ConfigDict, name: str, defaults: Mapping[str,
   naming it and listing the valid ones (a family's settings, e.g. config.long_clip)."""
   given = config.get(name, None) or {}
   given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"unknown config.{name} key {unknown[0]!r}; valid keys: "
-                     f"{', '.join(sorted(defaults))}")
+  errors.check_keys(given, defaults, f"config.{name}")
   return {**defaults, **given}

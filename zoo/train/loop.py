@@ -16,21 +16,18 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 
 from zoo import data, errors, families, tokenizers
-from zoo.eval import report, suite
-from zoo.models import layers, lora as peft, sharding
+from zoo.eval import evaluator, report, suite
+from zoo.models import lora as peft, sharding
 from zoo.train import (
   checkpoints as train_checkpoint,
-  config_files,
   run_config,
   run_log,
-  step as train_step,
 )
+from zoo.train.trainer import Trainer, abstract_state, build_trainer, peft_settings
 from zoo.weights import adapters, model_dir, pretrained
 
 Array = jax.Array
@@ -41,112 +38,7 @@ log = logging.getLogger("zoo.train")
 # ----------------------------------------------------------------------------- families
 
 
-def peft_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`config.peft` over zoo.models.lora's defaults; {"rank": 0} when LoRA is off."""
-  given = dict(config.get("peft", None) or {})
-  if not (given.get("rank", 0) or given.get("adapter_from", "")):
-    return {"rank": 0}
-  return config_files.section(config, "peft", dict(adapters.default_settings()))
-
-
-def apply_peft(config: ml_collections.ConfigDict, model: nnx.Module) -> bool:
-  """Attaches `config.peft`'s LoRA adapters (fresh, or `peft.adapter_from`); True if any."""
-  lora = peft_settings(config)
-  if not (lora["rank"] or lora.get("adapter_from", "")):
-    return False
-  return bool(adapters.apply_settings(model, {**lora, "seed": int(config.seed)}))
-
-
-def model_builder(config: ml_collections.ConfigDict, family: families.Family) -> Callable[[], nnx.Module]:
-  """The family's model of `config` (its settings parsed here), weights from init_from."""
-  settings = family.settings(config)
-  return lambda: family.build_model(config, settings)
-
-
 # ----------------------------------------------------------------------------- setup
-
-
-@dataclasses.dataclass
-class Trainer:
-  """Everything built once: mesh, family, graphdef, shardings, jitted step, initial state."""
-
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  family: families.Family
-  graphdef: nnx.GraphDef
-  rest: nnx.State
-  state: dict
-  state_shardings: dict
-  step_fn: Callable
-  tx: optax.GradientTransformation
-  settings: Any = None  # the family's parsed settings
-
-  @property
-  def step(self) -> int:
-    return int(jax.device_get(self.state["step"]))
-
-  def model(self, state: dict | None = None) -> nnx.Module:
-    """The current model (a fresh NNX module over the state's parameters)."""
-    return nnx.merge(self.graphdef, (state or self.state)["params"], self.rest)
-
-
-def step_compiler_options() -> dict[str, Any] | None:
-  """XLA options for the train step on this backend.
-
-  CPU: XLA's default scheduler orders the step for concurrency, so independent thunks (the
-  image and text towers' matmuls) run at once, each with a full thread pool; on a few cores
-  they contend for the same cores and caches. Profiled on ViT-B-32 batch 32 (2 cores) the
-  sequential schedule takes the step from 13.7 s to 11.1 s (bench/train_throughput.py).
-  """
-  if jax.default_backend() == "cpu":
-    return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
-  return None
-
-
-def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
-                  model: nnx.Module | None = None) -> Trainer:
-  """Builds the model sharded over the mesh, the optimizer state, and the jitted step."""
-  mesh = mesh or sharding.mesh_from_config(config.mesh)
-  family = families.get(config.get("family", "clip"))
-  settings = family.settings(config)
-  if model is None:
-    model = family.build_model(config, settings)
-  trainable = family.trainable(settings)
-  if apply_peft(config, model):
-    trainable = peft.is_lora_path  # LoRA: only the adapters train
-  layers.set_remat(model, config.get("remat", "none"))  # gradient checkpointing per block
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  param_sh = sharding.state_shardings(params, mesh)
-  params = sharding.shard_state(params, param_sh)
-  tx = train_step.make_optimizer(config, params, trainable)
-  # Optimizer state shardings follow the parameters (Adam moments mirror them).
-  opt_sh = sharding.follow_param_shardings(jax.eval_shape(tx.init, params), params, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  repl = sharding.replicated(mesh)
-  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
-           "opt_state": opt_state,
-           "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
-  state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
-
-  raw_step = train_step.make_train_step(graphdef, rest, family, tx, config, mesh, trainable, settings)
-
-  def step_with_key(state, batch):
-    # RNG is stored as raw key data so it checkpoints as a plain uint32 array.
-    st = dict(state, rng=jax.random.wrap_key_data(state["rng"]))
-    # The mesh is visible to model code while tracing (jax.sharding.get_abstract_mesh()), so
-    # layers may add sharding constraints (e.g. MoE dispatch over the `expert` axis).
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      new, metrics = raw_step(st, batch)
-    new["rng"] = jax.random.key_data(new["rng"])
-    return new, metrics
-
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(step_with_key, in_shardings=(state_sh, batch_sh),
-                    out_shardings=(state_sh, repl), donate_argnums=(0,),
-                    compiler_options=step_compiler_options())
-  return Trainer(config=config, mesh=mesh, family=family, graphdef=graphdef, rest=rest,
-                 state=state, state_shardings=state_sh, step_fn=step_fn, tx=tx,
-                 settings=settings)
 
 
 # ----------------------------------------------------------------------------- data / eval
@@ -196,12 +88,14 @@ def build_eval_sets(config: ml_collections.ConfigDict, model: nnx.Module, tokeni
                               mean=mc.image_mean, std=mc.image_std)
 
 
-def run_eval(trainer_or_model, config: ml_collections.ConfigDict, tokenizer, eval_sets: dict,
-             mesh: jax.sharding.Mesh | None, family: families.Family) -> dict[str, float]:
-  """Standard eval sets plus the family's own evaluator (if any)."""
-  model = trainer_or_model
+def run_eval(model: nnx.Module, config: ml_collections.ConfigDict, tokenizer, eval_sets: dict,
+             mesh: jax.sharding.Mesh | None, family: families.Family,
+             settings: Any = None) -> dict[str, float]:
+  """Standard eval sets plus the family's own evaluator (if any); `settings`: the family's
+  parsed settings (parsed from `config` when not given)."""
   metrics = suite.evaluate(model, eval_sets, tokenizer, mesh=mesh)
-  metrics.update(family.evaluate(model, config, family.settings(config), tokenizer, mesh))
+  settings = family.settings(config) if settings is None else settings
+  metrics.update(family.evaluate(model, config, settings, tokenizer, mesh))
   return {k: float(v) for k, v in metrics.items()}
 
 
@@ -237,6 +131,148 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     batch_fn=batch_fn)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """When things happen, parsed once from the config: steps, logging, checkpoints, evals."""
+
+  total: int
+  batch_size: int
+  log_every: int
+  checkpoint_every: int
+  eval_every: int  # 0 = never
+  keep_checkpoints: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Cadence:
+    return cls(total=int(config.total_steps), batch_size=int(config.batch_size),
+               log_every=max(1, int(config.get("log_every", 10))),
+               checkpoint_every=int(config.checkpoint_every), eval_every=int(config.eval_every),
+               keep_checkpoints=int(config.get("keep_checkpoints", 2)))
+
+  def log_due(self, done: int) -> bool:
+    return done % self.log_every == 0 or done == self.total
+
+  def save_due(self, done: int) -> bool:
+    return done % self.checkpoint_every == 0 or done == self.total
+
+  def eval_due(self, done: int) -> bool:
+    return bool(self.eval_every) and (done % self.eval_every == 0 or done == self.total)
+
+
+@dataclasses.dataclass
+class Run:
+  """One `train_loop` run: what it built once, and what each step moves on."""
+
+  trainer: Trainer
+  workdir: str
+  cadence: Cadence
+  data_iter: Any
+  fields: tuple[str, ...]
+  tokenizer: Any
+  eval_sets: dict
+  ckpt: train_checkpoint.TrainCheckpointer
+  logger: run_log.RunLogger
+  done: int  # steps completed (the step the state is at)
+  steps_run: int = 0  # steps this process ran
+  losses: list = dataclasses.field(default_factory=list)  # device scalars, fetched at the end
+  metrics_last: dict = dataclasses.field(default_factory=dict)
+  eval_metrics: dict = dataclasses.field(default_factory=dict)
+  pending: tuple | None = None  # (step, metrics) of the last step, checked after the next one
+  t_last: float = dataclasses.field(default_factory=time.perf_counter)
+  n_last: int = 0  # steps since the last throughput figure
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str, latest: int | None) -> Run:
+  """Builds the trainer, tokenizer, data, eval sets and checkpointer; resumes from `latest`."""
+  cadence = Cadence.from_config(config)
+  trainer = build_trainer(config)
+  model0 = trainer.model()
+  tokenizer = make_tokenizer(config, model0)
+  data_iter = build_data(config, model0, trainer.family, tokenizer, trainer.settings)
+  ckpt = train_checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                            save_every=cadence.checkpoint_every,
+                                            keep=cadence.keep_checkpoints)
+  if latest is not None:
+    trainer.state, extra = ckpt.restore(latest, abstract_state(trainer))
+    if extra.get("data_state") is not None:
+      data_iter.set_state(extra["data_state"])
+    log.info("resumed from step %d (%s)", latest, ckpt.step_dir(latest))
+  eval_sets = build_eval_sets(config, model0, tokenizer) if cadence.eval_every else {}
+  start = trainer.step
+  return Run(trainer=trainer, workdir=workdir, cadence=cadence, data_iter=data_iter,
+             fields=tuple(trainer.family.batch_fields(trainer.settings)), tokenizer=tokenizer,
+             eval_sets=eval_sets, ckpt=ckpt, done=start,
+             logger=run_log.RunLogger(workdir, cadence.total, start, jax.process_index() == 0))
+
+
+def take_step(run: Run, batch_fn: Callable[[dict], dict] | None) -> None:
+  """One train step; the step before it is checked for non-finite values only now, so the host
+  never waits for the device between steps."""
+  host_batch = {k: v for k, v in next(run.data_iter).items() if k in run.fields}
+  if batch_fn is not None:
+    host_batch = batch_fn(host_batch)
+  batch = sharding.host_to_global(host_batch, run.trainer.mesh)
+  run.trainer.state, metrics = run.trainer.step_fn(run.trainer.state, batch)
+  if run.pending is not None:
+    run_log.check_finite(*run.pending, run.logger)
+  run.steps_run += 1
+  run.n_last += 1
+  run.done += 1
+  run.pending = (run.done, metrics)
+  run.losses.append(metrics["loss"])
+
+
+def log_step(run: Run) -> None:
+  """The progress bar, and every `log_every` steps the metrics and throughput."""
+  postfix = None
+  if run.cadence.log_due(run.done):
+    metrics = {k: float(v) for k, v in jax.device_get(run.pending[1]).items()}
+    dt = time.perf_counter() - run.t_last
+    metrics["samples_per_sec"] = run.n_last * run.cadence.batch_size / max(dt, 1e-9)
+    skipped = getattr(run.data_iter, "skipped", None)
+    if skipped is not None:
+      metrics["skipped_samples"] = float(skipped)
+    run.logger.scalars(run.done, metrics)
+    postfix = {"loss": f"{metrics['loss']:.4f}", "samples/s": f"{metrics['samples_per_sec']:.1f}"}
+    run.metrics_last, run.t_last, run.n_last = metrics, time.perf_counter(), 0
+  run.logger.progress(1, postfix)
+
+
+def check_state(run: Run) -> None:
+  """Before anything is written or evaluated: the last step's metrics and the parameters are
+  finite (run_log.NonFinite otherwise)."""
+  if run.pending is not None:
+    run_log.check_finite(*run.pending, run.logger)
+    run.pending = None
+  if not bool(run_log.all_finite(run.trainer.state["params"])):
+    raise run_log.NonFinite(run.done, "parameters are not finite", params_step=run.done)
+
+
+def save_checkpoint(run: Run, ctrl_c: run_log.CtrlC) -> None:
+  with ctrl_c.deferred():  # Ctrl-C waits for this write (a second one abandons it)
+    saved = run.ckpt.save(run.done, run.trainer.state,
+                          {"data_state": run.data_iter.get_state()},
+                          force=(run.done == run.cadence.total))
+  if saved:
+    log.info("step %d: saving checkpoint %s", run.done, run.ckpt.step_dir(run.done))
+
+
+def evaluate_step(run: Run) -> None:
+  """The eval sets and the family's evals on the current parameters, logged and recorded."""
+  trainer = run.trainer
+  try:
+    run.eval_metrics = run_eval(trainer.model(), trainer.config, run.tokenizer, run.eval_sets,
+                                trainer.mesh, trainer.family, trainer.settings)
+  except evaluator.NonFiniteError:
+    raise run_log.NonFinite(run.done, "eval features are not finite",
+                            params_step=run.done) from None
+  if jax.process_index() == 0:
+    report.append_metrics(run.workdir, run.done, run.eval_metrics)
+    run.logger.scalars(run.done, run.eval_metrics, prefix="eval")
+    run.logger.write(f"step {run.done}: " + ", ".join(
+        f"{k}={v:.4f}" for k, v in sorted(run.eval_metrics.items())))
+
+
 def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
                stop_after: int | None = None,
                on_step_end: Callable[[int], None] | None = None,
@@ -244,9 +280,12 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (resuming from `workdir` if it holds checkpoints); returns a summary dict.
 
   A finished run also exports the final model to `workdir/model` (a zoo.save directory).
-  Resuming checks the config against the stored one (`zoo.train.run_config`). A non-finite loss or
-  gradient norm stops the run (`zoo.errors.Diverged`) before anything is saved from that state;
-  Ctrl-C waits for the in-flight checkpoint and raises `zoo.errors.Interrupted`.
+  Resuming checks the config against the stored one (`zoo.train.run_config`). A non-finite loss,
+  gradient norm, parameter or eval feature stops the run (`zoo.errors.Diverged`) before anything
+  is saved from that state; the checkpoints whose parameters gave it move to
+  `workdir/diverged/<step>`, so the latest one left (what a restart resumes and eval.py
+  evaluates) had a finite loss. Ctrl-C waits for the in-flight checkpoint and raises
+  `zoo.errors.Interrupted`.
 
   `stop_after` ends the run after that many steps of this process; `on_step_end(step)` runs
   after each step (tests use both to interrupt a run). `batch_fn` maps each host-local batch
@@ -254,120 +293,66 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *,
   deterministic function of the batch so resumed runs stay exact.
   """
   os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps_on_disk = train_checkpoint.complete_steps(ckpt_dir)
   config, latest = run_config.prepare(config, workdir,
                                       steps_on_disk[-1] if steps_on_disk else None)
   run_config.check_config(config)
-  total = config.total_steps
-  if (latest is not None and latest >= total
+  if (latest is not None and latest >= config.total_steps
       and os.path.isfile(os.path.join(workdir, "model", model_dir.CONFIG_FILE))):
     return _finished_summary(config, workdir, latest)
-  trainer = build_trainer(config)
-  model0 = trainer.model()
-  tokenizer = make_tokenizer(config, model0)
-  data_iter = build_data(config, model0, trainer.family, tokenizer, trainer.settings)
-  fields = trainer.family.batch_fields(trainer.settings)
-  ckpt = train_checkpoint.TrainCheckpointer(ckpt_dir, save_every=config.checkpoint_every,
-                                            keep=config.get("keep_checkpoints", 2))
-  if latest is not None:
-    trainer.state, extra = ckpt.restore(latest, abstract_state(trainer))
-    if extra.get("data_state") is not None:
-      data_iter.set_state(extra["data_state"])
-    log.info("resumed from step %d (%s)", latest, ckpt.step_dir(latest))
-  eval_sets = build_eval_sets(config, model0, tokenizer) if config.eval_every else {}
-
-  start = trainer.step
-  logger = run_log.RunLogger(workdir, total, start, is_main)
-  losses: list[float] = []
-  metrics_last: dict[str, float] = {}
-  eval_metrics: dict[str, float] = {}
-  t_last, n_last = time.perf_counter(), 0
-  log_every = max(1, int(config.get("log_every", 10)))
-  steps_run = 0
-  done = start
-  pending = None  # the previous step's metrics, checked once the next step is dispatched
+  run = open_run(config, workdir, latest)
   ctrl_c = run_log.CtrlC()
   try:
     with ctrl_c:
       try:
-        for step in range(start, total):
-          host_batch = next(data_iter)
-          host_batch = {k: v for k, v in host_batch.items() if k in fields}
-          if batch_fn is not None:
-            host_batch = batch_fn(host_batch)
-          batch = sharding.host_to_global(host_batch, trainer.mesh)
-          trainer.state, metrics = trainer.step_fn(trainer.state, batch)
-          if pending is not None:
-            run_log.check_finite(*pending, logger)
-          steps_run += 1
-          n_last += 1
-          done = step + 1
-          pending = (done, metrics)
-          postfix = None
-          if done % log_every == 0 or done == total:
-            metrics_last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            dt = time.perf_counter() - t_last
-            metrics_last["samples_per_sec"] = n_last * config.batch_size / max(dt, 1e-9)
-            skipped = getattr(data_iter, "skipped", None)
-            if skipped is not None:
-              metrics_last["skipped_samples"] = float(skipped)
-            logger.scalars(done, metrics_last)
-            postfix = {"loss": f"{metrics_last['loss']:.4f}",
-                       "samples/s": f"{metrics_last['samples_per_sec']:.1f}"}
-            t_last, n_last = time.perf_counter(), 0
-          logger.progress(1, postfix)
-          losses.append(metrics["loss"])
-          save_due = done % config.checkpoint_every == 0 or done == total
-          eval_due = bool(config.eval_every) and (done % config.eval_every == 0 or done == total)
-          if save_due or eval_due or done == total:
-            run_log.check_finite(*pending, logger)
-            pending = None
-            if not bool(run_log.all_finite(trainer.state["params"])):
-              raise run_log.NonFinite(done, "parameters are not finite")
+        while run.done < run.cadence.total:
+          take_step(run, batch_fn)
+          log_step(run)
+          save_due, eval_due = run.cadence.save_due(run.done), run.cadence.eval_due(run.done)
+          if save_due or eval_due or run.done == run.cadence.total:
+            check_state(run)
           if save_due:
-            with ctrl_c.deferred():  # Ctrl-C waits for this write (a second one abandons it)
-              saved = ckpt.save(done, trainer.state, {"data_state": data_iter.get_state()},
-                                force=(done == total))
-            if saved:
-              log.info("step %d: saving checkpoint %s", done, ckpt.step_dir(done))
+            save_checkpoint(run, ctrl_c)
           if eval_due:
-            eval_metrics = run_eval(trainer.model(), config, tokenizer, eval_sets, trainer.mesh,
-                                    trainer.family)
-            if is_main:
-              report.append_metrics(workdir, done, eval_metrics)
-              logger.scalars(done, eval_metrics, prefix="eval")
-              logger.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in
-                                                          sorted(eval_metrics.items())))
+            evaluate_step(run)
           if on_step_end is not None:
-            on_step_end(done)
-          if stop_after is not None and steps_run >= stop_after:
+            on_step_end(run.done)
+          if stop_after is not None and run.steps_run >= stop_after:
             break
-        if pending is not None:
-          run_log.check_finite(*pending, logger)
+        if run.pending is not None:
+          run_log.check_finite(*run.pending, run.logger)
       finally:
         with ctrl_c.deferred():  # the in-flight checkpoint completes (a second Ctrl-C abandons it)
-          ckpt.wait()
-          ckpt.close()
-        logger.close()
+          run.ckpt.wait()
+          run.ckpt.close()
+        run.logger.close()
   except run_log.NonFinite as e:
-    kept = train_checkpoint.complete_steps(ckpt_dir)
-    raise errors.Diverged(
-        f"training diverged at step {e.step}: {e.what}; stopped without saving that state "
-        f"(latest good checkpoint: {f'step {kept[-1]}' if kept else 'none'}); lower config.lr"
-        ) from None
+    raise errors.Diverged(set_aside_diverged(workdir, e)) from None
   except KeyboardInterrupt:
     kept = train_checkpoint.complete_steps(ckpt_dir)
     raise errors.Interrupted(
-        f"interrupted after step {done}; latest complete checkpoint: "
+        f"interrupted after step {run.done}; latest complete checkpoint: "
         f"{f'step {kept[-1]}' if kept else 'none'} (run the same command to resume)") from None
-  if trainer.step >= total:
-    export_model(trainer, workdir)
-  loss_values = [float(x) for x in jax.device_get(losses)]
-  return {"losses": loss_values, "metrics": metrics_last, "eval": eval_metrics,
-          "step": trainer.step, "trainer": trainer,
-          "skipped": getattr(data_iter, "skipped", None)}
+  if run.trainer.step >= run.cadence.total:
+    export_model(run.trainer, workdir)
+  return {"losses": [float(x) for x in jax.device_get(run.losses)], "metrics": run.metrics_last,
+          "eval": run.eval_metrics, "step": run.trainer.step, "trainer": run.trainer,
+          "skipped": getattr(run.data_iter, "skipped", None)}
+
+
+def set_aside_diverged(workdir: str, e: run_log.NonFinite) -> str:
+  """Moves the checkpoints of `workdir` whose parameters gave `e`'s non-finite values (steps
+  >= e.params_step) to `workdir/diverged/`; returns the one line that says so and names the
+  latest checkpoint left (its loss was finite: a restart resumes from it)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  moved = train_checkpoint.move_aside(ckpt_dir, e.params_step, os.path.join(workdir, "diverged"))
+  kept = train_checkpoint.complete_steps(ckpt_dir)
+  source = f" (from the parameters of step {e.params_step})" if e.params_step < e.step else ""
+  aside = "".join(f"; checkpoint {step} moved to {path}" for step, path in moved)
+  good = (f"latest good checkpoint: step {kept[-1]}, whose loss was finite (a restart resumes "
+          "from it)" if kept else "no good checkpoint is left (a restart starts over)")
+  return f"training diverged at step {e.step}: {e.what}{source}{aside}; {good}; lower config.lr"
 
 
 def export_model(trainer: Trainer, workdir: str) -> str:
@@ -385,36 +370,3 @@ def export_model(trainer: Trainer, workdir: str) -> str:
                          step=trainer.step)
 
 
-def abstract_state(trainer: Trainer) -> dict:
-  """Shape/dtype/sharding of the train state: the restore target."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      trainer.state, trainer.state_shardings)
-
-
-def restore_latest(trainer: Trainer, workdir: str) -> int | None:
-  """Restores the trainer's state from the latest complete checkpoint in `workdir`."""
-  ckpt = train_checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
-                                            save_every=trainer.config.checkpoint_every,
-                                            keep=trainer.config.get("keep_checkpoints", 2))
-  try:
-    latest = ckpt.latest_step()
-    if latest is None:
-      return None
-    trainer.state, _ = ckpt.restore(latest, abstract_state(trainer))
-    return latest
-  finally:
-    ckpt.close()
-
-
-def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int,
-                  mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
-  """The model of train checkpoint `step` in `workdir`: built from `config` (with its LoRA
-  adapters), only the parameters read from disk, sharded over `mesh` (no optimizer built)."""
-  mesh = mesh or sharding.mesh_from_config(config.mesh)
-  model = model_builder(config, families.get(config.get("family", "clip")))()
-  apply_peft(config, model)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          params, sharding.state_shardings(params, mesh))
-  params = train_checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step, abstract)
-  return nnx.merge(graphdef, params, rest)

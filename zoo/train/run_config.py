@@ -44,8 +44,8 @@ FREE_KEYS = ("checkpoint_every", "keep_checkpoints", "eval_every", "log_every", 
              "data.babel_prompts", "data.language_adapters", "data.tfds")
 SCHEDULE_KEYS = ("lr", "end_lr", "warmup_steps", "total_steps")
 # Files and folders of one run inside a workdir (moved aside by resume_policy=restart).
-RUN_FILES = ("checkpoints", "config.json", "train_log.jsonl", "metrics.json", "tb", "model",
-             "adapter", "dmu")
+RUN_FILES = ("checkpoints", "diverged", "config.json", "train_log.jsonl", "metrics.json", "tb",
+             "model", "adapter", "dmu")
 
 
 def _plain(config: Any) -> dict[str, Any]:

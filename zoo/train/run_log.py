@@ -143,20 +143,24 @@ class CtrlC:
 
 
 class NonFinite(Exception):
-  def __init__(self, step: int, what: str):
+  """Step `step` found `what` non-finite; the parameters after `params_step` steps are the bad
+  ones (a step's loss and gradient come from the previous step's parameters)."""
+
+  def __init__(self, step: int, what: str, params_step: int):
     super().__init__(what)
-    self.step, self.what = step, what
+    self.step, self.what, self.params_step = step, what, params_step
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], logger: "RunLogger") -> None:
   """Raises NonFinite naming the step and metric when the loss or grad norm is not finite
-  (after logging that step's metrics, non-finite ones as null)."""
+  (after logging that step's metrics, non-finite ones as null); the parameters they came
+  from are those of step `step - 1`."""
   values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
   bad = [f"{k} = {values[k]}" for k in ("loss", "grad_norm")
          if k in values and not math.isfinite(values[k])]
   if bad:
     logger.scalars(step, values)
-    raise NonFinite(step, ", ".join(bad))
+    raise NonFinite(step, ", ".join(bad), params_step=step - 1)
 
 
 @jax.jit

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
+from zoo import errors
 from zoo.models import lora as lora_lib
 
 Array = jax.Array
@@ -81,7 +82,7 @@ def _host_array(x: Array) -> np.ndarray:
 
 
 def lora_state(model: nnx.Module) -> dict[str, np.ndarray]:
-  """Every lora_lib.LoRA parameter as {'<layer path>/<lora attr>/a' | '.../b': host array}."""
+  """Every LoRA parameter as {'<layer path>/<lora attr>/a' | '.../b': host array}."""
   out = {}
   for site in lora_lib.kernel_sites(model):
     lora = site.attached
@@ -96,7 +97,7 @@ def _uniform(model: nnx.Module) -> tuple[int, float, list[str], list[str]]:
   """(rank, alpha, kernel paths, patterns) of the model's LoRAs (error if none or mixed)."""
   loras = [(s.path, s.attached) for s in lora_lib.kernel_sites(model) if s.attached is not None]
   if not loras:
-    raise ValueError(f"{type(model).__name__} has no lora_lib.LoRA to save; call lora_lib.apply_lora first")
+    raise ValueError(f"{type(model).__name__} has no LoRA to save; call zoo.models.lora.apply_lora first")
   kinds = {(l.rank, l.alpha) for _, l in loras}
   if len(kinds) > 1:
     raise ValueError(f"save_adapters needs one (rank, alpha) for all LoRAs; found {sorted(kinds)}")
@@ -107,7 +108,7 @@ def _uniform(model: nnx.Module) -> tuple[int, float, list[str], list[str]]:
 
 def save_adapters(model: nnx.Module, directory: str | os.PathLike, *,
                   metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
-  """Writes only the lora_lib.LoRA parameters (adapter.safetensors) and adapter_config.json, atomically.
+  """Writes only the LoRA parameters (adapter.safetensors) and adapter_config.json, atomically.
 
   The config holds rank, alpha, targets (the exact kernel paths, anchored: what
   load_adapters applies), the kernel paths, the regexes originally given to lora_lib.apply_lora
@@ -116,8 +117,7 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike, *,
   """
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} already exists; pass overwrite=True or pick a new "
-                          "directory")
+    raise errors.OutputExists(directory)
   rank, alpha, paths, patterns = _uniform(model)
   tensors = {k: np.ascontiguousarray(v) for k, v in lora_state(model).items()}
   config = {
@@ -148,12 +148,12 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
   """The parsed adapter_config.json of a save_adapters directory."""
   path = os.path.join(os.fspath(directory), CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no lora_lib.LoRA adapter at {directory}: {CONFIG_FILE} is missing "
-                            "(not written by zoo.models.lora.save_adapters?)")
+    raise FileNotFoundError(f"no LoRA adapter at {directory}: {CONFIG_FILE} is missing "
+                            "(not written by zoo.weights.adapters.save_adapters?)")
   with open(path) as f:
     config = json.load(f)
   if config.get("format") != FORMAT:
-    raise ValueError(f"{path} is not a zoo lora_lib.LoRA adapter config (format {config.get('format')!r})")
+    raise ValueError(f"{path} is not a zoo LoRA adapter config (format {config.get('format')!r})")
   if config.get("format_version", 0) > FORMAT_VERSION:
     raise ValueError(f"{path} has format version {config['format_version']}; this zoo reads up to "
                      f"{FORMAT_VERSION}: upgrade zoo")
@@ -170,7 +170,7 @@ def _expected(model: nnx.Module, config: Mapping[str, Any]
   expected, problems, to_attach = {}, [], []
   if attached and sorted(attached) != sorted(want):
     shown = lora_lib.describe_sites([sites[p] for p in attached], 3)
-    problems.append(f"  the model already has lora_lib.LoRA on other kernels ({shown}); call remove_lora "
+    problems.append(f"  the model already has LoRA on other kernels ({shown}); call zoo.models.lora.remove_lora "
                     "first")
   for path in want:
     site = sites.get(path)
@@ -181,7 +181,7 @@ def _expected(model: nnx.Module, config: Mapping[str, Any]
     if lora is None:
       to_attach.append(site)
     elif (lora.rank, lora.alpha) != (rank, alpha):
-      problems.append(f"  {path}: attached lora_lib.LoRA has rank {lora.rank}, alpha {lora.alpha}; "
+      problems.append(f"  {path}: attached LoRA has rank {lora.rank}, alpha {lora.alpha}; "
                       f"the adapter has rank {rank}, alpha {alpha}")
     d_in, d_out = site.dims
     prefix = lora_lib.lora_prefix(path)
@@ -193,8 +193,8 @@ def _expected(model: nnx.Module, config: Mapping[str, Any]
 def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> dict[str, Any]:
   """Loads a save_adapters directory into `model` (attaching LoRAs it lacks); returns its config.
 
-  Every stored key and shape must fit the model; otherwise one ValueError lists each missing,
-  unexpected and mis-shaped entry and the model is left untouched.
+  Every stored key and shape must fit the model; otherwise one ValueError counts the missing,
+  unexpected and mis-shaped entries (listing the first few) and the model is left untouched.
   """
   directory = os.fspath(directory)
   config = read_adapter_config(directory)
@@ -212,9 +212,9 @@ def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> dict[str, 
   problems += [f"  unexpected {k}: found {tuple(tensors[k].shape)}"
                for k in sorted(set(tensors) - set(expected)) if k.rpartition("/")[0] not in absent]
   if problems:
-    raise ValueError(f"lora_lib.LoRA adapter {directory} does not fit {type(model).__name__} "
+    raise ValueError(f"LoRA adapter {directory} does not fit {type(model).__name__} "
                      f"({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
-                     + "\n".join(problems))
+                     + "\n".join(errors.capped(problems)))
   if to_attach:
     lora_lib.apply_lora(model, targets=[f"^{re.escape(s.path)}$" for s in to_attach],
                rank=int(config["rank"]), alpha=float(config["alpha"]))
@@ -237,7 +237,7 @@ def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> dict[str, 
 def with_adapter(model: nnx.Module, directory: str | os.PathLike) -> Iterator[dict[str, Any]]:
   """Runs a block with the adapter in `directory` in place of the model's own LoRAs (if any).
 
-  On exit the model's original lora_lib.LoRA modules (or their absence) are restored exactly. Yields
+  On exit the model's original LoRA modules (or their absence) are restored exactly. Yields
   the adapter config (e.g. config["metadata"]["language"]).
   """
   own = [(s.layer, s.lora, s.attached) for s in lora_lib.kernel_sites(model) if s.attached is not None]

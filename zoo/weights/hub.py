@@ -7,22 +7,27 @@ pickle and checked against a SHA-256 (the table's, or else the hub's LFS object 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import re
+import socket
+import urllib.parse
 from typing import Any, Mapping
 
 import huggingface_hub
 from huggingface_hub import constants, errors
 
 from zoo.convert import io
+from zoo.errors import UserError
 from zoo.version import __version__
 
 log = logging.getLogger("zoo.weights.pretrained")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
   """Unknown name or tag, a file that cannot be fetched, or weights that do not fit."""
+
 
 def hub_cache_dir() -> str:
   """huggingface_hub's cache, read from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
@@ -30,7 +35,6 @@ def hub_cache_dir() -> str:
     return os.path.expanduser(os.environ["HF_HUB_CACHE"])
   if os.environ.get("HF_HOME"):
     return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-
   return constants.HF_HUB_CACHE
 
 
@@ -49,17 +53,47 @@ def offline() -> bool:
   return bool(constants.HF_HUB_OFFLINE)
 
 
+@functools.lru_cache(maxsize=None)
+def _endpoint_answers(host: str, port: int, timeout: float = 3.0) -> bool:
+  try:
+    socket.create_connection((host, port), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def hub_reachable() -> bool:
+  """Whether the hub endpoint takes a TCP connection (probed once per process, 3 s at most), so
+  a machine without network fails at once instead of after huggingface_hub's retries. Behind
+  a proxy (HTTPS_PROXY / ALL_PROXY) the probe is skipped: the proxy decides."""
+  if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    return True
+  url = urllib.parse.urlparse(constants.ENDPOINT)
+  return _endpoint_answers(url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+
+
+def local_only() -> bool:
+  """Read only the cache: HF_HUB_OFFLINE is set, or the hub cannot be reached."""
+  return offline() or not hub_reachable()
+
+
+def not_cached_error(what: str) -> PretrainedError:
+  """The one line for a file or repo that is neither cached nor reachable."""
+  why = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached (no network?)"
+  return PretrainedError(
+      f"{what} is not in the Hugging Face cache {hub_cache_dir()} and {why}; download it once "
+      "online (or point HF_HOME at a cache that holds it), set HF_HUB_OFFLINE=1 to skip the "
+      "network, or pass pretrained='/path/to/weights.safetensors' (a local file)")
+
+
 def download(repo_id: str, filename: str, revision: str | None = None) -> str:
   """Local path of `repo_id/filename` through huggingface_hub (cached; offline-aware)."""
   try:
     return huggingface_hub.hf_hub_download(
         repo_id, filename, revision=revision, cache_dir=hub_cache_dir(),
-        local_files_only=offline(), library_name="zoo", library_version=__version__)
+        local_files_only=local_only(), library_name="zoo", library_version=__version__)
   except errors.LocalEntryNotFoundError:
-    why = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached"
-    raise PretrainedError(f"{repo_id}/{filename} is not in the Hugging Face cache "
-                          f"{hub_cache_dir()} and {why}; download it once online or point "
-                          "HF_HOME at a cache that holds it") from None
+    raise not_cached_error(f"{repo_id}/{filename}") from None
   except (errors.EntryNotFoundError, errors.RepositoryNotFoundError,
           errors.RevisionNotFoundError) as e:
     raise FileNotFoundError(f"{repo_id}/{filename}@{revision or 'main'} not found on the hub "
@@ -85,7 +119,7 @@ def download_first(repo_id: str, filenames: tuple[str, ...] | list[str],
 
 def repo_files(repo_id: str, revision: str | None = None) -> list[str]:
   """File names of a hub repo: listed online, or read from the cached snapshot offline."""
-  if not offline():
+  if not local_only():
     try:
       return list(huggingface_hub.HfApi().list_repo_files(repo_id, revision=revision))
     except Exception as e:  # unreachable hub: fall back to what the cache holds
@@ -98,9 +132,7 @@ def repo_files(repo_id: str, revision: str | None = None) -> list[str]:
       rev = f.read().strip()
   snap = os.path.join(base, "snapshots", rev)
   if not os.path.isdir(snap):
-    raise PretrainedError(f"{repo_id}@{revision or 'main'} is not in the Hugging Face cache "
-                          f"{hub_cache_dir()} and it cannot be listed online; download it once "
-                          "online or point HF_HOME at a cache that holds it")
+    raise not_cached_error(f"{repo_id}@{revision or 'main'}")
   return sorted(os.path.relpath(os.path.join(d, n), snap).replace(os.sep, "/")
                 for d, _, names in os.walk(snap) for n in names)
 

@@ -13,11 +13,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from zoo import errors
+
 COMMIT_FILE = "commit_success.txt"  # orbax's finalize marker
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint directory is missing, incomplete, corrupt or for another architecture."""
 
 def to_jsonable(obj: Any) -> Any:

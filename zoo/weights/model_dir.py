@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from zoo import tokenizers, transforms
+from zoo import errors, tokenizers, transforms
 from zoo.models import configs
 from zoo.weights import layout
 
@@ -157,7 +157,7 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
   if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
     raise TypeError(f"zoo.save needs a zoo model with a .config (got {type(model).__name__})")
   if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} already exists; pass overwrite=True or pick a new directory")
+    raise errors.OutputExists(directory)
   _check_rebuildable(model)
   tmp = directory + _TMP_SUFFIX
   primary = jax.process_index() == 0
@@ -253,8 +253,8 @@ def restore_weights(model: nnx.Module, directory: str | os.PathLike, *, verify: 
                     ) -> nnx.Module:
   """Fills `model` (any architecture object) with the weights in `directory`, in place.
 
-  Every key and shape must match; otherwise one layout.CheckpointError lists each missing,
-  unexpected and mis-shaped entry. Arrays land on each variable's current sharding.
+  Every key and shape must match; otherwise one layout.CheckpointError counts the missing,
+  unexpected and mis-shaped entries and lists the first few. Arrays land on each variable's current sharding.
   `verify` first checks the weight files against the sizes and checksums recorded at save.
   """
   directory = os.fspath(directory)
@@ -280,7 +280,7 @@ def restore_weights(model: nnx.Module, directory: str | os.PathLike, *, verify: 
       raise layout.CheckpointError(
           f"weights in {directory} do not fit this architecture ({len(problems)} problem"
           f"{'s' if len(problems) > 1 else ''}; was it saved from another model?):\n"
-          + "\n".join(problems))
+          + "\n".join(errors.capped(problems)))
     abstract = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_sharding_of(a))
                 for k, a in target.items()}
     try:

@@ -1,6 +1,6 @@
 """Pretrained weights by name: `create(name, pretrained=tag)`, `hf-hub:ORG/REPO`, publishing.
 
-The table (`assets/pretrained.json`) is generated from open_clip's own pretrained table by
+The table (`zoo/assets/pretrained.json`) is generated from open_clip's own pretrained table by
 `scripts/gen_pretrained_table.py` (open_clip is never imported here): per (name, tag) the hub
 repo, weight file names, layout, zoo architecture, preprocessing and tokenizer, plus the
 variants' releases (Long-CLIP, CLIP-MoE, M-CLIP). Files come through huggingface_hub (its
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from zoo import convert, tokenizers, transforms
+from zoo import convert, errors, tokenizers, transforms
 from zoo.convert import clip_moe, long_clip, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
 from zoo.models import clip as clip_lib, configs, multilingual
@@ -32,7 +32,8 @@ from zoo.weights import hub, layout, model_dir
 
 log = logging.getLogger("zoo.weights.pretrained")
 
-TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pretrained.json")
+TABLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                          "pretrained.json")
 HF_HUB_PREFIX = "hf-hub:"
 INIT_PREFIX = "pretrained:"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -62,6 +63,12 @@ def _models() -> dict[str, dict[str, dict]]:
 def clean_tag(tag: str) -> str:
   """Tags are matched as open_clip does: lower case, '-' read as '_'."""
   return tag.lower().replace("-", "_")
+
+
+def list_models() -> list[str]:
+  """Every name `create` takes: the architectures (random init, or `pretrained=` a tag) and the
+  pretrained releases whose weights fix their own architecture (`pretrained=` needed)."""
+  return sorted(set(configs.list_architectures()) | set(_models()))
 
 
 def list_pretrained(as_str: bool = False) -> list:
@@ -309,7 +316,7 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
   hub revision (branch, tag or commit). Overrides apply only without pretrained weights.
   """
   if pretrained is None and not name.startswith(HF_HUB_PREFIX):
-    if name not in configs.list_models() and name in _models():
+    if name not in configs.list_architectures() and name in _models():
       raise hub.PretrainedError(f"{name!r} is a pretrained release; pass pretrained="
                             f"{list_pretrained_tags(name)[0]!r} (tags: "
                             f"{', '.join(list_pretrained_tags(name))})")
@@ -369,7 +376,7 @@ def export_pretrained(model: nnx.Module, directory: str, *,
   directory = os.path.abspath(directory)
   weights = os.path.join(directory, OPEN_CLIP_WEIGHTS[0])
   if os.path.exists(weights) and not overwrite:
-    raise FileExistsError(f"{weights} exists; pass overwrite=True")
+    raise errors.OutputExists(weights, what="directory")
   model_cfg = open_clip_config.open_clip_model_cfg(model.config)
   pp = preprocess or transforms.get_preprocess(model.config)
   preprocess_cfg = {"size": model.config.vision.image_size, "mode": "RGB", "mean": list(pp.mean),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zoo import losses
+from zoo import errors, losses
 from zoo.families import base
 from zoo.families.moe import dmu
 from zoo.models import clip as clip_lib
@@ -85,10 +85,7 @@ def parse_settings(config: ml_collections.ConfigDict) -> Settings:
   given = _plain(config.get("moe", None))
   dmu = _plain(given.pop("dmu", None))
   for where, keys, cls in (("config.moe", given, Settings), ("config.moe.dmu", dmu, DMUSettings)):
-    valid = sorted(f.name for f in dataclasses.fields(cls) if f.name != "dmu")
-    unknown = sorted(set(keys) - set(valid))
-    if unknown:
-      raise ValueError(f"unknown {where} key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+    errors.check_keys(keys, (f.name for f in dataclasses.fields(cls) if f.name != "dmu"), where)
   return Settings(**given, dmu=DMUSettings(**dmu))
 
 
@@ -223,5 +220,5 @@ FAMILY = MoEFamily()
 
 
 def default_settings() -> ml_collections.ConfigDict:
-  """`config.moe` with the defaults and `config.moe.dmu` (configs.base.moe() is the same)."""
+  """`config.moe` with the defaults and `config.moe.dmu` (configs.base.moe() returns it)."""
   return ml_collections.ConfigDict(dataclasses.asdict(Settings()))

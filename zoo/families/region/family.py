@@ -308,5 +308,5 @@ FAMILY = RegionFamily()
 
 
 def default_settings() -> ml_collections.ConfigDict:
-  """`config.region` with the defaults (configs.base.region() is the same)."""
+  """`config.region` with the defaults (configs.base.region() returns it)."""
   return ml_collections.ConfigDict(dataclasses.asdict(Settings()))
