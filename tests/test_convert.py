@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 import zoo  # noqa: E402
 from zoo import convert
-from zoo.convert import __main__ as cli  # noqa: E402
+from zoo.convert import cli, io as convert_io  # noqa: E402
 from zoo.models import configs
 from zoo.weights import model_dir
 
@@ -334,13 +334,13 @@ def test_hf_config_mapping():
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
-  return cli.read_state_dict(path)
+  return convert_io.read_state_dict(path)
 
 
 def test_cli_open_clip_round_trip_through_safetensors_and_pt(tmp_path):
   sd = _as_numpy(tiny_open_clip().state_dict())
   src = str(tmp_path / "in.safetensors")
-  cli.write_safetensors(sd, src)
+  convert_io.write_safetensors(sd, src)
   assert cli.run(["from-open-clip", "--model", "test-tiny", "--input", src,
                    "--output", str(tmp_path / "ckpt")]) == 0
   model, _, _ = model_dir.load(str(tmp_path / "ckpt"))
@@ -362,11 +362,11 @@ def test_cli_refuses_pickled_objects(tmp_path):
   bad = str(tmp_path / "model.pt")
   torch.save({"weights": tiny_open_clip()}, bad)  # a whole nn.Module needs full unpickling
   with pytest.raises(ValueError, match="weights_only=True"):
-    cli.read_state_dict(bad)
+    convert_io.read_state_dict(bad)
   other = tmp_path / "model.ckpt"
   other.write_bytes(b"\0" * 8)
   with pytest.raises(ValueError, match="unknown weight file type"):
-    cli.read_state_dict(str(other))
+    convert_io.read_state_dict(str(other))
 
 
 def test_cli_hf_round_trip_with_config_json(tmp_path):

@@ -23,7 +23,7 @@ from zoo.data import pipeline, webdataset as wds
 from zoo.families import base
 from zoo.families.region import evals
 from zoo.models import clip as clip_lib, configs as registry
-from zoo.models.region import RegionCLIP, check_boxes, region_config
+from zoo.models.region import RegionCLIP, RegionConfig, check_boxes, region_config
 
 Array = jax.Array
 FIELDS = ("image", "tokens", "boxes", "box_mask", "region_tokens")
@@ -32,10 +32,13 @@ _ARCH_KEYS = ("roi_size", "sampling_ratio", "width", "heads", "layers", "mlp_rat
               "box_frequencies", "residual_pool")
 
 
+_HEAD = RegionConfig()  # the head architecture's defaults: defined once, in zoo.models.region
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """`config.region`: loss weights and switches, then the head architecture (RegionConfig
-  fields) used when not fine-tuning a RegionCLIP checkpoint."""
+  fields, with RegionConfig's defaults) used when not fine-tuning a RegionCLIP checkpoint."""
 
   image_text_weight: float = 1.0  # CLIP / SigLIP image-text loss
   region_weight: float = 1.0  # region <-> region-caption contrastive loss
@@ -45,14 +48,14 @@ class Settings:
   grounding_giou: float = 1.0
   tic_weight: float = 0.0  # > 0: FG-CLIP 2's textual intra-modal contrastive term
   trainable: str = "all"  # all | region (prompter / grounding head only)
-  roi_size: int = 4
-  sampling_ratio: int = 0
-  width: int = 0
-  heads: int = 0
-  layers: int = 1
-  mlp_ratio: float = 4.0
-  box_frequencies: int = 8
-  residual_pool: bool = True
+  roi_size: int = _HEAD.roi_size
+  sampling_ratio: int = _HEAD.sampling_ratio
+  width: int = _HEAD.width
+  heads: int = _HEAD.heads
+  layers: int = _HEAD.layers
+  mlp_ratio: float = _HEAD.mlp_ratio
+  box_frequencies: int = _HEAD.box_frequencies
+  residual_pool: bool = _HEAD.residual_pool
 
   def __post_init__(self):
     if self.trainable not in ("all", "region"):
