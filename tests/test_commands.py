@@ -88,3 +88,14 @@ def test_pretrained_without_network_fails_fast_in_one_line(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert "PretrainedError" in last and "HF_HUB_OFFLINE=1" in last and "local file" in last, last
   assert "Retrying" not in r.stderr and "thrown while requesting" not in r.stderr, r.stderr[-2000:]
+
+
+def test_usage_errors_are_one_line():
+  """A missing required flag: one `PROG: error:` line pointing at --help, exit code 2."""
+  procs = {"zoo.convert": cli_run.popen("-m", "zoo.convert", "from-open-clip", "--model", "x"),
+           "zoo.data.embed_cache": cli_run.popen("-m", "zoo.data.embed_cache", "--model", "x")}
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    lines = cli_run.lines(err)
+    assert proc.returncode == 2 and len(lines) == 1, (name, proc.returncode, err[-500:])
+    assert lines[0].startswith(f"python -m {name}: error: ") and "--help" in lines[0], lines

@@ -13,11 +13,12 @@ config key, with a "did you mean"), `capped` (a long listing cut to its first li
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
@@ -27,6 +28,14 @@ EXIT_INTERRUPTED = 130
 class UserError(Exception):
   """Bad input (flags, config values, paths, weight files): one line, exit code 2. The library's
   own input errors (a bad checkpoint or weight file) derive from it and from ValueError."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors (a missing or bad flag) are `UserError`s: one `PROG: error:`
+  line and exit code 2, like every other zoo error; `--help` prints the usage as usual."""
+
+  def error(self, message: str) -> NoReturn:
+    raise UserError(f"{message} (see {self.prog} --help)")
 
 
 class Diverged(RuntimeError):

@@ -94,8 +94,8 @@ def run(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ["push"]:  # publishing a zoo / open_clip directory to the hub: convert/push.py
     return push.cli(argv[1:])
-  parser = argparse.ArgumentParser(prog="python -m zoo.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m zoo.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("command", choices=COMMANDS)
   parser.add_argument("--model", help="architecture name (from-*); for from-hf also an HF "
                       "config.json; to-* read it from the zoo checkpoint")
@@ -110,10 +110,10 @@ def run(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0, help="build-mclip: seed of a fresh projection")
   parser.add_argument("--encoder-config", help="build-mclip: the encoder's transformers "
                       "config.json, for an M-CLIP whose modelBase zoo does not know (LaBSE, mBERT)")
-  args = parser.parse_args(argv)
-  if args.command != "build-mclip" and not args.input:
-    parser.error(f"{args.command} needs --input")
   try:
+    args = parser.parse_args(argv)
+    if args.command != "build-mclip" and not args.input:
+      parser.error(f"{args.command} needs --input")
     if args.command in _LAYOUTS:
       return _LAYOUTS[args.command](args)
     return _open_clip_or_hf(args, parser)

@@ -35,8 +35,8 @@ def _staged(directory: str, workdir: str) -> str:
 
 
 def run_push(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m zoo.convert push", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m zoo.convert push", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--input", required=True, help="zoo.save dir or open_clip layout dir")
   parser.add_argument("--repo", required=True, help="hub repo id, ORG/NAME")
   parser.add_argument("--revision", default=None, help="branch to push to (default: main)")

@@ -123,8 +123,8 @@ def write_cache(model: str, shards: str | Sequence[str], out_dir: str, *, prefix
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m zoo.data.embed_cache", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m zoo.data.embed_cache", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="zoo.save directory or pretrained:NAME/TAG")
   p.add_argument("--shards", required=True, help="input shards: glob, brace range or list")
   p.add_argument("--out", required=True, help="output directory (same shard names)")
