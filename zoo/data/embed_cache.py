@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zoo import errors
 from zoo.data import webdataset as wds
@@ -31,18 +32,31 @@ _INTERNAL = ("__key__", "__shard__")
 
 
 class Encoder:
-  """Jitted, fixed-batch normalized image and text encoders of a zoo.save CLIP."""
+  """Jitted, fixed-batch normalized image and text encoders of a CLIP; each batch is split over
+  the local devices (a 1-D `data` mesh, the weights replicated), `batch_size` rounded up to a
+  multiple of their count."""
 
-  def __init__(self, model_dir: str, batch_size: int, context_length: int | None = None):
-    model, _, self.preprocess = checkpoint.load(model_dir)
-    self.tokenizer = checkpoint.load_tokenizer(model_dir, context_length=context_length)
-    if self.tokenizer is None:
-      raise ValueError(f"embed_cache: the model in {model_dir} has no tokenizer file")
-    self.batch_size = int(batch_size)
+  def __init__(self, model: nnx.Module, tokenizer: Any, preprocess: Any, batch_size: int):
+    self.tokenizer, self.preprocess = tokenizer, preprocess
+    devices = jax.local_devices()
+    self.batch_size = -(-max(int(batch_size), 1) // len(devices)) * len(devices)
+    mesh = Mesh(np.asarray(devices), ("data",))
+    self._rows = NamedSharding(mesh, PartitionSpec("data"))
     self.scale = np.float32(np.exp(np.asarray(model.logit_scale[...])))
-    graphdef, self._state = nnx.split(model)
+    graphdef, state = nnx.split(model)
+    self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     self._image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x, normalize=True))
     self._text = jax.jit(lambda s, t: nnx.merge(graphdef, s).encode_text(t, normalize=True))
+
+  @classmethod
+  def from_dir(cls, model_dir: str, batch_size: int,
+               context_length: int | None = None) -> "Encoder":
+    """The encoder of a zoo.save directory (its tokenizer at `context_length`, if given)."""
+    model, _, preprocess = checkpoint.load(model_dir)
+    tokenizer = checkpoint.load_tokenizer(model_dir, context_length=context_length)
+    if tokenizer is None:
+      raise ValueError(f"embed_cache: the model in {model_dir} has no tokenizer file")
+    return cls(model, tokenizer, preprocess, batch_size)
 
   def _padded(self, fn, rows: np.ndarray) -> np.ndarray:
     """fn over `rows` in batches of batch_size (the last one padded: one compiled shape)."""
@@ -52,11 +66,16 @@ class Encoder:
       pad = self.batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      out.append(np.asarray(fn(self._state, chunk), np.float32)[:self.batch_size - pad])
+      emb = fn(self._state, jax.device_put(chunk, self._rows))
+      out.append(np.asarray(emb, np.float32)[:self.batch_size - pad])
     return np.concatenate(out)
 
   def images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-    return self._padded(self._image, self.preprocess.batch(images))
+    return self.pixels(self.preprocess.batch(images))
+
+  def pixels(self, pixels: np.ndarray) -> np.ndarray:
+    """Embeddings of already preprocessed images (float32 [N, H, W, 3])."""
+    return self._padded(self._image, pixels)
 
   def texts(self, texts: Sequence[str]) -> np.ndarray:
     return self._padded(self._text, np.asarray(self.tokenizer(list(texts)), np.int32))
@@ -107,7 +126,7 @@ def write_cache(model: str, shards: str | Sequence[str], out_dir: str, *, prefix
   paths = wds.expand_shards(shards)
   if pretrained.is_ref(model):
     model = pretrained.checkpoint_dir(model)
-  encoder = Encoder(model, batch_size, context_length)
+  encoder = Encoder.from_dir(model, batch_size, context_length)
   os.makedirs(out_dir, exist_ok=True)
   outputs = [os.path.join(out_dir, os.path.basename(p)) for p in paths]
   clash = [p for p, o in zip(paths, outputs) if os.path.abspath(p) == os.path.abspath(o)]
