@@ -214,6 +214,9 @@ def locate(bench: Benchmark | str, root: str | None = None, *, split: str = "tes
 
 
 def _tfds_prepared(name: str, data_dir: str | None) -> bool:
+  where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  if not os.path.isdir(os.path.join(where, name.split("/")[0].split(":")[0])):
+    return False  # nothing prepared there (and tfds is not asked: it warns on a missing one)
   try:
     import tensorflow_datasets as tfds
   except ImportError:

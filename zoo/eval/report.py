@@ -177,8 +177,9 @@ def format_benchmark_tables(records: Sequence[Mapping[str, Any]]) -> str:
     rows = [r for r in records if r["task"] == task]
     cols = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
     table = Table(title=task)
-    for c in ["dataset", "language", "images", *cols]:
-      table.add_column(c, justify="left" if c in ("dataset", "language") else "right")
+    for c in ["dataset", "language", "images", *cols]:  # image_retrieval_recall@5 -> image R@5
+      table.add_column(c.replace("_retrieval_recall", " R"),
+                       justify="left" if c in ("dataset", "language") else "right")
     fmt = lambda v: "-" if v is None else f"{float(v):.4f}"  # noqa: E731
     for r in rows:
       table.add_row(r["dataset"], r["language"], str(r.get("num_images", "")),
