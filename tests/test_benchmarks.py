@@ -251,11 +251,6 @@ def test_eval_without_an_eval_set_is_an_error(world):
               "--config.data.eval_sets", "--config.data.tfds.name"):
     assert way in err[0]
   assert not os.path.exists(world["tmp"] / "out0" / "metrics.json")
-  proc = run("eval.py", "--checkpoint", world["model"], "--datasets", "imagenet1k",
-             "--data_root", str(world["tmp"] / "nowhere"), extra_env={"HF_HUB_OFFLINE": "1",
-                                                                     "HF_HUB_CACHE": str(world["tmp"] / "hub0")})
-  err = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert proc.returncode == 2 and len(err) == 1 and "wds_imagenet1k" in err[0], proc.stderr[-2000:]
 
 
 def test_eval_datasets_equal_clip_benchmark(world):
@@ -285,10 +280,10 @@ def test_eval_datasets_equal_clip_benchmark(world):
   pre = transforms.make_preprocess(mc.vision.image_size, mc.image_mean, mc.image_std)
 
   def enc_img(images):
-    return torch.from_numpy(np.asarray(model.encode_image(np.stack([pre(i) for i in images]))))
+    return torch.from_numpy(np.array(model.encode_image(np.stack([pre(i) for i in images]))))
 
   def enc_txt(tokens):
-    return torch.from_numpy(np.asarray(model.encode_text(np.asarray(tokens))))
+    return torch.from_numpy(np.array(model.encode_text(np.asarray(tokens))))
 
   tok = lambda texts: np.asarray(tokenizer(texts))  # noqa: E731
   clf = cb_zero_shot_classifier(enc_txt, tok, CIFAR10, TEMPLATES)

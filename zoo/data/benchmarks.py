@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator, Sequence
 from importlib import resources
 
+import huggingface_hub
 import numpy as np
 from PIL import Image
 
@@ -151,10 +152,9 @@ def _hub_dirs(bench: Benchmark) -> list[tuple[str, str | None]]:
   for pattern in HUB_REPOS:
     repo = pattern.format(bench.wds_name[4:])
     try:
-      from huggingface_hub import snapshot_download
-
-      out.append((repo, snapshot_download(repo, repo_type="dataset", local_files_only=True)))
-    except Exception:  # not cached (or no huggingface_hub): not a source
+      out.append((repo, huggingface_hub.snapshot_download(repo, repo_type="dataset",
+                                                          local_files_only=True)))
+    except Exception:  # not cached: not a source
       out.append((repo, None))
   return out
 
@@ -162,9 +162,7 @@ def _hub_dirs(bench: Benchmark) -> list[tuple[str, str | None]]:
 def _hub_path(spec: str) -> str:
   repo = spec[len("hf-hub:"):]
   try:
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo, repo_type="dataset", local_files_only=True)
+    return huggingface_hub.snapshot_download(repo, repo_type="dataset", local_files_only=True)
   except Exception:
     raise MissingDataset(f"{spec}: not in the Hugging Face cache (zoo does not download data); "
                          f"get it with: huggingface-cli download --repo-type dataset {repo}") from None
