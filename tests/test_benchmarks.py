@@ -299,3 +299,30 @@ def test_eval_datasets_equal_clip_benchmark(world):
   assert set(ref) == set(records[1]["metrics"])
   for k, v in ref.items():  # CLIP_benchmark averages in float32; one query is 1/24 or 1/12
     assert records[1]["metrics"][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_train_time_config_and_report_tables(world):
+  from configs import demo
+  from zoo.eval import report
+  from zoo.train import loop
+
+  config = demo.get_config()
+  config.data.eval_size = 8
+  config.eval.datasets, config.eval.data_root = "cifar10,vtab/cifar10=" + os.path.join(
+      world["root"], "wds_cifar10"), world["root"]
+  model = zoo.create("test-tiny")
+  sets = loop.build_eval_sets(config, model, None)
+  assert {"zeroshot", "retrieval", "cifar10", "vtab.cifar10"} <= set(sets)
+  assert sets["vtab.cifar10"]["benchmark"]["dataset"] == "vtab/cifar10"
+  assert sets["cifar10"]["class_names"] == CIFAR10 and sets["cifar10"]["templates"] == TEMPLATES
+  metrics = {"cifar10/top1": 0.25, "cifar10/top5": 0.5, "cifar10/mean_per_class_recall": 0.2,
+             "cifar10/num_images": 22.0, "vtab.cifar10/top1": 0.75, "vtab.cifar10/top5": 1.0,
+             "vtab.cifar10/mean_per_class_recall": 0.6, "vtab.cifar10/num_images": 22.0,
+             "zeroshot/top1": 0.5}
+  records = report.benchmark_records(metrics, sets, model="m", pretrained="p")
+  assert [r["dataset"] for r in records] == ["cifar10", "vtab/cifar10"]
+  assert records[1]["metrics"] == {"acc1": 0.75, "acc5": 1.0, "mean_per_class_recall": 0.6}
+  table = report.format_benchmark_tables(records)
+  assert table.count("zeroshot_classification") == 1
+  average = next(line for line in table.splitlines() if "average" in line)
+  assert "0.5000" in average and "0.7500" in average and "0.4000" in average and "44" in average
