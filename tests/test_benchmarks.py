@@ -222,6 +222,8 @@ def test_sources_hub_cache_and_image_folder(world, tmp_path, monkeypatch):
     for j in range(2 + i):
       Image.fromarray(np.full((8, 8, 3), 40 * j, np.uint8)).save(d / f"{j}.png")
   monkeypatch.setenv("ZOO_DATA", str(tmp_path / "root"))
+  with pytest.raises(ValueError, match="has 2 class folders; the benchmark has 10 classes"):
+    benchmarks.class_names_and_templates("cifar10", path=str(tmp_path / "root" / "cifar100"))
   assert [y for _, y in benchmarks.classification_examples("cifar100")] == [0, 0, 1, 1, 1]
   names, templates = benchmarks.class_names_and_templates("cifar100")
   assert names == ["apple", "bear"] and templates == list(benchmarks.get("cifar100").templates)

@@ -309,6 +309,10 @@ def class_names_and_templates(name: str | Benchmark, data_root: str | None = Non
   bench = get(name) if isinstance(name, str) else name
   loc = locate(bench, data_root, split=split, path=path)
   names_ = loc.classnames or bench.classnames
+  if names_ and loc.kind == "folder" and len(_class_dirs(loc.path)) != len(names_):
+    raise ValueError(f"{bench.key}: {loc.path} has {len(_class_dirs(loc.path))} class folders; "
+                     f"the benchmark has {len(names_)} classes (one folder per class, sorted "
+                     "names = label order, e.g. WordNet ids for ImageNet)")
   if not names_ and loc.kind == "folder":
     names_ = tuple(d.replace("_", " ") for d in _class_dirs(loc.path))
   if not names_ and loc.kind == "tfds":
