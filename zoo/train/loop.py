@@ -207,6 +207,11 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, latest: int | None
       data_iter.set_state(extra["data_state"])
     log.info("resumed from step %d (%s)", latest, ckpt.step_dir(latest))
   eval_sets = build_eval_sets(config, model0, tokenizer) if cadence.eval_every else {}
+  if cadence.eval_every and not eval_sets and \
+      type(trainer.family).evaluate is families.Family.evaluate:
+    log.warning("eval_every=%d but nothing to evaluate: name benchmarks with "
+                "--config.eval.datasets=imagenet1k,... or give --config.data.eval_shards "
+                "(or set --config.eval_every=0)", cadence.eval_every)
   start = trainer.step
   return Run(trainer=trainer, workdir=workdir, cadence=cadence, data_iter=data_iter,
              fields=tuple(trainer.family.batch_fields(trainer.settings)), tokenizer=tokenizer,
