@@ -7,6 +7,9 @@ Both read the config stored with the model; `--config FILE [--config.k=v]` repla
 eval data, e.g. for a converted checkpoint). Metrics go to `--output`/metrics.json (one record
 per evaluated step): by default the workdir, DIR-eval beside a --checkpoint DIR, or
 runs/eval/NAME for --pretrained (which needs --config: released weights carry no data config).
+Benchmarks by name: `--datasets imagenet1k,cifar10,mscoco_captions` (or --config.eval.datasets;
+zoo.data.benchmarks lists them) from `--data_root` / $ZOO_DATA / the Hugging Face cache; their
+results also go to benchmarks.jsonl in CLIP_benchmark's format, one table per task.
 """
 
 import os
@@ -22,6 +25,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (evaluates its
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A zoo.save() directory to evaluate.")
 _PRETRAINED = flags.DEFINE_string("pretrained", None,
                                   "Released weights to evaluate: NAME/TAG or hf-hub:ORG/REPO.")
+_DATASETS = flags.DEFINE_string(
+    "datasets", None, "Benchmarks by name, comma-separated (imagenet1k,cifar10,mscoco_captions, "
+    "imagenet1k:it, NAME=DIR): evaluates only these (replaces --config.eval.datasets).")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "Where downloaded benchmarks live (default: "
+                                 "--config.eval.data_root, else $ZOO_DATA).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for metrics.json (default: the workdir, "
                               "or DIR-eval beside --checkpoint DIR).")
 
@@ -46,9 +54,12 @@ def _output_dir(model_dir: str | None) -> str:
 
 def evaluate() -> None:
   import jax
+  import ml_collections
 
-  from zoo import families
+  from zoo import errors, families
+  from zoo.data import eval_sets as eval_data
   from zoo.eval import report, source
+  from zoo.families import base
   from zoo.train import loop
 
   src = source.open_model(workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
@@ -57,16 +68,45 @@ def evaluate() -> None:
   out_dir = _output_dir(src.model_dir)
   family = families.get(config.get("family", "clip"))
   tokenizer = loop.make_tokenizer(config, model)
-  eval_sets = loop.build_eval_sets(config, model, tokenizer)
+  ev = config.get("eval") or {}
+  root = _DATA_ROOT.value or ev.get("data_root", "")
+  if _DATASETS.value is not None:
+    mc = model.config
+    eval_sets = eval_data.benchmark_eval_sets(
+        _DATASETS.value, data_root=root, split=ev.get("split", "test") or "test",
+        size=int(ev.get("size", 0) or 0), image_size=mc.vision.image_size, mean=mc.image_mean,
+        std=mc.image_std)
+  else:
+    if _DATA_ROOT.value and ev.get("datasets"):
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.eval.data_root = root
+    eval_sets = loop.build_eval_sets(config, model, tokenizer)
+  if not eval_sets and type(family).evaluate is base.Family.evaluate:
+    raise errors.UserError(
+        "nothing to evaluate: no eval set is configured; name benchmarks with --datasets "
+        "imagenet1k,cifar10,mscoco_captions (or --config.eval.datasets=...), or give data: "
+        "--config.data.eval_shards=SHARDS (webdataset retrieval), --config.data.eval_sets=... "
+        "(demo), --config.data.tfds.name=NAME")
   metrics = loop.run_eval(model, config, tokenizer, eval_sets, mesh, family)
   if jax.process_index() == 0:
+    name = _PRETRAINED.value or ""
+    records = report.benchmark_records(
+        metrics, eval_sets, model=name.rpartition("/")[0] or str(config.get("model", "")),
+        pretrained=name.rpartition("/")[2] or os.path.abspath(src.model_dir or _WORKDIR.value))
     os.makedirs(out_dir, exist_ok=True)
-    records = report.language_records(metrics)  # Babel-style per-language zero-shot
-    path = report.append_metrics(out_dir, step, {**metrics, "per_language": records}
-                                   if records else metrics, merge=bool(_WORKDIR.value))
-    print(report.format_table(metrics, title=what))
+    langs = report.language_records(metrics)  # Babel-style per-language zero-shot
+    path = report.append_metrics(out_dir, step, {**metrics, "per_language": langs}
+                                 if langs else metrics, merge=bool(_WORKDIR.value))
+    done = {f"{n}/" for n, spec in eval_sets.items() if spec.get("benchmark")}
+    rest = {k: v for k, v in metrics.items() if not any(k.startswith(d) for d in done)}
+    if rest or not records:
+      print(report.format_table(rest, title=what))
+    if langs:
+      print(report.format_language_table(langs, title="per-language zero-shot"))
     if records:
-      print(report.format_language_table(records, title="per-language zero-shot"))
+      print(report.format_benchmark_tables(records))
+      jsonl = report.write_benchmark_records(out_dir, records, step if _WORKDIR.value else None)
+      print(f"benchmark results (CLIP_benchmark format) written to {jsonl}")
     print(f"metrics written to {path} ({what})")
 
 

@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
       tfds=ml_collections.ConfigDict(dict(name="", split="test", data_dir="", size=0,
                                           image_key="image", label_key="label")),
   ))
+  # Benchmarks by name (zoo.data.benchmarks): "imagenet1k,cifar10,mscoco_captions,imagenet1k:it"
+  # (NAME=DIR or NAME=hf-hub:ORG/REPO for one set's own copy), read from data_root (default
+  # $ZOO_DATA) or the Hugging Face cache; size > 0: only the first `size` images of each.
+  c.eval = ml_collections.ConfigDict(dict(datasets="", data_root="", split="test", size=0))
   # LoRA (zoo.models.lora): rank > 0 trains only adapters on the kernels matching `targets`;
   # the defaults are zoo.weights.adapters.default_settings (their one copy).
   from zoo.weights import adapters

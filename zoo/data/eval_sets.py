@@ -1,15 +1,19 @@
 """Eval sets for zoo.eval.evaluator.evaluate: the demo's held-out splits, WebDataset retrieval shards,
-a TFDS zero-shot set and Babel-ImageNet label files (host-local numpy, the same on every host)."""
+a TFDS zero-shot set and Babel-ImageNet label files (host-local numpy, the same on every host), and
+benchmarks by name (zoo.data.benchmarks; kind "benchmark", streamed in chunks)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import logging
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from zoo import transforms
-from zoo.data import babel, demo as demo_lib, webdataset as wds
+from zoo.data import babel, benchmarks, demo as demo_lib, webdataset as wds
 
 log = logging.getLogger("zoo.data")
 Tokenizer = Callable[[list[str]], np.ndarray]
@@ -246,4 +250,48 @@ def build_eval_sets(data_cfg: Any, *, tokenizer: Tokenizer | None = None, image_
   for spec in sets.values():
     if adapters and spec["kind"] == "babel_zeroshot":
       spec["adapters"] = adapters
+  return sets
+
+
+def _chunks(examples, pre, chunk: int, size: int):
+  """(float32 [n, H, W, 3] preprocessed images, their targets) chunks; decoding and
+  preprocessing on a thread pool (PIL releases the GIL)."""
+  examples = itertools.islice(examples, size) if size else examples
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    while True:
+      block = list(itertools.islice(examples, chunk))
+      if not block:
+        return
+      yield np.stack(list(pool.map(pre, [image for image, _ in block]))), [y for _, y in block]
+
+
+def benchmark_set_name(bench: benchmarks.Benchmark) -> str:
+  """The eval-set name of a benchmark: its key with '/' -> '.' (metrics are 'set/metric')."""
+  return bench.key.replace("/", ".")
+
+
+def benchmark_eval_sets(datasets: str | Sequence[str], *, data_root: str = "", split: str = "test",
+                        size: int = 0, image_size: int, mean: Sequence[float],
+                        std: Sequence[float], chunk: int = 1024) -> dict[str, dict]:
+  """Kind "benchmark" eval sets for "name[:lang][=DIR|hf-hub:ORG/REPO],...": each is located now
+  (a missing one fails here, in one line) and read when evaluated, `chunk` images at a time
+  (`size` > 0: only the first `size`). The spec: task, class_names + templates (classification),
+  `chunks()` -> iterator of (images, labels | caption lists), `source` (where it was found),
+  `benchmark` (dataset, task, language: CLIP_benchmark's result fields)."""
+  pre = transforms.make_preprocess(image_size, mean, std)
+  sets: dict[str, dict] = {}
+  for name, path in benchmarks.parse_names(datasets):
+    bench = benchmarks.get(name)
+    loc = benchmarks.locate(bench, data_root, split=split, path=path)
+    spec = {"kind": "benchmark", "task": bench.task, "source": f"{loc.kind} {loc.path}",
+            "benchmark": {"dataset": bench.name, "task": bench.task, "language": bench.language}}
+    if bench.task == benchmarks.CLASSIFICATION:
+      spec["class_names"], spec["templates"] = benchmarks.class_names_and_templates(
+          bench, data_root, split, path=path)
+      read = benchmarks.classification_examples
+    else:
+      read = benchmarks.retrieval_examples
+    spec["chunks"] = lambda read=read, bench=bench, path=path: _chunks(
+        read(bench, data_root, split, path=path), pre, chunk, size)
+    sets[benchmark_set_name(bench)] = spec
   return sets

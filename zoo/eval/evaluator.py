@@ -340,4 +340,39 @@ def eval_retrieval(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokeni
   return retrieval_metrics(img, txt, spec["image_to_captions"], ks=spec.get("ks", (1, 5, 10)))
 
 
-BUILTIN_KINDS: dict[str, Evaluator] = {"zeroshot": eval_zeroshot, "retrieval": eval_retrieval}
+def eval_benchmark(model: nnx.Module, spec: Mapping[str, Any], tokenizer: Tokenizer, *,
+                   mesh: Mesh | None = None, batch_size: int = 256) -> dict[str, float]:
+  """A benchmark by name (zoo.data.eval_sets.benchmark_eval_sets), streamed: `spec["chunks"]()`
+  yields (images, labels) for task zeroshot_classification, (images, caption lists) for
+  zeroshot_retrieval; image features are kept, not images. A set with no image is an error."""
+  _require(spec, ("task", "chunks"), "'benchmark'")
+  feats, targets = [], []
+  for images, ys in spec["chunks"]():
+    feats.append(encode_images(model, images, batch_size=batch_size, mesh=mesh))
+    targets.extend(ys)
+  if not feats:
+    raise ValueError(f"eval set {spec.get('benchmark', {}).get('dataset', '?')}: "
+                     f"{spec.get('source', 'its source')} yielded no images")
+  img = np.concatenate(feats)
+  if spec["task"] == "zeroshot_classification":
+    _require(spec, ("class_names", "templates"), "'benchmark' (classification)")
+    labels = np.asarray(targets, np.int64)
+    if labels.max() >= len(spec["class_names"]):
+      raise ValueError(f"{spec.get('source')}: labels reach {labels.max()} but "
+                       f"{len(spec['class_names'])} class names are given")
+    classifier = zero_shot_classifier(model, tokenizer, spec["class_names"], spec["templates"],
+                                      batch_size=max(batch_size, 1024), mesh=mesh)
+    out = zero_shot_metrics(img, labels, classifier)
+  else:
+    captions = [c for caps in targets for c in caps]
+    image_to_texts, start = [], 0
+    for caps in targets:
+      image_to_texts.append(list(range(start, start + len(caps))))
+      start += len(caps)
+    txt = encode_texts(model, tokenizer(captions), batch_size=max(batch_size, 1024), mesh=mesh)
+    out = retrieval_metrics(img, txt, image_to_texts, ks=spec.get("ks", (1, 5, 10)))
+  return {**out, "num_images": float(img.shape[0])}
+
+
+BUILTIN_KINDS: dict[str, Evaluator] = {"zeroshot": eval_zeroshot, "retrieval": eval_retrieval,
+                                       "benchmark": eval_benchmark}

@@ -124,3 +124,73 @@ def format_table(metrics: Mapping[str, Any], *, title: str | None = None) -> str
   buf = io.StringIO()
   Console(file=buf, width=120, color_system=None, force_terminal=False).print(table)
   return buf.getvalue().rstrip("\n")
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+BENCHMARK_FILE = "benchmarks.jsonl"
+# zoo metric -> CLIP_benchmark's name (zero-shot classification); retrieval names are the same.
+_CB_NAMES = {"top1": "acc1", "top5": "acc5", "mean_per_class_recall": "mean_per_class_recall"}
+
+
+def benchmark_records(metrics: Mapping[str, Any], eval_sets: Mapping[str, Mapping[str, Any]], *,
+                      model: str, pretrained: str) -> list[dict[str, Any]]:
+  """CLIP_benchmark's result records ({"dataset", "model", "pretrained", "task", "metrics",
+  "language"}) of the eval sets that are benchmarks by name, in their order. As CLIP_benchmark:
+  acc5 is None (its NaN) for fewer than 5 classes; `num_images` rides along outside metrics."""
+  out = []
+  for name, spec in eval_sets.items():
+    meta = spec.get("benchmark") if isinstance(spec, Mapping) else None
+    if not meta:
+      continue
+    got = {k[len(name) + 1:]: v for k, v in metrics.items() if k.startswith(name + "/")}
+    if meta["task"] == "zeroshot_classification":
+      vals = {_CB_NAMES[k]: got[k] for k in _CB_NAMES if k in got}
+      if len(spec.get("class_names", ())) < 5:
+        vals["acc5"] = None
+    else:
+      vals = {k: v for k, v in got.items() if "recall@" in k}
+    out.append({"dataset": meta["dataset"], "model": model, "pretrained": pretrained,
+                "task": meta["task"], "metrics": {k: _jsonable(v) for k, v in vals.items()},
+                "language": meta["language"], "num_images": int(got.get("num_images", 0))})
+  return out
+
+
+def write_benchmark_records(out_dir: str | os.PathLike, records: Sequence[Mapping[str, Any]],
+                            step: int | None = None) -> str:
+  """Appends the records (one JSON object per line; with "step" when given) to
+  out_dir/benchmarks.jsonl; returns its path."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, BENCHMARK_FILE)
+  with open(path, "a", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps({**r, **({} if step is None else {"step": int(step)})},
+                         ensure_ascii=False) + "\n")
+  return path
+
+
+def format_benchmark_tables(records: Sequence[Mapping[str, Any]]) -> str:
+  """One table per task (a row per dataset/language, CLIP_benchmark's metric names) and an
+  "average" row (the mean over the datasets; None values left out) when several ran."""
+  tables = []
+  for task in dict.fromkeys(r["task"] for r in records):
+    rows = [r for r in records if r["task"] == task]
+    cols = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+    table = Table(title=task)
+    for c in ["dataset", "language", "images", *cols]:  # image_retrieval_recall@5 -> image R@5
+      table.add_column(c.replace("_retrieval_recall", " R"),
+                       justify="left" if c in ("dataset", "language") else "right")
+    fmt = lambda v: "-" if v is None else f"{float(v):.4f}"  # noqa: E731
+    for r in rows:
+      table.add_row(r["dataset"], r["language"], str(r.get("num_images", "")),
+                    *[fmt(r["metrics"].get(c)) for c in cols])
+    if len(rows) > 1:
+      means = []
+      for c in cols:
+        vals = [r["metrics"][c] for r in rows if r["metrics"].get(c) is not None]
+        means.append(fmt(np.mean(vals)) if vals else "-")
+      table.add_row("average", "", str(sum(int(r.get("num_images", 0)) for r in rows)), *means)
+    buf = io.StringIO()
+    Console(file=buf, width=160, color_system=None, force_terminal=False).print(table)
+    tables.append(buf.getvalue().rstrip("\n"))
+  return "\n".join(tables)

@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from zoo import data, errors, families, tokenizers
+from zoo.data import eval_sets as eval_data
 from zoo.eval import evaluator, report, suite
 from zoo.models import lora as peft, sharding
 from zoo.train import (
@@ -83,9 +84,17 @@ def sample_batches(config: ml_collections.ConfigDict, model: nnx.Module, n: int)
 
 
 def build_eval_sets(config: ml_collections.ConfigDict, model: nnx.Module, tokenizer) -> dict:
+  """The data config's eval sets, then the benchmarks of `config.eval.datasets` (by name)."""
   mc = model.config
-  return data.build_eval_sets(config.data, tokenizer=tokenizer, image_size=mc.vision.image_size,
+  sets = data.build_eval_sets(config.data, tokenizer=tokenizer, image_size=mc.vision.image_size,
                               mean=mc.image_mean, std=mc.image_std)
+  ev = config.get("eval") or {}
+  if ev.get("datasets"):
+    sets.update(eval_data.benchmark_eval_sets(
+        ev["datasets"], data_root=ev.get("data_root", ""), split=ev.get("split", "test") or "test",
+        size=int(ev.get("size", 0) or 0), image_size=mc.vision.image_size, mean=mc.image_mean,
+        std=mc.image_std))
+  return sets
 
 
 def run_eval(model: nnx.Module, config: ml_collections.ConfigDict, tokenizer, eval_sets: dict,
@@ -198,6 +207,11 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, latest: int | None
       data_iter.set_state(extra["data_state"])
     log.info("resumed from step %d (%s)", latest, ckpt.step_dir(latest))
   eval_sets = build_eval_sets(config, model0, tokenizer) if cadence.eval_every else {}
+  if cadence.eval_every and not eval_sets and \
+      type(trainer.family).evaluate is families.Family.evaluate:
+    log.warning("eval_every=%d but nothing to evaluate: name benchmarks with "
+                "--config.eval.datasets=imagenet1k,... or give --config.data.eval_shards "
+                "(or set --config.eval_every=0)", cadence.eval_every)
   start = trainer.step
   return Run(trainer=trainer, workdir=workdir, cadence=cadence, data_iter=data_iter,
              fields=tuple(trainer.family.batch_fields(trainer.settings)), tokenizer=tokenizer,
