@@ -46,6 +46,7 @@ class LLMConfig:
   rope_theta: float = 500000.0
   rope_scaling: tuple[float, float, float, int] | None = None
   max_positions: int = 8192
+  context_length: int = 512  # the token rows a tokenizer makes for this tower (LLM2CLIP: 512)
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
