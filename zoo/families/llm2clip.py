@@ -174,7 +174,11 @@ class LLM2CLIPFamily(base.Family):
                          f"model's embedding has {model.config.embed_dim}")
       model.text_teacher = teacher.text
     if settings.stage == "self_distill":
-      model.visual_teacher = nnx.clone(model.visual)
+      frozen = nnx.clone(model.visual)
+      for _, var in nnx.iter_graph(frozen):  # own buffers: the train step donates the state
+        if isinstance(var, nnx.Variable):
+          var.set_value(jnp.array(var.get_value(), copy=True))
+      model.visual_teacher = frozen
     return model
 
   def batch_fields(self, settings: Settings) -> tuple[str, ...]:
@@ -253,7 +257,11 @@ class LLM2CLIPFamily(base.Family):
     return pred
 
   def export(self, model: nnx.Module) -> nnx.Module:
-    return llm2clip.without_teacher(model)
+    """Without the teachers, LoRA merged into the LLM (a copy: the trainer's model is kept)."""
+    model = llm2clip.without_teacher(model)
+    if lora.lora_paths(model):
+      model = lora.merge_lora(nnx.clone(model))  # a deep copy: the variables are not shared
+    return model
 
 
 def structure_loss(student: Array, teacher: Array) -> Array:
