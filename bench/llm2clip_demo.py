@@ -74,7 +74,7 @@ def main() -> None:
       start = time.time()
       with tempfile.TemporaryDirectory() as work:
         summary = loop.train(configure(kind, seed, args), work)
-      m = summary["metrics"]
+      m = summary["eval"]
       rows.append({"seed": seed, "kind": kind, "seconds": round(time.time() - start, 1),
                    "image_R@1": m.get("retrieval_long/image_retrieval_recall@1"),
                    "text_R@1": m.get("retrieval_long/text_retrieval_recall@1"),
