@@ -158,10 +158,10 @@ def test_bidirectional_bf16_remat_lora():
   dtypes = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(half, nnx.Param))}
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
   remat = llm.LLM(cfg, remat="full", rngs=nnx.Rngs(0))
-  grad = lambda m: nnx.grad(lambda m: jnp.sum(m.encode(jnp.asarray(ids)) ** 2))(m)
+  grad = nnx.jit(lambda m: nnx.grad(lambda m: jnp.sum(m.encode(jnp.asarray(ids)) ** 2))(m))
   g1, g2 = grad(bi), grad(remat)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
   paths = lora.apply_lora(bi, targets=r"self_attn/(q|v)_proj/kernel", rank=2, alpha=4)
   assert paths == ["layers/0/self_attn/q_proj/kernel", "layers/0/self_attn/v_proj/kernel"]
   np.testing.assert_array_equal(np.asarray(bi(jnp.asarray(ids), jnp.asarray(mask))), x)
