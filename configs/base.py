@@ -134,6 +134,7 @@ def distill() -> ml_collections.ConfigDict:
 
   return distill.default_settings()
 
+
 def llm2clip() -> ml_collections.ConfigDict:
   """`config.llm2clip`: the defaults of zoo.families.llm2clip.Settings."""
   from zoo.families import llm2clip
