@@ -137,3 +137,10 @@ def distill() -> ml_collections.ConfigDict:
   from zoo.families import distill
 
   return distill.default_settings()
+
+
+def llm2clip() -> ml_collections.ConfigDict:
+  """`config.llm2clip`: the defaults of zoo.families.llm2clip.Settings."""
+  from zoo.families import llm2clip
+
+  return llm2clip.default_settings()

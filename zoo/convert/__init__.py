@@ -8,6 +8,7 @@ fit raises one `StateDictError` counting the missing, unexpected and mis-shaped 
 
 from zoo.convert.common import StateDictError
 from zoo.convert.hf import config_from_hf, config_to_hf, from_hf, to_hf
+from zoo.convert.llm import load_pretrained as load_hf_llm
 from zoo.convert.open_clip import config_from_open_clip, from_open_clip, to_open_clip
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "config_to_hf",
     "from_hf",
     "from_open_clip",
+    "load_hf_llm",
     "to_hf",
     "to_open_clip",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo.convert import common
+from zoo.convert import common, llm
 from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
 from zoo.models import clip as clip_lib, configs as registry
 
@@ -165,6 +165,8 @@ def from_hf(state_dict: Mapping[str, Any],
   `name_or_config`: a zoo/open_clip name ('ViT-B-32-quickgelu' for openai/clip-vit-base-patch32),
   a zoo CLIPConfig, or the HF config (dict or transformers.CLIPConfig).
   """
+  if _llm_config(name_or_config):
+    return llm.from_hf(state_dict, name_or_config)
   config, label = _resolve(name_or_config)
   return common.convert_from_torch(state_dict, rules_for(config), config, layout="HF CLIPModel",
                                    model=label, ignore=_ignored)
@@ -172,4 +174,26 @@ def from_hf(state_dict: Mapping[str, Any],
 
 def to_hf(model: nnx.Module) -> dict[str, np.ndarray]:
   """The transformers CLIPModel state dict of `model` (load_state_dict(strict=True) works)."""
+  if isinstance(model, llm.llm_lib.LLM):
+    return llm.to_hf(model)
   return common.convert_to_torch(model, rules_for(model.config), layout="HF CLIPModel")
+
+
+# ----------------------------------------------------------------------------- LLM text towers
+
+SUPPORTED_MODEL_TYPES = ("clip",) + llm.MODEL_TYPES
+
+
+def _llm_config(config: Any) -> bool:
+  """True for a Llama / Qwen2 / Qwen3 config (zoo.convert.llm); an HF config of an unsupported
+  model_type is a one-line error naming the supported ones."""
+  if isinstance(config, llm.llm_lib.LLMConfig):
+    return True
+  if isinstance(config, (str, registry.CLIPConfig)):
+    return False
+  d = config.to_dict() if hasattr(config, "to_dict") else config
+  kind = d.get("model_type", "clip")
+  if kind not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"HF config model_type {kind!r} is not supported by from_hf; supported: "
+                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+  return kind in llm.MODEL_TYPES

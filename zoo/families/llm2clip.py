@@ -1,0 +1,282 @@
+"""The `llm2clip` family: a zoo image tower trained against a frozen LLM text tower (LLM2CLIP,
+ProCLIP).
+
+Model (`config.llm2clip`: `Settings`): the image tower of `config.model` (+ `init_from`), an LLM
+(`text_model` from zoo.models.llm, or a Hugging Face directory `text_checkpoint`; frozen, LoRA
+optional) and LLM2CLIP's adapter. Stages: `contrastive` (LLM2CLIP: CLIP loss, image tower +
+adapter train), `distill_text` (ProCLIP stage 1: text only, the LLM + adapter learn a CLIP
+text encoder's embeddings: instance alignment (cosine) + embedding-structure alignment (MSE of
+the batch similarity matrices); image tower frozen), `self_distill` (ProCLIP stage 2: CLIP loss
++ cosine to a frozen copy of the initial image tower). The LLM reads `llm_tokens`: the long
+caption (`long_captions`) or the drawn one, at config.context_length (512), over-long captions
+truncated and counted in the log. With `text_cache` the pooled LLM embeddings come from the
+shards (KEY.llm_text.npy, `python -m zoo.data.embed_cache --text_model`). Export: no teachers.
+Notes: docs/families/llm2clip.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from zoo import tokenizers
+from zoo.convert import llm as llm_convert
+from zoo.data import pipeline, webdataset as wds
+from zoo.families import base, clip as clip_family, distill
+from zoo.models import clip as clip_lib, llm, llm2clip, lora
+
+Array = jax.Array
+log = logging.getLogger("zoo.families")
+STAGES = ("contrastive", "distill_text", "self_distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """`config.llm2clip`."""
+
+  text_model: str = "llm-tiny"  # a zoo.models.llm.TEXT_MODELS name (fresh weights)
+  text_checkpoint: str = ""  # a Hugging Face Llama / Qwen directory (config.json + safetensors)
+  causal: bool = False  # False: bidirectional attention (LLM2Vec, as LLM2CLIP's embedder)
+  pool: str = "mean"  # mean | last
+  adapter_blocks: int = 4  # LLM2CLIP 4 (expansion 2); ProCLIP 1 (expansion 8)
+  adapter_expansion: float = 2.0
+  long_captions: bool = True  # the LLM reads the sample's long caption when it has one
+  text_cache: bool = False  # pooled LLM embeddings from the shards (KEY.llm_text.npy)
+  stage: str = "contrastive"  # contrastive | distill_text | self_distill
+  teacher: str = ""  # distill_text: the CLIP whose text encoder is distilled (zoo.save dir)
+  instance_weight: float = 1.0  # distill_text: mean(1 - cos(student text, teacher text))
+  structure_weight: float = 1.0  # distill_text: MSE of the text-text cosine matrices
+  self_distill_weight: float = 1.0  # self_distill: 1 - cos(image, frozen initial image)
+  lora_rank: int = 0  # > 0: LoRA on the LLM (trained; the base LLM stays frozen)
+  lora_alpha: float = 16.0
+  lora_targets: str = r"self_attn/(q|v)_proj/kernel"
+  smoothing: clip_family.Settings = dataclasses.field(
+      default_factory=clip_family.Settings, metadata={"derived": True})
+
+  def __post_init__(self):
+    if self.stage not in STAGES:
+      raise ValueError(f"llm2clip.stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+    if self.pool not in llm.POOLS:
+      raise ValueError(f"llm2clip.pool={self.pool!r}: expected one of {', '.join(llm.POOLS)}")
+    if self.stage == "distill_text" and not self.teacher:
+      raise ValueError("llm2clip.stage=distill_text needs llm2clip.teacher (a zoo.save CLIP)")
+
+
+class Truncations:
+  """Counts captions longer than the LLM's context (logged at 1, 2, 4, 8, ... so far)."""
+
+  def __init__(self):
+    self.count, self._lock = 0, threading.Lock()
+
+  def add(self, length: int, context: int) -> None:
+    with self._lock:
+      self.count += 1
+      n = self.count
+    if n & (n - 1) == 0:
+      log.warning("llm2clip: %d caption(s) so far longer than the %d-token context were "
+                  "truncated (this one: %d tokens)", n, context, length)
+
+
+class LLMFields:
+  """Field hook: `llm_tokens` (long or drawn caption at the pipeline's context length),
+  `teacher_tokens` (the same text for a CLIP teacher, at its length), `llm_text` (cache)."""
+
+  fields = {
+      "llm_tokens": "int32 [b, L], the caption the LLM reads (long caption when present)",
+      "teacher_tokens": "int32 [b, Lt], the caption for the CLIP text teacher",
+      "llm_text": "float32 [b, W], the cached pooled LLM embedding of the drawn caption",
+  }
+
+  def __init__(self, long_captions: bool, teacher_tokenizer: Any = None, width: int = 0):
+    self.long_captions, self.teacher_tokenizer, self.width = long_captions, teacher_tokenizer, width
+    self.truncations = Truncations()
+
+  def text(self, sample: Mapping[str, Any], view: Any) -> str:
+    if self.long_captions and sample.get("long_caption"):
+      return str(sample["long_caption"])
+    captions = sample.get("captions") or [sample["caption"]]
+    return str(captions[view.caption_index])
+
+  def __call__(self, sample: Mapping[str, Any], view: Any) -> dict[str, np.ndarray]:
+    out = {}
+    text = self.text(sample, view)
+    if "llm_tokens" in view.fields:
+      encode = getattr(view.tokenizer, "encode", None)
+      if encode is not None and view.context_length:
+        n = len(encode(text)) + 2  # + SOT / EOT
+        if n > view.context_length:
+          self.truncations.add(n, view.context_length)
+      out["llm_tokens"] = view.tokenize([text], "llm_tokens")[0]
+    if "teacher_tokens" in view.fields:
+      tok = self.teacher_tokenizer
+      out["teacher_tokens"] = pipeline.tokenize(tok, [text], tok.context_length,
+                                                "teacher_tokens")[0]
+    if "llm_text" in view.fields:
+      arrays = sample.get("arrays") or {}
+      if "llm_text" not in arrays:
+        raise wds.SkipSample("missing_llm_features", f"{sample.get('key')}: no KEY.llm_text.npy")
+      rows = np.asarray(arrays["llm_text"], np.float32)
+      rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+      if rows.shape[1] != self.width:
+        raise wds.SkipSample("llm_features_shape", f"{sample.get('key')}: llm_text {rows.shape}"
+                             f", expected width {self.width}")
+      out["llm_text"] = rows[min(view.caption_index, len(rows) - 1)]
+    return out
+
+
+def build_text_tower(settings: Settings) -> llm.LLM | llm.LLMConfig:
+  """The LLM of `settings`: converted from `text_checkpoint`, else a fresh `text_model` config."""
+  extra = dict(causal=settings.causal, pool=settings.pool)
+  if settings.text_checkpoint:
+    return llm_convert.load_pretrained(settings.text_checkpoint, **extra)
+  return llm.text_config(settings.text_model, **extra)
+
+
+class LLM2CLIPFamily(base.Family):
+  """LLM2CLIP / ProCLIP on the train loop."""
+
+  name = "llm2clip"
+
+  def settings(self, config: ml_collections.ConfigDict) -> Settings:
+    return dataclasses.replace(base.parse_section(config, "llm2clip", Settings),
+                               smoothing=clip_family.smoothing_settings(config))
+
+  def build_model(self, config: ml_collections.ConfigDict, settings: Settings
+                  ) -> llm2clip.LLM2CLIP:
+    clip_model = base.build_clip_model(config)
+    text = build_text_tower(settings)
+    text_cfg = text.config if isinstance(text, llm.LLM) else text
+    length = int(config.get("context_length", 0) or text_cfg.context_length)
+    text_cfg = dataclasses.replace(text_cfg, context_length=length)
+    if isinstance(text, llm.LLM):
+      text.config = text_cfg
+    else:
+      text = text_cfg
+    model = llm2clip.from_clip(clip_model, text, adapter_blocks=settings.adapter_blocks,
+                               adapter_expansion=settings.adapter_expansion, seed=config.seed,
+                               remat=config.get("remat", "none"))
+    base.init_params_from(config, model)
+    if settings.lora_rank > 0:
+      lora.apply_lora(model.text, targets=settings.lora_targets, rank=settings.lora_rank,
+                      alpha=settings.lora_alpha, seed=config.seed)
+    if settings.stage == "distill_text":
+      teacher = distill.load_teacher(settings.teacher)
+      if teacher.config.embed_dim != model.config.embed_dim:
+        raise ValueError(f"llm2clip.teacher embeds in {teacher.config.embed_dim} dims; the "
+                         f"model's embedding has {model.config.embed_dim}")
+      model.text_teacher = teacher.text
+    if settings.stage == "self_distill":
+      frozen = nnx.clone(model.visual)
+      for _, var in nnx.iter_graph(frozen):  # own buffers: the train step donates the state
+        if isinstance(var, nnx.Variable):
+          var.set_value(jnp.array(var.get_value(), copy=True))
+      model.visual_teacher = frozen
+    return model
+
+  def batch_fields(self, settings: Settings) -> tuple[str, ...]:
+    text = ("llm_text",) if settings.text_cache else ("llm_tokens",)
+    if settings.stage == "distill_text":
+      return text + ("teacher_tokens",)
+    return ("image",) + text
+
+  def field_hook(self, config: ml_collections.ConfigDict, settings: Settings,
+                 model: nnx.Module) -> LLMFields:
+    teacher_tok = None
+    if settings.stage == "distill_text":
+      tc = distill.teacher_config(settings.teacher)
+      teacher_tok = tokenizers.ClipTokenizer(tc.text.context_length)
+    return LLMFields(settings.long_captions, teacher_tok, model.config.text.width)
+
+  def _text(self, model: llm2clip.LLM2CLIP, batch: dict, settings: Settings) -> Array:
+    if settings.text_cache:
+      pooled = batch["llm_text"]
+    else:
+      pooled = model.llm_features(batch["llm_tokens"])
+      if settings.lora_rank <= 0:
+        pooled = jax.lax.stop_gradient(pooled)
+    return model.encode_text_features(pooled)
+
+  def forward(self, model: llm2clip.LLM2CLIP, batch: dict, rng: Array, settings: Settings
+              ) -> dict:
+    del rng
+    out = {"text_raw": self._text(model, batch, settings),
+           "logit_scale": jnp.exp(model.logit_scale[...])}
+    out["text_features"] = clip_lib.l2_normalize(out["text_raw"])
+    if settings.stage == "distill_text":
+      teacher = jax.lax.stop_gradient(model.text_teacher(batch["teacher_tokens"]))
+      out["teacher_text"] = clip_lib.l2_normalize(teacher.astype(jnp.float32))
+      return out
+    out["image_features"] = model.encode_image(batch["image"], normalize=True)
+    if model.logit_bias is not None:
+      out["logit_bias"] = model.logit_bias[...]
+    if settings.stage == "self_distill":
+      frozen = jax.lax.stop_gradient(model.visual_teacher(batch["image"]).astype(jnp.float32))
+      out["image_teacher"] = clip_lib.l2_normalize(frozen)
+    return out
+
+  def loss(self, outputs: dict, batch: dict, ctx: base.LossContext) -> tuple[Array, dict]:
+    s: Settings = ctx.settings
+    o = outputs
+    metrics = {"logit_scale": o["logit_scale"]}
+    if s.stage == "distill_text":
+      inst = distill.feature_loss(o["text_features"], o["teacher_text"], "cosine")
+      struct = structure_loss(o["text_features"], o["teacher_text"])
+      metrics.update(instance=inst, structure=struct)
+      return s.instance_weight * inst + s.structure_weight * struct, metrics
+    clip_outputs = {k: o[k] for k in ("image_features", "text_features", "logit_scale",
+                                      "logit_bias") if k in o}
+    total, clip_metrics = clip_family.clip_loss(clip_outputs, ctx, s.smoothing)
+    metrics["contrastive"] = total
+    if s.stage == "self_distill":
+      metrics["self_distill"] = distill.feature_loss(o["image_features"], o["image_teacher"],
+                                                     "cosine")
+      total = total + s.self_distill_weight * metrics["self_distill"]
+    if "label_smoothing" in clip_metrics:
+      metrics["label_smoothing"] = clip_metrics["label_smoothing"]
+    return total, metrics
+
+  def trainable(self, settings: Settings) -> Callable[[tuple[str, ...]], bool]:
+    """Adapter (+ LoRA) always; image tower and temperature unless distill_text; never the
+    base LLM or the teachers."""
+    def pred(path: tuple[str, ...]) -> bool:
+      if not path or path[0] in ("text_teacher", "visual_teacher"):
+        return False
+      if lora.is_lora_path(path):
+        return True
+      if path[0] == "text":
+        return False
+      return path[0] == "adapter" or settings.stage != "distill_text"
+    return pred
+
+  def export(self, model: nnx.Module) -> nnx.Module:
+    """Without the teachers, LoRA merged into the LLM (a copy: the trainer's model is kept)."""
+    model = llm2clip.without_teacher(model)
+    if lora.lora_paths(model):
+      model = lora.merge_lora(nnx.clone(model))  # a deep copy: the variables are not shared
+    return model
+
+
+def structure_loss(student: Array, teacher: Array) -> Array:
+  """Embedding-structure alignment: MSE between the batch cosine-similarity matrices of two
+  normalized [B, E] sets (B x B; text-only stage-1 batches)."""
+  s = student.astype(jnp.float32)
+  t = teacher.astype(jnp.float32)
+  return jnp.mean(jnp.square(s @ s.T - t @ t.T))
+
+
+FAMILY = LLM2CLIPFamily()
+
+
+def default_settings() -> ml_collections.ConfigDict:
+  """`config.llm2clip` with the defaults (configs.base.llm2clip() returns it)."""
+  return ml_collections.ConfigDict({f.name: getattr(Settings(), f.name)
+                                    for f in dataclasses.fields(Settings)
+                                    if not f.metadata.get("derived")})
