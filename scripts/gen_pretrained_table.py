@@ -54,6 +54,9 @@ def _url_sha(url: str) -> str | None:
 
 def _tokenizer(model_cfg: dict) -> dict:
   text = model_cfg.get("text_cfg", {})
+  if text.get("hf_model_name"):  # open_clip's HFTokenizer over the hub repo's tokenizer.json
+    return {"kind": "hf", "hf_hub": text["hf_tokenizer_name"], "file": "tokenizer.json",
+            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace")}
   if text.get("hf_tokenizer_name"):
     return {"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
             "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
@@ -67,8 +70,10 @@ def open_clip_entries() -> tuple[dict, dict, int]:
   pairs = open_clip.list_pretrained()
   for name, tag in pairs:
     cfg = open_clip.get_pretrained_cfg(name, tag)
-    quick = bool(cfg.get("quick_gelu", False))
-    arch = name if name.endswith("-quickgelu") or not quick else f"{name}-quickgelu"
+    # QuickGELU from the tag, or from the model config itself (roberta-ViT-B-32).
+    built_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    quick = bool(cfg.get("quick_gelu", False)) or built_quick
+    arch = name if name.endswith("-quickgelu") or not quick or built_quick else f"{name}-quickgelu"
     model_cfg = dict(open_clip.get_model_config(name) or {}, quick_gelu=quick)
     reason = None
     try:

@@ -104,7 +104,9 @@ def _hf_prefix(state_dict: Mapping[str, Any]) -> str:
                    f"word_embeddings.weight' key (found e.g. {sorted(state_dict)[:5]})")
 
 
-def _text_rules(cfg: MultilingualTextConfig, prefix: str, projection: bool):
+def text_rules(cfg: MultilingualTextConfig, prefix: str, projection: bool):
+  """The encoder's rules (tower-relative zoo paths; `prefix` before transformers' key names),
+  with M-CLIP's `LinearTransformation` when `projection`."""
   rules = [
       identity(("token_embedding",), f"{prefix}embeddings.word_embeddings.weight"),
       identity(("positional_embedding",), f"{prefix}embeddings.position_embeddings.weight"),
@@ -158,7 +160,7 @@ def from_hf_text(state_dict: Mapping[str, Any], config: MultilingualTextConfig |
     embed_dim = found
   ignore = lambda k: any(k.startswith(prefix + s) or k.startswith(s) for s in _HF_IGNORED)  # noqa: E731
   tower = common.convert_from_torch(
-      state_dict, _text_rules(cfg, prefix, has_proj), (cfg, embed_dim if has_proj else None),
+      state_dict, text_rules(cfg, prefix, has_proj), (cfg, embed_dim if has_proj else None),
       layout="M-CLIP" if has_proj else "HF text encoder", model=f"{cfg.layers}-layer text tower",
       ignore=ignore, build=_build_tower)
   if not has_proj and embed_dim is not None:
@@ -171,7 +173,7 @@ def to_hf_text(tower: MultilingualTextTransformer, *, prefix: str = "transformer
                ) -> dict[str, np.ndarray]:
   """The tower in M-CLIP's layout (`transformer.*` + `LinearTransformation.*`); prefix ""
   gives a bare XLMRobertaModel state dict (projection, if any, still LinearTransformation)."""
-  return common.convert_to_torch(tower, _text_rules(tower.cfg, prefix, tower.proj is not None),
+  return common.convert_to_torch(tower, text_rules(tower.cfg, prefix, tower.proj is not None),
                                  layout="M-CLIP")
 
 

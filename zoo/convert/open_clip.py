@@ -8,19 +8,22 @@ OpenAI's released weights load into): `visual.conv1.weight`, `visual.class_embed
 `logit_scale` (and `logit_bias` when the config has one).
 
 SigLIP (`ViT-B-16-SigLIP`, open_clip's `CustomTextCLIP` with a timm trunk) uses
-`visual.trunk.*` and `text.*`; see `_siglip_rules`.
+`visual.trunk.*` and `text.*`; see `_siglip_rules`. A Hugging Face text tower (`CustomTextCLIP`
++ `HFTextEncoder`: roberta / xlm-roberta CLIPs) uses `text.transformer.*` + `text.proj`; see
+`_hf_text_rules`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 
-from zoo.convert import common
+from zoo.convert import common, mclip
 from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs
+from zoo.models import clip as clip_lib, configs, multilingual
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -142,8 +145,40 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
   return rules
 
 
+# ----------------------------------------------------------------------------- HF text towers
+
+# transformers buffers older open_clip checkpoints carry (open_clip drops them when loading).
+HF_TEXT_IGNORED = ("text.transformer.embeddings.position_ids",)
+
+
+def _hf_text_rules(config: multilingual.MultilingualCLIPConfig) -> list[Rule]:
+  """open_clip `CustomTextCLIP` + `HFTextEncoder`: `visual.*` as the built-in CLIP,
+  `text.transformer.*` (the transformers encoder), `text.proj.{0,2}` (MLP) or `text.proj`."""
+  vision_only = configs.CLIPConfig(embed_dim=config.embed_dim, vision=config.vision)
+  rules = [r for r in _clip_rules(vision_only) if r.zoo[0] == "visual"]
+  t = config.text
+  rules += [dataclasses.replace(r, zoo=("text",) + r.zoo)
+            for r in mclip.text_rules(t, "text.transformer.", projection=False)]
+  if t.proj_type == "mlp":
+    rules += [*linear(("text", "proj", "fc1"), "text.proj.0", bias=False),
+              *linear(("text", "proj", "fc2"), "text.proj.2", bias=False)]
+  else:
+    rules += linear(("text", "proj"), "text.proj", bias=t.proj_bias)
+  rules.append(identity(("logit_scale",), "logit_scale"))
+  if config.init_logit_bias is not None:
+    rules.append(identity(("logit_bias",), "logit_bias"))
+  return rules
+
+
+def _build_hf_text(config: multilingual.MultilingualCLIPConfig) -> nnx.Module:
+  return multilingual.MultilingualCLIP(config, rngs=nnx.Rngs(0))
+
+
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
-  """The open_clip layout of `config`: built-in CLIP, or the SigLIP timm-trunk layout."""
+  """The open_clip layout of `config`: built-in CLIP, the SigLIP timm-trunk layout, or a CLIP
+  with a Hugging Face text tower (a MultilingualCLIPConfig)."""
+  if isinstance(config, multilingual.MultilingualCLIPConfig):
+    return _hf_text_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -178,13 +213,20 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
   `name`: the open_clip architecture name ('ViT-B-32', 'ViT-B-16-quickgelu', ...) or a
   CLIPConfig. Raises `StateDictError` naming the missing / unexpected / mis-shaped keys.
   """
-  config = common.resolve_config(name, **overrides)
+  if isinstance(name, multilingual.MultilingualCLIPConfig):
+    config = dataclasses.replace(name, **overrides)
+  else:
+    config = common.resolve_config(name, **overrides)
+  hf_text = isinstance(config, multilingual.MultilingualCLIPConfig)
   sd = _strip_prefix(state_dict)
   label = name if isinstance(name, str) else "<config>"
   if any(k in sd for k in OPENAI_META_KEYS) and not config.quick_gelu:
     raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
                      f"present), which uses QuickGELU, but model {label!r} uses GELU; pass "
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
+  if hf_text:
+    return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip", model=label,
+                                     ignore=lambda k: k in HF_TEXT_IGNORED, build=_build_hf_text)
   return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
                                    model=label, ignore=lambda k: k in OPENAI_META_KEYS)
 

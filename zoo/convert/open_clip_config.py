@@ -1,14 +1,17 @@
 """open_clip model configs (`model_configs/*.json`, a hub repo's `model_cfg`) <-> zoo's
 `registry.CLIPConfig`: built-in ViT + text transformer configs map field by field, timm-trunk
-configs only for the trunks in `TIMM_TRUNKS` (SigLIP); anything zoo does not implement is a
-`PretrainedError`.
+configs only for the trunks in `TIMM_TRUNKS` (SigLIP), Hugging Face text towers
+(`hf_model_name`: RoBERTa / XLM-R encoders) as a MultilingualCLIPConfig; anything zoo does not
+implement is a `PretrainedError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
-from zoo.models import configs as registry
+from zoo.convert import mclip
+from zoo.models import configs as registry, multilingual
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -46,13 +49,54 @@ def _eps(cfg: Mapping[str, Any], default: float = 1e-5) -> float:
   return float((cfg.get("norm_kwargs") or {}).get("eps", default))
 
 
-def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
+# open_clip HFTextEncoder poolers zoo implements (the HF pooler layer itself is not).
+HF_POOLERS = {"mean_pooler": "mean", "cls_last_hidden_state_pooler": "cls"}
+
+
+def _hf_text_config(model_cfg: Mapping[str, Any], hf_config: Mapping[str, Any] | None
+                    ) -> multilingual.MultilingualCLIPConfig:
+  """A CustomTextCLIP with an HFTextEncoder: the image tower as a built-in CLIP's, the encoder
+  from `hf_config` (its config.json, as AutoConfig reads it) or zoo's known encoders."""
+  t = dict(model_cfg["text_cfg"])
+  name = t["hf_model_name"]
+  if hf_config is not None:
+    try:
+      encoder, _ = mclip.text_config_from_hf(hf_config)
+    except ValueError as e:
+      raise PretrainedError(f"open_clip config's text encoder {name!r}: {e}") from None
+  elif name.split("/")[-1] in multilingual.TEXT_MODELS:
+    encoder = multilingual.TEXT_MODELS[name.split("/")[-1]]
+  else:
+    raise PretrainedError(f"open_clip config's Hugging Face text tower {name!r} is not one zoo "
+                          f"knows ({', '.join(multilingual.list_text_models())}) and its "
+                          "config.json was not given")
+  pooler = t.get("hf_pooler_type", "mean_pooler")
+  proj = t.get("hf_proj_type", "mlp")
+  if pooler not in HF_POOLERS or proj not in ("mlp", "linear"):
+    raise PretrainedError(f"open_clip config text_cfg hf_pooler_type={pooler!r} / hf_proj_type="
+                          f"{proj!r} is not implemented in zoo (poolers: {', '.join(HF_POOLERS)};"
+                          " projections: mlp, linear)")
+  image = config_from_open_clip_cfg({k: v for k, v in model_cfg.items() if k != "text_cfg"})
+  text = multilingual.open_clip_text(encoder, int(t.get("context_length", 77)), HF_POOLERS[pooler],
+                                     proj)
+  config = multilingual.hf_text_clip_config(image, text, quick_gelu=image.quick_gelu)
+  clean = (t.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
+  return dataclasses.replace(config, tokenizer_clean=clean)
+
+
+def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
+                              hf_config: Mapping[str, Any] | None = None) -> registry.CLIPConfig:
   """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
 
   Built-in ViT + text transformer configs map field by field; timm-trunk configs only for the
-  trunks in TIMM_TRUNKS (SigLIP). Anything zoo does not implement is a PretrainedError.
+  trunks in TIMM_TRUNKS (SigLIP); a Hugging Face text tower (`hf_model_name`) gives a
+  MultilingualCLIPConfig (`hf_config`: that encoder's config.json, else zoo's known encoders).
+  Anything zoo does not implement is a PretrainedError.
   """
   v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+  if t.get("hf_model_name") and not v.get("timm_model_name") and v.get("layers") is not None \
+      and not isinstance(v.get("layers"), (list, tuple)):
+    return _hf_text_config(model_cfg, hf_config)
   if v.get("timm_model_name"):
     base = TIMM_TRUNKS.get(v["timm_model_name"])
     if base is None:
