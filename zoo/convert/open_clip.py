@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from zoo.convert import common, mclip
-from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs, multilingual
+from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
+from zoo.models import clip as clip_lib, configs, multilingual, resnet
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -174,11 +174,52 @@ def _build_hf_text(config: multilingual.MultilingualCLIPConfig) -> nnx.Module:
   return multilingual.MultilingualCLIP(config, rngs=nnx.Rngs(0))
 
 
+# ----------------------------------------------------------------------------- ModifiedResNet
+
+
+def _conv(zoo: Path, key: str) -> Rule:
+  return conv_patch(zoo + ("kernel",), f"{key}.weight")  # HWIO <-> OIHW
+
+
+def _bn(zoo: Path, key: str) -> list[Rule]:
+  names = (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+           ("var", "running_var"), ("num_batches_tracked", "num_batches_tracked"))
+  return [identity(zoo + (z,), f"{key}.{t}") for z, t in names]
+
+
+def _resnet_rules(config: resnet.ResNetCLIPConfig) -> list[Rule]:
+  """open_clip `CLIP` with a ModifiedResNet `visual` (OpenAI's RN layout) and CLIP's text."""
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  rules = [r for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  v = ("visual",)
+  for i in (1, 2, 3):
+    rules += [_conv(v + (f"conv{i}",), f"visual.conv{i}"), *_bn(v + (f"bn{i}",), f"visual.bn{i}")]
+  for s, blocks in enumerate(config.vision.layers):
+    for b in range(blocks):
+      zoo, key = v + ("layers", s, b), f"visual.layer{s + 1}.{b}"
+      for i in (1, 2, 3):
+        rules += [_conv(zoo + (f"conv{i}",), f"{key}.conv{i}"), *_bn(zoo + (f"bn{i}",), f"{key}.bn{i}")]
+      if b == 0:  # stride 2, or (stage 1) width -> 4 * width: a downsample branch
+        rules += [_conv(zoo + ("downsample_conv",), f"{key}.downsample.0"),
+                  *_bn(zoo + ("downsample_bn",), f"{key}.downsample.1")]
+  ap = v + ("attnpool",)
+  rules.append(identity(ap + ("positional_embedding",), "visual.attnpool.positional_embedding"))
+  for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+    rules += linear(ap + (name,), f"visual.attnpool.{name}")
+  return rules
+
+
+def _build_resnet(config: resnet.ResNetCLIPConfig) -> nnx.Module:
+  return resnet.ResNetCLIP(config, rngs=nnx.Rngs(0))
+
+
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
   """The open_clip layout of `config`: built-in CLIP, the SigLIP timm-trunk layout, or a CLIP
   with a Hugging Face text tower (a MultilingualCLIPConfig)."""
   if isinstance(config, multilingual.MultilingualCLIPConfig):
     return _hf_text_rules(config)
+  if isinstance(config, resnet.ResNetCLIPConfig):
+    return _resnet_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -224,6 +265,10 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
     raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
                      f"present), which uses QuickGELU, but model {label!r} uses GELU; pass "
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
+  if isinstance(config, resnet.ResNetCLIPConfig):
+    return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
+                                     model=label, ignore=lambda k: k in OPENAI_META_KEYS,
+                                     build=_build_resnet)
   if hf_text:
     return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip", model=label,
                                      ignore=lambda k: k in HF_TEXT_IGNORED, build=_build_hf_text)

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from zoo.convert import mclip
-from zoo.models import configs as registry, multilingual
+from zoo.models import configs as registry, multilingual, resnet
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -119,15 +119,19 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
                           "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
   _check_fixed(v, _VISION_FIXED, "vision_cfg")
   _check_fixed(t, _TEXT_FIXED, "text_cfg")
-  if v.get("layers") is None or isinstance(v.get("layers"), (list, tuple)):
-    raise PretrainedError("open_clip config has a ResNet vision tower (layers is a list); zoo "
-                          "implements ViT towers")
+  if v.get("layers") is None:
+    raise PretrainedError("open_clip config's vision_cfg has no 'layers'")
   width = int(v.get("width", 768))
-  vision = registry.VisionConfig(
-      image_size=_one_size(v.get("image_size", 224), "image_size"),
-      patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
-      layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
-      mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
+  if isinstance(v["layers"], (list, tuple)):  # ModifiedResNet
+    vision = resnet.ResNetVisionConfig(
+        image_size=_one_size(v.get("image_size", 224), "image_size"), layers=tuple(v["layers"]),
+        width=width, head_width=int(v.get("head_width", 64)))
+  else:
+    vision = registry.VisionConfig(
+        image_size=_one_size(v.get("image_size", 224), "image_size"),
+        patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
+        layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
+        mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
   text = registry.TextConfig(
       context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
       width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
@@ -137,9 +141,9 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
     extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
   if model_cfg.get("init_logit_bias") is not None:
     extra["init_logit_bias"] = float(model_cfg["init_logit_bias"])
-  return registry.CLIPConfig(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision,
-                             text=text, quick_gelu=bool(model_cfg.get("quick_gelu", False)),
-                             **extra)
+  cls = resnet.ResNetCLIPConfig if isinstance(vision, resnet.ResNetVisionConfig) else registry.CLIPConfig
+  return cls(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision, text=text,
+             quick_gelu=bool(model_cfg.get("quick_gelu", False)), **extra)
 
 
 def same_towers(a: registry.CLIPConfig, b: registry.CLIPConfig) -> bool:
