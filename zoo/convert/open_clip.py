@@ -23,7 +23,7 @@ from flax import nnx
 
 from zoo.convert import common, mclip
 from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs, multilingual, resnet
+from zoo.models import clip as clip_lib, configs, convnext, multilingual, resnet
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -213,6 +213,42 @@ def _build_resnet(config: resnet.ResNetCLIPConfig) -> nnx.Module:
   return resnet.ResNetCLIP(config, rngs=nnx.Rngs(0))
 
 
+# ----------------------------------------------------------------------------- ConvNeXt (timm)
+
+
+def _conv_bias(zoo: Path, key: str) -> list[Rule]:
+  return [_conv(zoo, key), identity(zoo + ("bias",), f"{key}.bias")]
+
+
+def _convnext_rules(config: convnext.ConvNeXtCLIPConfig) -> list[Rule]:
+  """open_clip `CLIP` with a TimmModel ConvNeXt `visual` (`visual.trunk.*` + `visual.head.*`)."""
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  rules = [r for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  v, t = ("visual",), "visual.trunk"
+  rules += [*_conv_bias(v + ("stem_conv",), f"{t}.stem.0"), *layer_norm(v + ("stem_norm",), f"{t}.stem.1")]
+  for i, depth in enumerate(config.vision.depths):
+    zoo, key = v + ("stages", i), f"{t}.stages.{i}"
+    if i:
+      rules += [*layer_norm(zoo + ("down_norm",), f"{key}.downsample.0"),
+                *_conv_bias(zoo + ("down_conv",), f"{key}.downsample.1")]
+    for j in range(depth):
+      b, bk = zoo + ("blocks", j), f"{key}.blocks.{j}"
+      rules += [*_conv_bias(b + ("conv_dw",), f"{bk}.conv_dw"), *layer_norm(b + ("norm",), f"{bk}.norm"),
+                *linear(b + ("fc1",), f"{bk}.mlp.fc1"), *linear(b + ("fc2",), f"{bk}.mlp.fc2"),
+                identity(b + ("gamma",), f"{bk}.gamma")]
+  rules += layer_norm(v + ("head_norm",), f"{t}.head.norm")
+  if config.vision.proj == "mlp":
+    rules += [*linear(v + ("mlp_fc1",), "visual.head.mlp.fc1"),
+              *linear(v + ("mlp_fc2",), "visual.head.mlp.fc2", bias=False)]
+  else:
+    rules += linear(v + ("proj",), "visual.head.proj", bias=False)
+  return rules
+
+
+def _build_convnext(config: convnext.ConvNeXtCLIPConfig) -> nnx.Module:
+  return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(0))
+
+
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
   """The open_clip layout of `config`: built-in CLIP, the SigLIP timm-trunk layout, or a CLIP
   with a Hugging Face text tower (a MultilingualCLIPConfig)."""
@@ -220,6 +256,8 @@ def rules_for(config: configs.CLIPConfig) -> list[Rule]:
     return _hf_text_rules(config)
   if isinstance(config, resnet.ResNetCLIPConfig):
     return _resnet_rules(config)
+  if isinstance(config, convnext.ConvNeXtCLIPConfig):
+    return _convnext_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -265,10 +303,13 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
     raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
                      f"present), which uses QuickGELU, but model {label!r} uses GELU; pass "
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
-  if isinstance(config, resnet.ResNetCLIPConfig):
-    return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
-                                     model=label, ignore=lambda k: k in OPENAI_META_KEYS,
-                                     build=_build_resnet)
+  builders = ((resnet.ResNetCLIPConfig, _build_resnet),
+              (convnext.ConvNeXtCLIPConfig, _build_convnext))
+  for cls, build in builders:
+    if isinstance(config, cls):
+      return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
+                                       model=label, ignore=lambda k: k in OPENAI_META_KEYS,
+                                       build=build)
   if hf_text:
     return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip", model=label,
                                      ignore=lambda k: k in HF_TEXT_IGNORED, build=_build_hf_text)

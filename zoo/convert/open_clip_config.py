@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from zoo.convert import mclip
-from zoo.models import configs as registry, multilingual, resnet
+from zoo.models import configs as registry, convnext, multilingual, resnet
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -84,6 +84,24 @@ def _hf_text_config(model_cfg: Mapping[str, Any], hf_config: Mapping[str, Any] |
   return dataclasses.replace(config, tokenizer_clean=clean)
 
 
+def _convnext_config(model_cfg: Mapping[str, Any]) -> convnext.ConvNeXtCLIPConfig:
+  """open_clip's TimmModel over a timm ConvNeXt (`timm_pool=''`: timm's avg pool + LayerNorm
+  head) with a 'linear' or 'mlp' projection, and the built-in text transformer."""
+  v = dict(model_cfg["vision_cfg"])
+  if v.get("timm_pool", "avg") != "" or v.get("timm_proj", "linear") not in ("linear", "mlp") \
+      or v.get("timm_proj_bias", False):
+    raise PretrainedError(f"open_clip config timm trunk {v['timm_model_name']!r} with timm_pool="
+                          f"{v.get('timm_pool')!r}, timm_proj={v.get('timm_proj')!r}: zoo's "
+                          "ConvNeXt implements pool '' with a bias-free linear or mlp projection")
+  depths, dims, eps = convnext.TIMM_CONVNEXTS[v["timm_model_name"]]
+  base = config_from_open_clip_cfg(dict(model_cfg, vision_cfg={"layers": 1}))
+  vision = convnext.ConvNeXtVisionConfig(_one_size(v.get("image_size", 224), "image_size"), depths,
+                                         dims, eps, v.get("timm_proj", "linear"))
+  return convnext.ConvNeXtCLIPConfig(**{f.name: getattr(base, f.name)
+                                        for f in dataclasses.fields(base) if f.name != "vision"},
+                                     vision=vision)
+
+
 def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
                               hf_config: Mapping[str, Any] | None = None) -> registry.CLIPConfig:
   """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
@@ -97,6 +115,8 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
   if t.get("hf_model_name") and not v.get("timm_model_name") and v.get("layers") is not None \
       and not isinstance(v.get("layers"), (list, tuple)):
     return _hf_text_config(model_cfg, hf_config)
+  if v.get("timm_model_name") in convnext.TIMM_CONVNEXTS:
+    return _convnext_config(model_cfg)
   if v.get("timm_model_name"):
     base = TIMM_TRUNKS.get(v["timm_model_name"])
     if base is None:
