@@ -26,7 +26,7 @@ from zoo.convert import mclip, open_clip_config
 from zoo.convert.common import StateDictError
 from zoo.convert.io import write_safetensors
 from zoo.data import demo
-from zoo.models import configs as registry, multilingual
+from zoo.models import configs as registry, m2m100, multilingual
 from zoo.weights import pretrained
 
 torch = pytest.importorskip("torch")
@@ -35,7 +35,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HF_NAMES = ("roberta-ViT-B-32", "xlm-roberta-base-ViT-B-32", "xlm-roberta-large-ViT-H-14")
+HF_NAMES = ("roberta-ViT-B-32", "xlm-roberta-base-ViT-B-32", "xlm-roberta-large-ViT-H-14",
+            "nllb-clip-base", "nllb-clip-large")
 TINY_ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128, max_position_embeddings=80, type_vocab_size=1,
                     layer_norm_eps=1e-5, pad_token_id=1)
@@ -57,6 +58,18 @@ def _xlmr_repo(tmp):
       "sentencepiece.bpe.model": open(multilingual.DEMO_TOKENIZER, "rb").read()})
   cfg = transformers.XLMRobertaConfig(vocab_size=347, **TINY_ENCODER)
   return dict(files, **{"config.json": cfg.to_json_string().encode()})
+
+
+def _nllb_repo(tmp):
+  src = os.path.join(tmp, "nllb")
+  os.makedirs(src)
+  shutil.copyfile(multilingual.DEMO_TOKENIZER, os.path.join(src, "sentencepiece.bpe.model"))
+  transformers.NllbTokenizer.from_pretrained(src).save_pretrained(os.path.join(src, "out"))
+  cfg = transformers.M2M100Config(
+      vocab_size=347, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+      max_position_embeddings=80, pad_token_id=1, scale_embedding=True)
+  return dict(_files(os.path.join(src, "out")), **{"config.json": cfg.to_json_string().encode()})
 
 
 def _roberta_repo(tmp):
@@ -118,14 +131,17 @@ def hf(tmp_path_factory):
   tmp = str(tmp_path_factory.mktemp("scratch"))
   put_repo(home, "xlm-roberta-base", _xlmr_repo(tmp))
   put_repo(home, "roberta-base", _roberta_repo(tmp))
+  put_repo(home, "facebook/nllb-200-distilled-600M", _nllb_repo(tmp))
   cfg_dir = os.path.join(tmp, "oc_cfg")
   os.makedirs(cfg_dir)
   model_cfgs = {}
-  for name, encoder, quick in (("tiny-xlmr-clip", "xlm-roberta-base", False),
-                               ("tiny-roberta-clip", "roberta-base", True)):
+  for name, encoder, quick, pool, proj in (
+      ("tiny-xlmr-clip", "xlm-roberta-base", False, "mean_pooler", "mlp"),
+      ("tiny-roberta-clip", "roberta-base", True, "mean_pooler", "mlp"),
+      ("tiny-nllb-clip", "facebook/nllb-200-distilled-600M", False, "cls_pooler", "linear")):
     model_cfgs[name] = {"embed_dim": 32, "quick_gelu": quick, "vision_cfg": TINY_VISION,
                         "text_cfg": {"hf_model_name": encoder, "hf_tokenizer_name": encoder,
-                                     "hf_pooler_type": "mean_pooler"}}
+                                     "hf_pooler_type": pool, "hf_proj_type": proj}}
     with open(os.path.join(cfg_dir, f"{name}.json"), "w") as f:
       json.dump(model_cfgs[name], f)
   open_clip.add_model_config(cfg_dir)
@@ -135,8 +151,9 @@ def hf(tmp_path_factory):
       torch.manual_seed(i)
       oc = _jitter(open_clip.create_model(name, pretrained_hf=False), seed=10 + i)
       encoder = model_cfgs[name]["text_cfg"]["hf_model_name"]
-      with open(os.path.join(home, "hub", f"models--{encoder}", "refs", "main")) as f:
-        snapshot = os.path.join(home, "hub", f"models--{encoder}", "snapshots", f.read())
+      repo = os.path.join(home, "hub", "models--" + encoder.replace("/", "--"))
+      with open(os.path.join(repo, "refs", "main")) as f:
+        snapshot = os.path.join(repo, "snapshots", f.read())
       with open(os.path.join(snapshot, "config.json")) as f:
         config = open_clip_config.config_from_open_clip_cfg(model_cfgs[name], json.load(f))
       config = dataclasses.replace(config, tokenizer=os.path.join(snapshot, "tokenizer.json"))
@@ -172,11 +189,12 @@ def test_architectures_equal_open_clip_configs():
 
 def test_every_open_clip_pair_of_the_family_resolves():
   pairs = [p for p in open_clip.list_pretrained() if p[0] in HF_NAMES]
-  assert len(pairs) == 3 and set(pairs) <= set(map(tuple, zoo.list_pretrained()))
+  assert len(pairs) == 5 and set(pairs) <= set(map(tuple, zoo.list_pretrained()))
   for name, tag in pairs:
     entry = pretrained.get_pretrained_cfg(name, tag)
     ref = open_clip.get_pretrained_cfg(name, tag)
     assert entry["hf_hub"] == ref["hf_hub"].rstrip("/") and entry["architecture"] == name
+    assert entry["preprocess"]["mean"] == list(ref["mean"])
     assert entry["tokenizer"]["kind"] == "hf" and entry["tokenizer"]["file"] == "tokenizer.json"
     assert entry["tokenizer"]["hf_hub"] == open_clip.get_model_config(name)["text_cfg"]["hf_tokenizer_name"]
 
@@ -184,7 +202,10 @@ def test_every_open_clip_pair_of_the_family_resolves():
 # ----------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("name", ["tiny-xlmr-clip", "tiny-roberta-clip"])
+TINY = ["tiny-xlmr-clip", "tiny-roberta-clip", "tiny-nllb-clip"]
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_tokenizer_ids_equal_open_clip(hf, name):
   m = hf[name]
   ours = tokenizers.HFTokenizer(m["config"].tokenizer, 77, clean=m["config"].tokenizer_clean,
@@ -194,7 +215,7 @@ def test_tokenizer_ids_equal_open_clip(hf, name):
   assert got[-1, -1] == 2 and (got[-1] != 1).all()  # truncated: </s> kept last
 
 
-@pytest.mark.parametrize("name", ["tiny-xlmr-clip", "tiny-roberta-clip"])
+@pytest.mark.parametrize("name", TINY)
 def test_features_equal_open_clip_and_round_trip(hf, name):
   m = hf[name]
   sd = {k: v.numpy() for k, v in m["oc"].state_dict().items()}
@@ -213,9 +234,13 @@ def test_features_equal_open_clip_and_round_trip(hf, name):
   m["oc"].load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
   # Logical axis names on the parameters (as zoo.models.sharding reads them).
   axes = lambda v: v.get_metadata().get("out_sharding")  # noqa: E731
-  assert axes(model.text.proj.fc1.kernel) == ("embed", "mlp")
   assert axes(model.text.token_embedding) == ("vocab", "embed")
-  assert axes(model.text.blocks[0].mlp.fc1.kernel) == ("embed", "mlp")
+  if name == "tiny-nllb-clip":
+    assert isinstance(model.text, m2m100.M2M100TextTransformer)
+    assert axes(model.text.blocks[0].fc1.kernel) == ("embed", "mlp")
+  else:
+    assert axes(model.text.proj.fc1.kernel) == ("embed", "mlp")
+    assert axes(model.text.blocks[0].mlp.fc1.kernel) == ("embed", "mlp")
 
 
 def test_wrong_family_or_size_names_the_keys(hf):

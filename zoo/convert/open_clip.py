@@ -23,7 +23,7 @@ from flax import nnx
 
 from zoo.convert import common, mclip
 from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs, convnext, multilingual, resnet
+from zoo.models import clip as clip_lib, configs, convnext, m2m100, multilingual, resnet
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -157,8 +157,9 @@ def _hf_text_rules(config: multilingual.MultilingualCLIPConfig) -> list[Rule]:
   vision_only = configs.CLIPConfig(embed_dim=config.embed_dim, vision=config.vision)
   rules = [r for r in _clip_rules(vision_only) if r.zoo[0] == "visual"]
   t = config.text
-  rules += [dataclasses.replace(r, zoo=("text",) + r.zoo)
-            for r in mclip.text_rules(t, "text.transformer.", projection=False)]
+  encoder = (mclip.m2m100_rules(t, "text.transformer.") if isinstance(t, m2m100.M2M100TextConfig)
+             else mclip.text_rules(t, "text.transformer.", projection=False))
+  rules += [dataclasses.replace(r, zoo=("text",) + r.zoo) for r in encoder]
   if t.proj_type == "mlp":
     rules += [*linear(("text", "proj", "fc1"), "text.proj.0", bias=False),
               *linear(("text", "proj", "fc2"), "text.proj.2", bias=False)]

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from zoo.convert import mclip
-from zoo.models import configs as registry, convnext, multilingual, resnet
+from zoo.models import configs as registry, convnext, m2m100, multilingual, resnet
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -72,6 +72,8 @@ def _hf_text_config(model_cfg: Mapping[str, Any], hf_config: Mapping[str, Any] |
                           "config.json was not given")
   pooler = t.get("hf_pooler_type", "mean_pooler")
   proj = t.get("hf_proj_type", "mlp")
+  if pooler == "cls_pooler" and isinstance(encoder, m2m100.M2M100TextConfig):
+    pooler = "cls_last_hidden_state_pooler"  # an encoder without a pooler layer: the first token
   if pooler not in HF_POOLERS or proj not in ("mlp", "linear"):
     raise PretrainedError(f"open_clip config text_cfg hf_pooler_type={pooler!r} / hf_proj_type="
                           f"{proj!r} is not implemented in zoo (poolers: {', '.join(HF_POOLERS)};"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo import errors
-from zoo.models import clip as clip_lib, configs as registry
+from zoo.models import clip as clip_lib, configs as registry, m2m100
 from zoo.models.layers import MLP, Attention, LayerNorm, Linear, gelu, param
 
 Array = jax.Array
@@ -90,7 +90,7 @@ class MultilingualCLIPConfig:
 
   embed_dim: int = 512
   vision: registry.VisionConfig = registry.VisionConfig()
-  text: MultilingualTextConfig = MultilingualTextConfig()
+  text: MultilingualTextConfig | m2m100.M2M100TextConfig = MultilingualTextConfig()
   kind: str = "clip"
   quick_gelu: bool = False
   init_logit_scale: float = math.log(1 / 0.07)
@@ -109,7 +109,9 @@ class MultilingualCLIPConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> "MultilingualCLIPConfig":
     d = dict(d)
     vision = registry.VisionConfig(**d.pop("vision"))
-    text = MultilingualTextConfig(**d.pop("text"))
+    text = d.pop("text")
+    text = (m2m100.M2M100TextConfig(**text) if text.get("kind") == "m2m100"
+            else MultilingualTextConfig(**text))
     for key in ("image_mean", "image_std"):
       if key in d:
         d[key] = tuple(d[key])
@@ -119,11 +121,14 @@ class MultilingualCLIPConfig:
 # The shipped demo vocabulary (zoo/assets/demo_multilingual.model, from `build_demo_tokenizer`)
 # has 345 sentencepiece pieces -> 347 XLM-R ids.
 _DEMO_VOCAB = 347
-TEXT_MODELS: dict[str, MultilingualTextConfig] = {
+TEXT_MODELS: dict[str, MultilingualTextConfig | m2m100.M2M100TextConfig] = {
     # Hugging Face / fairseq XLM-R (M-CLIP's `modelBase`).
     "xlm-roberta-base": MultilingualTextConfig(),
     "xlm-roberta-large": MultilingualTextConfig(width=1024, layers=24, heads=16, mlp_dim=4096),
     "roberta-base": MultilingualTextConfig(vocab_size=50265),
+    # NLLB-200 encoders (NLLB-CLIP's text towers).
+    "nllb-200-distilled-600M": m2m100.M2M100TextConfig(),
+    "nllb-200-distilled-1.3B": m2m100.M2M100TextConfig(layers=24, mlp_dim=8192),
     # Small towers on the demo vocabulary, for tests and the CPU demo.
     "xlmr-tiny": MultilingualTextConfig(vocab_size=_DEMO_VOCAB, width=64, layers=2, heads=2,
                                         mlp_dim=128, max_positions=80),
@@ -133,11 +138,13 @@ TEXT_MODELS: dict[str, MultilingualTextConfig] = {
 
 
 # open_clip's CLIPs with a Hugging Face text tower (CustomTextCLIP + HFTextEncoder): image
-# architecture, text encoder, QuickGELU. Text: mean pooling, MLP projection, 77 tokens.
+# architecture, text encoder, QuickGELU, pooling, projection. Text: 77 tokens.
 HF_TEXT_CLIPS = {
-    "roberta-ViT-B-32": ("ViT-B-32", "roberta-base", True),
-    "xlm-roberta-base-ViT-B-32": ("ViT-B-32", "xlm-roberta-base", False),
-    "xlm-roberta-large-ViT-H-14": ("ViT-H-14", "xlm-roberta-large", False),
+    "roberta-ViT-B-32": ("ViT-B-32", "roberta-base", True, "mean", "mlp"),
+    "xlm-roberta-base-ViT-B-32": ("ViT-B-32", "xlm-roberta-base", False, "mean", "mlp"),
+    "xlm-roberta-large-ViT-H-14": ("ViT-H-14", "xlm-roberta-large", False, "mean", "mlp"),
+    "nllb-clip-base": ("ViT-B-32", "nllb-200-distilled-600M", False, "cls", "linear"),
+    "nllb-clip-large": ("ViT-H-14", "nllb-200-distilled-1.3B", False, "cls", "linear"),
 }
 
 
@@ -152,17 +159,17 @@ def hf_text_clip_config(vision_config: registry.CLIPConfig, text: MultilingualTe
       tokenizer_clean="whitespace")
 
 
-def open_clip_text(base: MultilingualTextConfig, context_length: int = 77, pool: str = "mean",
-                   proj_type: str = "mlp") -> MultilingualTextConfig:
+def open_clip_text(base: Any, context_length: int = 77, pool: str = "mean",
+                   proj_type: str = "mlp") -> Any:
   """An encoder as open_clip's HFTextEncoder wraps it (projection without bias)."""
   return dataclasses.replace(base, context_length=context_length, pool=pool, proj_type=proj_type,
                              proj_bias=False)
 
 
-for _name, (_image, _text, _quick) in HF_TEXT_CLIPS.items():
-  registry.register(_name, hf_text_clip_config(registry.get_model_config(_image),
-                                               open_clip_text(TEXT_MODELS[_text]),
-                                               quick_gelu=_quick))
+for _name, (_image, _text, _quick, _pool, _proj) in HF_TEXT_CLIPS.items():
+  registry.register(_name, hf_text_clip_config(
+      registry.get_model_config(_image), open_clip_text(TEXT_MODELS[_text], pool=_pool,
+                                                        proj_type=_proj), quick_gelu=_quick))
 
 
 def list_text_models() -> list[str]:
@@ -274,7 +281,9 @@ class MultilingualCLIP(clip_lib.CLIP):
     dtype = jnp.dtype(config.dtype)
     self.visual = clip_lib.VisionTransformer(config.vision, config.embed_dim,
                                              quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.text = MultilingualTextTransformer(config.text, config.embed_dim, dtype=dtype, rngs=rngs)
+    tower = (m2m100.M2M100TextTransformer if isinstance(config.text, m2m100.M2M100TextConfig)
+             else MultilingualTextTransformer)
+    self.text = tower(config.text, config.embed_dim, dtype=dtype, rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
                                  eager_sharding=False, out_sharding=())
     self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32),
