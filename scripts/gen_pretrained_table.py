@@ -54,6 +54,9 @@ def _url_sha(url: str) -> str | None:
 
 def _tokenizer(model_cfg: dict) -> dict:
   text = model_cfg.get("text_cfg", {})
+  if text.get("hf_model_name"):  # open_clip's HFTokenizer over the hub repo's tokenizer.json
+    return {"kind": "hf", "hf_hub": text["hf_tokenizer_name"], "file": "tokenizer.json",
+            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace")}
   if text.get("hf_tokenizer_name"):
     return {"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
             "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
@@ -67,8 +70,10 @@ def open_clip_entries() -> tuple[dict, dict, int]:
   pairs = open_clip.list_pretrained()
   for name, tag in pairs:
     cfg = open_clip.get_pretrained_cfg(name, tag)
-    quick = bool(cfg.get("quick_gelu", False))
-    arch = name if name.endswith("-quickgelu") or not quick else f"{name}-quickgelu"
+    # QuickGELU from the tag, or from the model config itself (roberta-ViT-B-32).
+    built_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    quick = bool(cfg.get("quick_gelu", False)) or built_quick
+    arch = name if name.endswith("-quickgelu") or not quick or built_quick else f"{name}-quickgelu"
     model_cfg = dict(open_clip.get_model_config(name) or {}, quick_gelu=quick)
     reason = None
     try:
@@ -145,6 +150,32 @@ def _short(values: list[float]) -> str:
   return known.get(tuple(values), "/".join(f"{v:g}" for v in values))
 
 
+# open_clip's names by family (first matching substring wins), for the per-family counts.
+FAMILIES = (("-worldwide", "MetaCLIP 2 worldwide"), ("SigLIP2", "SigLIP 2"), ("SigLIP", "SigLIP"),
+            ("CLIPA", "CLIPA"), ("EVA", "EVA"), ("PE-Core", "PE-Core"),
+            ("MobileCLIP", "MobileCLIP / MobileCLIP 2"), ("ViTamin", "ViTamin"),
+            ("coca_", "CoCa"), ("convnext", "ConvNeXt"), ("nllb-clip", "NLLB-CLIP"),
+            ("roberta", "RoBERTa / XLM-R text towers"), ("RN", "ModifiedResNet"),
+            ("ViT-", "ViT (built-in)"))
+
+
+def family_of(name: str) -> str:
+  return next(label for key, label in FAMILIES if key in name)
+
+
+def family_counts(data: dict) -> list[tuple[str, int, int]]:
+  """(family, open_clip pairs, served) over open_clip's table."""
+  counts: dict[str, list[int]] = {label: [0, 0] for _, label in FAMILIES}
+  for name, tags in data["models"].items():
+    for e in tags.values():
+      if e["layout"] == "open_clip":
+        counts[family_of(name)][0] += 1
+        counts[family_of(name)][1] += 1
+  for name, u in data["unsupported"].items():
+    counts[family_of(name)][0] += len(u["tags"])
+  return [(label, n, served) for label, (n, served) in counts.items() if n]
+
+
 def render_docs(data: dict) -> str:
   lines = [
       "# Pretrained weights",
@@ -162,6 +193,10 @@ def render_docs(data: dict) -> str:
       "(name, tag) pairs, plus the variants' releases at the end of the table. Tags trained "
       "with QuickGELU are built with the `-quickgelu` architecture. `hf-hub:ORG/REPO` loads "
       "any open_clip-format or transformers CLIP repo.",
+      "",
+      "| family | open_clip pairs | served |",
+      "|---|---|---|",
+      *[f"| {label} | {n} | {served} |" for label, n, served in family_counts(data)],
       "",
       "| name | tag | hub repo | weights | mean / std | resize | tokenizer |",
       "|---|---|---|---|---|---|---|",

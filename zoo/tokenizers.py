@@ -414,10 +414,65 @@ class XLMRobertaTokenizer(_PicklableSentencePiece):
     return _pack_rows(rows, length, self.PAD, self.EOS)
 
 
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library), as open_clip's HFTokenizer
+  calls it: `clean` first ('whitespace' by default), then special tokens added by the file's
+  post-processor, truncation to the context (specials kept), padding with `pad_id` (default:
+  the file's `<pad>`). RoBERTa, XLM-R and NLLB towers read their hub repo's tokenizer.json.
+  """
+
+  def __init__(self, path: str, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
+               clean: str = "whitespace", pad_id: int | None = None):
+    try:
+      import tokenizers
+    except ImportError:
+      raise ImportError("reading a tokenizer.json needs the `tokenizers` package: pip install "
+                        "tokenizers") from None
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    self.path, self.clean_name = path, clean
+    self.clean = get_clean_fn(clean)
+    self.context_length = _check_context_length(context_length)
+    self.tokenizer = tokenizers.Tokenizer.from_file(path)
+    self.tokenizer.no_padding()
+    self.tokenizer.no_truncation()
+    if pad_id is None:
+      pad_id = self.tokenizer.token_to_id("<pad>")
+    if pad_id is None:
+      raise ValueError(f"{path}: no <pad> token; pass pad_id")
+    self.pad_token_id = int(pad_id)
+    self.vocab_size = self.tokenizer.get_vocab_size()
+
+  def __getstate__(self):
+    return {"path": self.path, "context_length": self.context_length, "clean": self.clean_name,
+            "pad_id": self.pad_token_id}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"], state["context_length"], clean=state["clean"],
+                  pad_id=state["pad_id"])
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text` without special tokens."""
+    return self.tokenizer.encode(self.clean(text), add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def __call__(self, texts: Texts, context_length: int | None = None) -> np.ndarray:
+    """int32 [N, context_length], specials added by the file's post-processor."""
+    length = _check_context_length(context_length or self.context_length)
+    self.tokenizer.enable_truncation(max_length=length)
+    try:
+      rows = [e.ids for e in self.tokenizer.encode_batch([self.clean(t) for t in _as_list(texts)])]
+    finally:
+      self.tokenizer.no_truncation()
+    return _pack_rows(rows, length, self.pad_token_id, None)
+
+
 # ----------------------------------------------------------------------------- by model name
 
 
-Tokenizer = ClipTokenizer | SentencePieceTokenizer | XLMRobertaTokenizer
+Tokenizer = ClipTokenizer | SentencePieceTokenizer | XLMRobertaTokenizer | HFTokenizer
 
 
 def _model_config(name: str):

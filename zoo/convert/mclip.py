@@ -17,6 +17,7 @@ from zoo.convert import common
 from zoo.convert.common import attn_out, identity, layer_norm, linear, split_qkv
 from zoo.convert.io import read_state_dict, write_safetensors
 from zoo.models.layers import Linear
+from zoo.models.m2m100 import M2M100TextConfig
 from zoo.models.multilingual import (
   TEXT_MODELS,
   MultilingualCLIP,
@@ -69,6 +70,17 @@ def text_config_from_hf(hf_config: Mapping[str, Any], encoder_config: Mapping[st
                        f"{base} has width {cfg.width}")
     return cfg, int(hf["numDims"]) if "numDims" in hf else None
   model_type = hf.get("model_type", "xlm-roberta")
+  if model_type == "m2m_100":  # NLLB's encoder
+    if hf.get("activation_function", "relu") != "relu":
+      raise ValueError(f"M2M100 activation_function {hf['activation_function']!r}: zoo's encoder "
+                       "uses ReLU")
+    return M2M100TextConfig(
+        vocab_size=int(hf["vocab_size"]), width=int(hf["d_model"]),
+        layers=int(hf["encoder_layers"]), heads=int(hf["encoder_attention_heads"]),
+        mlp_dim=int(hf["encoder_ffn_dim"]),
+        max_positions=int(hf.get("max_position_embeddings", 1024)),
+        pad_token_id=int(hf.get("pad_token_id", 1)),
+        scale_embedding=bool(hf.get("scale_embedding", True)), **overrides), None
   if model_type not in ("xlm-roberta", "roberta", "bert"):
     raise ValueError(f"unsupported text encoder model_type {model_type!r}; expected xlm-roberta, "
                      "roberta or bert")
@@ -104,7 +116,9 @@ def _hf_prefix(state_dict: Mapping[str, Any]) -> str:
                    f"word_embeddings.weight' key (found e.g. {sorted(state_dict)[:5]})")
 
 
-def _text_rules(cfg: MultilingualTextConfig, prefix: str, projection: bool):
+def text_rules(cfg: MultilingualTextConfig, prefix: str, projection: bool):
+  """The encoder's rules (tower-relative zoo paths; `prefix` before transformers' key names),
+  with M-CLIP's `LinearTransformation` when `projection`."""
   rules = [
       identity(("token_embedding",), f"{prefix}embeddings.word_embeddings.weight"),
       identity(("positional_embedding",), f"{prefix}embeddings.position_embeddings.weight"),
@@ -122,6 +136,23 @@ def _text_rules(cfg: MultilingualTextConfig, prefix: str, projection: bool):
     rules += layer_norm(zoo + ("ln_2",), f"{key}.output.LayerNorm")
   if projection:
     rules += linear(("proj",), "LinearTransformation", bias=cfg.proj_bias)
+  return rules
+
+
+def m2m100_rules(cfg: M2M100TextConfig, prefix: str):
+  """transformers M2M100Encoder keys (`prefix` before them) <-> zoo's M2M100TextTransformer
+  (tower-relative paths; the projection is the caller's)."""
+  rules = [identity(("token_embedding",), f"{prefix}embed_tokens.weight"),
+           *layer_norm(("ln_final",), f"{prefix}layer_norm")]
+  for i in range(cfg.layers):
+    zoo, key = ("blocks", i), f"{prefix}layers.{i}"
+    rules += split_qkv(zoo + ("attn",), [f"{key}.self_attn.{n}_proj" for n in "qkv"],
+                       cfg.width, cfg.heads)
+    rules += attn_out(zoo + ("attn",), f"{key}.self_attn.out_proj", cfg.heads, cfg.width)
+    rules += layer_norm(zoo + ("ln_1",), f"{key}.self_attn_layer_norm")
+    rules += linear(zoo + ("fc1",), f"{key}.fc1")
+    rules += linear(zoo + ("fc2",), f"{key}.fc2")
+    rules += layer_norm(zoo + ("ln_2",), f"{key}.final_layer_norm")
   return rules
 
 
@@ -158,7 +189,7 @@ def from_hf_text(state_dict: Mapping[str, Any], config: MultilingualTextConfig |
     embed_dim = found
   ignore = lambda k: any(k.startswith(prefix + s) or k.startswith(s) for s in _HF_IGNORED)  # noqa: E731
   tower = common.convert_from_torch(
-      state_dict, _text_rules(cfg, prefix, has_proj), (cfg, embed_dim if has_proj else None),
+      state_dict, text_rules(cfg, prefix, has_proj), (cfg, embed_dim if has_proj else None),
       layout="M-CLIP" if has_proj else "HF text encoder", model=f"{cfg.layers}-layer text tower",
       ignore=ignore, build=_build_tower)
   if not has_proj and embed_dim is not None:
@@ -171,7 +202,7 @@ def to_hf_text(tower: MultilingualTextTransformer, *, prefix: str = "transformer
                ) -> dict[str, np.ndarray]:
   """The tower in M-CLIP's layout (`transformer.*` + `LinearTransformation.*`); prefix ""
   gives a bare XLMRobertaModel state dict (projection, if any, still LinearTransformation)."""
-  return common.convert_to_torch(tower, _text_rules(tower.cfg, prefix, tower.proj is not None),
+  return common.convert_to_torch(tower, text_rules(tower.cfg, prefix, tower.proj is not None),
                                  layout="M-CLIP")
 
 

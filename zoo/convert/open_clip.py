@@ -8,19 +8,22 @@ OpenAI's released weights load into): `visual.conv1.weight`, `visual.class_embed
 `logit_scale` (and `logit_bias` when the config has one).
 
 SigLIP (`ViT-B-16-SigLIP`, open_clip's `CustomTextCLIP` with a timm trunk) uses
-`visual.trunk.*` and `text.*`; see `_siglip_rules`.
+`visual.trunk.*` and `text.*`; see `_siglip_rules`. A Hugging Face text tower (`CustomTextCLIP`
++ `HFTextEncoder`: roberta / xlm-roberta CLIPs) uses `text.transformer.*` + `text.proj`; see
+`_hf_text_rules`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 
-from zoo.convert import common
-from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs
+from zoo.convert import common, mclip
+from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
+from zoo.models import clip as clip_lib, configs, convnext, m2m100, multilingual, resnet
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -142,8 +145,120 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
   return rules
 
 
+# ----------------------------------------------------------------------------- HF text towers
+
+# transformers buffers older open_clip checkpoints carry (open_clip drops them when loading).
+HF_TEXT_IGNORED = ("text.transformer.embeddings.position_ids",)
+
+
+def _hf_text_rules(config: multilingual.MultilingualCLIPConfig) -> list[Rule]:
+  """open_clip `CustomTextCLIP` + `HFTextEncoder`: `visual.*` as the built-in CLIP,
+  `text.transformer.*` (the transformers encoder), `text.proj.{0,2}` (MLP) or `text.proj`."""
+  vision_only = configs.CLIPConfig(embed_dim=config.embed_dim, vision=config.vision)
+  rules = [r for r in _clip_rules(vision_only) if r.zoo[0] == "visual"]
+  t = config.text
+  encoder = (mclip.m2m100_rules(t, "text.transformer.") if isinstance(t, m2m100.M2M100TextConfig)
+             else mclip.text_rules(t, "text.transformer.", projection=False))
+  rules += [dataclasses.replace(r, zoo=("text",) + r.zoo) for r in encoder]
+  if t.proj_type == "mlp":
+    rules += [*linear(("text", "proj", "fc1"), "text.proj.0", bias=False),
+              *linear(("text", "proj", "fc2"), "text.proj.2", bias=False)]
+  else:
+    rules += linear(("text", "proj"), "text.proj", bias=t.proj_bias)
+  rules.append(identity(("logit_scale",), "logit_scale"))
+  if config.init_logit_bias is not None:
+    rules.append(identity(("logit_bias",), "logit_bias"))
+  return rules
+
+
+def _build_hf_text(config: multilingual.MultilingualCLIPConfig) -> nnx.Module:
+  return multilingual.MultilingualCLIP(config, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- ModifiedResNet
+
+
+def _conv(zoo: Path, key: str) -> Rule:
+  return conv_patch(zoo + ("kernel",), f"{key}.weight")  # HWIO <-> OIHW
+
+
+def _bn(zoo: Path, key: str) -> list[Rule]:
+  names = (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+           ("var", "running_var"), ("num_batches_tracked", "num_batches_tracked"))
+  return [identity(zoo + (z,), f"{key}.{t}") for z, t in names]
+
+
+def _resnet_rules(config: resnet.ResNetCLIPConfig) -> list[Rule]:
+  """open_clip `CLIP` with a ModifiedResNet `visual` (OpenAI's RN layout) and CLIP's text."""
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  rules = [r for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  v = ("visual",)
+  for i in (1, 2, 3):
+    rules += [_conv(v + (f"conv{i}",), f"visual.conv{i}"), *_bn(v + (f"bn{i}",), f"visual.bn{i}")]
+  for s, blocks in enumerate(config.vision.layers):
+    for b in range(blocks):
+      zoo, key = v + ("layers", s, b), f"visual.layer{s + 1}.{b}"
+      for i in (1, 2, 3):
+        rules += [_conv(zoo + (f"conv{i}",), f"{key}.conv{i}"), *_bn(zoo + (f"bn{i}",), f"{key}.bn{i}")]
+      if b == 0:  # stride 2, or (stage 1) width -> 4 * width: a downsample branch
+        rules += [_conv(zoo + ("downsample_conv",), f"{key}.downsample.0"),
+                  *_bn(zoo + ("downsample_bn",), f"{key}.downsample.1")]
+  ap = v + ("attnpool",)
+  rules.append(identity(ap + ("positional_embedding",), "visual.attnpool.positional_embedding"))
+  for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+    rules += linear(ap + (name,), f"visual.attnpool.{name}")
+  return rules
+
+
+def _build_resnet(config: resnet.ResNetCLIPConfig) -> nnx.Module:
+  return resnet.ResNetCLIP(config, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- ConvNeXt (timm)
+
+
+def _conv_bias(zoo: Path, key: str) -> list[Rule]:
+  return [_conv(zoo, key), identity(zoo + ("bias",), f"{key}.bias")]
+
+
+def _convnext_rules(config: convnext.ConvNeXtCLIPConfig) -> list[Rule]:
+  """open_clip `CLIP` with a TimmModel ConvNeXt `visual` (`visual.trunk.*` + `visual.head.*`)."""
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  rules = [r for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  v, t = ("visual",), "visual.trunk"
+  rules += [*_conv_bias(v + ("stem_conv",), f"{t}.stem.0"), *layer_norm(v + ("stem_norm",), f"{t}.stem.1")]
+  for i, depth in enumerate(config.vision.depths):
+    zoo, key = v + ("stages", i), f"{t}.stages.{i}"
+    if i:
+      rules += [*layer_norm(zoo + ("down_norm",), f"{key}.downsample.0"),
+                *_conv_bias(zoo + ("down_conv",), f"{key}.downsample.1")]
+    for j in range(depth):
+      b, bk = zoo + ("blocks", j), f"{key}.blocks.{j}"
+      rules += [*_conv_bias(b + ("conv_dw",), f"{bk}.conv_dw"), *layer_norm(b + ("norm",), f"{bk}.norm"),
+                *linear(b + ("fc1",), f"{bk}.mlp.fc1"), *linear(b + ("fc2",), f"{bk}.mlp.fc2"),
+                identity(b + ("gamma",), f"{bk}.gamma")]
+  rules += layer_norm(v + ("head_norm",), f"{t}.head.norm")
+  if config.vision.proj == "mlp":
+    rules += [*linear(v + ("mlp_fc1",), "visual.head.mlp.fc1"),
+              *linear(v + ("mlp_fc2",), "visual.head.mlp.fc2", bias=False)]
+  else:
+    rules += linear(v + ("proj",), "visual.head.proj", bias=False)
+  return rules
+
+
+def _build_convnext(config: convnext.ConvNeXtCLIPConfig) -> nnx.Module:
+  return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(0))
+
+
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
-  """The open_clip layout of `config`: built-in CLIP, or the SigLIP timm-trunk layout."""
+  """The open_clip layout of `config`: built-in CLIP, the SigLIP timm-trunk layout, or a CLIP
+  with a Hugging Face text tower (a MultilingualCLIPConfig)."""
+  if isinstance(config, multilingual.MultilingualCLIPConfig):
+    return _hf_text_rules(config)
+  if isinstance(config, resnet.ResNetCLIPConfig):
+    return _resnet_rules(config)
+  if isinstance(config, convnext.ConvNeXtCLIPConfig):
+    return _convnext_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -178,13 +293,27 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
   `name`: the open_clip architecture name ('ViT-B-32', 'ViT-B-16-quickgelu', ...) or a
   CLIPConfig. Raises `StateDictError` naming the missing / unexpected / mis-shaped keys.
   """
-  config = common.resolve_config(name, **overrides)
+  if isinstance(name, multilingual.MultilingualCLIPConfig):
+    config = dataclasses.replace(name, **overrides)
+  else:
+    config = common.resolve_config(name, **overrides)
+  hf_text = isinstance(config, multilingual.MultilingualCLIPConfig)
   sd = _strip_prefix(state_dict)
   label = name if isinstance(name, str) else "<config>"
   if any(k in sd for k in OPENAI_META_KEYS) and not config.quick_gelu:
     raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
                      f"present), which uses QuickGELU, but model {label!r} uses GELU; pass "
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
+  builders = ((resnet.ResNetCLIPConfig, _build_resnet),
+              (convnext.ConvNeXtCLIPConfig, _build_convnext))
+  for cls, build in builders:
+    if isinstance(config, cls):
+      return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
+                                       model=label, ignore=lambda k: k in OPENAI_META_KEYS,
+                                       build=build)
+  if hf_text:
+    return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip", model=label,
+                                     ignore=lambda k: k in HF_TEXT_IGNORED, build=_build_hf_text)
   return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
                                    model=label, ignore=lambda k: k in OPENAI_META_KEYS)
 

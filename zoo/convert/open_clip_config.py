@@ -1,14 +1,17 @@
 """open_clip model configs (`model_configs/*.json`, a hub repo's `model_cfg`) <-> zoo's
 `registry.CLIPConfig`: built-in ViT + text transformer configs map field by field, timm-trunk
-configs only for the trunks in `TIMM_TRUNKS` (SigLIP); anything zoo does not implement is a
-`PretrainedError`.
+configs only for the trunks in `TIMM_TRUNKS` (SigLIP), Hugging Face text towers
+(`hf_model_name`: RoBERTa / XLM-R encoders) as a MultilingualCLIPConfig; anything zoo does not
+implement is a `PretrainedError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
-from zoo.models import configs as registry
+from zoo.convert import mclip
+from zoo.models import configs as registry, convnext, m2m100, multilingual, resnet
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -46,13 +49,76 @@ def _eps(cfg: Mapping[str, Any], default: float = 1e-5) -> float:
   return float((cfg.get("norm_kwargs") or {}).get("eps", default))
 
 
-def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
+# open_clip HFTextEncoder poolers zoo implements (the HF pooler layer itself is not).
+HF_POOLERS = {"mean_pooler": "mean", "cls_last_hidden_state_pooler": "cls"}
+
+
+def _hf_text_config(model_cfg: Mapping[str, Any], hf_config: Mapping[str, Any] | None
+                    ) -> multilingual.MultilingualCLIPConfig:
+  """A CustomTextCLIP with an HFTextEncoder: the image tower as a built-in CLIP's, the encoder
+  from `hf_config` (its config.json, as AutoConfig reads it) or zoo's known encoders."""
+  t = dict(model_cfg["text_cfg"])
+  name = t["hf_model_name"]
+  if hf_config is not None:
+    try:
+      encoder, _ = mclip.text_config_from_hf(hf_config)
+    except ValueError as e:
+      raise PretrainedError(f"open_clip config's text encoder {name!r}: {e}") from None
+  elif name.split("/")[-1] in multilingual.TEXT_MODELS:
+    encoder = multilingual.TEXT_MODELS[name.split("/")[-1]]
+  else:
+    raise PretrainedError(f"open_clip config's Hugging Face text tower {name!r} is not one zoo "
+                          f"knows ({', '.join(multilingual.list_text_models())}) and its "
+                          "config.json was not given")
+  pooler = t.get("hf_pooler_type", "mean_pooler")
+  proj = t.get("hf_proj_type", "mlp")
+  if pooler == "cls_pooler" and isinstance(encoder, m2m100.M2M100TextConfig):
+    pooler = "cls_last_hidden_state_pooler"  # an encoder without a pooler layer: the first token
+  if pooler not in HF_POOLERS or proj not in ("mlp", "linear"):
+    raise PretrainedError(f"open_clip config text_cfg hf_pooler_type={pooler!r} / hf_proj_type="
+                          f"{proj!r} is not implemented in zoo (poolers: {', '.join(HF_POOLERS)};"
+                          " projections: mlp, linear)")
+  image = config_from_open_clip_cfg({k: v for k, v in model_cfg.items() if k != "text_cfg"})
+  text = multilingual.open_clip_text(encoder, int(t.get("context_length", 77)), HF_POOLERS[pooler],
+                                     proj)
+  config = multilingual.hf_text_clip_config(image, text, quick_gelu=image.quick_gelu)
+  clean = (t.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
+  return dataclasses.replace(config, tokenizer_clean=clean)
+
+
+def _convnext_config(model_cfg: Mapping[str, Any]) -> convnext.ConvNeXtCLIPConfig:
+  """open_clip's TimmModel over a timm ConvNeXt (`timm_pool=''`: timm's avg pool + LayerNorm
+  head) with a 'linear' or 'mlp' projection, and the built-in text transformer."""
+  v = dict(model_cfg["vision_cfg"])
+  if v.get("timm_pool", "avg") != "" or v.get("timm_proj", "linear") not in ("linear", "mlp") \
+      or v.get("timm_proj_bias", False):
+    raise PretrainedError(f"open_clip config timm trunk {v['timm_model_name']!r} with timm_pool="
+                          f"{v.get('timm_pool')!r}, timm_proj={v.get('timm_proj')!r}: zoo's "
+                          "ConvNeXt implements pool '' with a bias-free linear or mlp projection")
+  depths, dims, eps = convnext.TIMM_CONVNEXTS[v["timm_model_name"]]
+  base = config_from_open_clip_cfg(dict(model_cfg, vision_cfg={"layers": 1}))
+  vision = convnext.ConvNeXtVisionConfig(_one_size(v.get("image_size", 224), "image_size"), depths,
+                                         dims, eps, v.get("timm_proj", "linear"))
+  return convnext.ConvNeXtCLIPConfig(**{f.name: getattr(base, f.name)
+                                        for f in dataclasses.fields(base) if f.name != "vision"},
+                                     vision=vision)
+
+
+def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
+                              hf_config: Mapping[str, Any] | None = None) -> registry.CLIPConfig:
   """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
 
   Built-in ViT + text transformer configs map field by field; timm-trunk configs only for the
-  trunks in TIMM_TRUNKS (SigLIP). Anything zoo does not implement is a PretrainedError.
+  trunks in TIMM_TRUNKS (SigLIP); a Hugging Face text tower (`hf_model_name`) gives a
+  MultilingualCLIPConfig (`hf_config`: that encoder's config.json, else zoo's known encoders).
+  Anything zoo does not implement is a PretrainedError.
   """
   v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+  if t.get("hf_model_name") and not v.get("timm_model_name") and v.get("layers") is not None \
+      and not isinstance(v.get("layers"), (list, tuple)):
+    return _hf_text_config(model_cfg, hf_config)
+  if v.get("timm_model_name") in convnext.TIMM_CONVNEXTS:
+    return _convnext_config(model_cfg)
   if v.get("timm_model_name"):
     base = TIMM_TRUNKS.get(v["timm_model_name"])
     if base is None:
@@ -75,15 +141,19 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConf
                           "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
   _check_fixed(v, _VISION_FIXED, "vision_cfg")
   _check_fixed(t, _TEXT_FIXED, "text_cfg")
-  if v.get("layers") is None or isinstance(v.get("layers"), (list, tuple)):
-    raise PretrainedError("open_clip config has a ResNet vision tower (layers is a list); zoo "
-                          "implements ViT towers")
+  if v.get("layers") is None:
+    raise PretrainedError("open_clip config's vision_cfg has no 'layers'")
   width = int(v.get("width", 768))
-  vision = registry.VisionConfig(
-      image_size=_one_size(v.get("image_size", 224), "image_size"),
-      patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
-      layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
-      mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
+  if isinstance(v["layers"], (list, tuple)):  # ModifiedResNet
+    vision = resnet.ResNetVisionConfig(
+        image_size=_one_size(v.get("image_size", 224), "image_size"), layers=tuple(v["layers"]),
+        width=width, head_width=int(v.get("head_width", 64)))
+  else:
+    vision = registry.VisionConfig(
+        image_size=_one_size(v.get("image_size", 224), "image_size"),
+        patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
+        layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
+        mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
   text = registry.TextConfig(
       context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
       width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
@@ -93,9 +163,9 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConf
     extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
   if model_cfg.get("init_logit_bias") is not None:
     extra["init_logit_bias"] = float(model_cfg["init_logit_bias"])
-  return registry.CLIPConfig(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision,
-                             text=text, quick_gelu=bool(model_cfg.get("quick_gelu", False)),
-                             **extra)
+  cls = resnet.ResNetCLIPConfig if isinstance(vision, resnet.ResNetVisionConfig) else registry.CLIPConfig
+  return cls(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision, text=text,
+             quick_gelu=bool(model_cfg.get("quick_gelu", False)), **extra)
 
 
 def same_towers(a: registry.CLIPConfig, b: registry.CLIPConfig) -> bool:

@@ -136,6 +136,10 @@ _MODELS: dict[str, CLIPConfig] = {
 }
 for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
   _MODELS[f"{_name}-quickgelu"] = dataclasses.replace(_MODELS[_name], quick_gelu=True)
+# ViT-H-14 (head width 80); kept if another block already defined it.
+_MODELS.setdefault("ViT-H-14", CLIPConfig(
+    1024, VisionConfig(image_size=224, patch_size=14, width=1280, layers=32, heads=16),
+    TextConfig(width=1024, heads=16, layers=24)))
 # Long-CLIP releases (BeichenZhang/LongCLIP-B, -L): OpenAI towers, text read to 248 tokens.
 for _name in ("ViT-B-16", "ViT-L-14"):
   _MODELS[f"LongCLIP-{_name}"] = dataclasses.replace(

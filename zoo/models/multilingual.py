@@ -5,7 +5,9 @@ post-LN bidirectional blocks over a padding mask, mean (M-CLIP) or CLS pooling, 
 into the image embedding space (zoo.models.layers' attention and MLP: LoRA and sharding apply).
 `MultilingualCLIP`: a CLIP with that text tower; `teacher_text` optionally holds the frozen
 English tower it is distilled from (`student_only` drops it). Ids follow XLM-R's fairseq
-convention (`<s>`=0, `<pad>`=1, `</s>`=2; RoBERTa positions). Notes: docs/families/multilingual.md.
+convention (`<s>`=0, `<pad>`=1, `</s>`=2; RoBERTa positions). open_clip's Hugging Face text
+towers (roberta-ViT-B-32, xlm-roberta-*-ViT-*) are this model with an MLP projection
+(`proj_type='mlp'`) and a `tokenizers` tokenizer.json. Notes: docs/families/multilingual.md.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo import errors
-from zoo.models import clip as clip_lib, configs as registry
-from zoo.models.layers import MLP, Attention, LayerNorm, Linear, param
+from zoo.models import clip as clip_lib, configs as registry, m2m100
+from zoo.models.layers import MLP, Attention, LayerNorm, Linear, gelu, param
 
 Array = jax.Array
 
@@ -40,7 +42,8 @@ class MultilingualTextConfig:
   'bert' (0..L-1). `pool`: 'mean' over non-pad tokens (M-CLIP) or 'cls' (first token).
   `context_length` is the row length the tokenizer produces (at most what the position table
   allows; None: all of it, `usable_positions` = max_position_embeddings - 2 for XLM-R, as
-  M-CLIP embeds up to its encoder's limit).
+  M-CLIP embeds up to its encoder's limit). `proj_type`: 'linear' (M-CLIP) or 'mlp' (open_clip's
+  HFTextEncoder: Linear(W, (W+E)//2) - GELU - Linear(-> E), both without bias).
   """
 
   vocab_size: int = 250002
@@ -56,8 +59,11 @@ class MultilingualTextConfig:
   pool: str = "mean"
   positions: str = "roberta"
   proj_bias: bool = True
+  proj_type: str = "linear"
 
   def __post_init__(self):
+    if self.proj_type not in ("linear", "mlp"):
+      raise ValueError(f"multilingual text proj_type {self.proj_type!r}: expected 'linear' or 'mlp'")
     if self.pool not in ("mean", "cls"):
       raise ValueError(f"multilingual text pool {self.pool!r}: expected 'mean' or 'cls'")
     if self.positions not in ("roberta", "bert"):
@@ -77,12 +83,14 @@ class MultilingualTextConfig:
 class MultilingualCLIPConfig:
   """A zoo image tower (`vision`) with a multilingual text tower (`text`).
 
-  `tokenizer` is the sentencepiece `.model` path, read with `tokenizer_format` ids ('xlmr').
+  `tokenizer` is the sentencepiece `.model` path, read with `tokenizer_format` ids ('xlmr'),
+  or a Hugging Face tokenizer.json ('hf', open_clip's HFTokenizer; `tokenizer_clean` as its
+  `clean`).
   """
 
   embed_dim: int = 512
   vision: registry.VisionConfig = registry.VisionConfig()
-  text: MultilingualTextConfig = MultilingualTextConfig()
+  text: MultilingualTextConfig | m2m100.M2M100TextConfig = MultilingualTextConfig()
   kind: str = "clip"
   quick_gelu: bool = False
   init_logit_scale: float = math.log(1 / 0.07)
@@ -92,6 +100,7 @@ class MultilingualCLIPConfig:
   tokenizer: str = DEMO_TOKENIZER
   tokenizer_format: str = "xlmr"
   dtype: str = "float32"
+  tokenizer_clean: str = "none"
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -100,7 +109,9 @@ class MultilingualCLIPConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> "MultilingualCLIPConfig":
     d = dict(d)
     vision = registry.VisionConfig(**d.pop("vision"))
-    text = MultilingualTextConfig(**d.pop("text"))
+    text = d.pop("text")
+    text = (m2m100.M2M100TextConfig(**text) if text.get("kind") == "m2m100"
+            else MultilingualTextConfig(**text))
     for key in ("image_mean", "image_std"):
       if key in d:
         d[key] = tuple(d[key])
@@ -110,16 +121,55 @@ class MultilingualCLIPConfig:
 # The shipped demo vocabulary (zoo/assets/demo_multilingual.model, from `build_demo_tokenizer`)
 # has 345 sentencepiece pieces -> 347 XLM-R ids.
 _DEMO_VOCAB = 347
-TEXT_MODELS: dict[str, MultilingualTextConfig] = {
+TEXT_MODELS: dict[str, MultilingualTextConfig | m2m100.M2M100TextConfig] = {
     # Hugging Face / fairseq XLM-R (M-CLIP's `modelBase`).
     "xlm-roberta-base": MultilingualTextConfig(),
     "xlm-roberta-large": MultilingualTextConfig(width=1024, layers=24, heads=16, mlp_dim=4096),
+    "roberta-base": MultilingualTextConfig(vocab_size=50265),
+    # NLLB-200 encoders (NLLB-CLIP's text towers).
+    "nllb-200-distilled-600M": m2m100.M2M100TextConfig(),
+    "nllb-200-distilled-1.3B": m2m100.M2M100TextConfig(layers=24, mlp_dim=8192),
     # Small towers on the demo vocabulary, for tests and the CPU demo.
     "xlmr-tiny": MultilingualTextConfig(vocab_size=_DEMO_VOCAB, width=64, layers=2, heads=2,
                                         mlp_dim=128, max_positions=80),
     "xlmr-demo": MultilingualTextConfig(vocab_size=_DEMO_VOCAB, width=128, layers=3, heads=2,
                                         mlp_dim=512, max_positions=80),
 }
+
+
+# open_clip's CLIPs with a Hugging Face text tower (CustomTextCLIP + HFTextEncoder): image
+# architecture, text encoder, QuickGELU, pooling, projection. Text: 77 tokens.
+HF_TEXT_CLIPS = {
+    "roberta-ViT-B-32": ("ViT-B-32", "roberta-base", True, "mean", "mlp"),
+    "xlm-roberta-base-ViT-B-32": ("ViT-B-32", "xlm-roberta-base", False, "mean", "mlp"),
+    "xlm-roberta-large-ViT-H-14": ("ViT-H-14", "xlm-roberta-large", False, "mean", "mlp"),
+    "nllb-clip-base": ("ViT-B-32", "nllb-200-distilled-600M", False, "cls", "linear"),
+    "nllb-clip-large": ("ViT-H-14", "nllb-200-distilled-1.3B", False, "cls", "linear"),
+}
+
+
+def hf_text_clip_config(vision_config: registry.CLIPConfig, text: MultilingualTextConfig, *,
+                        quick_gelu: bool = False, tokenizer: str = "") -> MultilingualCLIPConfig:
+  """open_clip's CustomTextCLIP with an HFTextEncoder: `vision_config`'s image tower (and embed
+  dim, temperature) with `text` read through open_clip's HFTokenizer ('whitespace' clean)."""
+  return MultilingualCLIPConfig(
+      embed_dim=vision_config.embed_dim, vision=vision_config.vision, text=text,
+      quick_gelu=quick_gelu, init_logit_scale=vision_config.init_logit_scale,
+      init_logit_bias=vision_config.init_logit_bias, tokenizer=tokenizer, tokenizer_format="hf",
+      tokenizer_clean="whitespace")
+
+
+def open_clip_text(base: Any, context_length: int = 77, pool: str = "mean",
+                   proj_type: str = "mlp") -> Any:
+  """An encoder as open_clip's HFTextEncoder wraps it (projection without bias)."""
+  return dataclasses.replace(base, context_length=context_length, pool=pool, proj_type=proj_type,
+                             proj_bias=False)
+
+
+for _name, (_image, _text, _quick, _pool, _proj) in HF_TEXT_CLIPS.items():
+  registry.register(_name, hf_text_clip_config(
+      registry.get_model_config(_image), open_clip_text(TEXT_MODELS[_text], pool=_pool,
+                                                        proj_type=_proj), quick_gelu=_quick))
 
 
 def list_text_models() -> list[str]:
@@ -152,6 +202,18 @@ class PostNormBlock(nnx.Module):
     return self.ln_2(x + self.mlp(x).astype(x.dtype))
 
 
+class ProjectionMLP(nnx.Module):
+  """open_clip's HFTextEncoder `proj_type='mlp'`: fc1 -> exact GELU -> fc2, no biases."""
+
+  def __init__(self, width: int, embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    hidden = (width + embed_dim) // 2
+    self.fc1 = Linear(width, hidden, axes=("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(hidden, embed_dim, axes=("mlp", None), use_bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(gelu(self.fc1(x)))
+
+
 class MultilingualTextTransformer(nnx.Module):
   """Sentencepiece ids [B, L] -> projected text embedding [B, E] (or pooled [B, W] when
   `embed_dim` is None: a bare encoder, e.g. before a projection is attached)."""
@@ -165,8 +227,14 @@ class MultilingualTextTransformer(nnx.Module):
     self.token_type_embedding = param(rngs, init, (cfg.type_vocab_size, w), (None, "embed"))
     self.ln_embed = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs)
     self.blocks = nnx.List([PostNormBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.layers)])
-    self.proj = nnx.data(Linear(w, embed_dim, axes=("embed", None), use_bias=cfg.proj_bias,
-                                dtype=dtype, rngs=rngs) if embed_dim is not None else None)
+    if embed_dim is None:
+      proj = None
+    elif cfg.proj_type == "mlp":
+      proj = ProjectionMLP(w, embed_dim, dtype=dtype, rngs=rngs)
+    else:
+      proj = Linear(w, embed_dim, axes=("embed", None), use_bias=cfg.proj_bias, dtype=dtype,
+                    rngs=rngs)
+    self.proj = nnx.data(proj)
 
   def position_ids(self, token_ids: Array) -> Array:
     if self.cfg.positions == "bert":
@@ -213,7 +281,9 @@ class MultilingualCLIP(clip_lib.CLIP):
     dtype = jnp.dtype(config.dtype)
     self.visual = clip_lib.VisionTransformer(config.vision, config.embed_dim,
                                              quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.text = MultilingualTextTransformer(config.text, config.embed_dim, dtype=dtype, rngs=rngs)
+    tower = (m2m100.M2M100TextTransformer if isinstance(config.text, m2m100.M2M100TextConfig)
+             else MultilingualTextTransformer)
+    self.text = tower(config.text, config.embed_dim, dtype=dtype, rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
                                  eager_sharding=False, out_sharding=())
     self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32),

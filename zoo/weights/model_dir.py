@@ -5,6 +5,7 @@ Model directory (`zoo.save`), written atomically (a temporary sibling renamed in
                           (train) config; written last, so its presence marks a complete save
     DIR/weights/          Orbax StandardCheckpointer: flat {'visual.transformer...': array}
     DIR/tokenizer.model   a copy of the sentencepiece model, when the config names one
+    DIR/tokenizer.json    a copy of a Hugging Face tokenizer.json, when the config names one
 
 The train loop's checkpoints (resume state, optimizer) are zoo.train.checkpoints.
 """
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "zoo_config.json"
 WEIGHTS_DIR = "weights"
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
 _TMP_SUFFIX = ".zoo-tmp"
 _OLD_SUFFIX = ".zoo-old"
 
@@ -175,6 +177,8 @@ def save(model: nnx.Module, directory: str | os.PathLike, config: Any = None, *,
     tok = model_config.get("tokenizer", "")
     if isinstance(tok, str) and tok.endswith(".model") and os.path.isfile(tok):
       shutil.copyfile(tok, os.path.join(tmp, TOKENIZER_FILE))
+    elif isinstance(tok, str) and tok.endswith(".json") and os.path.isfile(tok):
+      shutil.copyfile(tok, os.path.join(tmp, HF_TOKENIZER_FILE))
     record = {
         "format_version": FORMAT_VERSION,
         "model_class": _qualname(model),
@@ -337,6 +341,14 @@ def _tokenizer(model_config: Any, directory: str, tokenizers: Any,
                context_length: int | None = None):
   kind = getattr(model_config, "tokenizer", "clip")
   length = context_length or model_config.text.context_length
+  if getattr(model_config, "tokenizer_format", "") == "hf":  # a Hugging Face tokenizer.json
+    local = os.path.join(directory, HF_TOKENIZER_FILE)
+    path = local if os.path.isfile(local) else kind
+    if os.path.isfile(path):
+      return tokenizers.HFTokenizer(path, length, clean=model_config.tokenizer_clean,
+                                    pad_id=model_config.text.pad_token_id)
+    log.warning("no tokenizer.json for tokenizer %r; load returns tokenizer=None", kind)
+    return None
   if getattr(model_config, "tokenizer_format", "") == "xlmr":
     local = os.path.join(directory, TOKENIZER_FILE)
     path = local if os.path.isfile(local) else kind

@@ -14,6 +14,7 @@ architecture and zoo version, so a second load is a plain Orbax restore.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,7 +27,7 @@ from flax import nnx
 from zoo import convert, errors, tokenizers, transforms
 from zoo.convert import clip_moe, long_clip, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
-from zoo.models import clip as clip_lib, configs, multilingual
+from zoo.models import clip as clip_lib, configs, convnext, multilingual, resnet
 from zoo.version import __version__
 from zoo.weights import hub, layout, model_dir
 
@@ -158,6 +159,11 @@ def convert_weights(entry: Mapping[str, Any], paths: Mapping[str, str]) -> nnx.M
   architecture = entry["architecture"]
   if isinstance(architecture, dict):  # a config resolved from a hub repo
     architecture = architecture["config"]
+  if (entry.get("tokenizer") or {}).get("kind") == "hf" and paths.get("tokenizer"):
+    # a Hugging Face text tower: the model config names its tokenizer.json
+    config = (configs.get_model_config(architecture) if isinstance(architecture, str)
+              else architecture)
+    architecture = dataclasses.replace(config, tokenizer=paths["tokenizer"])
   return _layout_model(layout, hub.read_weights(paths["weights"], entry.get("sha256")), architecture)
 
 
@@ -170,7 +176,7 @@ def _fetch(entry: Mapping[str, Any], revision: str | None, tokenizer: bool) -> d
     image = entry["image"]
     paths["image"] = hub.download_first(image["hf_hub"], image["weights"])
   tok = entry.get("tokenizer") or {}
-  if tok.get("file") and (tokenizer or entry["layout"] == "mclip"):
+  if tok.get("file") and (tokenizer or entry["layout"] == "mclip" or tok["kind"] == "hf"):
     paths["tokenizer"] = hub.download(tok.get("hf_hub") or entry["hf_hub"], tok["file"])
   return paths
 
@@ -210,6 +216,16 @@ def _load_entry(entry: Mapping[str, Any], label: str, revision: str | None, toke
 # ----------------------------------------------------------------------------- hf-hub repos
 
 
+def _hf_text_config(text_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The config.json of an open_clip text_cfg's `hf_model_name` (what open_clip's AutoConfig
+  reads), or None without one."""
+  name = text_cfg.get("hf_model_name")
+  if not name:
+    return None
+  with open(hub.download(name, HF_CONFIG)) as f:
+    return json.load(f)
+
+
 def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
   """A table-style entry for an open_clip-format or transformers-CLIP hub repo."""
   try:
@@ -221,12 +237,17 @@ def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
       oc = json.load(f)
     if "model_cfg" not in oc:
       raise hub.PretrainedError(f"{repo}/{OPEN_CLIP_CONFIG} has no 'model_cfg'")
-    config = open_clip_config.config_from_open_clip_cfg(oc["model_cfg"])
-    pp = oc.get("preprocess_cfg", {})
     text = oc["model_cfg"].get("text_cfg", {})
+    config = open_clip_config.config_from_open_clip_cfg(oc["model_cfg"],
+                                                        _hf_text_config(text))
+    pp = oc.get("preprocess_cfg", {})
     tok = ({"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
             "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
            if text.get("hf_tokenizer_name") else {"kind": "clip"})
+    if text.get("hf_model_name"):  # open_clip's HFTokenizer over tokenizer.json
+      tok = {"kind": "hf", "hf_hub": text.get("hf_tokenizer_name") or text["hf_model_name"],
+             "file": "tokenizer.json",
+             "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace")}
     return {"hf_hub": repo, "weights": list(OPEN_CLIP_WEIGHTS), "layout": "open_clip",
             "architecture": {"config": config}, "tokenizer": tok,
             "preprocess": {"mean": pp.get("mean", config.image_mean),
@@ -294,6 +315,9 @@ def tokenizer_for(entry: Mapping[str, Any], model_config: Any, paths: Mapping[st
                                              clean=tok.get("clean", "canonicalize"))
   if tok["kind"] == "xlmr":
     return tokenizers.XLMRobertaTokenizer(paths["tokenizer"], length)
+  if tok["kind"] == "hf":
+    return tokenizers.HFTokenizer(paths["tokenizer"], length, clean=tok.get("clean", "whitespace"),
+                                  pad_id=model_config.text.pad_token_id)
   raise hub.PretrainedError(f"unknown tokenizer kind {tok['kind']!r} in the pretrained table")
 
 
@@ -320,7 +344,14 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
       raise hub.PretrainedError(f"{name!r} is a pretrained release; pass pretrained="
                             f"{list_pretrained_tags(name)[0]!r} (tags: "
                             f"{', '.join(list_pretrained_tags(name))})")
-    return clip_lib.create(name, seed=seed, **overrides)
+    config = configs.get_model_config(name, **overrides)
+    if isinstance(config, multilingual.MultilingualCLIPConfig):  # a Hugging Face text tower
+      return multilingual.MultilingualCLIP(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, resnet.ResNetCLIPConfig):
+      return resnet.ResNetCLIP(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, convnext.ConvNeXtCLIPConfig):
+      return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(seed))
+    return clip_lib.from_config(config, seed=seed)
   if overrides:
     raise hub.PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
                           "architecture; build it with zoo.create(name, **overrides) and copy "
