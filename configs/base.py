@@ -133,3 +133,16 @@ def distill() -> ml_collections.ConfigDict:
   from zoo.families import distill
 
   return distill.default_settings()
+
+def prompt() -> ml_collections.ConfigDict:
+  """`config.prompt`: the defaults of zoo.families.prompt.Settings (CoOp / CoCoOp / MaPLe)."""
+  from zoo.families import prompt as prompt_family
+
+  return prompt_family.default_settings()
+
+
+def fewshot_data() -> dict:
+  """The `config.data` keys of few-shot data (`data.name="fewshot"`): zoo.data.fewshot.DEFAULTS."""
+  from zoo.data import fewshot
+
+  return dict(fewshot.DEFAULTS, name="fewshot")

@@ -7,7 +7,7 @@ eval kinds are read from this list by zoo.eval.suite (nothing registers them by 
 
 from __future__ import annotations
 
-from zoo.families import clip, distill, long_clip, moe, multilingual, region
+from zoo.families import clip, distill, long_clip, moe, multilingual, prompt, region
 from zoo.families.base import Family, LossContext
 
 FAMILIES: tuple[Family, ...] = (
@@ -17,6 +17,7 @@ FAMILIES: tuple[Family, ...] = (
     region.FAMILY,
     multilingual.FAMILY,
     distill.FAMILY,
+    prompt.FAMILY,
 )
 
 _REGISTRY: dict[str, Family] = {}
