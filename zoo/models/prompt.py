@@ -28,6 +28,7 @@ Array = jax.Array
 METHODS = ("coop", "cocoop", "maple")
 POSITIONS = ("end", "middle", "front")
 PLACEHOLDER = "X"  # the word whose token marks a context slot before it is replaced
+PLACEHOLDERS = (PLACEHOLDER, "x", "*", "a")  # the first a tokenizer keeps as one token is used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +103,22 @@ class PromptCLIPConfig(configs.CLIPConfig):
     return dataclasses.replace(super().from_dict(d), prompt=prompt)
 
 
+def placeholder(tokenizer: Any) -> str:
+  """The first of PLACEHOLDERS that `tokenizer` encodes as one token (a context slot)."""
+  for word in PLACEHOLDERS:
+    if len(tokenizer.encode(word)) == 1:
+      return word
+  raise ValueError(f"the tokenizer encodes none of {PLACEHOLDERS} as one token; prompt learning "
+                   "marks each context slot with one")
+
+
 def build_prompts(tokenizer: Any, classnames: Sequence[str], *, n_ctx: int, ctx_init: str = "",
                   position: str = "end", context_length: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
   """(token_ids [C, L], ctx_positions [C, n_ctx], ctx_init_ids) of the class prompts.
 
   `tokenizer`: a zoo tokenizer (`encode(text)`, `__call__(texts, context_length)`,
-  `sot_token_id`). Class token at the end: the text is "{ctx_init} {name}." (placeholders "X"
+  `sot_token_id`). Class token at the end: the text is "{ctx_init} {name}." (`placeholder`s
   without ctx_init) and the context is its first n_ctx tokens (the rest of a longer phrase stays
   as fixed tokens, as MaPLe's "a photo of a" with n_ctx=2); middle / front: "X.. {name} X..."
   / "{name} X...". With ctx_init, `ctx_init_ids` are the phrase's first n_ctx token ids.
@@ -118,10 +128,7 @@ def build_prompts(tokenizer: Any, classnames: Sequence[str], *, n_ctx: int, ctx_
                      f"{', '.join(POSITIONS)}")
   if not classnames:
     raise ValueError("prompt learning needs at least one class name")
-  mark = tokenizer.encode(PLACEHOLDER)
-  if len(mark) != 1:
-    raise ValueError(f"the tokenizer splits the placeholder {PLACEHOLDER!r} into {len(mark)} "
-                     "tokens; prompt learning needs it to be one token")
+  word = placeholder(tokenizer) if position != "end" or not ctx_init else PLACEHOLDER
   init_ids: tuple[int, ...] = ()
   if ctx_init:
     phrase = tokenizer.encode(ctx_init)
@@ -136,26 +143,23 @@ def build_prompts(tokenizer: Any, classnames: Sequence[str], *, n_ctx: int, ctx_
     name = str(name).replace("_", " ")
     length = len(tokenizer.encode(name))
     if position == "end":
-      lead = ctx_init if ctx_init else " ".join([PLACEHOLDER] * n_ctx)
+      lead = ctx_init if ctx_init else " ".join([word] * n_ctx)
       texts.append(f"{lead} {name}.")
       positions.append(list(range(start, start + n_ctx)))
     elif position == "middle":
-      texts.append(" ".join([PLACEHOLDER] * half + [name] + [PLACEHOLDER] * (n_ctx - half)) + ".")
+      texts.append(" ".join([word] * half + [name] + [word] * (n_ctx - half)) + ".")
       positions.append(list(range(start, start + half))
                        + list(range(start + half + length, start + n_ctx + length)))
     else:
-      texts.append(" ".join([name] + [PLACEHOLDER] * n_ctx) + ".")
+      texts.append(" ".join([name] + [word] * n_ctx) + ".")
       positions.append(list(range(start + length, start + length + n_ctx)))
   ids = np.asarray(tokenizer(texts, context_length=context_length) if context_length else
                    tokenizer(texts), np.int32)
   pos = np.asarray(positions, np.int32)
-  for c, name in enumerate(classnames):
-    # Every context slot must hold a placeholder / phrase token: not cut off by the context.
-    eot = getattr(tokenizer, "eot_token_id", None)
-    last = int(pos[c].max())
-    if last >= ids.shape[1] - (1 if eot is not None else 0) or (
-        eot is not None and int(ids[c, last]) == int(eot)):
-      raise ValueError(f"class {name!r}: its prompt does not fit the text context of "
+  specials = start + (0 if getattr(tokenizer, "eot_token_id", None) is None else 1)
+  for text, name in zip(texts, classnames):  # a cut prompt would lose its class name
+    if len(tokenizer.encode(text)) + specials > ids.shape[1]:
+      raise ValueError(f"class {name!r}: its prompt {text!r} does not fit the text context of "
                        f"{ids.shape[1]} tokens")
   return ids, pos, init_ids
 
