@@ -142,7 +142,7 @@ def prompt() -> ml_collections.ConfigDict:
 
 
 def fewshot_data() -> dict:
-  """The `config.data` keys of few-shot data (`data.name="fewshot"`): zoo.data.fewshot.DEFAULTS."""
-  from zoo.data import fewshot
+  """The `config.data` keys of few-shot data (`data.name="fewshot"`, zoo.data.fewshot's defaults)."""
+  from zoo.families import prompt as prompt_family
 
-  return dict(fewshot.DEFAULTS, name="fewshot")
+  return prompt_family.data_defaults()

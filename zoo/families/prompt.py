@@ -183,3 +183,8 @@ FAMILY = PromptFamily()
 def default_settings() -> ml_collections.ConfigDict:
   """`config.prompt` with the defaults (configs.base.prompt() returns it)."""
   return ml_collections.ConfigDict(dataclasses.asdict(Settings()))
+
+
+def data_defaults() -> dict:
+  """The `config.data` keys of few-shot data (configs.base.fewshot_data() returns them)."""
+  return dict(fewshot.DEFAULTS, name="fewshot")
