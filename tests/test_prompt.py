@@ -29,6 +29,12 @@ def tok():
 
 
 @pytest.fixture(scope="module")
+def coop(tok):
+  """CoOp, n_ctx=4 from "a photo of a", class token at the end (shared by the invariants)."""
+  return build(tok, n_ctx=4, ctx_init="a photo of a")
+
+
+@pytest.fixture(scope="module")
 def images():
   return jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)), jnp.float32)
 
@@ -47,10 +53,10 @@ def handwritten(model, tok, texts):
 # ----------------------------------------------------------------------------- invariants
 
 
-def test_coop_from_phrase_equals_handwritten_prompts(tok):
+def test_coop_from_phrase_equals_handwritten_prompts(tok, coop):
   """n_ctx=4 from "a photo of a", class token at the end: "a photo of a {class}." exactly;
   at the front: "{class} a photo of a."."""
-  m = build(tok, n_ctx=4, ctx_init="a photo of a")
+  m = coop
   assert m.prompt.ctx.shape == (4, 64)
   names = [n.replace("_", " ") for n in NAMES]
   ref = handwritten(m, tok, [f"a photo of a {n}." for n in names])
@@ -88,23 +94,21 @@ def test_middle_position_keeps_the_class_tokens(tok):
     assert tok.decode(rest).strip() == f"<start_of_text>{name} . <end_of_text>"
 
 
-def test_maple_without_deep_prompts_equals_coop(tok, images):
-  coop = build(tok, "coop", n_ctx=2)
-  off = build(tok, "maple", n_ctx=2, depth=0)
+def test_maple_without_deep_prompts_equals_coop(tok, coop, images):
+  off = build(tok, "maple", depth=0)
   np.testing.assert_allclose(np.asarray(off.class_logits(images)),
                              np.asarray(coop.class_logits(images)), atol=1e-5)
   # depth 1: vision prompts at the input only -> the text side is still CoOp's, images differ
-  shallow = build(tok, "maple", n_ctx=2, depth=1)
+  shallow = build(tok, "maple", depth=1)
   np.testing.assert_allclose(np.asarray(shallow.class_text_features()),
                              np.asarray(coop.class_text_features()), atol=1e-6)
   assert not np.allclose(shallow.encode_image(images), coop.encode_image(images), atol=1e-4)
-  deep = build(tok, "maple", n_ctx=2, depth=2)
-  assert deep.prompt.deep_text.shape == (1, 2, 64) and deep.prompt.deep_kernel.shape == (1, 64, 64)
+  deep = build(tok, "maple", depth=2)
+  assert deep.prompt.deep_text.shape == (1, 4, 64) and deep.prompt.deep_kernel.shape == (1, 64, 64)
   assert not np.allclose(deep.class_text_features(), coop.class_text_features(), atol=1e-4)
 
 
-def test_cocoop_with_a_zero_meta_net_equals_coop(tok, images):
-  coop = build(tok, "coop")
+def test_cocoop_with_a_zero_meta_net_equals_coop(tok, coop, images):
   co = build(tok, "cocoop")
   assert co.prompt.meta1.kernel.shape == (32, 2)  # embed 32 -> 32 / 16
   for v in (co.prompt.meta2.kernel, co.prompt.meta2.bias):
