@@ -42,7 +42,7 @@ def parse_args():
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--pretrain_steps", type=int, default=400)
   p.add_argument("--steps", type=int, default=60, help="prompt-learning steps (batch 8)")
-  p.add_argument("--shots", type=int, default=4)
+  p.add_argument("--shots", type=int, default=8)
   p.add_argument("--eval_size", type=int, default=960, help="demo test scenes (~40 per class)")
   p.add_argument("--seeds", default="1,2")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",

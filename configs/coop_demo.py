@@ -1,5 +1,5 @@
 """CoOp on the embedded demo data (CPU, minutes): learn 4 context vectors for a frozen tiny CLIP
-from 4 shots of each base class (the first 12 of the 24 demo classes), then test on the base
+from 8 shots of each base class (the first 12 of the 24 demo classes), then test on the base
 and the 12 unseen novel classes (base-to-novel: base / novel accuracy and their harmonic mean).
 
   # the frozen CLIP: a zoo.save directory of a `c.model` CLIP trained on the demo data, e.g. the
@@ -19,7 +19,7 @@ def get_config():
   c.batch_size = 8
   c.total_steps = 60
   c.warmup_steps = 5
-  c.lr = 2e-2
+  c.lr = 2e-3  # AdamW: the context lives at the token-embedding scale (~0.02)
   c.weight_decay = 0.0
   c.grad_clip = 0.0
   c.checkpoint_every = 60
@@ -27,8 +27,8 @@ def get_config():
   c.log_every = 10
   c.data.update(base.fewshot_data())
   c.data.dataset = "demo"
-  c.data.shots = 4
-  c.data.pool_size = 600  # demo scenes the shots are drawn from (about 25 per class)
+  c.data.shots = 8
+  c.data.pool_size = 1200  # demo scenes the shots are drawn from (about 50 per class)
   c.data.eval_size = 480  # test scenes (about 20 per class)
   c.data.random_resized_crop_scale = (0.5, 1.0)
   c.prompt = base.prompt()

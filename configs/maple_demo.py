@@ -1,5 +1,5 @@
 """MaPLe on the embedded demo data (CPU, minutes): deep language prompts in both layers of a
-frozen tiny CLIP's text tower, coupled by one Linear per layer to vision prompts, 4 shots of
+frozen tiny CLIP's text tower, coupled by one Linear per layer to vision prompts, 8 shots of
 each base class; tested on base and novel classes (see configs/coop_demo.py).
 
   python train.py --config configs/maple_demo.py --workdir runs/maple_demo --config.init_from=DIR
@@ -16,7 +16,7 @@ def get_config():
   c.batch_size = 8
   c.total_steps = 60
   c.warmup_steps = 5
-  c.lr = 1e-2
+  c.lr = 2e-3
   c.weight_decay = 0.0
   c.grad_clip = 0.0
   c.checkpoint_every = 60
@@ -24,8 +24,8 @@ def get_config():
   c.log_every = 10
   c.data.update(base.fewshot_data())
   c.data.dataset = "demo"
-  c.data.shots = 4
-  c.data.pool_size = 600
+  c.data.shots = 8
+  c.data.pool_size = 1200
   c.data.eval_size = 480
   c.data.random_resized_crop_scale = (0.5, 1.0)
   c.prompt = base.prompt()

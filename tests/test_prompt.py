@@ -177,14 +177,14 @@ def test_folder_source(tmp_path):
 
 
 def test_maple_demo_trains_prompts_only_and_round_trips(tmp_path):
-  """configs/maple_demo.py for 3 steps through train.py: base / novel / HM are reported, the
+  """configs/maple_demo.py for 3 steps through train.py on 8 devices: base / novel / HM, the
   export is a PromptCLIP whose CLIP towers are the frozen ones and whose prompts moved."""
   work = tmp_path / "run"
   overrides = ["--config.total_steps=3", "--config.eval_every=3", "--config.checkpoint_every=3",
                "--config.warmup_steps=1", "--config.data.pool_size=200",
                "--config.data.shots=2", "--config.data.eval_size=48"]
   proc = cli_run.run("train.py", "--config", "configs/maple_demo.py", "--workdir", str(work),
-                     *overrides)
+                     *overrides, devices=8)  # parameters and batch sharded over 8 devices
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in open(work / "metrics.jsonl")] if (
       work / "metrics.jsonl").exists() else json.load(open(work / "metrics.json"))
