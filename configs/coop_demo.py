@@ -30,7 +30,7 @@ def get_config():
   c.data.shots = 8
   c.data.pool_size = 1200  # demo scenes the shots are drawn from (about 50 per class)
   c.data.eval_size = 480  # test scenes (about 20 per class)
-  c.data.random_resized_crop_scale = (0.5, 1.0)
+  c.data.random_resized_crop_scale = (0.9, 1.0)  # as the demo CLIP's pre-training
   c.prompt = base.prompt()
   c.prompt.method = "coop"
   c.prompt.n_ctx = 4

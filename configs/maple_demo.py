@@ -27,7 +27,7 @@ def get_config():
   c.data.shots = 8
   c.data.pool_size = 1200
   c.data.eval_size = 480
-  c.data.random_resized_crop_scale = (0.5, 1.0)
+  c.data.random_resized_crop_scale = (0.9, 1.0)  # as the demo CLIP's pre-training
   c.prompt = base.prompt()
   c.prompt.method = "maple"
   c.prompt.n_ctx = 2  # MaPLe: 2 context tokens from "a photo of a" (the rest stays fixed)

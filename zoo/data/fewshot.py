@@ -136,7 +136,8 @@ def open_set(data_cfg: Any, split: str, image_size: int) -> Labelled:
   dataset = str(get("dataset"))
   if dataset == "demo":
     size = int(get("pool_size")) if split == "train" else int(data_cfg.get("eval_size", 1000))
-    return demo_set("train" if split == "train" else "test", size, image_size)
+    # shots from a split no demo CLIP trains on ("fewshot"), tests from the "test" split
+    return demo_set("fewshot" if split == "train" else "test", size, image_size)
   if dataset == "folder":
     return folder_set(str(get("folder") if split == "train" else get("eval_folder")))
   return benchmark_set(dataset, str(get("data_root")), split)
