@@ -1,6 +1,6 @@
 """Prompt learning on the demo data: zero-shot CLIP vs CoOp vs CoCoOp vs MaPLe, base-to-novel.
 
-python bench/prompt_demo.py [--pretrain_steps 400 --steps 60 --seeds 1,2 --out JSON]
+python bench/prompt_demo.py [--pretrain_steps 300 --steps 60 --seeds 1,2 --out JSON]
 
 1. Pre-train a tiny CLIP (test-tiny, 32 px) on the demo captions through the train loop: the
    frozen CLIP every method starts from.
@@ -40,7 +40,7 @@ from zoo.train import loop  # noqa: E402
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--pretrain_steps", type=int, default=400)
+  p.add_argument("--pretrain_steps", type=int, default=300)
   p.add_argument("--steps", type=int, default=60, help="prompt-learning steps (batch 8)")
   p.add_argument("--shots", type=int, default=8)
   p.add_argument("--eval_size", type=int, default=960, help="demo test scenes (~40 per class)")
