@@ -144,3 +144,17 @@ def llm2clip() -> ml_collections.ConfigDict:
   from zoo.families import llm2clip
 
   return llm2clip.default_settings()
+
+
+def prompt() -> ml_collections.ConfigDict:
+  """`config.prompt`: the defaults of zoo.families.prompt.Settings (CoOp / CoCoOp / MaPLe)."""
+  from zoo.families import prompt as prompt_family
+
+  return prompt_family.default_settings()
+
+
+def fewshot_data() -> dict:
+  """The `config.data` keys of few-shot data (`data.name="fewshot"`, zoo.data.fewshot's defaults)."""
+  from zoo.families import prompt as prompt_family
+
+  return prompt_family.data_defaults()

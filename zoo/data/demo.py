@@ -30,7 +30,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 POSITIONS = (("top left", "top", "top right"), ("left", "center", "right"),
              ("bottom left", "bottom", "bottom right"))
 SPLIT_SEEDS: dict[str, int] = {"train": 0, "zeroshot": 1, "retrieval": 2, "regions": 3,
-                               "multilingual": 4, "test": 5}
+                               "multilingual": 4, "test": 5, "fewshot": 6}
 SUPERSAMPLE = 4
 MAX_OBJECTS = 3
 

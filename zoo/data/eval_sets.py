@@ -229,8 +229,8 @@ def build_eval_sets(data_cfg: Any, *, tokenizer: Tokenizer | None = None, image_
       sets["retrieval"] = webdataset_retrieval_set(
           eval_shards, image_size=image_size, mean=mean, std=std,
           max_samples=int(config_value(data_cfg, "eval_size", 0)))
-  else:
-    raise ValueError(f"unknown data.name {name!r}; expected 'demo' or 'webdataset'")
+  elif name != "fewshot":  # few-shot data: the family evaluates its own protocol
+    raise ValueError(f"unknown data.name {name!r}; expected 'demo', 'webdataset' or 'fewshot'")
   tfds_cfg = config_value(data_cfg, "tfds", None)
   if tfds_cfg and config_value(tfds_cfg, "name", ""):
     from zoo.data import tfds as tfds_lib

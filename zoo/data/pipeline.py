@@ -21,7 +21,7 @@ import grain
 import numpy as np
 
 from zoo import transforms
-from zoo.data import demo as demo_lib, webdataset as wds
+from zoo.data import demo as demo_lib, fewshot, webdataset as wds
 from zoo.data.eval_sets import (  # noqa: F401 (the eval sets stay importable from here)
     ALL_DEMO_EVAL_SETS,
     DEMO_EVAL_SETS,
@@ -353,6 +353,15 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
     host = HostSliceMapDataset(positions, b, process_index, process_count)
     ds = host.map(_Load(source, None, processor, seed, size, stream_id=0))
     description = f"demo data ({size} scenes)"
+  elif name == "fewshot":  # k shots per class (zoo.data.fewshot), e.g. for prompt learning
+    source = fewshot.train_source(data_cfg, int(image_size), seed)
+    size = len(source)
+    order = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
+    positions = order.map_with_index(lambda pos, idx: (pos, idx))
+    host = HostSliceMapDataset(positions, b, process_index, process_count)
+    ds = host.map(_Load(source, None, processor, seed, size, stream_id=0))
+    description = (f"{len(source.classes)} classes x {_cfg(data_cfg, 'shots', 16)} shots of "
+                   f"{source.data.name} ({size} images)")
   elif name == "webdataset":
     shards = _cfg(data_cfg, "shards", "")
     if not shards:
@@ -368,7 +377,7 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
     size = len(source)
     description = f"webdataset shards {mine[0]}.. ({len(mine)} shards, {size} samples on this host)"
   else:
-    raise ValueError(f"unknown data.name {name!r}; expected 'demo' or 'webdataset'")
+    raise ValueError(f"unknown data.name {name!r}; expected 'demo', 'webdataset' or 'fewshot'")
   threads = int(_cfg(data_cfg, "num_threads", 2))
   read = grain.ReadOptions(num_threads=max(threads, 0), prefetch_buffer_size=max(2 * b, 16))
   it_ds = ds.to_iter_dataset(read)

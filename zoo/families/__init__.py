@@ -7,7 +7,7 @@ eval kinds are read from this list by zoo.eval.suite (nothing registers them by 
 
 from __future__ import annotations
 
-from zoo.families import clip, distill, llm2clip, long_clip, moe, multilingual, region
+from zoo.families import clip, distill, llm2clip, long_clip, moe, multilingual, prompt, region
 from zoo.families.base import Family, LossContext
 
 FAMILIES: tuple[Family, ...] = (
@@ -18,6 +18,7 @@ FAMILIES: tuple[Family, ...] = (
     multilingual.FAMILY,
     distill.FAMILY,
     llm2clip.FAMILY,
+    prompt.FAMILY,
 )
 
 _REGISTRY: dict[str, Family] = {}

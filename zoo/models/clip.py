@@ -6,7 +6,7 @@ features: see tests/test_convert.py for the parity checks against PyTorch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +70,13 @@ class VisionTransformer(nnx.Module):
       x = x + self.patch_bias[...].astype(self.dtype)
     return x.reshape(b, (h // p) * (w // p), -1)
 
-  def tokens(self, images: Array) -> Array:
-    """All output tokens after the final LayerNorm: [B, N(+1), width]."""
+  def tokens(self, images: Array, *, prompts: Array | None = None,
+             before_block: Callable[[int, Array], Array] | None = None) -> Array:
+    """All output tokens after the final LayerNorm: [B, N(+1), width].
+
+    Prompt learning (zoo.models.prompt): `prompts` [B or 1, P, width] are appended after the
+    positional embedding and dropped from the output; `before_block(i, x)` maps block i's input.
+    """
     x = self.patch_embed(images)
     if self.class_embedding is not None:
       cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
@@ -81,14 +86,19 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"image gives {x.shape[1]} tokens but the positional embedding has "
                        f"{pos.shape[0]}; expected images of {self.cfg.image_size}px")
     x = x + pos.astype(x.dtype)
+    n = x.shape[1]
+    if prompts is not None:
+      prompts = jnp.broadcast_to(prompts.astype(x.dtype), (x.shape[0], *prompts.shape[-2:]))
+      x = jnp.concatenate([x, prompts], axis=1)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
-    x = self.transformer(x)
-    return self.ln_post(x)
+    x = self.transformer(x, before_block=before_block)
+    return self.ln_post(x[:, :n])
 
-  def __call__(self, images: Array, *, return_tokens: bool = False):
+  def __call__(self, images: Array, *, return_tokens: bool = False, prompts: Array | None = None,
+               before_block: Callable[[int, Array], Array] | None = None):
     """Pooled, projected image embedding [B, E] (and the patch tokens [B, N, width])."""
-    x = self.tokens(images)
+    x = self.tokens(images, prompts=prompts, before_block=before_block)
     if self.attn_pool is not None:
       pooled = self.attn_pool(x)
     else:
@@ -120,19 +130,28 @@ class TextTransformer(nnx.Module):
     self.proj_bias = (nnx.Param(jnp.zeros((embed_dim,), jnp.float32), eager_sharding=False, out_sharding=(None,))
                       if cfg.proj_bias else None)
 
-  def tokens(self, token_ids: Array) -> Array:
-    """All output tokens after ln_final: [B, L, width]."""
+  def embed(self, token_ids: Array) -> Array:
+    """Token embeddings [B, L, width] in the compute dtype (no positions)."""
+    return jnp.take(self.token_embedding[...], token_ids, axis=0).astype(self.dtype)
+
+  def tokens(self, token_ids: Array, *, embeddings: Array | None = None,
+             before_block: Callable[[int, Array], Array] | None = None) -> Array:
+    """All output tokens after ln_final: [B, L, width].
+
+    Prompt learning (zoo.models.prompt): `embeddings` [B, L, width] replace `embed(token_ids)`;
+    `before_block(i, x)` maps block i's input (deep prompts).
+    """
     length = token_ids.shape[1]
     if length > self.positional_embedding.shape[0]:
       raise ValueError(f"tokens have length {length} but the text tower reads at most "
                        f"{self.positional_embedding.shape[0]} (context_length)")
-    x = jnp.take(self.token_embedding[...], token_ids, axis=0).astype(self.dtype)
+    x = (self.embed(token_ids) if embeddings is None else embeddings.astype(self.dtype))
     pos = self.positional_embedding[...][:length]
     if self.cfg.frozen_positions:  # Long-CLIP fine-tuning: the kept rows get no gradient
       k = self.cfg.frozen_positions
       pos = jnp.concatenate([jax.lax.stop_gradient(pos[:k]), pos[k:]], axis=0)
     x = x + pos.astype(self.dtype)
-    x = self.transformer(x, is_causal=self.cfg.causal)
+    x = self.transformer(x, is_causal=self.cfg.causal, before_block=before_block)
     return self.ln_final(x)
 
   def pool(self, x: Array, token_ids: Array) -> Array:
@@ -155,6 +174,13 @@ class TextTransformer(nnx.Module):
     if trim_padding and self.cfg.causal and self.cfg.pool == "argmax":
       return self._bucketed(token_ids)
     return self._project(self.pool(self.tokens(token_ids), token_ids))
+
+  def encode_embeddings(self, embeddings: Array, token_ids: Array, *,
+                        before_block: Callable[[int, Array], Array] | None = None) -> Array:
+    """Projected text embedding [B, E] of token `embeddings` [B, L, width] (pooled where
+    `token_ids` [B, L] put the EOT / last token): learned prompts in place of some tokens."""
+    x = self.tokens(token_ids, embeddings=embeddings, before_block=before_block)
+    return self._project(self.pool(x, token_ids))
 
   def _project(self, x: Array) -> Array:
     x = x @ self.text_projection[...].astype(x.dtype)

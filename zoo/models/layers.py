@@ -221,13 +221,17 @@ class Transformer(nnx.Module):
         for _ in range(layers)
     ])
 
-  def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False) -> Array:
+  def __call__(self, x: Array, *, mask: Array | None = None, is_causal: bool = False,
+               before_block: Callable[[int, Array], Array] | None = None) -> Array:
+    """`before_block(i, x)` (optional) maps the input of block i (deep prompts, e.g. MaPLe)."""
     def run(block: nnx.Module, x: Array) -> Array:
       return block(x, mask=mask, is_causal=is_causal)
 
     if self.remat != "none":
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
-    for block in self.resblocks:
+    for i, block in enumerate(self.resblocks):
+      if before_block is not None:
+        x = before_block(i, x)
       x = run(block, x)
     return x
 

@@ -57,9 +57,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: PyTree,
   parts = []
   if config.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(config.grad_clip))
-  parts.append(optax.adamw(make_schedule(config), b1=config.get("b1", 0.9),
-                           b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
-                           weight_decay=config.weight_decay, mask=decay_mask))
+  kind = config.get("optimizer", "adamw")
+  if kind == "sgd":  # SGD with momentum 0.9 and L2 weight decay (CoOp / MaPLe's recipe)
+    parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    parts.append(optax.sgd(make_schedule(config), momentum=config.get("momentum", 0.9)))
+  elif kind == "adamw":
+    parts.append(optax.adamw(make_schedule(config), b1=config.get("b1", 0.9),
+                             b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
+                             weight_decay=config.weight_decay, mask=decay_mask))
+  else:
+    raise ValueError(f"config.optimizer={kind!r}: expected 'adamw' or 'sgd'")
   tx = optax.chain(*parts)
   if trainable is None:
     return tx
