@@ -101,10 +101,10 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
   """Rules for open_clip `CustomTextCLIP` with a timm ViT trunk (MAP head) and `text.*` tower."""
   v, t = config.vision, config.text
   if (v.pool != "map" or v.class_token or v.ln_pre or not v.patch_bias or v.projection
-      or t.pool != "last" or t.causal or not t.proj_bias):
+      or t.pool != "last" or t.causal or t.proj_bias != t.projection):
     raise ValueError("open_clip's SigLIP (timm trunk) layout needs MAP pooling, no class token, "
                      "no ln_pre, a patch bias, no vision projection, last-token text pooling, "
-                     "no causal mask and a text projection bias")
+                     "no causal mask and a text projection with a bias (or none)")
   rules = [
       conv_patch(("visual", "patch_kernel"), "visual.trunk.patch_embed.proj.weight"),
       identity(("visual", "patch_bias"), "visual.trunk.patch_embed.proj.bias"),
@@ -132,11 +132,11 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
       *_transformer_rules(("text", "transformer"), "text.transformer", t.width, t.heads,
                           t.layers),
       *layer_norm(("text", "ln_final"), "text.ln_final"),
-      # open_clip's text_projection with a bias is an nn.Linear: weight [E, W].
-      common.transposed(("text", "text_projection"), "text.text_projection.weight"),
-      identity(("text", "proj_bias"), "text.text_projection.bias"),
       identity(("logit_scale",), "logit_scale"),
   ]
+  if t.projection:  # open_clip's text_projection with a bias is an nn.Linear: weight [E, W]
+    rules += [common.transposed(("text", "text_projection"), "text.text_projection.weight"),
+              identity(("text", "proj_bias"), "text.text_projection.bias")]
   if config.init_logit_bias is not None:
     rules.append(identity(("logit_bias",), "logit_bias"))
   return rules

@@ -37,6 +37,7 @@ class VisionTransformer(nnx.Module):
     self.cfg, self.dtype = cfg, dtype
     w, p = cfg.width, cfg.patch_size
     scale = w ** -0.5
+    quick_gelu = cfg.act or quick_gelu
     # Conv with stride = kernel = patch, stored HWIO so it applies as one einsum over patches.
     self.patch_kernel = param(rngs, nnx.initializers.normal((3 * p * p) ** -0.5), (p, p, 3, w),
                               (None, None, None, "embed"))
@@ -61,6 +62,9 @@ class VisionTransformer(nnx.Module):
     """images [B, H, W, 3] -> patch tokens [B, gh*gw, width]."""
     b, h, w, c = images.shape
     p = self.cfg.patch_size
+    if h == w == self.cfg.image_size and h % p:  # a strided conv drops the last pixels (384/14)
+      h = w = self.cfg.grid_size * p
+      images = images[:, :h, :w]
     if h % p or w % p or c != 3:
       raise ValueError(f"images must be [B, H, W, 3] with H, W multiples of {p}; got {images.shape}")
     # Patches as rows [B*gh*gw, p*p*3] times the kernel [p*p*3, width]: one plain GEMM.
@@ -108,6 +112,7 @@ class TextTransformer(nnx.Module):
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
     w = cfg.width
+    quick_gelu = cfg.act or quick_gelu
     self.token_embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, w),
                                  ("vocab", "embed"))
     self.positional_embedding = param(rngs, nnx.initializers.normal(0.01),
@@ -115,8 +120,8 @@ class TextTransformer(nnx.Module):
     self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu=quick_gelu,
                                    eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
     self.ln_final = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs)
-    self.text_projection = param(rngs, nnx.initializers.normal(w ** -0.5), (w, embed_dim),
-                                 ("embed", None))
+    self.text_projection = (param(rngs, nnx.initializers.normal(w ** -0.5), (w, embed_dim),
+                                  ("embed", None)) if cfg.projection else None)
     self.proj_bias = (nnx.Param(jnp.zeros((embed_dim,), jnp.float32), eager_sharding=False, out_sharding=(None,))
                       if cfg.proj_bias else None)
 
@@ -157,7 +162,8 @@ class TextTransformer(nnx.Module):
     return self._project(self.pool(self.tokens(token_ids), token_ids))
 
   def _project(self, x: Array) -> Array:
-    x = x @ self.text_projection[...].astype(x.dtype)
+    if self.text_projection is not None:
+      x = x @ self.text_projection[...].astype(x.dtype)
     if self.proj_bias is not None:
       x = x + self.proj_bias[...].astype(x.dtype)
     return x

@@ -37,6 +37,7 @@ class VisionConfig:
   patch_bias: bool = False
   ln_eps: float = 1e-5
   projection: bool = True  # False when the pooled width already is the embed dim (SigLIP).
+  act: str = ""  # '' = the model's quick_gelu choice; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
 
   @property
   def grid_size(self) -> int:
@@ -58,6 +59,8 @@ class TextConfig:
   ln_eps: float = 1e-5
   proj_bias: bool = False
   frozen_positions: int = 0  # leading position rows that pass no gradient (Long-CLIP: 20)
+  act: str = ""  # '' = the model's quick_gelu choice; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
+  projection: bool = True  # False: the pooled token is the embedding (SigLIP i18n SO400M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +139,77 @@ _MODELS: dict[str, CLIPConfig] = {
 }
 for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
   _MODELS[f"{_name}-quickgelu"] = dataclasses.replace(_MODELS[_name], quick_gelu=True)
+# The larger native ViTs of open_clip's table (model_configs/*.json): width, heads from
+# head_width, mlp_ratio, image size; text towers at the same widths.
+def _text(width: int, heads: int, layers: int) -> TextConfig:
+  return TextConfig(width=width, heads=heads, layers=layers)
+
+
+_H_TEXT = _text(1024, 16, 24)
+for _name, _embed, _vision, _txt in (
+    ("ViT-B-32-256", 512, _vit(256, 32, 768, 12), _B_TEXT),
+    ("ViT-B-16-plus-240", 640, _vit(240, 16, 896, 12), _text(640, 10, 12)),
+    ("ViT-H-14", 1024, dataclasses.replace(_vit(224, 14, 1280, 32), heads=16), _H_TEXT),
+    ("ViT-H-14-378", 1024, dataclasses.replace(_vit(378, 14, 1280, 32), heads=16), _H_TEXT),
+    ("ViT-g-14", 1024, VisionConfig(image_size=224, patch_size=14, width=1408, layers=40,
+                                    heads=16, mlp_ratio=4.3637), _H_TEXT),
+    ("ViT-bigG-14", 1280, VisionConfig(image_size=224, patch_size=14, width=1664, layers=48,
+                                       heads=16, mlp_ratio=4.9231), _text(1280, 20, 32)),
+):
+  _MODELS[_name] = CLIPConfig(_embed, _vision, _txt)
+for _name in ("ViT-H-14", "ViT-H-14-378", "ViT-bigG-14"):
+  _MODELS[f"{_name}-quickgelu"] = dataclasses.replace(_MODELS[_name], quick_gelu=True)
+# SigLIP / SigLIP 2 at every size and resolution of open_clip's table: timm trunks (no class
+# token, MAP head; SigLIP 2 and the /16 SO400M, /32, L-512 and g-opt trunks use tanh GELU),
+# sentencepiece text towers (32k English, 250k i18n, 256k Gemma for SigLIP 2; tanh GELU).
+def _siglip(image_size: int, patch: int, width: int, layers: int, mlp_ratio: float,
+            vision_act: str, text: tuple, embed_dim: int | None = None, text_act: str = "",
+            text_projection: bool = True) -> CLIPConfig:
+  context, vocab, t_width, t_layers, t_mlp = text
+  return CLIPConfig(
+      embed_dim or width,
+      VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
+                   heads=width // 64 if width <= 768 else 16, mlp_ratio=mlp_ratio, pool="map",
+                   class_token=False, ln_pre=False, patch_bias=True, ln_eps=1e-6,
+                   projection=False, act=vision_act),
+      TextConfig(context_length=context, vocab_size=vocab, width=t_width,
+                 heads=t_width // 64 if t_width <= 768 else 16, layers=t_layers,
+                 mlp_ratio=t_mlp, causal=False, pool="last", ln_eps=1e-6,
+                 proj_bias=text_projection, act=text_act, projection=text_projection),
+      kind="siglip", init_logit_scale=math.log(10.0), init_logit_bias=-10.0,
+      image_mean=INCEPTION_MEAN, image_std=INCEPTION_STD, tokenizer="sentencepiece")
+
+
+_SO = 3.7362  # SO400M's mlp_ratio (both towers)
+for _size in (256, 384, 512):
+  _MODELS[f"ViT-B-16-SigLIP-{_size}"] = _siglip(_size, 16, 768, 12, 4.0, "",
+                                                (64, 32000, 768, 12, 4.0))
+_MODELS["ViT-B-16-SigLIP-i18n-256"] = _siglip(256, 16, 768, 12, 4.0, "", (64, 250000, 768, 12, 4.0))
+for _size in (256, 384):
+  _MODELS[f"ViT-L-16-SigLIP-{_size}"] = _siglip(_size, 16, 1024, 24, 4.0, "",
+                                                (64, 32000, 1024, 24, 4.0))
+_MODELS["ViT-SO400M-14-SigLIP"] = _siglip(224, 14, 1152, 27, _SO, "", (16, 32000, 1152, 27, _SO))
+for _size in (378, 384):
+  _MODELS[f"ViT-SO400M-14-SigLIP-{_size}"] = _siglip(_size, 14, 1152, 27, _SO, "",
+                                                     (64, 32000, 1152, 27, _SO))
+_MODELS["ViT-SO400M-16-SigLIP-i18n-256"] = _siglip(
+    256, 16, 1152, 27, _SO, "gelu_tanh", (64, 250000, 1152, 27, _SO), text_projection=False)
+_GEMMA_B, _GEMMA_L, _GEMMA_SO = ((64, 256000, 768, 12, 4.0), (64, 256000, 1024, 24, 4.0),
+                                 (64, 256000, 1152, 27, _SO))
+for _name, _cfg in (
+    ("ViT-B-32-SigLIP2-256", _siglip(256, 32, 768, 12, 4.0, "gelu_tanh", _GEMMA_B)),
+    *((f"ViT-B-16-SigLIP2{'' if s == 224 else f'-{s}'}",
+       _siglip(s, 16, 768, 12, 4.0, "", _GEMMA_B)) for s in (224, 256, 384, 512)),
+    *((f"ViT-L-16-SigLIP2-{s}", _siglip(s, 16, 1024, 24, 4.0, "gelu_tanh" if s == 512 else "",
+                                        _GEMMA_L)) for s in (256, 384, 512)),
+    *((f"ViT-SO400M-14-SigLIP2{'' if s == 224 else f'-{s}'}",
+       _siglip(s, 14, 1152, 27, _SO, "", _GEMMA_SO)) for s in (224, 378)),
+    *((f"ViT-SO400M-16-SigLIP2-{s}", _siglip(s, 16, 1152, 27, _SO, "gelu_tanh", _GEMMA_SO))
+      for s in (256, 384, 512)),
+    *((f"ViT-gopt-16-SigLIP2-{s}", _siglip(s, 16, 1536, 40, 4.0, "gelu_tanh", _GEMMA_SO))
+      for s in (256, 384)),
+):
+  _MODELS[_name] = dataclasses.replace(_cfg, text=dataclasses.replace(_cfg.text, act="gelu_tanh"))
 # Long-CLIP releases (BeichenZhang/LongCLIP-B, -L): OpenAI towers, text read to 248 tokens.
 for _name in ("ViT-B-16", "ViT-L-14"):
   _MODELS[f"LongCLIP-{_name}"] = dataclasses.replace(

@@ -37,7 +37,22 @@ def gelu(x: Array) -> Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)).astype(x.dtype))
 
 
-def get_activation(quick: bool) -> Callable[[Array], Array]:
+def gelu_tanh(x: Array) -> Array:
+  """tanh-approximated GELU, as torch.nn.GELU(approximate='tanh') (SigLIP 2, big_vision)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+
+
+def get_activation(quick: bool | str) -> Callable[[Array], Array]:
+  """QuickGELU (True) or GELU (False); a string names any of ACTIVATIONS (the towers' `act`
+  setting travels through the same `quick_gelu` argument)."""
+  if isinstance(quick, str):
+    if quick not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {quick!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[quick]
   return quick_gelu if quick else gelu
 
 

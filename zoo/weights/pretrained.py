@@ -223,10 +223,7 @@ def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
       raise hub.PretrainedError(f"{repo}/{OPEN_CLIP_CONFIG} has no 'model_cfg'")
     config = open_clip_config.config_from_open_clip_cfg(oc["model_cfg"])
     pp = oc.get("preprocess_cfg", {})
-    text = oc["model_cfg"].get("text_cfg", {})
-    tok = ({"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
-            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
-           if text.get("hf_tokenizer_name") else {"kind": "clip"})
+    tok = open_clip_config.tokenizer_entry(oc["model_cfg"])
     return {"hf_hub": repo, "weights": list(OPEN_CLIP_WEIGHTS), "layout": "open_clip",
             "architecture": {"config": config}, "tokenizer": tok,
             "preprocess": {"mean": pp.get("mean", config.image_mean),
@@ -291,7 +288,8 @@ def tokenizer_for(entry: Mapping[str, Any], model_config: Any, paths: Mapping[st
     return tokenizers.ClipTokenizer(length)
   if tok["kind"] == "sentencepiece":
     return tokenizers.SentencePieceTokenizer(paths["tokenizer"], length,
-                                             clean=tok.get("clean", "canonicalize"))
+                                             clean=tok.get("clean", "canonicalize"),
+                                             pad_id=tok.get("pad_id"))
   if tok["kind"] == "xlmr":
     return tokenizers.XLMRobertaTokenizer(paths["tokenizer"], length)
   raise hub.PretrainedError(f"unknown tokenizer kind {tok['kind']!r} in the pretrained table")
