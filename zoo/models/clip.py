@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.models import configs
-from zoo.models.layers import AttentionPool, LayerNorm, Transformer, param
+from zoo.models.layers import AttentionPool, LayerNorm, Transformer, param, resize_positions
 
 Array = jax.Array
 
@@ -74,8 +74,47 @@ class VisionTransformer(nnx.Module):
       x = x + self.patch_bias[...].astype(self.dtype)
     return x.reshape(b, (h // p) * (w // p), -1)
 
+  def patchify(self, images: Array) -> Array:
+    """NaFlex input: images [B, H, W, 3] -> patches [B, (H/p)*(W/p), p*p*3], row-major, each
+    flattened (row, col, channel) as transformers' Siglip2 processor; one-line errors for a
+    side that is not a multiple of the patch or a patch count over `max_patches`."""
+    b, h, w, c = images.shape
+    p, budget = self.cfg.patch_size, self.cfg.max_patches
+    if h % p or w % p or c != 3:
+      raise ValueError(f"NaFlex images must be [B, H, W, 3] with H and W multiples of the patch "
+                       f"size {p}; got {tuple(images.shape)}")
+    if budget and (h // p) * (w // p) > budget:
+      raise ValueError(f"images {h}x{w} give {(h // p) * (w // p)} patches of {p}px, over the "
+                       f"model's budget of {budget} (max_patches); resize them to fit first")
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+  def patch_tokens(self, patches: Array, spatial_shapes: Array, mask: Array | None = None
+                   ) -> Array:
+    """NaFlex tokens after the final LayerNorm: patches [B, N, p*p*3], spatial_shapes [B, 2]
+    (rows, cols of patches per image), mask [B, N] (True = a real patch, None = all)."""
+    w, g = self.cfg.width, self.cfg.grid_size
+    x = patches.astype(self.dtype) @ self.patch_kernel[...].astype(self.dtype).reshape(-1, w)
+    if self.patch_bias is not None:
+      x = x + self.patch_bias[...].astype(self.dtype)
+    pos = resize_positions(self.positional_embedding[...].reshape(g, g, w), spatial_shapes,
+                           x.shape[1])
+    x = x + pos.astype(x.dtype)
+    x = self.transformer(x, mask=None if mask is None else mask[:, None, None, :])
+    return self.ln_post(x)
+
+  def encode_patches(self, patches: Array, spatial_shapes: Array, mask: Array | None = None
+                     ) -> Array:
+    """NaFlex pooled embedding [B, E] of a padded patch batch (see `patch_tokens`)."""
+    return self.attn_pool(self.patch_tokens(patches, spatial_shapes, mask), mask)
+
   def tokens(self, images: Array) -> Array:
     """All output tokens after the final LayerNorm: [B, N(+1), width]."""
+    if self.cfg.naflex:
+      b, h, w, _ = images.shape
+      p = self.cfg.patch_size
+      shapes = jnp.broadcast_to(jnp.asarray([h // p, w // p], jnp.int32), (b, 2))
+      return self.patch_tokens(self.patchify(images), shapes)
     x = self.patch_embed(images)
     if self.class_embedding is not None:
       cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
@@ -234,6 +273,13 @@ class CLIP(nnx.Module):
     an unbatched image or raw pixels with one line)."""
     check_images(images)
     x = self.visual(images).astype(jnp.float32)
+    return l2_normalize(x) if normalize else x
+
+  def encode_patches(self, patches: Array, spatial_shapes: Array, mask: Array | None = None,
+                     normalize: bool = False) -> Array:
+    """SigLIP 2 NaFlex: a padded batch of patchified images of different sizes -> [B, E]
+    (`VisionTransformer.patch_tokens` describes the inputs)."""
+    x = self.visual.encode_patches(patches, spatial_shapes, mask).astype(jnp.float32)
     return l2_normalize(x) if normalize else x
 
   def encode_text(self, tokens: Array, normalize: bool = False, *, trim_padding: bool = False

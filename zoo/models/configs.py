@@ -38,6 +38,10 @@ class VisionConfig:
   ln_eps: float = 1e-5
   projection: bool = True  # False when the pooled width already is the embed dim (SigLIP).
   act: str = ""  # '' = the model's quick_gelu choice; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
+  # SigLIP 2 NaFlex: any H x W (multiples of the patch), the learned grid_size^2 positions
+  # resized per image; at most `max_patches` patches per image (0 = no limit).
+  naflex: bool = False
+  max_patches: int = 0
 
   @property
   def grid_size(self) -> int:
