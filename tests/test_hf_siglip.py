@@ -4,6 +4,8 @@ weights (tiny configs), exact round trips, variable resolution and its input err
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import numpy as np
@@ -12,7 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import zoo  # noqa: E402
+from tests.test_pretrained import _safetensors_bytes, put_repo  # noqa: E402
+from tests.test_vit_siglip import write_gemma_tokenizer  # noqa: E402
 from zoo import convert  # noqa: E402
+from zoo.convert import common  # noqa: E402
 from zoo.models import layers  # noqa: E402
 
 TOL = 1e-4
@@ -148,3 +154,33 @@ def test_naflex_input_errors_are_one_line(siglip2):
     capped.encode_image(np.zeros((1, 40, 48, 3), np.float32))  # 30 patches
   msg = str(e.value)
   assert "\n" not in msg and "40x48" in msg and "30 patches" in msg and "16" in msg
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory) -> str:
+  return write_gemma_tokenizer(tmp_path_factory.mktemp("gemma"))
+
+
+def test_hf_hub_siglip2_repo_offline(siglip2, gemma_dir, tmp_path, monkeypatch):
+  """`hf-hub:google/siglip2-...`: a transformers Siglip2Model repo (config.json,
+  model.safetensors, Gemma tokenizer.model) from a hub cache on disk, nothing downloaded."""
+  hf, model = siglip2
+  home = str(tmp_path / "hf")
+  with open(os.path.join(gemma_dir, "tokenizer.model"), "rb") as f:
+    spm_bytes = f.read()
+  config = convert.config_to_hf(model.config)
+  src = common.build_clip(model.config)
+  put_repo(home, "google/siglip2-tiny-naflex", {
+      "config.json": json.dumps(config).encode(), "tokenizer.model": spm_bytes,
+      "model.safetensors": _safetensors_bytes(convert.to_hf(src), str(tmp_path))})
+  monkeypatch.setenv("HF_HOME", home)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  monkeypatch.delenv("ZOO_CACHE", raising=False)
+  loaded, tok, preprocess = zoo.create_model_and_transforms("hf-hub:google/siglip2-tiny-naflex")
+  assert loaded.config == model.config and preprocess.resize_mode == "squash"
+  ids = tok(["A photo of the cat!"])
+  assert ids.shape == (1, 16) and ids[0, -1] == 0 and 1 in ids[0].tolist()
+  images = np.random.default_rng(5).normal(size=(1, 32, 48, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(loaded.encode_image(images)),
+                                np.asarray(src.encode_image(images)))

@@ -245,6 +245,10 @@ def test_new_params_carry_logical_axes(base):
 
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory) -> str:
+  return write_gemma_tokenizer(tmp_path_factory.mktemp("gemma"))
+
+
+def write_gemma_tokenizer(folder) -> str:
   """A hub-style tokenizer folder: a tiny sentencepiece `tokenizer.model` with Gemma's
   conventions (pad 0, eos 1, bos 2, unk 3, no dummy prefix, identity normalization, byte
   fallback) and the tokenizer_config of open_clip's SigLIP 2 tokenizer (no BOS, EOS added)."""
@@ -254,7 +258,6 @@ def gemma_dir(tmp_path_factory) -> str:
   words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(300)]
   words += "a photo of the cat dog".split()
   sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)]
-  folder = tmp_path_factory.mktemp("gemma")
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences), model_prefix=str(folder / "tokenizer"), vocab_size=400,
       model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,

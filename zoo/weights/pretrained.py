@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from flax import nnx
 
 from zoo import convert, errors, tokenizers, transforms
-from zoo.convert import clip_moe, long_clip, mclip, open_clip_config
+from zoo.convert import clip_moe, hf_siglip, long_clip, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
 from zoo.models import clip as clip_lib, configs, multilingual
 from zoo.version import __version__
@@ -240,17 +240,24 @@ def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
                           f"read ({e})") from None
   with open(path) as f:
     hf = json.load(f)
-  if hf.get("model_type") != "clip":
+  if hf.get("model_type") not in ("clip", *hf_siglip.MODEL_TYPES):
     raise hub.PretrainedError(f"hf-hub:{repo} is a {hf.get('model_type')!r} model; zoo reads "
-                          "open_clip repos and transformers CLIPModel repos (model_type 'clip')")
+                          "open_clip repos and transformers CLIPModel, SiglipModel and "
+                          "Siglip2Model repos (model_type 'clip', 'siglip', 'siglip2')")
   try:
     config = convert.config_from_hf(hf)
   except ValueError as e:
     raise hub.PretrainedError(f"hf-hub:{repo}: {e}") from None
+  tok, resize = {"kind": "clip"}, "shortest"
+  if config.kind == "siglip":  # the repo's sentencepiece file: T5 (spiece) or Gemma (256k)
+    tok = {"kind": "sentencepiece", "file": "spiece.model", "clean": "canonicalize"}
+    if config.vision.naflex or config.text.vocab_size == 256000:  # SigLIP 2
+      tok.update(file="tokenizer.model", pad_id=0)
+    resize = "squash"  # SiglipImageProcessor resizes to (size, size)
   return {"hf_hub": repo, "weights": list(HF_WEIGHTS), "layout": "hf",
-          "architecture": {"config": config}, "tokenizer": {"kind": "clip"},
+          "architecture": {"config": config}, "tokenizer": tok,
           "preprocess": {"mean": list(config.image_mean), "std": list(config.image_std),
-                         "interpolation": "bicubic", "resize_mode": "shortest"}}
+                         "interpolation": "bicubic", "resize_mode": resize}}
 
 
 # ----------------------------------------------------------------------------- public
