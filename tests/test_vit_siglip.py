@@ -43,6 +43,8 @@ def _family(name: str) -> str | None:
   vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
   if "SigLIP" in name and not name.startswith("nllb"):
     return "siglip2" if "SigLIP2" in name else "siglip"
+  if "worldwide" in name:
+    return "metaclip2"
   if (isinstance(vision.get("layers"), int) and not cfg.get("custom_text")
       and not text.get("hf_model_name")
       and not vision.get("timm_model_name") and not vision.get("no_ln_pre")
@@ -87,7 +89,8 @@ def _round_trip(torch_model, model):
 # ----------------------------------------------------------------------------- the table
 
 
-@pytest.mark.parametrize("family,count", [("vit", 80), ("siglip", 11), ("siglip2", 15)])
+@pytest.mark.parametrize("family,count", [("vit", 80), ("siglip", 11), ("siglip2", 15),
+                                          ("metaclip2", 5)])
 def test_every_pair_of_the_family_resolves(family, count):
   """Every (name, tag) of the family is in zoo's table with open_clip's hub repo and
   preprocessing, and its architecture is open_clip's config field for field."""
@@ -104,7 +107,12 @@ def test_every_pair_of_the_family_resolves(family, count):
     arch = configs.get_model_config(entry["architecture"])
     oc = dict(open_clip.get_model_config(name), quick_gelu=cfg.get("quick_gelu", False))
     assert open_clip_config.same_towers(open_clip_config.config_from_open_clip_cfg(oc), arch)
-    if family != "vit":  # the export is open_clip's config, key for key (tokenizer repo aside)
+    if family == "metaclip2":  # XLM-V: sentencepiece with XLM-R's fairseq ids
+      assert entry["tokenizer"] == {"kind": "xlmr", "hf_hub": "facebook/xlm-v-base",
+                                    "file": "sentencepiece.bpe.model"}
+      assert open_clip_config.config_from_open_clip_cfg(
+          open_clip_config.open_clip_model_cfg(arch)) == dataclasses.replace(arch, tokenizer="xlmr")
+    if family in ("siglip", "siglip2"):  # the export is open_clip's config, key for key
       back = open_clip_config.open_clip_model_cfg(arch)
       want = json.loads(json.dumps(open_clip.get_model_config(name)))
       assert back["text_cfg"].pop("hf_tokenizer_name")
@@ -138,13 +146,18 @@ def test_trunk_table_equals_timm(trunk):
 # ----------------------------------------------------------------------------- parity
 
 
-def test_native_vit_parity_and_round_trip():
-  """A g / bigG-shaped tower: head width 24, mlp_ratio 4.3637, 40 px at patch 8."""
+TEXT_EOS = {"pool_type": "eos", "eos_id": 2, "vocab_size": 300}  # MetaCLIP 2 (XLM-V) text
+
+
+@pytest.mark.parametrize("text", [{}, TEXT_EOS], ids=["vit", "metaclip2"])
+def test_native_vit_parity_and_round_trip(text):
+  """A g / bigG-shaped tower: head width 24, mlp_ratio 4.3637, 40 px at patch 8; MetaCLIP 2's
+  text tower pools at the first EOS (id 2) of XLM-R style rows (<s> ... </s> <pad>...)."""
   oc_cfg = {"embed_dim": 40,
             "vision_cfg": {"image_size": 40, "layers": 2, "width": 48, "head_width": 24,
                            "mlp_ratio": 4.3637, "patch_size": 8},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 40, "heads": 5,
-                         "layers": 2}}
+                         "layers": 2, **text}}
   torch.manual_seed(0)
   torch_model = _jitter(open_clip.model.CLIP(**oc_cfg), 1)
   config = open_clip_config.config_from_open_clip_cfg(oc_cfg)
@@ -152,6 +165,11 @@ def test_native_vit_parity_and_round_trip():
   model = convert.from_open_clip(torch_model.state_dict(), config)
   images = np.random.default_rng(0).normal(size=(2, 40, 40, 3)).astype(np.float32)
   tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat", "two dogs"]).numpy()
+  if text:
+    assert config.text.pool == "eos" and config.tokenizer == "xlmr"
+    tokens = np.ones((3, 77), np.int64)  # <pad> = 1
+    for row, n in zip(tokens, (5, 20, 77)):
+      row[0], row[1:n - 1], row[n - 1] = 0, np.arange(10, 8 + n), 2
   for g, w in zip(*_features(torch_model, model, images, tokens)):
     assert np.abs(g - w).max() <= TOL
   _round_trip(torch_model, model)

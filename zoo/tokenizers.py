@@ -469,6 +469,10 @@ def get_tokenizer(name: str, context_length: int | None = None, *,
     raise ValueError(
         f"Model {name!r} uses a sentencepiece tokenizer ({kind!r}) and no .model file is known; "
         "pass it: get_tokenizer(name, model_path='.../spiece.model')")
+  if kind == "xlmr":  # XLM-V / XLM-R vocabularies (MetaCLIP 2 worldwide)
+    return XLMRobertaTokenizer(path, length)
+  if config.text.vocab_size == 256000:  # SigLIP 2's Gemma vocabulary pads with 0
+    kwargs = dict(kwargs, pad_id=kwargs.get("pad_id", 0))
   return SentencePieceTokenizer(path, length, **kwargs)
 
 

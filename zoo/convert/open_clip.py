@@ -63,8 +63,9 @@ def _check_clip_layout(config: configs.CLIPConfig) -> None:
   unsupported = []
   if v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection:
     unsupported.append("vision tower (needs class-token pooling, ln_pre, no patch bias, proj)")
-  if t.pool != "argmax" or t.proj_bias:
-    unsupported.append("text tower (needs argmax pooling and a bias-free text_projection)")
+  if t.pool not in ("argmax", "eos") or t.proj_bias:
+    unsupported.append("text tower (needs argmax or EOS pooling and a bias-free "
+                       "text_projection)")
   if unsupported:
     raise ValueError("open_clip's CLIP layout cannot hold this model's " + " and ".join(unsupported))
 

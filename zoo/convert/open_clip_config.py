@@ -45,6 +45,7 @@ TIMM_TRUNKS = _trunks()
 SIGLIP_TOKENIZERS = {32000: "timm/ViT-B-16-SigLIP", 250000: "timm/ViT-B-16-SigLIP-i18n-256",
                      256000: "timm/ViT-B-16-SigLIP2"}
 _TEXT_ACTS = {"gelu_tanh": {"approximate": "tanh"}}
+XLMV_TOKENIZER = "facebook/xlm-v-base"  # MetaCLIP 2 worldwide
 
 
 def _one_size(value: Any, key: str) -> int:
@@ -79,7 +80,11 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConf
     raise PretrainedError("open_clip config uses a custom / Hugging Face text tower "
                           "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
   _check_fixed(v, _VISION_FIXED, "vision_cfg")
-  _check_fixed(t, _TEXT_FIXED, "text_cfg")
+  pool = t.get("pool_type", "argmax")
+  if pool not in ("argmax", "eos"):
+    raise PretrainedError(f"open_clip config text_cfg.pool_type={pool!r} is not implemented in "
+                          "zoo (supported: 'argmax', 'eos')")
+  _check_fixed(t, {k: d for k, d in _TEXT_FIXED.items() if k != "pool_type"}, "text_cfg")
   if v.get("layers") is None or isinstance(v.get("layers"), (list, tuple)):
     raise PretrainedError("open_clip config has a ResNet vision tower (layers is a list); zoo "
                           "implements ViT towers")
@@ -92,8 +97,11 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConf
   text = registry.TextConfig(
       context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
       width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
-      mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t))
+      mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t), pool=pool,
+      eos_id=int(t.get("eos_id", 2)))
   extra = {}
+  if pool == "eos":  # MetaCLIP 2: the XLM-V vocabulary (fairseq / XLM-R id convention)
+    extra["tokenizer"] = "xlmr"
   if model_cfg.get("init_logit_scale") is not None:
     extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
   if model_cfg.get("init_logit_bias") is not None:
@@ -193,6 +201,8 @@ def tokenizer_entry(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"kind": "clip"}
   entry = {"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
+  if text.get("pool_type") == "eos":  # XLM-V: sentencepiece + fairseq ids, as XLM-R
+    return {"kind": "xlmr", "hf_hub": text["hf_tokenizer_name"], "file": "sentencepiece.bpe.model"}
   if int(text.get("vocab_size", 0)) == 256000:
     entry.update(file="tokenizer.model", pad_id=0)
   return entry
@@ -214,7 +224,8 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
     return _siglip_model_cfg(config)
   v, t = config.vision, config.text
   if (v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection
-      or t.pool != "argmax" or not t.causal or t.proj_bias or config.tokenizer != "clip"):
+      or t.pool not in ("argmax", "eos") or not t.causal or t.proj_bias
+      or config.tokenizer != ("xlmr" if t.pool == "eos" else "clip")):
     raise PretrainedError("this model's towers have no open_clip config equivalent (open_clip's "
                           "built-in CLIP: class-token ViT, causal text tower, CLIP BPE)")
   vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
@@ -225,6 +236,8 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
     vision["norm_kwargs"] = {"eps": v.ln_eps}
   if t.ln_eps != 1e-5:
     text["norm_kwargs"] = {"eps": t.ln_eps}
+  if t.pool == "eos":
+    text.update(hf_tokenizer_name=XLMV_TOKENIZER, pool_type="eos", eos_id=t.eos_id)
   cfg = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision,
          "text_cfg": text, "init_logit_scale": config.init_logit_scale}
   if config.init_logit_bias is not None:

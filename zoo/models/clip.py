@@ -185,7 +185,10 @@ class TextTransformer(nnx.Module):
       return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
     if self.cfg.pool == "last":
       return x[:, -1]
-    raise ValueError(f"unknown text pool {self.cfg.pool!r}; expected 'argmax' or 'last'")
+    if self.cfg.pool == "eos":  # the first EOS (open_clip's pool_type 'eos')
+      idx = jnp.argmax(token_ids == self.cfg.eos_id, axis=-1)
+      return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    raise ValueError(f"unknown text pool {self.cfg.pool!r}; expected 'argmax', 'last' or 'eos'")
 
   def __call__(self, token_ids: Array, *, trim_padding: bool = False) -> Array:
     """int32 [B, L] -> projected text embedding [B, E].

@@ -50,7 +50,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """Text tower. `pool` is 'argmax' (EOT = largest id, CLIP) or 'last' (SigLIP)."""
+  """Text tower. `pool` is 'argmax' (EOT = largest id, CLIP), 'last' (SigLIP) or 'eos' (the
+  first `eos_id`, MetaCLIP 2)."""
 
   context_length: int = 77
   vocab_size: int = 49408
@@ -65,6 +66,7 @@ class TextConfig:
   frozen_positions: int = 0  # leading position rows that pass no gradient (Long-CLIP: 20)
   act: str = ""  # '' = the model's quick_gelu choice; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
   projection: bool = True  # False: the pooled token is the embedding (SigLIP i18n SO400M)
+  eos_id: int = 2  # pool 'eos': the first position holding this id (MetaCLIP 2's XLM-V)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,7 @@ class CLIPConfig:
   init_logit_bias: float | None = None
   image_mean: tuple[float, float, float] = OPENAI_MEAN
   image_std: tuple[float, float, float] = OPENAI_STD
-  tokenizer: str = "clip"  # 'clip' (BPE) or a path to a sentencepiece .model
+  tokenizer: str = "clip"  # 'clip' (BPE), 'sentencepiece', 'xlmr' or a sentencepiece .model path
   dtype: str = "float32"  # compute dtype; parameters are always float32
 
   def to_dict(self) -> dict[str, Any]:
@@ -214,6 +216,18 @@ for _name, _cfg in (
       for s in (256, 384)),
 ):
   _MODELS[_name] = dataclasses.replace(_cfg, text=dataclasses.replace(_cfg.text, act="gelu_tanh"))
+# MetaCLIP 2 "worldwide": H / bigG towers, a causal text tower over the XLM-V vocabulary
+# (901,629 ids) pooled at the first EOS (id 2).
+for _name in ("ViT-H-14", "ViT-H-14-378", "ViT-bigG-14"):
+  _base = _MODELS[_name]
+  _MODELS[_name.replace("-14", "-14-worldwide")] = dataclasses.replace(
+      _base, text=dataclasses.replace(_base.text, vocab_size=901629, pool="eos", eos_id=2),
+      tokenizer="xlmr")
+_MODELS["ViT-bigG-14-worldwide-378"] = dataclasses.replace(
+    _MODELS["ViT-bigG-14-worldwide"],
+    vision=dataclasses.replace(_MODELS["ViT-bigG-14-worldwide"].vision, image_size=378))
+_MODELS["ViT-H-14-worldwide-quickgelu"] = dataclasses.replace(_MODELS["ViT-H-14-worldwide"],
+                                                              quick_gelu=True)
 # Long-CLIP releases (BeichenZhang/LongCLIP-B, -L): OpenAI towers, text read to 248 tokens.
 for _name in ("ViT-B-16", "ViT-L-14"):
   _MODELS[f"LongCLIP-{_name}"] = dataclasses.replace(
