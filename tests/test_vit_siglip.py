@@ -45,6 +45,8 @@ def _family(name: str) -> str | None:
     return "siglip2" if "SigLIP2" in name else "siglip"
   if "worldwide" in name:
     return "metaclip2"
+  if "CLIPA" in name:
+    return "clipa"
   if (isinstance(vision.get("layers"), int) and not cfg.get("custom_text")
       and not text.get("hf_model_name")
       and not vision.get("timm_model_name") and not vision.get("no_ln_pre")
@@ -90,7 +92,7 @@ def _round_trip(torch_model, model):
 
 
 @pytest.mark.parametrize("family,count", [("vit", 80), ("siglip", 11), ("siglip2", 15),
-                                          ("metaclip2", 5)])
+                                          ("metaclip2", 5), ("clipa", 7)])
 def test_every_pair_of_the_family_resolves(family, count):
   """Every (name, tag) of the family is in zoo's table with open_clip's hub repo and
   preprocessing, and its architecture is open_clip's config field for field."""
@@ -112,6 +114,13 @@ def test_every_pair_of_the_family_resolves(family, count):
                                     "file": "sentencepiece.bpe.model"}
       assert open_clip_config.config_from_open_clip_cfg(
           open_clip_config.open_clip_model_cfg(arch)) == dataclasses.replace(arch, tokenizer="xlmr")
+    if family == "clipa":  # BERT's tokenizer.json through the `tokenizers` library
+      assert entry["tokenizer"] == {"kind": "hf_tokenizers", "hf_hub": "bert-base-uncased",
+                                    "file": "tokenizer.json", "clean": "whitespace",
+                                    "strip_sep_token": True}
+      assert open_clip_config.config_from_open_clip_cfg(
+          open_clip_config.open_clip_model_cfg(arch)) == dataclasses.replace(
+              arch, image_mean=configs.OPENAI_MEAN, image_std=configs.OPENAI_STD)
     if family in ("siglip", "siglip2"):  # the export is open_clip's config, key for key
       back = open_clip_config.open_clip_model_cfg(arch)
       want = json.loads(json.dumps(open_clip.get_model_config(name)))
@@ -147,15 +156,20 @@ def test_trunk_table_equals_timm(trunk):
 
 
 TEXT_EOS = {"pool_type": "eos", "eos_id": 2, "vocab_size": 300}  # MetaCLIP 2 (XLM-V) text
+CLIPA = ({"no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
+         {"pool_type": "last", "no_causal_mask": True, "vocab_size": 300, "context_length": 32,
+          "hf_tokenizer_name": "bert-base-uncased", "tokenizer_kwargs": {"strip_sep_token": True}})
 
 
-@pytest.mark.parametrize("text", [{}, TEXT_EOS], ids=["vit", "metaclip2"])
-def test_native_vit_parity_and_round_trip(text):
+@pytest.mark.parametrize("vision,text", [({}, {}), ({}, TEXT_EOS), CLIPA],
+                         ids=["vit", "metaclip2", "clipa"])
+def test_native_vit_parity_and_round_trip(vision, text):
   """A g / bigG-shaped tower: head width 24, mlp_ratio 4.3637, 40 px at patch 8; MetaCLIP 2's
-  text tower pools at the first EOS (id 2) of XLM-R style rows (<s> ... </s> <pad>...)."""
+  text tower pools at the first EOS (id 2) of XLM-R style rows (<s> ... </s> <pad>...);
+  CLIPA: no ln_pre, mean of the patch tokens then ln_post, bidirectional last-token text."""
   oc_cfg = {"embed_dim": 40,
             "vision_cfg": {"image_size": 40, "layers": 2, "width": 48, "head_width": 24,
-                           "mlp_ratio": 4.3637, "patch_size": 8},
+                           "mlp_ratio": 4.3637, "patch_size": 8, **vision},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 40, "heads": 5,
                          "layers": 2, **text}}
   torch.manual_seed(0)
@@ -165,7 +179,10 @@ def test_native_vit_parity_and_round_trip(text):
   model = convert.from_open_clip(torch_model.state_dict(), config)
   images = np.random.default_rng(0).normal(size=(2, 40, 40, 3)).astype(np.float32)
   tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat", "two dogs"]).numpy()
-  if text:
+  if vision:
+    assert config.tokenizer == "hf_tokenizers" and not config.vision.ln_pre
+    tokens = np.random.default_rng(1).integers(1, 300, size=(3, 32))
+  elif text:
     assert config.text.pool == "eos" and config.tokenizer == "xlmr"
     tokens = np.ones((3, 77), np.int64)  # <pad> = 1
     for row, n in zip(tokens, (5, 20, 77)):
@@ -306,6 +323,38 @@ def test_gemma_tokenizer_ids_equal_open_clip(gemma_dir):
   assert want[1].tolist() == [1] + [0] * 15 and (want[2] != 0).all()  # EOS, pad 0, truncation
   np.testing.assert_array_equal(ours(TEXTS), want)
   assert isinstance(ours, tokenizers.SentencePieceTokenizer)
+
+
+def test_bert_tokenizer_json_ids_equal_open_clip(tmp_path):
+  """CLIPA's tokenizer: open_clip's HFTokenizer('bert-base-uncased', strip_sep_token=True) and
+  zoo's `tokenizers`-library reader on the same (tiny, trained here) WordPiece tokenizer.json."""
+  from tokenizers import BertWordPieceTokenizer
+  from tokenizers.processors import TemplateProcessing
+
+  rng = random.Random(1)
+  words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 6))) for _ in range(300)]
+  bert = BertWordPieceTokenizer(lowercase=True)
+  bert.train_from_iterator([" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)],
+                           vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                           "[MASK]"])
+  # as bert-base-uncased's tokenizer.json: [CLS] ... [SEP] added by its post-processor
+  bert.post_processor = TemplateProcessing(
+      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", bert.token_to_id("[CLS]")),
+                                               ("[SEP]", bert.token_to_id("[SEP]"))])
+  bert.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "BertTokenizerFast", "do_lower_case": True, "model_max_length": 512}))
+  model_cfg = open_clip.get_model_config("ViT-L-14-CLIPA")
+  ref = open_clip.tokenizer.HFTokenizer(str(tmp_path), context_length=8,
+                                        **model_cfg["text_cfg"]["tokenizer_kwargs"])
+  entry = open_clip_config.tokenizer_entry(model_cfg)
+  config = configs.get_model_config("ViT-L-14-CLIPA", text={"context_length": 8})
+  ours = pretrained.tokenizer_for({"tokenizer": entry}, config,
+                                  {"tokenizer": str(tmp_path / entry["file"])})
+  texts = ["ABC  def\tghij", "", "Ä bcd " * 10, "caf\u00e9 j"]
+  want = ref(texts).numpy()
+  assert (want == 0).any() and not (want == 3).any()  # [SEP] stripped to 0, padding
+  np.testing.assert_array_equal(ours(texts), want)
 
 
 # ----------------------------------------------------------------------------- loading

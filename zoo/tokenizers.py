@@ -417,7 +417,50 @@ class XLMRobertaTokenizer(_PicklableSentencePiece):
 # ----------------------------------------------------------------------------- by model name
 
 
-Tokenizer = ClipTokenizer | SentencePieceTokenizer | XLMRobertaTokenizer
+class HFTokenizersTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library: its normalizer, pre-tokenizer,
+  model and special-token template) padded and truncated to `context_length`, as
+  transformers' fast tokenizer with padding='max_length', truncation=True; `clean` first
+  (open_clip's HFTokenizer: 'whitespace'). `strip_sep_token` sets [SEP] to 0 (CLIPA's BERT)."""
+
+  def __init__(self, path: str, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
+               clean: str = "whitespace", strip_sep_token: bool = False,
+               pad_token: str = "[PAD]", sep_token: str = "[SEP]"):
+    from tokenizers import Tokenizer as _Tokenizer  # the optional `tokenizers` package
+
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer.json not found: {path}")
+    self.path, self.context_length = path, _check_context_length(context_length)
+    self.tok = _Tokenizer.from_file(path)
+    self.pad_token_id = self.tok.token_to_id(pad_token) or 0
+    self.sep_token_id = self.tok.token_to_id(sep_token) if strip_sep_token else None
+    self.clean_fn = get_clean_fn(clean)
+    self.clean = clean
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["tok"], state["clean_fn"] = self.tok.to_str(), None
+    return state
+
+  def __setstate__(self, state):
+    from tokenizers import Tokenizer as _Tokenizer
+
+    state = dict(state, tok=_Tokenizer.from_str(state["tok"]),
+                 clean_fn=get_clean_fn(state["clean"]))
+    self.__dict__.update(state)
+
+  def __call__(self, texts: Texts, context_length: int | None = None) -> np.ndarray:
+    length = _check_context_length(context_length or self.context_length)
+    self.tok.enable_truncation(max_length=length)
+    self.tok.enable_padding(length=length, pad_id=self.pad_token_id)
+    rows = np.asarray([e.ids for e in self.tok.encode_batch(
+        [self.clean_fn(t) for t in _as_list(texts)])], dtype=np.int32).reshape(-1, length)
+    if self.sep_token_id is not None:
+      rows[rows == self.sep_token_id] = 0
+    return rows
+
+
+Tokenizer = ClipTokenizer | SentencePieceTokenizer | XLMRobertaTokenizer | HFTokenizersTokenizer
 
 
 def _model_config(name: str):

@@ -61,9 +61,10 @@ def _transformer_rules(zoo: tuple, key: str, width: int, heads: int, layers: int
 def _check_clip_layout(config: configs.CLIPConfig) -> None:
   v, t = config.vision, config.text
   unsupported = []
-  if v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection:
-    unsupported.append("vision tower (needs class-token pooling, ln_pre, no patch bias, proj)")
-  if t.pool not in ("argmax", "eos") or t.proj_bias:
+  if v.pool not in ("tok", "avg") or not v.class_token or v.patch_bias or not v.projection:
+    unsupported.append("vision tower (needs class-token or average pooling, no patch bias, "
+                       "proj)")
+  if t.pool not in ("argmax", "eos", "last") or t.proj_bias:
     unsupported.append("text tower (needs argmax or EOS pooling and a bias-free "
                        "text_projection)")
   if unsupported:
@@ -78,7 +79,7 @@ def _clip_rules(config: configs.CLIPConfig) -> list[Rule]:
       conv_patch(("visual", "patch_kernel"), "visual.conv1.weight"),
       identity(("visual", "class_embedding"), "visual.class_embedding"),
       identity(("visual", "positional_embedding"), "visual.positional_embedding"),
-      *layer_norm(("visual", "ln_pre"), "visual.ln_pre"),
+      *(layer_norm(("visual", "ln_pre"), "visual.ln_pre") if v.ln_pre else []),
       *_transformer_rules(("visual", "transformer"), "visual.transformer", v.width, v.heads,
                           v.layers),
       *layer_norm(("visual", "ln_post"), "visual.ln_post"),

@@ -79,12 +79,18 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConf
   if model_cfg.get("custom_text") or t.get("hf_model_name"):
     raise PretrainedError("open_clip config uses a custom / Hugging Face text tower "
                           "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
-  _check_fixed(v, _VISION_FIXED, "vision_cfg")
+  _check_fixed(v, {k: d for k, d in _VISION_FIXED.items()
+                   if k not in ("no_ln_pre", "pool_type", "final_ln_after_pool")}, "vision_cfg")
+  if v.get("pool_type", "tok") not in ("tok", "avg"):
+    raise PretrainedError(f"open_clip config vision_cfg.pool_type={v['pool_type']!r} is not "
+                          "implemented in zoo (supported: 'tok', 'avg')")
   pool = t.get("pool_type", "argmax")
-  if pool not in ("argmax", "eos"):
+  if pool not in ("argmax", "eos", "last"):
     raise PretrainedError(f"open_clip config text_cfg.pool_type={pool!r} is not implemented in "
-                          "zoo (supported: 'argmax', 'eos')")
-  _check_fixed(t, {k: d for k, d in _TEXT_FIXED.items() if k != "pool_type"}, "text_cfg")
+                          "zoo (supported: 'argmax', 'eos', 'last')")
+  _check_fixed(t, {k: d for k, d in _TEXT_FIXED.items() if k not in ("pool_type",
+                                                                      "no_causal_mask")},
+               "text_cfg")
   if v.get("layers") is None or isinstance(v.get("layers"), (list, tuple)):
     raise PretrainedError("open_clip config has a ResNet vision tower (layers is a list); zoo "
                           "implements ViT towers")
@@ -93,15 +99,19 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any]) -> registry.CLIPConf
       image_size=_one_size(v.get("image_size", 224), "image_size"),
       patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
       layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
-      mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
+      mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v),
+      ln_pre=not v.get("no_ln_pre", False), pool=v.get("pool_type", "tok"),
+      final_ln_after_pool=bool(v.get("final_ln_after_pool", False)))
   text = registry.TextConfig(
       context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
       width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
       mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t), pool=pool,
-      eos_id=int(t.get("eos_id", 2)))
+      eos_id=int(t.get("eos_id", 2)), causal=not t.get("no_causal_mask", False))
   extra = {}
   if pool == "eos":  # MetaCLIP 2: the XLM-V vocabulary (fairseq / XLM-R id convention)
     extra["tokenizer"] = "xlmr"
+  elif t.get("hf_tokenizer_name"):  # CLIPA: BERT's tokenizer.json
+    extra["tokenizer"] = "hf_tokenizers"
   if model_cfg.get("init_logit_scale") is not None:
     extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
   if model_cfg.get("init_logit_bias") is not None:
@@ -201,6 +211,11 @@ def tokenizer_entry(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"kind": "clip"}
   entry = {"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
+  if not model_cfg.get("custom_text") and text.get("pool_type") == "last":  # CLIPA: BERT
+    kwargs = text.get("tokenizer_kwargs") or {}
+    return {"kind": "hf_tokenizers", "hf_hub": text["hf_tokenizer_name"],
+            "file": "tokenizer.json", "clean": kwargs.get("clean", "whitespace"),
+            "strip_sep_token": bool(kwargs.get("strip_sep_token", False))}
   if text.get("pool_type") == "eos":  # XLM-V: sentencepiece + fairseq ids, as XLM-R
     return {"kind": "xlmr", "hf_hub": text["hf_tokenizer_name"], "file": "sentencepiece.bpe.model"}
   if int(text.get("vocab_size", 0)) == 256000:
@@ -223,9 +238,10 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
   if config.vision.pool == "map" and config.kind == "siglip":
     return _siglip_model_cfg(config)
   v, t = config.vision, config.text
-  if (v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection
-      or t.pool not in ("argmax", "eos") or not t.causal or t.proj_bias
-      or config.tokenizer != ("xlmr" if t.pool == "eos" else "clip")):
+  tokenizer = {"eos": "xlmr", "last": "hf_tokenizers"}.get(t.pool, "clip")
+  if (v.pool not in ("tok", "avg") or not v.class_token or v.patch_bias or not v.projection
+      or t.pool not in ("argmax", "eos", "last") or t.causal != (t.pool != "last")
+      or t.proj_bias or config.tokenizer != tokenizer):
     raise PretrainedError("this model's towers have no open_clip config equivalent (open_clip's "
                           "built-in CLIP: class-token ViT, causal text tower, CLIP BPE)")
   vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
@@ -238,6 +254,16 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
     text["norm_kwargs"] = {"eps": t.ln_eps}
   if t.pool == "eos":
     text.update(hf_tokenizer_name=XLMV_TOKENIZER, pool_type="eos", eos_id=t.eos_id)
+  if t.pool == "last":  # CLIPA
+    text.update(hf_tokenizer_name="bert-base-uncased",
+                tokenizer_kwargs={"strip_sep_token": True}, pool_type="last",
+                no_causal_mask=True)
+  if not v.ln_pre:
+    vision["no_ln_pre"] = True
+  if v.pool != "tok":
+    vision["pool_type"] = v.pool
+  if v.final_ln_after_pool:
+    vision["final_ln_after_pool"] = True
   cfg = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision,
          "text_cfg": text, "init_logit_scale": config.init_logit_scale}
   if config.init_logit_bias is not None:

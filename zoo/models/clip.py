@@ -109,7 +109,8 @@ class VisionTransformer(nnx.Module):
     return self.attn_pool(self.patch_tokens(patches, spatial_shapes, mask), mask)
 
   def tokens(self, images: Array) -> Array:
-    """All output tokens after the final LayerNorm: [B, N(+1), width]."""
+    """All output tokens after the final LayerNorm (before it with `final_ln_after_pool`):
+    [B, N(+1), width]."""
     if self.cfg.naflex:
       b, h, w, _ = images.shape
       p = self.cfg.patch_size
@@ -127,15 +128,19 @@ class VisionTransformer(nnx.Module):
     if self.ln_pre is not None:
       x = self.ln_pre(x)
     x = self.transformer(x)
-    return self.ln_post(x)
+    return x if self.cfg.final_ln_after_pool else self.ln_post(x)
 
   def __call__(self, images: Array, *, return_tokens: bool = False):
     """Pooled, projected image embedding [B, E] (and the patch tokens [B, N, width])."""
-    x = self.tokens(images)
+    x = self.tokens(images)  # before ln_post when it follows the pooling (CLIPA)
     if self.attn_pool is not None:
       pooled = self.attn_pool(x)
+    elif self.cfg.pool == "avg":  # mean of the patch tokens (open_clip pool_type 'avg')
+      pooled = x[:, 1:].mean(axis=1) if self.class_embedding is not None else x.mean(axis=1)
     else:
       pooled = x[:, 0]
+    if self.cfg.final_ln_after_pool:
+      pooled = self.ln_post(pooled)
     if self.proj is not None:
       pooled = pooled @ self.proj[...].astype(pooled.dtype)
     if return_tokens:

@@ -23,7 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """Vision tower. `pool` is 'tok' (class token, CLIP) or 'map' (attention pooling, SigLIP)."""
+  """Vision tower. `pool` is 'tok' (class token, CLIP), 'map' (attention pooling, SigLIP) or
+  'avg' (mean of the patch tokens, CLIPA)."""
 
   image_size: int = 224
   patch_size: int = 16
@@ -42,6 +43,7 @@ class VisionConfig:
   # resized per image; at most `max_patches` patches per image (0 = no limit).
   naflex: bool = False
   max_patches: int = 0
+  final_ln_after_pool: bool = False  # ln_post on the pooled token, not all tokens (CLIPA)
 
   @property
   def grid_size(self) -> int:
@@ -228,6 +230,19 @@ _MODELS["ViT-bigG-14-worldwide-378"] = dataclasses.replace(
     vision=dataclasses.replace(_MODELS["ViT-bigG-14-worldwide"].vision, image_size=378))
 _MODELS["ViT-H-14-worldwide-quickgelu"] = dataclasses.replace(_MODELS["ViT-H-14-worldwide"],
                                                               quick_gelu=True)
+# CLIPA (UCSC-VLAA): no ln_pre, the patch tokens averaged then ln_post; a bidirectional text
+# tower over BERT's uncased WordPiece vocabulary, 32 tokens, pooled at the last position.
+for _name, _vit_name in (("ViT-L-14", "ViT-L-14"), ("ViT-H-14", "ViT-H-14"),
+                         ("ViT-bigG-14", "ViT-bigG-14")):
+  _base = _MODELS[_vit_name]
+  for _size in (224, 336):
+    _MODELS[f"{_name}-CLIPA{'' if _size == 224 else f'-{_size}'}"] = dataclasses.replace(
+        _base,
+        vision=dataclasses.replace(_base.vision, image_size=_size, ln_pre=False, pool="avg",
+                                   final_ln_after_pool=True),
+        text=dataclasses.replace(_base.text, context_length=32, vocab_size=32000, causal=False,
+                                 pool="last"),
+        tokenizer="hf_tokenizers")
 # Long-CLIP releases (BeichenZhang/LongCLIP-B, -L): OpenAI towers, text read to 248 tokens.
 for _name in ("ViT-B-16", "ViT-L-14"):
   _MODELS[f"LongCLIP-{_name}"] = dataclasses.replace(

@@ -299,6 +299,10 @@ def tokenizer_for(entry: Mapping[str, Any], model_config: Any, paths: Mapping[st
                                              pad_id=tok.get("pad_id"))
   if tok["kind"] == "xlmr":
     return tokenizers.XLMRobertaTokenizer(paths["tokenizer"], length)
+  if tok["kind"] == "hf_tokenizers":  # a tokenizer.json (CLIPA's BERT)
+    return tokenizers.HFTokenizersTokenizer(paths["tokenizer"], length,
+                                            clean=tok.get("clean", "whitespace"),
+                                            strip_sep_token=tok.get("strip_sep_token", False))
   raise hub.PretrainedError(f"unknown tokenizer kind {tok['kind']!r} in the pretrained table")
 
 
