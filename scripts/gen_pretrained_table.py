@@ -53,14 +53,7 @@ def _url_sha(url: str) -> str | None:
 
 
 def _tokenizer(model_cfg: dict) -> dict:
-  text = model_cfg.get("text_cfg", {})
-  if text.get("hf_model_name"):  # open_clip's HFTokenizer over the hub repo's tokenizer.json
-    return {"kind": "hf", "hf_hub": text["hf_tokenizer_name"], "file": "tokenizer.json",
-            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace")}
-  if text.get("hf_tokenizer_name"):
-    return {"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
-            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
-  return {"kind": "clip"}
+  return open_clip_config.tokenizer_entry(model_cfg)
 
 
 def open_clip_entries() -> tuple[dict, dict, int]:
@@ -144,36 +137,33 @@ def build() -> dict:
           "models": models, "unsupported": unsupported}
 
 
+# open_clip's table by family (name patterns, first match wins), for the per-family count.
+FAMILIES = (("SigLIP 2", ("SigLIP2",)), ("SigLIP", ("SigLIP",)), ("NLLB-CLIP", ("nllb",)),
+            ("CLIPA", ("CLIPA",)), ("EVA", ("EVA",)), ("PE-Core", ("PE-Core",)),
+            ("MetaCLIP 2 worldwide", ("worldwide",)), ("ViTamin", ("ViTamin",)),
+            ("MobileCLIP", ("MobileCLIP",)), ("ConvNeXt", ("convnext",)), ("CoCa", ("coca",)),
+            ("HF text towers", ("roberta",)), ("ModifiedResNet", ("RN",)), ("ViT", ("ViT-",)))
+
+
+def family_of(name: str) -> str:
+  return next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
+
+
+def family_counts(data: dict) -> list[tuple[str, int, int]]:
+  """(family, pairs zoo serves, open_clip's pairs) in FAMILIES order."""
+  served = {(n, t) for n, tags in data["models"].items() for t in tags}
+  counts: dict[str, list[int]] = {f: [0, 0] for f, _ in FAMILIES}
+  for name, tag in open_clip.list_pretrained():
+    c = counts.setdefault(family_of(name), [0, 0])
+    c[0] += (name, tag) in served
+    c[1] += 1
+  return [(f, a, b) for f, (a, b) in counts.items() if b]
+
+
 def _short(values: list[float]) -> str:
   known = {tuple(configs.OPENAI_MEAN): "OpenAI", tuple(configs.OPENAI_STD): "OpenAI",
            (0.5, 0.5, 0.5): "0.5"}
   return known.get(tuple(values), "/".join(f"{v:g}" for v in values))
-
-
-# open_clip's names by family (first matching substring wins), for the per-family counts.
-FAMILIES = (("-worldwide", "MetaCLIP 2 worldwide"), ("SigLIP2", "SigLIP 2"), ("SigLIP", "SigLIP"),
-            ("CLIPA", "CLIPA"), ("EVA", "EVA"), ("PE-Core", "PE-Core"),
-            ("MobileCLIP", "MobileCLIP / MobileCLIP 2"), ("ViTamin", "ViTamin"),
-            ("coca_", "CoCa"), ("convnext", "ConvNeXt"), ("nllb-clip", "NLLB-CLIP"),
-            ("roberta", "RoBERTa / XLM-R text towers"), ("RN", "ModifiedResNet"),
-            ("ViT-", "ViT (built-in)"))
-
-
-def family_of(name: str) -> str:
-  return next(label for key, label in FAMILIES if key in name)
-
-
-def family_counts(data: dict) -> list[tuple[str, int, int]]:
-  """(family, open_clip pairs, served) over open_clip's table."""
-  counts: dict[str, list[int]] = {label: [0, 0] for _, label in FAMILIES}
-  for name, tags in data["models"].items():
-    for e in tags.values():
-      if e["layout"] == "open_clip":
-        counts[family_of(name)][0] += 1
-        counts[family_of(name)][1] += 1
-  for name, u in data["unsupported"].items():
-    counts[family_of(name)][0] += len(u["tags"])
-  return [(label, n, served) for label, (n, served) in counts.items() if n]
 
 
 def render_docs(data: dict) -> str:
@@ -194,9 +184,9 @@ def render_docs(data: dict) -> str:
       "with QuickGELU are built with the `-quickgelu` architecture. `hf-hub:ORG/REPO` loads "
       "any open_clip-format or transformers CLIP repo.",
       "",
-      "| family | open_clip pairs | served |",
+      "| family | zoo serves | open_clip's pairs |",
       "|---|---|---|",
-      *[f"| {label} | {n} | {served} |" for label, n, served in family_counts(data)],
+      *(f"| {f} | {a} | {b} |" for f, a, b in family_counts(data)),
       "",
       "| name | tag | hub repo | weights | mean / std | resize | tokenizer |",
       "|---|---|---|---|---|---|---|",

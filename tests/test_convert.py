@@ -214,8 +214,8 @@ def test_wrong_architecture_name_is_reported_with_shapes(b32):
     convert.from_open_clip(b32.state_dict(), "ViT-B-16")
 
 
-def test_hf_layout_rejects_siglip_models():
-  with pytest.raises(ValueError, match="CLIPModel layout"):
+def test_hf_layout_rejects_siglip_models_with_a_vision_projection():
+  with pytest.raises(ValueError, match="SiglipModel / Siglip2Model layout"):
     convert.to_hf(nnx.eval_shape(lambda: zoo.create("test-tiny-siglip")))
 
 

@@ -127,7 +127,7 @@ def test_sharded_checkpoint_shard_by_shard(tmp_path, monkeypatch):
 
 
 def test_bad_inputs():
-  with pytest.raises(ValueError, match=r"'gpt2'.*supported: clip, llama, qwen2, qwen3"):
+  with pytest.raises(ValueError, match=r"'gpt2'.*supported: clip, siglip, siglip2, llama, qwen2, qwen3"):
     zoo.convert.from_hf({}, {"model_type": "gpt2"})
   with pytest.raises(ValueError, match="rope_type 'yarn'"):
     llm_convert.config_from_hf(dict(CONFIGS["qwen2"], model_type="qwen2",

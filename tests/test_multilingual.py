@@ -464,16 +464,16 @@ def test_cli_mclip_unknown_or_local_model_base_and_round_trip(tmp_path, teacher_
 
 def test_from_hf_names_an_unsupported_model_type(tmp_path):
   from zoo.convert import hf
-  with pytest.raises(ValueError, match="model_type 'siglip'"):
-    hf.config_from_hf({"model_type": "siglip", "vision_config": {}, "text_config": {}})
+  with pytest.raises(ValueError, match="model_type 'blip'"):
+    hf.config_from_hf({"model_type": "blip", "vision_config": {}, "text_config": {}})
   (tmp_path / "config.json").write_text(json.dumps(
-      {"model_type": "siglip", "vision_config": {"hidden_act": "gelu_pytorch_tanh"},
+      {"model_type": "blip", "vision_config": {"hidden_act": "gelu_pytorch_tanh"},
        "text_config": {"hidden_act": "gelu_pytorch_tanh"}}))
   from safetensors.numpy import save_file
   save_file({"logit_scale": np.zeros((1,), np.float32)}, str(tmp_path / "w.safetensors"))
   r = _convert("from-hf", "--model", tmp_path / "config.json", "--input", tmp_path / "w.safetensors",
                "--output", tmp_path / "o")
-  assert r.returncode == 2 and "model_type 'siglip'" in r.stderr, r.stderr
+  assert r.returncode == 2 and "model_type 'blip'" in r.stderr, r.stderr
 
 
 # ----------------------------------------------------------------------------- data: field hook

@@ -422,7 +422,8 @@ class HFTokenizer:
   """
 
   def __init__(self, path: str, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
-               clean: str = "whitespace", pad_id: int | None = None):
+               clean: str = "whitespace", pad_id: int | None = None,
+               strip_sep_token: bool = False):
     try:
       import tokenizers
     except ImportError:
@@ -436,20 +437,23 @@ class HFTokenizer:
     self.tokenizer = tokenizers.Tokenizer.from_file(path)
     self.tokenizer.no_padding()
     self.tokenizer.no_truncation()
+    for token in ("<pad>", "[PAD]"):  # RoBERTa / XLM-R / NLLB; BERT
+      if pad_id is None:
+        pad_id = self.tokenizer.token_to_id(token)
     if pad_id is None:
-      pad_id = self.tokenizer.token_to_id("<pad>")
-    if pad_id is None:
-      raise ValueError(f"{path}: no <pad> token; pass pad_id")
+      raise ValueError(f"{path}: no <pad> or [PAD] token; pass pad_id")
     self.pad_token_id = int(pad_id)
+    # open_clip's strip_sep_token (CLIPA's BERT): [SEP] ids become padding
+    self.sep_token_id = self.tokenizer.token_to_id("[SEP]") if strip_sep_token else None
     self.vocab_size = self.tokenizer.get_vocab_size()
 
   def __getstate__(self):
     return {"path": self.path, "context_length": self.context_length, "clean": self.clean_name,
-            "pad_id": self.pad_token_id}
+            "pad_id": self.pad_token_id, "strip_sep_token": self.sep_token_id is not None}
 
   def __setstate__(self, state):
     self.__init__(state["path"], state["context_length"], clean=state["clean"],
-                  pad_id=state["pad_id"])
+                  pad_id=state["pad_id"], strip_sep_token=state.get("strip_sep_token", False))
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text` without special tokens."""
@@ -466,7 +470,10 @@ class HFTokenizer:
       rows = [e.ids for e in self.tokenizer.encode_batch([self.clean(t) for t in _as_list(texts)])]
     finally:
       self.tokenizer.no_truncation()
-    return _pack_rows(rows, length, self.pad_token_id, None)
+    out = _pack_rows(rows, length, self.pad_token_id, None)
+    if self.sep_token_id is not None:
+      out[out == self.sep_token_id] = 0
+    return out
 
 
 # ----------------------------------------------------------------------------- by model name
@@ -524,6 +531,10 @@ def get_tokenizer(name: str, context_length: int | None = None, *,
     raise ValueError(
         f"Model {name!r} uses a sentencepiece tokenizer ({kind!r}) and no .model file is known; "
         "pass it: get_tokenizer(name, model_path='.../spiece.model')")
+  if kind == "xlmr":  # XLM-V / XLM-R vocabularies (MetaCLIP 2 worldwide)
+    return XLMRobertaTokenizer(path, length)
+  if config.text.vocab_size == 256000:  # SigLIP 2's Gemma vocabulary pads with 0
+    kwargs = dict(kwargs, pad_id=kwargs.get("pad_id", 0))
   return SentencePieceTokenizer(path, length, **kwargs)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo.convert import common, llm
+from zoo.convert import common, hf_siglip, llm
 from zoo.convert.common import Rule, attn_out, conv_patch, identity, layer_norm, linear
 from zoo.models import clip as clip_lib, configs as registry
 
@@ -86,9 +86,12 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> registry.CLIPConfig:
   if hasattr(hf_config, "to_dict"):
     hf_config = hf_config.to_dict()
   model_type = hf_config.get("model_type", "clip")
+  if model_type in hf_siglip.MODEL_TYPES:
+    return hf_siglip.config_from_hf(hf_config)
   if model_type != "clip":
     raise ValueError(f"HF config model_type {model_type!r} is not supported by from-hf: it "
-                     "converts transformers CLIPModel (model_type 'clip') only")
+                     "converts transformers CLIPModel, SiglipModel and Siglip2Model "
+                     "(model_type 'clip', 'siglip', 'siglip2')")
   try:
     vc, tc = hf_config["vision_config"], hf_config["text_config"]
   except KeyError as e:
@@ -122,7 +125,10 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> registry.CLIPConfig:
 
 
 def config_to_hf(config: registry.CLIPConfig) -> dict[str, Any]:
-  """A transformers CLIPConfig dict for `config` (`transformers.CLIPConfig(**d)`)."""
+  """A transformers CLIPConfig dict for `config` (`transformers.CLIPConfig(**d)`); a SigLIP
+  model gives a SiglipConfig (Siglip2Config for NaFlex) dict."""
+  if config.kind == "siglip":
+    return hf_siglip.config_to_hf(config)
   _check_layout(config)
   v, t = config.vision, config.text
   act = "quick_gelu" if config.quick_gelu else "gelu"
@@ -160,7 +166,8 @@ def _resolve(name_or_config: str | registry.CLIPConfig | Mapping[str, Any]
 
 def from_hf(state_dict: Mapping[str, Any],
             name_or_config: str | registry.CLIPConfig | Mapping[str, Any]) -> clip_lib.CLIP:
-  """A zoo CLIP holding a transformers CLIPModel state dict's weights.
+  """A zoo CLIP holding a transformers CLIPModel (or SiglipModel / Siglip2Model: the config's
+  `model_type` decides) state dict's weights.
 
   `name_or_config`: a zoo/open_clip name ('ViT-B-32-quickgelu' for openai/clip-vit-base-patch32),
   a zoo CLIPConfig, or the HF config (dict or transformers.CLIPConfig).
@@ -168,20 +175,25 @@ def from_hf(state_dict: Mapping[str, Any],
   if _llm_config(name_or_config):
     return llm.from_hf(state_dict, name_or_config)
   config, label = _resolve(name_or_config)
+  if config.kind == "siglip":
+    return hf_siglip.from_hf(state_dict, config, label)
   return common.convert_from_torch(state_dict, rules_for(config), config, layout="HF CLIPModel",
                                    model=label, ignore=_ignored)
 
 
 def to_hf(model: nnx.Module) -> dict[str, np.ndarray]:
-  """The transformers CLIPModel state dict of `model` (load_state_dict(strict=True) works)."""
+  """The transformers CLIPModel (SiglipModel, Siglip2Model; LlamaModel / Qwen2Model / Qwen3Model
+  for an LLM tower) state dict of `model` (load_state_dict(strict=True) works)."""
   if isinstance(model, llm.llm_lib.LLM):
     return llm.to_hf(model)
+  if getattr(model.config, "kind", "clip") == "siglip":
+    return hf_siglip.to_hf(model)
   return common.convert_to_torch(model, rules_for(model.config), layout="HF CLIPModel")
 
 
 # ----------------------------------------------------------------------------- LLM text towers
 
-SUPPORTED_MODEL_TYPES = ("clip",) + llm.MODEL_TYPES
+SUPPORTED_MODEL_TYPES = ("clip", *hf_siglip.MODEL_TYPES, *llm.MODEL_TYPES)
 
 
 def _llm_config(config: Any) -> bool:

@@ -64,10 +64,12 @@ def _transformer_rules(zoo: tuple, key: str, width: int, heads: int, layers: int
 def _check_clip_layout(config: configs.CLIPConfig) -> None:
   v, t = config.vision, config.text
   unsupported = []
-  if v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection:
-    unsupported.append("vision tower (needs class-token pooling, ln_pre, no patch bias, proj)")
-  if t.pool != "argmax" or t.proj_bias:
-    unsupported.append("text tower (needs argmax pooling and a bias-free text_projection)")
+  if v.pool not in ("tok", "avg") or not v.class_token or v.patch_bias or not v.projection:
+    unsupported.append("vision tower (needs class-token or average pooling, no patch bias, "
+                       "proj)")
+  if t.pool not in ("argmax", "eos", "last") or t.proj_bias:
+    unsupported.append("text tower (needs argmax or EOS pooling and a bias-free "
+                       "text_projection)")
   if unsupported:
     raise ValueError("open_clip's CLIP layout cannot hold this model's " + " and ".join(unsupported))
 
@@ -80,7 +82,7 @@ def _clip_rules(config: configs.CLIPConfig) -> list[Rule]:
       conv_patch(("visual", "patch_kernel"), "visual.conv1.weight"),
       identity(("visual", "class_embedding"), "visual.class_embedding"),
       identity(("visual", "positional_embedding"), "visual.positional_embedding"),
-      *layer_norm(("visual", "ln_pre"), "visual.ln_pre"),
+      *(layer_norm(("visual", "ln_pre"), "visual.ln_pre") if v.ln_pre else []),
       *_transformer_rules(("visual", "transformer"), "visual.transformer", v.width, v.heads,
                           v.layers),
       *layer_norm(("visual", "ln_post"), "visual.ln_post"),
@@ -104,10 +106,10 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
   """Rules for open_clip `CustomTextCLIP` with a timm ViT trunk (MAP head) and `text.*` tower."""
   v, t = config.vision, config.text
   if (v.pool != "map" or v.class_token or v.ln_pre or not v.patch_bias or v.projection
-      or t.pool != "last" or t.causal or not t.proj_bias):
+      or t.pool != "last" or t.causal or t.proj_bias != t.projection):
     raise ValueError("open_clip's SigLIP (timm trunk) layout needs MAP pooling, no class token, "
                      "no ln_pre, a patch bias, no vision projection, last-token text pooling, "
-                     "no causal mask and a text projection bias")
+                     "no causal mask and a text projection with a bias (or none)")
   rules = [
       conv_patch(("visual", "patch_kernel"), "visual.trunk.patch_embed.proj.weight"),
       identity(("visual", "patch_bias"), "visual.trunk.patch_embed.proj.bias"),
@@ -135,11 +137,11 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
       *_transformer_rules(("text", "transformer"), "text.transformer", t.width, t.heads,
                           t.layers),
       *layer_norm(("text", "ln_final"), "text.ln_final"),
-      # open_clip's text_projection with a bias is an nn.Linear: weight [E, W].
-      common.transposed(("text", "text_projection"), "text.text_projection.weight"),
-      identity(("text", "proj_bias"), "text.text_projection.bias"),
       identity(("logit_scale",), "logit_scale"),
   ]
+  if t.projection:  # open_clip's text_projection with a bias is an nn.Linear: weight [E, W]
+    rules += [common.transposed(("text", "text_projection"), "text.text_projection.weight"),
+              identity(("text", "proj_bias"), "text.text_projection.bias")]
   if config.init_logit_bias is not None:
     rules.append(identity(("logit_bias",), "logit_bias"))
   return rules

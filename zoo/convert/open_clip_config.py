@@ -8,6 +8,7 @@ implement is a `PretrainedError`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from zoo.convert import mclip
@@ -25,9 +26,29 @@ _TEXT_FIXED = dict(ls_init_value=None, embed_cls=False, no_causal_mask=False,
                    proj_type="linear", act_kwargs=None, block_type=None, qk_norm=False,
                    scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
                    scale_attn=False, scale_fc=False, hf_model_name=None)
-# timm trunks (open_clip's SigLIP configs) -> the zoo architecture with the same towers.
-TIMM_TRUNKS = {"vit_base_patch16_siglip_224": "ViT-B-16-SigLIP"}
-SIGLIP_TOKENIZERS = {"ViT-B-16-SigLIP": "timm/ViT-B-16-SigLIP"}
+# timm SigLIP trunks open_clip builds (timm's vision_transformer.py): name -> patch, width,
+# depth, heads, mlp_ratio, activation ('' = GELU, the model's default).
+def _trunks() -> dict[str, tuple]:
+  out = {"vit_base_patch32_siglip_256": (32, 768, 12, 12, 4.0, "gelu_tanh")}
+  for size in (224, 256, 384, 512):
+    out[f"vit_base_patch16_siglip_{size}"] = (16, 768, 12, 12, 4.0, "")
+  for size in (256, 384, 512):
+    out[f"vit_large_patch16_siglip_{size}"] = (16, 1024, 24, 16, 4.0,
+                                               "gelu_tanh" if size == 512 else "")
+    out[f"vit_so400m_patch16_siglip_{size}"] = (16, 1152, 27, 16, 3.7362, "gelu_tanh")
+  for size in (224, 378, 384):
+    out[f"vit_so400m_patch14_siglip_{size}"] = (14, 1152, 27, 16, 3.7362, "")
+  for size in (256, 384):
+    out[f"vit_giantopt_patch16_siglip_{size}"] = (16, 1536, 40, 16, 4.0, "gelu_tanh")
+  return out
+
+
+TIMM_TRUNKS = _trunks()
+# hf_tokenizer_name of an exported SigLIP config, by text vocabulary size (the repos' files).
+SIGLIP_TOKENIZERS = {32000: "timm/ViT-B-16-SigLIP", 250000: "timm/ViT-B-16-SigLIP-i18n-256",
+                     256000: "timm/ViT-B-16-SigLIP2"}
+_TEXT_ACTS = {"gelu_tanh": {"approximate": "tanh"}}
+XLMV_TOKENIZER = "facebook/xlm-v-base"  # MetaCLIP 2 worldwide
 
 
 def _one_size(value: Any, key: str) -> int:
@@ -120,27 +141,22 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
   if v.get("timm_model_name") in convnext.TIMM_CONVNEXTS:
     return _convnext_config(model_cfg)
   if v.get("timm_model_name"):
-    base = TIMM_TRUNKS.get(v["timm_model_name"])
-    if base is None:
-      raise PretrainedError(f"open_clip config uses timm trunk {v['timm_model_name']!r}; zoo "
-                            f"implements {', '.join(TIMM_TRUNKS)}")
-    config = registry.get_model_config(base)
-    want = dict(image_size=config.vision.image_size, context_length=config.text.context_length,
-                vocab_size=config.text.vocab_size, width=config.text.width,
-                layers=config.text.layers, heads=config.text.heads,
-                embed_dim=config.embed_dim)
-    got = dict(image_size=_one_size(v.get("image_size", 224), "image_size"),
-               **{k: t.get(k) for k in ("context_length", "vocab_size", "width", "layers",
-                                        "heads")}, embed_dim=model_cfg.get("embed_dim"))
-    if got != want or v.get("timm_pool") != "map" or v.get("timm_proj") != "none":
-      raise PretrainedError(f"open_clip config with timm trunk {v['timm_model_name']!r} differs "
-                            f"from zoo's {base} ({got} vs {want})")
-    return config
+    return _siglip_config(model_cfg, v, t)
   if model_cfg.get("custom_text") or t.get("hf_model_name"):
     raise PretrainedError("open_clip config uses a custom / Hugging Face text tower "
                           "(custom_text, hf_model_name), which zoo's open_clip layout lacks")
-  _check_fixed(v, _VISION_FIXED, "vision_cfg")
-  _check_fixed(t, _TEXT_FIXED, "text_cfg")
+  _check_fixed(v, {k: d for k, d in _VISION_FIXED.items()
+                   if k not in ("no_ln_pre", "pool_type", "final_ln_after_pool")}, "vision_cfg")
+  if v.get("pool_type", "tok") not in ("tok", "avg"):
+    raise PretrainedError(f"open_clip config vision_cfg.pool_type={v['pool_type']!r} is not "
+                          "implemented in zoo (supported: 'tok', 'avg')")
+  pool = t.get("pool_type", "argmax")
+  if pool not in ("argmax", "eos", "last"):
+    raise PretrainedError(f"open_clip config text_cfg.pool_type={pool!r} is not implemented in "
+                          "zoo (supported: 'argmax', 'eos', 'last')")
+  _check_fixed(t, {k: d for k, d in _TEXT_FIXED.items() if k not in ("pool_type",
+                                                                      "no_causal_mask")},
+               "text_cfg")
   if v.get("layers") is None:
     raise PretrainedError("open_clip config's vision_cfg has no 'layers'")
   width = int(v.get("width", 768))
@@ -153,12 +169,19 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
         image_size=_one_size(v.get("image_size", 224), "image_size"),
         patch_size=_one_size(v.get("patch_size", 16), "patch_size"), width=width,
         layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
-        mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v))
+        mlp_ratio=float(v.get("mlp_ratio", 4.0)), ln_eps=_eps(v),
+        ln_pre=not v.get("no_ln_pre", False), pool=v.get("pool_type", "tok"),
+        final_ln_after_pool=bool(v.get("final_ln_after_pool", False)))
   text = registry.TextConfig(
       context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)),
       width=int(t.get("width", 512)), heads=int(t.get("heads", 8)), layers=int(t.get("layers", 12)),
-      mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t))
+      mlp_ratio=float(t.get("mlp_ratio", 4.0)), ln_eps=_eps(t), pool=pool,
+      eos_id=int(t.get("eos_id", 2)), causal=not t.get("no_causal_mask", False))
   extra = {}
+  if pool == "eos":  # MetaCLIP 2: the XLM-V vocabulary (fairseq / XLM-R id convention)
+    extra["tokenizer"] = "xlmr"
+  elif t.get("hf_tokenizer_name"):  # CLIPA: BERT's tokenizer.json
+    extra["tokenizer"] = "hf_tokenizers"
   if model_cfg.get("init_logit_scale") is not None:
     extra["init_logit_scale"] = float(model_cfg["init_logit_scale"])
   if model_cfg.get("init_logit_bias") is not None:
@@ -166,6 +189,112 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
   cls = resnet.ResNetCLIPConfig if isinstance(vision, resnet.ResNetVisionConfig) else registry.CLIPConfig
   return cls(embed_dim=int(model_cfg.get("embed_dim", 512)), vision=vision, text=text,
              quick_gelu=bool(model_cfg.get("quick_gelu", False)), **extra)
+
+
+def _siglip_config(model_cfg: Mapping[str, Any], v: Mapping[str, Any], t: Mapping[str, Any]
+                   ) -> registry.CLIPConfig:
+  """A SigLIP / SigLIP 2 config: a timm trunk of TIMM_TRUNKS (MAP head, no projection) and
+  open_clip's custom text tower (bidirectional, last-token pooling)."""
+  trunk = TIMM_TRUNKS.get(v["timm_model_name"])
+  if trunk is None:
+    raise PretrainedError(f"open_clip config uses timm trunk {v['timm_model_name']!r}; zoo "
+                          f"implements timm's SigLIP trunks ({len(TIMM_TRUNKS)} vit_*_siglip_* "
+                          "models)")
+  if v.get("timm_pool") != "map" or v.get("timm_proj", "none") != "none":
+    raise PretrainedError(f"open_clip config with timm trunk {v['timm_model_name']!r}: zoo "
+                          "implements timm_pool='map', timm_proj='none' (SigLIP)")
+  free = ("no_causal_mask", "pool_type", "proj_bias", "proj_type", "act_kwargs")
+  _check_fixed(t, {k: d for k, d in _TEXT_FIXED.items() if k not in free}, "text_cfg")
+  if not t.get("no_causal_mask") or t.get("pool_type") != "last":
+    raise PretrainedError("open_clip config with a timm SigLIP trunk: zoo implements the "
+                          "bidirectional text tower with last-token pooling")
+  act = t.get("act_kwargs")
+  if act not in (None, _TEXT_ACTS["gelu_tanh"]):
+    raise PretrainedError(f"open_clip config text_cfg.act_kwargs={act!r} is not implemented")
+  if t.get("proj_type", "linear") not in ("linear", "none"):
+    raise PretrainedError(f"open_clip config text_cfg.proj_type={t['proj_type']!r} is not "
+                          "implemented in zoo (supported: 'linear', 'none')")
+  patch, width, layers, heads, mlp_ratio, vision_act = trunk
+  projection = t.get("proj_type", "linear") != "none"
+  vision = registry.VisionConfig(
+      image_size=_one_size(v.get("image_size", 224), "image_size"), patch_size=patch,
+      width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, pool="map",
+      class_token=False, ln_pre=False, patch_bias=True, ln_eps=1e-6, projection=False,
+      act=vision_act)
+  text = registry.TextConfig(
+      context_length=int(t.get("context_length", 64)), vocab_size=int(t.get("vocab_size", 32000)),
+      width=int(t.get("width", 768)), heads=int(t.get("heads", 12)),
+      layers=int(t.get("layers", 12)), mlp_ratio=float(t.get("mlp_ratio", 4.0)), causal=False,
+      pool="last", ln_eps=_eps(t), proj_bias=bool(t.get("proj_bias", False)),
+      act="gelu_tanh" if act else "", projection=projection)
+  return registry.CLIPConfig(
+      embed_dim=int(model_cfg.get("embed_dim", width)), vision=vision, text=text, kind="siglip",
+      init_logit_scale=float(model_cfg.get("init_logit_scale", math.log(10.0))),
+      init_logit_bias=float(model_cfg.get("init_logit_bias", -10.0)),
+      image_mean=registry.INCEPTION_MEAN, image_std=registry.INCEPTION_STD,
+      tokenizer="sentencepiece")
+
+
+def _siglip_model_cfg(config: registry.CLIPConfig) -> dict[str, Any]:
+  """open_clip's model_cfg of a SigLIP config (the inverse of _siglip_config)."""
+  v, t = config.vision, config.text
+  dims = (v.patch_size, v.width, v.layers, v.heads, v.mlp_ratio, v.act)
+  names = [n for n, d in TIMM_TRUNKS.items() if d == dims]
+  if not names or v.ln_eps != 1e-6 or t.causal or t.pool != "last":
+    raise PretrainedError("this SigLIP model's vision tower matches no timm SigLIP trunk "
+                          f"(patch, width, depth, heads, mlp_ratio, act = {dims})")
+  trunk = next((n for n in names if n.endswith(f"_{v.image_size}")), names[0])
+  text = {"context_length": t.context_length, "vocab_size": t.vocab_size,
+          "hf_tokenizer_name": SIGLIP_TOKENIZERS.get(t.vocab_size, SIGLIP_TOKENIZERS[32000]),
+          "tokenizer_kwargs": {"clean": "canonicalize"}, "width": t.width, "heads": t.heads,
+          "layers": t.layers}
+  if t.mlp_ratio != 4.0:
+    text["mlp_ratio"] = t.mlp_ratio
+  text.update({"no_causal_mask": True, "pool_type": "last"})
+  if t.projection:
+    text["proj_bias"] = t.proj_bias
+  else:
+    text["proj_type"] = "none"
+  text["norm_kwargs"] = {"eps": t.ln_eps}
+  if t.act:
+    text["act_kwargs"] = _TEXT_ACTS[t.act]
+  # open_clip's own key order (model_configs/*.json), so an export equals its config.
+  order = ("context_length", "vocab_size", "hf_tokenizer_name", "tokenizer_kwargs", "width",
+           "heads", "layers", "mlp_ratio", "no_causal_mask", "proj_bias", "pool_type",
+           "proj_type", "norm_kwargs", "act_kwargs")
+  cfg = {"embed_dim": config.embed_dim, "init_logit_bias": config.init_logit_bias,
+         "custom_text": True,
+         "vision_cfg": {"image_size": v.image_size, "timm_model_name": trunk,
+                        "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+         "text_cfg": {k: text[k] for k in order if k in text}}
+  if config.init_logit_scale != math.log(10.0):
+    cfg["init_logit_scale"] = config.init_logit_scale
+  return cfg
+
+
+def tokenizer_entry(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The pretrained table's tokenizer of an open_clip model config: CLIP BPE, or the hub
+  tokenizer's sentencepiece file (T5 `spiece.model`: pad = EOS = 1; SigLIP 2's Gemma
+  `tokenizer.model` (256k): EOS 1 appended, pad 0)."""
+  text = model_cfg.get("text_cfg", {})
+  if text.get("hf_model_name"):  # open_clip's HFTokenizer over the hub repo's tokenizer.json
+    return {"kind": "hf", "hf_hub": text.get("hf_tokenizer_name") or text["hf_model_name"],
+            "file": "tokenizer.json",
+            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace")}
+  if not text.get("hf_tokenizer_name"):
+    return {"kind": "clip"}
+  entry = {"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
+           "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
+  if not model_cfg.get("custom_text") and text.get("pool_type") == "last":  # CLIPA: BERT
+    kwargs = text.get("tokenizer_kwargs") or {}
+    return {"kind": "hf_tokenizers", "hf_hub": text["hf_tokenizer_name"],
+            "file": "tokenizer.json", "clean": kwargs.get("clean", "whitespace"),
+            "strip_sep_token": bool(kwargs.get("strip_sep_token", False))}
+  if text.get("pool_type") == "eos":  # XLM-V: sentencepiece + fairseq ids, as XLM-R
+    return {"kind": "xlmr", "hf_hub": text["hf_tokenizer_name"], "file": "sentencepiece.bpe.model"}
+  if int(text.get("vocab_size", 0)) == 256000:
+    entry.update(file="tokenizer.model", pad_id=0)
+  return entry
 
 
 def same_towers(a: registry.CLIPConfig, b: registry.CLIPConfig) -> bool:
@@ -180,24 +309,13 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
     raise PretrainedError(f"open_clip's layout has no {type(config).__name__} (MoE / XLM-R "
                           "towers); use zoo.convert.clip_moe.export_safetensors or python -m zoo.convert "
                           "to-mclip for those")
-  for name, base in ((n, registry.get_model_config(n)) for n in TIMM_TRUNKS.values()):
-    if config.vision.pool == "map" and same_towers(config, base):
-      trunk = next(k for k, n in TIMM_TRUNKS.items() if n == name)
-      t = config.text
-      return {"embed_dim": config.embed_dim, "init_logit_bias": config.init_logit_bias,
-              "custom_text": True,
-              "vision_cfg": {"image_size": config.vision.image_size, "timm_model_name": trunk,
-                             "timm_model_pretrained": False, "timm_pool": "map",
-                             "timm_proj": "none"},
-              "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
-                           "hf_tokenizer_name": SIGLIP_TOKENIZERS[name],
-                           "tokenizer_kwargs": {"clean": "canonicalize"}, "width": t.width,
-                           "heads": t.heads, "layers": t.layers, "no_causal_mask": True,
-                           "proj_bias": True, "pool_type": "last",
-                           "norm_kwargs": {"eps": t.ln_eps}}}
+  if config.vision.pool == "map" and config.kind == "siglip":
+    return _siglip_model_cfg(config)
   v, t = config.vision, config.text
-  if (v.pool != "tok" or not v.class_token or not v.ln_pre or v.patch_bias or not v.projection
-      or t.pool != "argmax" or not t.causal or t.proj_bias or config.tokenizer != "clip"):
+  tokenizer = {"eos": "xlmr", "last": "hf_tokenizers"}.get(t.pool, "clip")
+  if (v.pool not in ("tok", "avg") or not v.class_token or v.patch_bias or not v.projection
+      or t.pool not in ("argmax", "eos", "last") or t.causal != (t.pool != "last")
+      or t.proj_bias or config.tokenizer != tokenizer):
     raise PretrainedError("this model's towers have no open_clip config equivalent (open_clip's "
                           "built-in CLIP: class-token ViT, causal text tower, CLIP BPE)")
   vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
@@ -208,6 +326,18 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
     vision["norm_kwargs"] = {"eps": v.ln_eps}
   if t.ln_eps != 1e-5:
     text["norm_kwargs"] = {"eps": t.ln_eps}
+  if t.pool == "eos":
+    text.update(hf_tokenizer_name=XLMV_TOKENIZER, pool_type="eos", eos_id=t.eos_id)
+  if t.pool == "last":  # CLIPA
+    text.update(hf_tokenizer_name="bert-base-uncased",
+                tokenizer_kwargs={"strip_sep_token": True}, pool_type="last",
+                no_causal_mask=True)
+  if not v.ln_pre:
+    vision["no_ln_pre"] = True
+  if v.pool != "tok":
+    vision["pool_type"] = v.pool
+  if v.final_ln_after_pool:
+    vision["final_ln_after_pool"] = True
   cfg = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision,
          "text_cfg": text, "init_logit_scale": config.init_logit_scale}
   if config.init_logit_bias is not None:

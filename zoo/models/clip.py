@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.models import configs
-from zoo.models.layers import AttentionPool, LayerNorm, Transformer, param
+from zoo.models.layers import AttentionPool, LayerNorm, Transformer, param, resize_positions
 
 Array = jax.Array
 
@@ -37,6 +37,7 @@ class VisionTransformer(nnx.Module):
     self.cfg, self.dtype = cfg, dtype
     w, p = cfg.width, cfg.patch_size
     scale = w ** -0.5
+    quick_gelu = cfg.act or quick_gelu
     # Conv with stride = kernel = patch, stored HWIO so it applies as one einsum over patches.
     self.patch_kernel = param(rngs, nnx.initializers.normal((3 * p * p) ** -0.5), (p, p, 3, w),
                               (None, None, None, "embed"))
@@ -61,6 +62,9 @@ class VisionTransformer(nnx.Module):
     """images [B, H, W, 3] -> patch tokens [B, gh*gw, width]."""
     b, h, w, c = images.shape
     p = self.cfg.patch_size
+    if h == w == self.cfg.image_size and h % p:  # a strided conv drops the last pixels (384/14)
+      h = w = self.cfg.grid_size * p
+      images = images[:, :h, :w]
     if h % p or w % p or c != 3:
       raise ValueError(f"images must be [B, H, W, 3] with H, W multiples of {p}; got {images.shape}")
     # Patches as rows [B*gh*gw, p*p*3] times the kernel [p*p*3, width]: one plain GEMM.
@@ -70,13 +74,55 @@ class VisionTransformer(nnx.Module):
       x = x + self.patch_bias[...].astype(self.dtype)
     return x.reshape(b, (h // p) * (w // p), -1)
 
+  def patchify(self, images: Array) -> Array:
+    """NaFlex input: images [B, H, W, 3] -> patches [B, (H/p)*(W/p), p*p*3], row-major, each
+    flattened (row, col, channel) as transformers' Siglip2 processor; one-line errors for a
+    side that is not a multiple of the patch or a patch count over `max_patches`."""
+    b, h, w, c = images.shape
+    p, budget = self.cfg.patch_size, self.cfg.max_patches
+    if h % p or w % p or c != 3:
+      raise ValueError(f"NaFlex images must be [B, H, W, 3] with H and W multiples of the patch "
+                       f"size {p}; got {tuple(images.shape)}")
+    if budget and (h // p) * (w // p) > budget:
+      raise ValueError(f"images {h}x{w} give {(h // p) * (w // p)} patches of {p}px, over the "
+                       f"model's budget of {budget} (max_patches); resize them to fit first")
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+  def patch_tokens(self, patches: Array, spatial_shapes: Array, mask: Array | None = None
+                   ) -> Array:
+    """NaFlex tokens after the final LayerNorm: patches [B, N, p*p*3], spatial_shapes [B, 2]
+    (rows, cols of patches per image), mask [B, N] (True = a real patch, None = all)."""
+    w, g = self.cfg.width, self.cfg.grid_size
+    x = patches.astype(self.dtype) @ self.patch_kernel[...].astype(self.dtype).reshape(-1, w)
+    if self.patch_bias is not None:
+      x = x + self.patch_bias[...].astype(self.dtype)
+    pos = resize_positions(self.positional_embedding[...].reshape(g, g, w), spatial_shapes,
+                           x.shape[1])
+    x = x + pos.astype(x.dtype)
+    x = self.transformer(x, mask=None if mask is None else mask[:, None, None, :])
+    return self.ln_post(x)
+
+  def encode_patches(self, patches: Array, spatial_shapes: Array, mask: Array | None = None
+                     ) -> Array:
+    """NaFlex pooled embedding [B, E] of a padded patch batch (see `patch_tokens`)."""
+    return self.attn_pool(self.patch_tokens(patches, spatial_shapes, mask), mask)
+
   def tokens(self, images: Array, *, prompts: Array | None = None,
              before_block: Callable[[int, Array], Array] | None = None) -> Array:
-    """All output tokens after the final LayerNorm: [B, N(+1), width].
+    """All output tokens after the final LayerNorm (before it with `final_ln_after_pool`):
+    [B, N(+1), width].
 
     Prompt learning (zoo.models.prompt): `prompts` [B or 1, P, width] are appended after the
     positional embedding and dropped from the output; `before_block(i, x)` maps block i's input.
     """
+    if self.cfg.naflex:
+      if prompts is not None or before_block is not None:
+        raise ValueError("prompt learning on a NaFlex image tower is not implemented")
+      b, h, w, _ = images.shape
+      p = self.cfg.patch_size
+      shapes = jnp.broadcast_to(jnp.asarray([h // p, w // p], jnp.int32), (b, 2))
+      return self.patch_tokens(self.patchify(images), shapes)
     x = self.patch_embed(images)
     if self.class_embedding is not None:
       cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
@@ -92,17 +138,22 @@ class VisionTransformer(nnx.Module):
       x = jnp.concatenate([x, prompts], axis=1)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
-    x = self.transformer(x, before_block=before_block)
-    return self.ln_post(x[:, :n])
+    x = self.transformer(x, before_block=before_block)[:, :n]
+    return x if self.cfg.final_ln_after_pool else self.ln_post(x)
 
   def __call__(self, images: Array, *, return_tokens: bool = False, prompts: Array | None = None,
                before_block: Callable[[int, Array], Array] | None = None):
     """Pooled, projected image embedding [B, E] (and the patch tokens [B, N, width])."""
+    # before ln_post when it follows the pooling (CLIPA)
     x = self.tokens(images, prompts=prompts, before_block=before_block)
     if self.attn_pool is not None:
       pooled = self.attn_pool(x)
+    elif self.cfg.pool == "avg":  # mean of the patch tokens (open_clip pool_type 'avg')
+      pooled = x[:, 1:].mean(axis=1) if self.class_embedding is not None else x.mean(axis=1)
     else:
       pooled = x[:, 0]
+    if self.cfg.final_ln_after_pool:
+      pooled = self.ln_post(pooled)
     if self.proj is not None:
       pooled = pooled @ self.proj[...].astype(pooled.dtype)
     if return_tokens:
@@ -118,6 +169,7 @@ class TextTransformer(nnx.Module):
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
     w = cfg.width
+    quick_gelu = cfg.act or quick_gelu
     self.token_embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, w),
                                  ("vocab", "embed"))
     self.positional_embedding = param(rngs, nnx.initializers.normal(0.01),
@@ -125,8 +177,8 @@ class TextTransformer(nnx.Module):
     self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu=quick_gelu,
                                    eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
     self.ln_final = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs)
-    self.text_projection = param(rngs, nnx.initializers.normal(w ** -0.5), (w, embed_dim),
-                                 ("embed", None))
+    self.text_projection = (param(rngs, nnx.initializers.normal(w ** -0.5), (w, embed_dim),
+                                  ("embed", None)) if cfg.projection else None)
     self.proj_bias = (nnx.Param(jnp.zeros((embed_dim,), jnp.float32), eager_sharding=False, out_sharding=(None,))
                       if cfg.proj_bias else None)
 
@@ -160,7 +212,10 @@ class TextTransformer(nnx.Module):
       return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
     if self.cfg.pool == "last":
       return x[:, -1]
-    raise ValueError(f"unknown text pool {self.cfg.pool!r}; expected 'argmax' or 'last'")
+    if self.cfg.pool == "eos":  # the first EOS (open_clip's pool_type 'eos')
+      idx = jnp.argmax(token_ids == self.cfg.eos_id, axis=-1)
+      return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    raise ValueError(f"unknown text pool {self.cfg.pool!r}; expected 'argmax', 'last' or 'eos'")
 
   def __call__(self, token_ids: Array, *, trim_padding: bool = False) -> Array:
     """int32 [B, L] -> projected text embedding [B, E].
@@ -183,7 +238,8 @@ class TextTransformer(nnx.Module):
     return self._project(self.pool(x, token_ids))
 
   def _project(self, x: Array) -> Array:
-    x = x @ self.text_projection[...].astype(x.dtype)
+    if self.text_projection is not None:
+      x = x @ self.text_projection[...].astype(x.dtype)
     if self.proj_bias is not None:
       x = x + self.proj_bias[...].astype(x.dtype)
     return x
@@ -254,6 +310,13 @@ class CLIP(nnx.Module):
     an unbatched image or raw pixels with one line)."""
     check_images(images)
     x = self.visual(images).astype(jnp.float32)
+    return l2_normalize(x) if normalize else x
+
+  def encode_patches(self, patches: Array, spatial_shapes: Array, mask: Array | None = None,
+                     normalize: bool = False) -> Array:
+    """SigLIP 2 NaFlex: a padded batch of patchified images of different sizes -> [B, E]
+    (`VisionTransformer.patch_tokens` describes the inputs)."""
+    x = self.visual.encode_patches(patches, spatial_shapes, mask).astype(jnp.float32)
     return l2_normalize(x) if normalize else x
 
   def encode_text(self, tokens: Array, normalize: bool = False, *, trim_padding: bool = False

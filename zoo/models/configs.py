@@ -23,7 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """Vision tower. `pool` is 'tok' (class token, CLIP) or 'map' (attention pooling, SigLIP)."""
+  """Vision tower. `pool` is 'tok' (class token, CLIP), 'map' (attention pooling, SigLIP) or
+  'avg' (mean of the patch tokens, CLIPA)."""
 
   image_size: int = 224
   patch_size: int = 16
@@ -37,6 +38,12 @@ class VisionConfig:
   patch_bias: bool = False
   ln_eps: float = 1e-5
   projection: bool = True  # False when the pooled width already is the embed dim (SigLIP).
+  act: str = ""  # '' = the model's quick_gelu choice; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
+  # SigLIP 2 NaFlex: any H x W (multiples of the patch), the learned grid_size^2 positions
+  # resized per image; at most `max_patches` patches per image (0 = no limit).
+  naflex: bool = False
+  max_patches: int = 0
+  final_ln_after_pool: bool = False  # ln_post on the pooled token, not all tokens (CLIPA)
 
   @property
   def grid_size(self) -> int:
@@ -45,7 +52,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """Text tower. `pool` is 'argmax' (EOT = largest id, CLIP) or 'last' (SigLIP)."""
+  """Text tower. `pool` is 'argmax' (EOT = largest id, CLIP), 'last' (SigLIP) or 'eos' (the
+  first `eos_id`, MetaCLIP 2)."""
 
   context_length: int = 77
   vocab_size: int = 49408
@@ -58,6 +66,9 @@ class TextConfig:
   ln_eps: float = 1e-5
   proj_bias: bool = False
   frozen_positions: int = 0  # leading position rows that pass no gradient (Long-CLIP: 20)
+  act: str = ""  # '' = the model's quick_gelu choice; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
+  projection: bool = True  # False: the pooled token is the embedding (SigLIP i18n SO400M)
+  eos_id: int = 2  # pool 'eos': the first position holding this id (MetaCLIP 2's XLM-V)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +84,7 @@ class CLIPConfig:
   init_logit_bias: float | None = None
   image_mean: tuple[float, float, float] = OPENAI_MEAN
   image_std: tuple[float, float, float] = OPENAI_STD
-  tokenizer: str = "clip"  # 'clip' (BPE) or a path to a sentencepiece .model
+  tokenizer: str = "clip"  # 'clip' (BPE), 'sentencepiece', 'xlmr' or a sentencepiece .model path
   dtype: str = "float32"  # compute dtype; parameters are always float32
 
   def to_dict(self) -> dict[str, Any]:
@@ -136,10 +147,102 @@ _MODELS: dict[str, CLIPConfig] = {
 }
 for _name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
   _MODELS[f"{_name}-quickgelu"] = dataclasses.replace(_MODELS[_name], quick_gelu=True)
-# ViT-H-14 (head width 80); kept if another block already defined it.
-_MODELS.setdefault("ViT-H-14", CLIPConfig(
-    1024, VisionConfig(image_size=224, patch_size=14, width=1280, layers=32, heads=16),
-    TextConfig(width=1024, heads=16, layers=24)))
+# The larger native ViTs of open_clip's table (model_configs/*.json): width, heads from
+# head_width, mlp_ratio, image size; text towers at the same widths.
+def _text(width: int, heads: int, layers: int) -> TextConfig:
+  return TextConfig(width=width, heads=heads, layers=layers)
+
+
+_H_TEXT = _text(1024, 16, 24)
+for _name, _embed, _vision, _txt in (
+    ("ViT-B-32-256", 512, _vit(256, 32, 768, 12), _B_TEXT),
+    ("ViT-B-16-plus-240", 640, _vit(240, 16, 896, 12), _text(640, 10, 12)),
+    ("ViT-H-14", 1024, dataclasses.replace(_vit(224, 14, 1280, 32), heads=16), _H_TEXT),
+    ("ViT-H-14-378", 1024, dataclasses.replace(_vit(378, 14, 1280, 32), heads=16), _H_TEXT),
+    ("ViT-g-14", 1024, VisionConfig(image_size=224, patch_size=14, width=1408, layers=40,
+                                    heads=16, mlp_ratio=4.3637), _H_TEXT),
+    ("ViT-bigG-14", 1280, VisionConfig(image_size=224, patch_size=14, width=1664, layers=48,
+                                       heads=16, mlp_ratio=4.9231), _text(1280, 20, 32)),
+):
+  _MODELS[_name] = CLIPConfig(_embed, _vision, _txt)
+for _name in ("ViT-H-14", "ViT-H-14-378", "ViT-bigG-14"):
+  _MODELS[f"{_name}-quickgelu"] = dataclasses.replace(_MODELS[_name], quick_gelu=True)
+# SigLIP / SigLIP 2 at every size and resolution of open_clip's table: timm trunks (no class
+# token, MAP head; SigLIP 2 and the /16 SO400M, /32, L-512 and g-opt trunks use tanh GELU),
+# sentencepiece text towers (32k English, 250k i18n, 256k Gemma for SigLIP 2; tanh GELU).
+def _siglip(image_size: int, patch: int, width: int, layers: int, mlp_ratio: float,
+            vision_act: str, text: tuple, embed_dim: int | None = None, text_act: str = "",
+            text_projection: bool = True) -> CLIPConfig:
+  context, vocab, t_width, t_layers, t_mlp = text
+  return CLIPConfig(
+      embed_dim or width,
+      VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
+                   heads=width // 64 if width <= 768 else 16, mlp_ratio=mlp_ratio, pool="map",
+                   class_token=False, ln_pre=False, patch_bias=True, ln_eps=1e-6,
+                   projection=False, act=vision_act),
+      TextConfig(context_length=context, vocab_size=vocab, width=t_width,
+                 heads=t_width // 64 if t_width <= 768 else 16, layers=t_layers,
+                 mlp_ratio=t_mlp, causal=False, pool="last", ln_eps=1e-6,
+                 proj_bias=text_projection, act=text_act, projection=text_projection),
+      kind="siglip", init_logit_scale=math.log(10.0), init_logit_bias=-10.0,
+      image_mean=INCEPTION_MEAN, image_std=INCEPTION_STD, tokenizer="sentencepiece")
+
+
+_SO = 3.7362  # SO400M's mlp_ratio (both towers)
+for _size in (256, 384, 512):
+  _MODELS[f"ViT-B-16-SigLIP-{_size}"] = _siglip(_size, 16, 768, 12, 4.0, "",
+                                                (64, 32000, 768, 12, 4.0))
+_MODELS["ViT-B-16-SigLIP-i18n-256"] = _siglip(256, 16, 768, 12, 4.0, "", (64, 250000, 768, 12, 4.0))
+for _size in (256, 384):
+  _MODELS[f"ViT-L-16-SigLIP-{_size}"] = _siglip(_size, 16, 1024, 24, 4.0, "",
+                                                (64, 32000, 1024, 24, 4.0))
+_MODELS["ViT-SO400M-14-SigLIP"] = _siglip(224, 14, 1152, 27, _SO, "", (16, 32000, 1152, 27, _SO))
+for _size in (378, 384):
+  _MODELS[f"ViT-SO400M-14-SigLIP-{_size}"] = _siglip(_size, 14, 1152, 27, _SO, "",
+                                                     (64, 32000, 1152, 27, _SO))
+_MODELS["ViT-SO400M-16-SigLIP-i18n-256"] = _siglip(
+    256, 16, 1152, 27, _SO, "gelu_tanh", (64, 250000, 1152, 27, _SO), text_projection=False)
+_GEMMA_B, _GEMMA_L, _GEMMA_SO = ((64, 256000, 768, 12, 4.0), (64, 256000, 1024, 24, 4.0),
+                                 (64, 256000, 1152, 27, _SO))
+for _name, _cfg in (
+    ("ViT-B-32-SigLIP2-256", _siglip(256, 32, 768, 12, 4.0, "gelu_tanh", _GEMMA_B)),
+    *((f"ViT-B-16-SigLIP2{'' if s == 224 else f'-{s}'}",
+       _siglip(s, 16, 768, 12, 4.0, "", _GEMMA_B)) for s in (224, 256, 384, 512)),
+    *((f"ViT-L-16-SigLIP2-{s}", _siglip(s, 16, 1024, 24, 4.0, "gelu_tanh" if s == 512 else "",
+                                        _GEMMA_L)) for s in (256, 384, 512)),
+    *((f"ViT-SO400M-14-SigLIP2{'' if s == 224 else f'-{s}'}",
+       _siglip(s, 14, 1152, 27, _SO, "", _GEMMA_SO)) for s in (224, 378)),
+    *((f"ViT-SO400M-16-SigLIP2-{s}", _siglip(s, 16, 1152, 27, _SO, "gelu_tanh", _GEMMA_SO))
+      for s in (256, 384, 512)),
+    *((f"ViT-gopt-16-SigLIP2-{s}", _siglip(s, 16, 1536, 40, 4.0, "gelu_tanh", _GEMMA_SO))
+      for s in (256, 384)),
+):
+  _MODELS[_name] = dataclasses.replace(_cfg, text=dataclasses.replace(_cfg.text, act="gelu_tanh"))
+# MetaCLIP 2 "worldwide": H / bigG towers, a causal text tower over the XLM-V vocabulary
+# (901,629 ids) pooled at the first EOS (id 2).
+for _name in ("ViT-H-14", "ViT-H-14-378", "ViT-bigG-14"):
+  _base = _MODELS[_name]
+  _MODELS[_name.replace("-14", "-14-worldwide")] = dataclasses.replace(
+      _base, text=dataclasses.replace(_base.text, vocab_size=901629, pool="eos", eos_id=2),
+      tokenizer="xlmr")
+_MODELS["ViT-bigG-14-worldwide-378"] = dataclasses.replace(
+    _MODELS["ViT-bigG-14-worldwide"],
+    vision=dataclasses.replace(_MODELS["ViT-bigG-14-worldwide"].vision, image_size=378))
+_MODELS["ViT-H-14-worldwide-quickgelu"] = dataclasses.replace(_MODELS["ViT-H-14-worldwide"],
+                                                              quick_gelu=True)
+# CLIPA (UCSC-VLAA): no ln_pre, the patch tokens averaged then ln_post; a bidirectional text
+# tower over BERT's uncased WordPiece vocabulary, 32 tokens, pooled at the last position.
+for _name, _vit_name in (("ViT-L-14", "ViT-L-14"), ("ViT-H-14", "ViT-H-14"),
+                         ("ViT-bigG-14", "ViT-bigG-14")):
+  _base = _MODELS[_vit_name]
+  for _size in (224, 336):
+    _MODELS[f"{_name}-CLIPA{'' if _size == 224 else f'-{_size}'}"] = dataclasses.replace(
+        _base,
+        vision=dataclasses.replace(_base.vision, image_size=_size, ln_pre=False, pool="avg",
+                                   final_ln_after_pool=True),
+        text=dataclasses.replace(_base.text, context_length=32, vocab_size=32000, causal=False,
+                                 pool="last"),
+        tokenizer="hf_tokenizers")
 # Long-CLIP releases (BeichenZhang/LongCLIP-B, -L): OpenAI towers, text read to 248 tokens.
 for _name in ("ViT-B-16", "ViT-L-14"):
   _MODELS[f"LongCLIP-{_name}"] = dataclasses.replace(

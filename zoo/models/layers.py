@@ -37,7 +37,22 @@ def gelu(x: Array) -> Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)).astype(x.dtype))
 
 
-def get_activation(quick: bool) -> Callable[[Array], Array]:
+def gelu_tanh(x: Array) -> Array:
+  """tanh-approximated GELU, as torch.nn.GELU(approximate='tanh') (SigLIP 2, big_vision)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+
+
+def get_activation(quick: bool | str) -> Callable[[Array], Array]:
+  """QuickGELU (True) or GELU (False); a string names any of ACTIVATIONS (the towers' `act`
+  setting travels through the same `quick_gelu` argument)."""
+  if isinstance(quick, str):
+    if quick not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {quick!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[quick]
   return quick_gelu if quick else gelu
 
 
@@ -263,13 +278,39 @@ class AttentionPool(nnx.Module):
     self.norm = LayerNorm(width, eps=eps, rngs=rngs)
     self.mlp = MLP(width, int(width * mlp_ratio), quick_gelu=quick_gelu, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: Array) -> Array:
-    """x [B, N, W] -> [B, W]."""
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    """x [B, N, W] -> [B, W]; `mask` [B, N] (True = a real token) leaves padding out."""
     b, n, w = x.shape
     h = self.heads
     q = self.q(jnp.broadcast_to(self.latent[...], (b, 1, w)).astype(x.dtype))
     kv = self.kv(x).reshape(b, n, 2, h, w // h)
-    out = jax.nn.dot_product_attention(q.reshape(b, 1, h, w // h), kv[:, :, 0], kv[:, :, 1])
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, 1, h, w // h), kv[:, :, 0], kv[:, :, 1],
+        mask=None if mask is None else mask[:, None, None, :])
     out = self.proj(out.reshape(b, 1, w))
     out = out + self.mlp(self.norm(out))
     return out[:, 0]
+
+
+def resize_positions(grid: Array, spatial_shapes: Array, length: int) -> Array:
+  """The learned position grid [G, G, W] resized to each image's (rows, cols) patch grid,
+  flattened row-major and padded to `length`: [B, length, W] (padding rows repeat the first
+  position). Bilinear with antialias, half-pixel centres: F.interpolate(mode='bilinear',
+  align_corners=False, antialias=True), written as its per-axis triangle weights (as
+  transformers' Siglip2VisionEmbeddings.resize_positional_embeddings); works under jit with
+  traced `spatial_shapes` [B, 2]."""
+  g = grid.shape[0]
+  sizes = jnp.asarray(spatial_shapes, jnp.float32)[:, None, :]  # [B, 1, 2]
+  pos = jnp.arange(length, dtype=jnp.float32)[None, :, None]  # [1, L, 1]
+  rows = jnp.floor(pos / sizes[..., 1:])
+  index = jnp.concatenate([rows, pos - rows * sizes[..., 1:]], axis=-1)  # [B, L, 2]
+  index = index * (pos < jnp.prod(sizes, -1, keepdims=True))
+  scale = g / sizes
+  support = jnp.maximum(scale, 1.0)
+  center = (index + 0.5) * scale - 0.5
+  source = jnp.arange(g, dtype=jnp.float32)
+  w = jnp.maximum(1 - jnp.abs(source - center[..., None]) / support[..., None], 0.0)
+  w = w / w.sum(-1, keepdims=True)  # [B, L, 2, G]
+  weights = (w[..., 0, :, None] * w[..., 1, None, :]).reshape(*w.shape[:2], g * g)
+  flat = grid.reshape(g * g, -1).astype(jnp.float32)
+  return jnp.einsum("blk,kw->blw", weights, flat, precision=jax.lax.Precision.HIGHEST)

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from flax import nnx
 
 from zoo import convert, errors, tokenizers, transforms
-from zoo.convert import clip_moe, long_clip, mclip, open_clip_config
+from zoo.convert import clip_moe, hf_siglip, long_clip, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
 from zoo.models import clip as clip_lib, configs, convnext, multilingual, resnet
 from zoo.version import __version__
@@ -237,17 +237,10 @@ def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
       oc = json.load(f)
     if "model_cfg" not in oc:
       raise hub.PretrainedError(f"{repo}/{OPEN_CLIP_CONFIG} has no 'model_cfg'")
-    text = oc["model_cfg"].get("text_cfg", {})
-    config = open_clip_config.config_from_open_clip_cfg(oc["model_cfg"],
-                                                        _hf_text_config(text))
+    config = open_clip_config.config_from_open_clip_cfg(
+        oc["model_cfg"], _hf_text_config(oc["model_cfg"].get("text_cfg", {})))
     pp = oc.get("preprocess_cfg", {})
-    tok = ({"kind": "sentencepiece", "hf_hub": text["hf_tokenizer_name"], "file": "spiece.model",
-            "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")}
-           if text.get("hf_tokenizer_name") else {"kind": "clip"})
-    if text.get("hf_model_name"):  # open_clip's HFTokenizer over tokenizer.json
-      tok = {"kind": "hf", "hf_hub": text.get("hf_tokenizer_name") or text["hf_model_name"],
-             "file": "tokenizer.json",
-             "clean": (text.get("tokenizer_kwargs") or {}).get("clean", "whitespace")}
+    tok = open_clip_config.tokenizer_entry(oc["model_cfg"])
     return {"hf_hub": repo, "weights": list(OPEN_CLIP_WEIGHTS), "layout": "open_clip",
             "architecture": {"config": config}, "tokenizer": tok,
             "preprocess": {"mean": pp.get("mean", config.image_mean),
@@ -264,17 +257,24 @@ def hub_entry(repo: str, revision: str | None = None) -> dict[str, Any]:
                           f"read ({e})") from None
   with open(path) as f:
     hf = json.load(f)
-  if hf.get("model_type") != "clip":
+  if hf.get("model_type") not in ("clip", *hf_siglip.MODEL_TYPES):
     raise hub.PretrainedError(f"hf-hub:{repo} is a {hf.get('model_type')!r} model; zoo reads "
-                          "open_clip repos and transformers CLIPModel repos (model_type 'clip')")
+                          "open_clip repos and transformers CLIPModel, SiglipModel and "
+                          "Siglip2Model repos (model_type 'clip', 'siglip', 'siglip2')")
   try:
     config = convert.config_from_hf(hf)
   except ValueError as e:
     raise hub.PretrainedError(f"hf-hub:{repo}: {e}") from None
+  tok, resize = {"kind": "clip"}, "shortest"
+  if config.kind == "siglip":  # the repo's sentencepiece file: T5 (spiece) or Gemma (256k)
+    tok = {"kind": "sentencepiece", "file": "spiece.model", "clean": "canonicalize"}
+    if config.vision.naflex or config.text.vocab_size == 256000:  # SigLIP 2
+      tok.update(file="tokenizer.model", pad_id=0)
+    resize = "squash"  # SiglipImageProcessor resizes to (size, size)
   return {"hf_hub": repo, "weights": list(HF_WEIGHTS), "layout": "hf",
-          "architecture": {"config": config}, "tokenizer": {"kind": "clip"},
+          "architecture": {"config": config}, "tokenizer": tok,
           "preprocess": {"mean": list(config.image_mean), "std": list(config.image_std),
-                         "interpolation": "bicubic", "resize_mode": "shortest"}}
+                         "interpolation": "bicubic", "resize_mode": resize}}
 
 
 # ----------------------------------------------------------------------------- public
@@ -312,12 +312,17 @@ def tokenizer_for(entry: Mapping[str, Any], model_config: Any, paths: Mapping[st
     return tokenizers.ClipTokenizer(length)
   if tok["kind"] == "sentencepiece":
     return tokenizers.SentencePieceTokenizer(paths["tokenizer"], length,
-                                             clean=tok.get("clean", "canonicalize"))
+                                             clean=tok.get("clean", "canonicalize"),
+                                             pad_id=tok.get("pad_id"))
   if tok["kind"] == "xlmr":
     return tokenizers.XLMRobertaTokenizer(paths["tokenizer"], length)
   if tok["kind"] == "hf":
     return tokenizers.HFTokenizer(paths["tokenizer"], length, clean=tok.get("clean", "whitespace"),
                                   pad_id=model_config.text.pad_token_id)
+  if tok["kind"] == "hf_tokenizers":  # a tokenizer.json (CLIPA's BERT)
+    return tokenizers.HFTokenizer(paths["tokenizer"], length,
+                                  clean=tok.get("clean", "whitespace"),
+                                  strip_sep_token=tok.get("strip_sep_token", False))
   raise hub.PretrainedError(f"unknown tokenizer kind {tok['kind']!r} in the pretrained table")
 
 
