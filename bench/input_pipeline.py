@@ -5,7 +5,8 @@ python bench/input_pipeline.py [--shards GLOB] [--workers 2] [--out input_pipeli
 Both read the same tar shards (without --shards: synthetic 500x375 JPEGs written to a temp dir)
 and deliver what their train loop receives: shards -> JPEG decode -> RandomResizedCrop (scale
 0.9-1.0, bicubic) -> normalize -> CLIP BPE tokens -> batched arrays. zoo:
-`zoo.data.build_train_pipeline` (grain, `--workers` threads); open_clip:
+`zoo.data.build_train_pipeline` (grain, `--workers` threads) with data.image_dtype=uint8 (the
+train step normalizes on the device; `zoo_float32`: normalized on the host); open_clip:
 `open_clip_train.data.get_wds_dataset` (webdataset + torch DataLoader, `--workers` processes,
 torchvision transforms, open_clip's tokenizer). Rounds alternate zoo / open_clip in one process;
 each round builds a fresh loader, skips its first batch (start-up) and times the next
@@ -61,11 +62,12 @@ def write_synthetic(out_dir: str, shards: int, per_shard: int, seed: int = 0) ->
   return os.path.join(out_dir, "synthetic-*.tar")
 
 
-def zoo_round(shards: str, workers: int, batch: int, batches: int, size: int, seed: int) -> float:
+def zoo_round(shards: str, workers: int, batch: int, batches: int, size: int, seed: int,
+              image_dtype: str = "float32") -> float:
   from zoo import tokenizers
   from zoo.data import pipeline
 
-  cfg = {"name": "webdataset", "shards": shards, "num_threads": workers}
+  cfg = {"name": "webdataset", "shards": shards, "num_threads": workers, "image_dtype": image_dtype}
   it = pipeline.build_train_pipeline(
       cfg, tokenizer=tokenizers.get_tokenizer("ViT-B-32"), image_size=size, mean=MEAN, std=STD,
       global_batch_size=batch, seed=seed, context_length=77)
@@ -84,6 +86,13 @@ def open_clip_round(shards: str, workers: int, batch: int, batches: int, size: i
   import open_clip
   from open_clip_train import data as oc_data
 
+  if not getattr(oc_data, "_zoo_bench_patched", False):
+    # webdataset 0.2.x's tar_file_expander ends each shard with an empty record that open_clip
+    # 3.3's group_by_keys_nothrow indexes ("fname" KeyError): drop such records, nothing else.
+    group = oc_data.group_by_keys_nothrow
+    oc_data.group_by_keys_nothrow = lambda data, *a, **k: group(
+        (f for f in data if "fname" in f), *a, **k)
+    oc_data._zoo_bench_patched = True
   args = types.SimpleNamespace(
       train_data="::".join(sorted(glob.glob(shards))), train_num_samples=num_samples,
       dataset_resampled=False, train_data_upsampling_factors=None, seed=seed, batch_size=batch,
@@ -160,32 +169,37 @@ def main() -> int:
     with tarfile.open(p) as tar:
       num_samples += sum(1 for m in tar if m.name.endswith((".jpg", ".jpeg", ".png", ".webp")))
   loads = [os.getloadavg()[0]]
-  zoo_rates, oc_rates, dec_rates = [], [], []
+  zoo_rates, oc_rates, dec_rates, f32_rates = [], [], [], []
   for r in range(args.rounds):
-    order = ("zoo", "open_clip") if r % 2 == 0 else ("open_clip", "zoo")
-    for who in order:
+    order = ("zoo", "zoo_float32", "open_clip")
+    for who in (order if r % 2 == 0 else order[::-1]):
       if who == "zoo":
         zoo_rates.append(zoo_round(shards, args.workers, args.batch, args.batches,
-                                   args.image_size, args.seed + r))
+                                   args.image_size, args.seed + r, "uint8"))
+      elif who == "zoo_float32":
+        f32_rates.append(zoo_round(shards, args.workers, args.batch, args.batches,
+                                   args.image_size, args.seed + r, "float32"))
       else:
         oc_rates.append(open_clip_round(shards, args.workers, args.batch, args.batches,
                                         args.image_size, args.seed + r, num_samples))
     dec_rates.append(decode_only(shards, 2 * args.batch))
     loads.append(os.getloadavg()[0])
-    print(f"round {r}: zoo {zoo_rates[-1]:.1f} img/s, open_clip {oc_rates[-1]:.1f} img/s, "
+    print(f"round {r}: zoo {zoo_rates[-1]:.1f} img/s (float32 {f32_rates[-1]:.1f}), open_clip {oc_rates[-1]:.1f} img/s, "
           f"decode-only {dec_rates[-1]:.1f} img/s/core, load {loads[-1]:.2f}", flush=True)
   zoo_ips, oc_ips = statistics.median(zoo_rates), statistics.median(oc_rates)
   dec = statistics.median(dec_rates)
   w = max(args.workers, 1)
   result = {
       "zoo": {"images_per_sec": zoo_ips, "per_core": zoo_ips / w, "rounds": zoo_rates},
+      "zoo_float32": {"images_per_sec": statistics.median(f32_rates), "rounds": f32_rates},
       "open_clip": {"images_per_sec": oc_ips, "per_core": oc_ips / w, "rounds": oc_rates},
       "decode_only": {"images_per_sec_per_core": dec, "rounds": dec_rates},
       "ratio": zoo_ips / oc_ips, "workers": args.workers, "batch": args.batch,
       "image_size": args.image_size, "shards": len(paths), "samples": num_samples,
       "cpu_count": os.cpu_count(), "load": {"start": loads[0], "per_round": loads[1:]},
   }
-  print(f"zoo {zoo_ips:.1f} img/s ({zoo_ips / w:.1f}/worker), open_clip {oc_ips:.1f} img/s "
+  print(f"zoo {zoo_ips:.1f} img/s ({zoo_ips / w:.1f}/worker; float32 batches "
+        f"{statistics.median(f32_rates):.1f}), open_clip {oc_ips:.1f} img/s "
         f"({oc_ips / w:.1f}/worker), ratio {result['ratio']:.2f}; decode-only bound "
         f"{dec:.1f} img/s per core; load {loads}")
   if args.out:

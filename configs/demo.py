@@ -23,4 +23,5 @@ def get_config():
   # Demo captions hold <= 17 tokens: each batch's text runs on 24 positions, not 32 (same
   # features and gradients: causal tower, EOT pooling; zoo.train.text_lengths).
   c.data.text_lengths = "auto"
+  c.data.image_dtype = "uint8"  # pixels batched as bytes, normalized in the train step
   return c

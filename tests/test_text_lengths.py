@@ -108,8 +108,10 @@ def test_refused_where_padding_matters():
 
 
 def test_loop_trains_with_auto_buckets(tmp_path):
-  """The loop with data.text_lengths=auto on the demo data: a few compiled shapes, finite loss."""
-  config = tiny_config(**{"data.text_lengths": "auto", "data.size": 64, "total_steps": 3})
+  """The loop with data.text_lengths=auto on the demo data (uint8 pixels, normalized in the
+  step: data.image_dtype): a few compiled shapes, finite loss."""
+  config = tiny_config(**{"data.text_lengths": "auto", "data.size": 64, "total_steps": 3,
+                          "data.image_dtype": "uint8"})
   config.context_length = 32
   result = loop.train(config, str(tmp_path / "run"))
   assert len(result["losses"]) == 3 and np.all(np.isfinite(result["losses"]))
