@@ -192,7 +192,7 @@ def build_open_clip(args, c, batch, threads: int):
     opt.step()
     with torch.no_grad():
       model.logit_scale.clamp_(0, math.log(c.max_logit_scale))
-    losses.append(float(loss))
+    losses.append(loss.item())
     if dev == "cuda":
       torch.cuda.synchronize()
 
