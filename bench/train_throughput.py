@@ -59,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--host_memory", choices=("retain", "default"), default="retain",
                  help="retain: zoo.train.host_memory.retain_freed_memory (as train.py); "
                       "default: glibc's malloc defaults")
+  p.add_argument("--captions", choices=("uniform", "coco"), default="uniform",
+                 help="EOT positions: uniform over [3, L) (default), or coco: 1 + 12 + 3.5 N(0,1) "
+                      "rounded, clipped to [6, L-1] (COCO's ~12 BPE tokens per caption)")
+  p.add_argument("--rows", default="",
+                 help="extra rows in the same alternating rounds, comma-separated: trimmed (zoo "
+                      "with data.text_lengths=auto), bf16 (zoo in bfloat16 vs open_clip under "
+                      "torch.autocast bfloat16)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", "train_throughput.json"))
   return p.parse_args(argv)
@@ -78,7 +85,12 @@ def make_batch(args, image_size: int, length: int):
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, 49000, size=(args.batch, length)).astype(np.int32)
   tokens[:, 0] = 49406
-  tokens[np.arange(args.batch), rng.integers(3, length, size=args.batch)] = 49407  # EOT
+  if getattr(args, "captions", "uniform") == "coco":
+    eot = np.clip(np.rint(13 + 3.5 * rng.standard_normal(args.batch)), 6, length - 1)
+    tokens[np.arange(length)[None, :] > eot[:, None]] = 0  # padding after the EOT
+    tokens[np.arange(args.batch), eot.astype(int)] = 49407
+  else:
+    tokens[np.arange(args.batch), rng.integers(3, length, size=args.batch)] = 49407  # EOT
   images = rng.standard_normal((args.batch, image_size, image_size, 3), dtype=np.float32)
   return {"image": images, "tokens": tokens}
 
@@ -123,8 +135,9 @@ def build_zoo(args):
 
   def step():
     holder["state"], metrics = trainer.step_fn(
-        holder["state"], sharding.host_to_global(batch, trainer.mesh))
+        holder["state"], sharding.host_to_global(holder.get("batch", batch), trainer.mesh))
     jax.block_until_ready(metrics)
+    holder.setdefault("losses", []).append(float(metrics["loss"]))
 
   return step, flops, c, trainer, batch, holder
 
@@ -166,6 +179,8 @@ def build_open_clip(args, c, batch, threads: int):
   autocast = (torch.autocast(dev, dtype=torch.bfloat16) if args.dtype == "bfloat16"
               else torch.autocast(dev, enabled=False))
 
+  losses = []
+
   def step():
     x, t = images.to(dev), tokens.to(dev)
     with autocast:
@@ -177,10 +192,53 @@ def build_open_clip(args, c, batch, threads: int):
     opt.step()
     with torch.no_grad():
       model.logit_scale.clamp_(0, math.log(c.max_logit_scale))
+    losses.append(loss.item())
     if dev == "cuda":
       torch.cuda.synchronize()
 
+  step.losses = losses
   return step, torch.get_num_threads(), dev
+
+
+def extra_rows(args, trainer, live, batch, c, threads: int, with_torch: bool) -> dict:
+  """{row name: step()} of `--rows`: zoo_trimmed (the fp32 trainer on the batch trimmed by
+  data.text_lengths=auto), zoo_bf16 and open_clip_bf16 (compute dtype bfloat16 / autocast)."""
+  import argparse as _argparse
+
+  import jax
+
+  from zoo.models import sharding
+  from zoo.train import text_lengths
+
+  rows = {r.strip() for r in args.rows.split(",") if r.strip()}
+  unknown = rows - {"trimmed", "bf16"}
+  if unknown:
+    raise SystemExit(f"--rows: unknown {sorted(unknown)}; expected trimmed, bf16")
+  out = {}
+  if "trimmed" in rows:
+    trim = text_lengths.Trim(text_lengths.parse("auto", batch["tokens"].shape[1]))
+    small = trim(batch)
+    losses = []
+
+    def trimmed():
+      live["state"], metrics = trainer.step_fn(
+          live["state"], sharding.host_to_global(small, trainer.mesh))
+      losses.append(float(jax.block_until_ready(metrics)["loss"]))
+
+    trimmed.losses = losses
+    out["zoo_trimmed"] = trimmed
+  if "bf16" in rows:
+    bargs = _argparse.Namespace(**{**vars(args), "dtype": "bfloat16"})
+    step, _, _, _, _, holder = build_zoo(bargs)
+
+    def zoo_bf16():
+      step()
+
+    zoo_bf16.losses = holder.setdefault("losses", [])
+    out["zoo_bf16"] = zoo_bf16
+    if with_torch:
+      out["open_clip_bf16"] = build_open_clip(bargs, c, batch, threads)[0]
+  return out
 
 
 def build_torch_matmul_probe():
@@ -275,13 +333,19 @@ def main(argv=None) -> dict:
     except ImportError:  # open_clip_torch is an optional extra
       torch_step = None
   torch_probe = build_torch_matmul_probe() if probe and torch_step and torch_dev == "cpu" else None
+  extra = extra_rows(args, trainer, live, batch, c, threads, torch_step is not None)
   for _ in range(args.warmup):
     zoo_step()
     if torch_step:
       torch_step()
+    for fn in extra.values():
+      fn()
 
   zoo_t, torch_t, peak, torch_peak, zoo_faults, torch_faults = [], [], [], [], [], []
-  for _ in range(args.rounds):
+  extra_t = {name: [] for name in extra}
+  for r in range(args.rounds):
+    for name in (list(extra) if r % 2 else list(extra)[::-1]):  # alternate their order too
+      extra_t[name].append(timed(extra[name]))
     seconds, faults = timed_faults(zoo_step)
     zoo_t.append(seconds)
     zoo_faults.append(faults)
@@ -337,6 +401,15 @@ def main(argv=None) -> dict:
           flops / t / p for t, p in zip(torch_t, torch_peak))
       result["matmul_peak_ratio_jax_over_torch"] = statistics.median(
           j / t for j, t in zip(peak, torch_peak))
+  if extra:
+    result["captions"] = args.captions
+    result["rows"] = {name: {"samples_per_sec": args.batch / statistics.median(ts),
+                             "step_seconds": statistics.median(ts), "step_times_s": ts,
+                             "first_losses": list(getattr(extra[name], "losses", [])[:3])}
+                      for name, ts in extra_t.items()}
+    result["zoo"]["first_losses"] = live.get("losses", [])[:3]
+    if torch_step:
+      result["open_clip"]["first_losses"] = torch_step.losses[:3]
   if args.profile:
     result["zoo"]["profile_seconds"] = profile_pieces(trainer, live["state"], batch)
   result["loadavg_after"] = os.getloadavg()
@@ -374,6 +447,9 @@ def main(argv=None) -> dict:
             "(the ratio a step at the same fraction of each framework's GEMM peak would show)")
     print(f"  ratio zoo/open_clip {result['ratio_zoo_over_open_clip']:.2f}x (median of per-round "
           f"ratios; ratio of medians {result['ratio_of_medians']:.2f}x)")
+  for name, row in result.get("rows", {}).items():
+    print(f"  {name:16s} {row['samples_per_sec']:8.2f} samples/s  "
+          f"{row['step_seconds'] * 1e3:8.1f} ms/step  first losses {row['first_losses']}")
   if args.profile:
     print("  zoo step pieces (s): " + ", ".join(
         f"{k} {v:.3f}" for k, v in z["profile_seconds"].items()))

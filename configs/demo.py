@@ -20,4 +20,8 @@ def get_config():
   c.log_every = 10
   c.data.size = 40000
   c.data.eval_size = 480
+  # Demo captions hold <= 17 tokens: each batch's text runs on 24 positions, not 32 (same
+  # features and gradients: causal tower, EOT pooling; zoo.train.text_lengths).
+  c.data.text_lengths = "auto"
+  c.data.image_dtype = "uint8"  # pixels batched as bytes, normalized in the train step
   return c

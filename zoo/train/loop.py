@@ -27,6 +27,7 @@ from zoo.train import (
   checkpoints as train_checkpoint,
   run_config,
   run_log,
+  text_lengths,
 )
 from zoo.train.trainer import Trainer, abstract_state, build_trainer, peft_settings
 from zoo.weights import adapters, model_dir, pretrained
@@ -193,6 +194,7 @@ class Run:
   pending: tuple | None = None  # (step, metrics) of the last step, checked after the next one
   t_last: float = dataclasses.field(default_factory=time.perf_counter)
   n_last: int = 0  # steps since the last throughput figure
+  trim: Any = None  # text_lengths.Trim of data.text_lengths (None: off)
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, latest: int | None) -> Run:
@@ -217,10 +219,13 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, latest: int | None
                 "--config.eval.datasets=imagenet1k,... or give --config.data.eval_shards "
                 "(or set --config.eval_every=0)", cadence.eval_every)
   start = trainer.step
+  fields = tuple(trainer.family.batch_fields(trainer.settings))
+  trim = text_lengths.build(config.data.get("text_lengths", ""), model0, fields,
+                            context_length(config, model0))
   return Run(trainer=trainer, workdir=workdir, cadence=cadence, data_iter=data_iter,
-             fields=tuple(trainer.family.batch_fields(trainer.settings)), tokenizer=tokenizer,
-             eval_sets=eval_sets, ckpt=ckpt, done=start,
-             logger=run_log.RunLogger(workdir, cadence.total, start, jax.process_index() == 0))
+             fields=fields, tokenizer=tokenizer, eval_sets=eval_sets, ckpt=ckpt, done=start,
+             logger=run_log.RunLogger(workdir, cadence.total, start, jax.process_index() == 0),
+             trim=trim)
 
 
 def take_step(run: Run, batch_fn: Callable[[dict], dict] | None) -> None:
@@ -229,6 +234,8 @@ def take_step(run: Run, batch_fn: Callable[[dict], dict] | None) -> None:
   host_batch = {k: v for k, v in next(run.data_iter).items() if k in run.fields}
   if batch_fn is not None:
     host_batch = batch_fn(host_batch)
+  if run.trim is not None:  # data.text_lengths: tokens cut to the bucket of the longest caption
+    host_batch = run.trim(host_batch)
   batch = sharding.host_to_global(host_batch, run.trainer.mesh)
   run.trainer.state, metrics = run.trainer.step_fn(run.trainer.state, batch)
   if run.pending is not None:

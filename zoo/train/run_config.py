@@ -41,7 +41,8 @@ POLICIES = ("check", "continue", "restart")
 FREE_KEYS = ("checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "mesh",
              "distributed", "resume_policy", "schedule_history", "loss.impl", "data.num_threads",
              "data.eval_size", "data.eval_sets", "data.eval_shards", "data.babel_labels",
-             "data.babel_prompts", "data.language_adapters", "data.tfds", "eval")
+             "data.babel_prompts", "data.text_lengths", "data.language_adapters", "data.tfds",
+             "eval")
 SCHEDULE_KEYS = ("lr", "end_lr", "warmup_steps", "total_steps")
 # Files and folders of one run inside a workdir (moved aside by resume_policy=restart).
 RUN_FILES = ("checkpoints", "diverged", "config.json", "train_log.jsonl", "metrics.json", "tb",

@@ -78,6 +78,15 @@ def make_optimizer(config: ml_collections.ConfigDict, params: PyTree,
 # ----------------------------------------------------------------------------- train step
 
 
+def normalize_on_device(image: jax.Array, mean, std) -> jax.Array:
+  """zoo.transforms.normalize for a uint8 batch (data.image_dtype='uint8'), inside the step; a
+  float batch (normalized on the host) passes through."""
+  if image.dtype != jnp.uint8:
+    return image
+  x = image.astype(jnp.float32) / jnp.float32(255.0)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def clamp_logit_scale(params: PyTree, max_scale: float) -> PyTree:
   """Clamps the learned log temperature at log(max_scale) (CLIP's 100)."""
   limit = float(np.log(max_scale))
@@ -150,6 +159,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
 
   def loss_fn(params, batch, rng, step):
     model = nnx.merge(graphdef, params, rest)
+    if "image" in batch:  # data.image_dtype='uint8': pixels normalized here, on the device
+      mc = model.config
+      batch = dict(batch, image=normalize_on_device(batch["image"], mc.image_mean,
+                                                               mc.image_std))
     outputs = family.forward(model, batch, rng, settings)
     return family.loss(outputs, batch, dataclasses.replace(ctx, step=step))
 

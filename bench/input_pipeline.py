@@ -1,0 +1,216 @@
+"""Training input pipeline throughput: zoo's grain pipeline vs open_clip's WebDataset loader.
+
+python bench/input_pipeline.py [--shards GLOB] [--workers 2] [--out input_pipeline.json]
+
+Both read the same tar shards (without --shards: synthetic 500x375 JPEGs written to a temp dir)
+and deliver what their train loop receives: shards -> JPEG decode -> RandomResizedCrop (scale
+0.9-1.0, bicubic) -> normalize -> CLIP BPE tokens -> batched arrays. zoo:
+`zoo.data.build_train_pipeline` (grain, `--workers` threads) with data.image_dtype=uint8 (the
+train step normalizes on the device; `zoo_float32`: normalized on the host); open_clip:
+`open_clip_train.data.get_wds_dataset` (webdataset + torch DataLoader, `--workers` processes,
+torchvision transforms, open_clip's tokenizer). Rounds alternate zoo / open_clip in one process;
+each round builds a fresh loader, skips its first batch (start-up) and times the next
+`--batches`. A third loop, decode-only (PIL full decode + RGB, one thread), is the decode bound
+per core. Figures are medians over rounds; the machine's load average goes in the JSON. No
+figure is reported without the open_clip baseline (it needs `pip install webdataset pandas`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+import types
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+WORDS = "a photo of the small big red green blue dog cat man woman on in with near old".split()
+
+
+def write_synthetic(out_dir: str, shards: int, per_shard: int, seed: int = 0) -> str:
+  """`shards` tars of `per_shard` 500x375 JPEGs (quality 90, smooth colour fields + noise) with
+  captions of 5-20 words; returns a glob."""
+  from zoo.data import webdataset as wds
+
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+
+  def samples():
+    for _ in range(shards * per_shard):
+      a, b, c = rng.uniform(0.005, 0.03, 3)
+      base = np.stack([np.sin(xx * a + c), np.cos(yy * b), np.sin((xx + yy) * a * b * 20)], -1)
+      img = np.clip(127 + 100 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+      buf = io.BytesIO()
+      Image.fromarray(img).save(buf, format="JPEG", quality=90)
+      words = rng.choice(WORDS, int(rng.integers(5, 21)))
+      yield {"image": buf.getvalue(), "caption": " ".join(words)}
+
+  wds.write_shards(samples(), out_dir, per_shard, prefix="synthetic")
+  return os.path.join(out_dir, "synthetic-*.tar")
+
+
+def zoo_round(shards: str, workers: int, batch: int, batches: int, size: int, seed: int,
+              image_dtype: str = "float32") -> float:
+  from zoo import tokenizers
+  from zoo.data import pipeline
+
+  cfg = {"name": "webdataset", "shards": shards, "num_threads": workers, "image_dtype": image_dtype}
+  it = pipeline.build_train_pipeline(
+      cfg, tokenizer=tokenizers.get_tokenizer("ViT-B-32"), image_size=size, mean=MEAN, std=STD,
+      global_batch_size=batch, seed=seed, context_length=77)
+  first = next(it)
+  assert first["image"].shape == (batch, size, size, 3) and first["tokens"].shape == (batch, 77)
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  dt = time.perf_counter() - t
+  it.close()
+  return batches * batch / dt
+
+
+def open_clip_round(shards: str, workers: int, batch: int, batches: int, size: int, seed: int,
+                    num_samples: int) -> float:
+  import open_clip
+  from open_clip_train import data as oc_data
+
+  if not getattr(oc_data, "_zoo_bench_patched", False):
+    # webdataset 0.2.x's tar_file_expander ends each shard with an empty record that open_clip
+    # 3.3's group_by_keys_nothrow indexes ("fname" KeyError): drop such records, nothing else.
+    group = oc_data.group_by_keys_nothrow
+    oc_data.group_by_keys_nothrow = lambda data, *a, **k: group(
+        (f for f in data if "fname" in f), *a, **k)
+    oc_data._zoo_bench_patched = True
+  args = types.SimpleNamespace(
+      train_data="::".join(sorted(glob.glob(shards))), train_num_samples=num_samples,
+      dataset_resampled=False, train_data_upsampling_factors=None, seed=seed, batch_size=batch,
+      workers=workers, world_size=1)
+  preprocess = open_clip.image_transform(size, is_train=True, mean=MEAN, std=STD)
+  info = oc_data.get_wds_dataset(args, preprocess, is_train=True,
+                                 tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+  it = iter(info.dataloader)
+  images, tokens = next(it)
+  assert tuple(images.shape) == (batch, 3, size, size) and tuple(tokens.shape) == (batch, 77)
+  t = time.perf_counter()
+  n = 0
+  for _ in range(batches):
+    try:
+      images, _ = next(it)
+    except StopIteration:  # an epoch of this loader ended: start the next one
+      it = iter(info.dataloader)
+      images, _ = next(it)
+    n += len(images)
+  dt = time.perf_counter() - t
+  del it, info
+  return n / dt
+
+
+def decode_only(shards: str, limit: int) -> float:
+  """Images/s of one thread doing PIL's full JPEG decode + RGB (the decode bound per core)."""
+  blobs = []
+  for path in sorted(glob.glob(shards)):
+    with tarfile.open(path) as tar:
+      for m in tar:
+        if m.name.endswith((".jpg", ".jpeg")):
+          blobs.append(tar.extractfile(m).read())
+        if len(blobs) >= limit:
+          break
+  t = time.perf_counter()
+  for b in blobs:
+    with Image.open(io.BytesIO(b)) as im:
+      np.asarray(im.convert("RGB"))
+  return len(blobs) / (time.perf_counter() - t)
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shards", default="", help="glob of tar shards (default: synthetic)")
+  parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--batches", type=int, default=6, help="timed batches per round")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  try:
+    import open_clip_train.data  # noqa: F401
+    import webdataset  # noqa: F401
+  except ImportError as e:
+    print(f"input_pipeline: the open_clip baseline cannot run ({e}); install it with "
+          "`pip install open_clip_torch webdataset pandas` (no figure is reported without it)",
+          file=sys.stderr)
+    return 2
+  tmp = None
+  shards = args.shards
+  if not shards:
+    tmp = tempfile.mkdtemp(prefix="zoo_input_bench_")
+    n_shards = max(4, args.workers)
+    per = -(-(args.batch * (args.batches + 2) * 2) // n_shards)
+    shards = write_synthetic(tmp, n_shards, per, args.seed)
+  paths = sorted(glob.glob(shards))
+  if not paths:
+    print(f"input_pipeline: --shards {shards!r} matches no file", file=sys.stderr)
+    return 2
+  num_samples = 0
+  for p in paths:
+    with tarfile.open(p) as tar:
+      num_samples += sum(1 for m in tar if m.name.endswith((".jpg", ".jpeg", ".png", ".webp")))
+  loads = [os.getloadavg()[0]]
+  zoo_rates, oc_rates, dec_rates, f32_rates = [], [], [], []
+  for r in range(args.rounds):
+    order = ("zoo", "zoo_float32", "open_clip")
+    for who in (order if r % 2 == 0 else order[::-1]):
+      if who == "zoo":
+        zoo_rates.append(zoo_round(shards, args.workers, args.batch, args.batches,
+                                   args.image_size, args.seed + r, "uint8"))
+      elif who == "zoo_float32":
+        f32_rates.append(zoo_round(shards, args.workers, args.batch, args.batches,
+                                   args.image_size, args.seed + r, "float32"))
+      else:
+        oc_rates.append(open_clip_round(shards, args.workers, args.batch, args.batches,
+                                        args.image_size, args.seed + r, num_samples))
+    dec_rates.append(decode_only(shards, 2 * args.batch))
+    loads.append(os.getloadavg()[0])
+    print(f"round {r}: zoo {zoo_rates[-1]:.1f} img/s (float32 {f32_rates[-1]:.1f}), open_clip {oc_rates[-1]:.1f} img/s, "
+          f"decode-only {dec_rates[-1]:.1f} img/s/core, load {loads[-1]:.2f}", flush=True)
+  zoo_ips, oc_ips = statistics.median(zoo_rates), statistics.median(oc_rates)
+  dec = statistics.median(dec_rates)
+  w = max(args.workers, 1)
+  result = {
+      "zoo": {"images_per_sec": zoo_ips, "per_core": zoo_ips / w, "rounds": zoo_rates},
+      "zoo_float32": {"images_per_sec": statistics.median(f32_rates), "rounds": f32_rates},
+      "open_clip": {"images_per_sec": oc_ips, "per_core": oc_ips / w, "rounds": oc_rates},
+      "decode_only": {"images_per_sec_per_core": dec, "rounds": dec_rates},
+      "ratio": zoo_ips / oc_ips, "workers": args.workers, "batch": args.batch,
+      "image_size": args.image_size, "shards": len(paths), "samples": num_samples,
+      "cpu_count": os.cpu_count(), "load": {"start": loads[0], "per_round": loads[1:]},
+  }
+  print(f"zoo {zoo_ips:.1f} img/s ({zoo_ips / w:.1f}/worker; float32 batches "
+        f"{statistics.median(f32_rates):.1f}), open_clip {oc_ips:.1f} img/s "
+        f"({oc_ips / w:.1f}/worker), ratio {result['ratio']:.2f}; decode-only bound "
+        f"{dec:.1f} img/s per core; load {loads}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  if tmp:
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

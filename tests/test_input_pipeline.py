@@ -1,0 +1,62 @@
+"""data.image_dtype='uint8': the pipeline hands over the cropped pixels, the train step
+normalizes them on the device; the host-normalized (float32) path is unchanged."""
+
+from __future__ import annotations
+
+import io
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from zoo import tokenizers, transforms
+from zoo.data import pipeline, webdataset as wds
+from zoo.models import configs
+from zoo.train import step as train_step
+
+MEAN, STD = configs.OPENAI_MEAN, configs.OPENAI_STD
+
+
+def _shards(tmp_path):
+  rng = np.random.default_rng(0)
+  samples = []
+  for i in range(6):
+    img = rng.integers(0, 256, (48, 64, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    samples.append({"image": buf.getvalue(), "caption": f"a photo of thing {i}"})
+  return wds.write_shards(samples, str(tmp_path), 6)
+
+
+def _batch(shards, image_dtype):
+  it = pipeline.build_train_pipeline(
+      {"name": "webdataset", "shards": shards, "num_threads": 2, "image_dtype": image_dtype},
+      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=32,
+      mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
+  batch = next(it)
+  it.close()
+  return batch
+
+
+def test_float32_path_bytes_and_uint8_path(tmp_path):
+  shards = _shards(tmp_path)
+  f32, u8 = _batch(shards, "float32"), _batch(shards, "uint8")
+  assert f32["image"].dtype == np.float32 and u8["image"].dtype == np.uint8
+  np.testing.assert_array_equal(f32["tokens"], u8["tokens"])
+  # The float32 batch is, byte for byte, the seeded crop of the full decode, normalized on the host.
+  np.testing.assert_array_equal(transforms.normalize(u8["image"], MEAN, STD), f32["image"])
+  raw = wds.TarShardSource(shards)
+  order = [int(i) for i in np.asarray(
+      grain.MapDataset.range(len(raw)).shuffle(seed=7)[:4])]
+  for row, index in enumerate(order):
+    image = wds.decode_image(raw[index]["jpg"])
+    rng = np.random.default_rng([7, 0, 0, index])
+    crop = transforms.random_resized_crop_params(rng, 48, 64, (0.9, 1.0), pipeline.DEFAULT_RATIO)
+    expect = transforms.normalize(transforms.apply_crop_resize(image, crop, 32), MEAN, STD)
+    assert f32["image"][row].tobytes() == expect.tobytes()
+  on_device = jax.jit(lambda x: train_step.normalize_on_device(x, MEAN, STD))(jnp.asarray(u8["image"]))
+  np.testing.assert_allclose(np.asarray(on_device), f32["image"], atol=1e-6)
+  same = train_step.normalize_on_device(jnp.asarray(f32["image"]), MEAN, STD)
+  assert same.dtype == jnp.float32 and np.array_equal(np.asarray(same), f32["image"])
