@@ -31,7 +31,9 @@ Array = jax.Array
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
 NUM_STAGES, BK = 2, 64
-WARPS_STATS, WARPS_GRADS = 4, 8  # no register spills at these, sm_80 and sm_90 (cuobjdump)
+# No register spills at these, sm_80 and sm_90 (cuobjdump); fp32 at precision HIGHEST (3 tf32
+# passes) needs 8 warps for the statistics and 32 x 32 tiles for the gradients.
+WARPS_STATS, WARPS_GRADS = {2: 4, 4: 8}, {2: 8, 4: 8}
 SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
 
 
@@ -107,7 +109,8 @@ def row_lse_call(x: Array, y: Array, scale: Array, block: int | None, *,
                       x, y, scale)
   lse = pl.pallas_call(
       kernel, grid=(nbr,), out_shape=out_struct((mp,), args[1]),
-      compiler_params=_compiler_params(WARPS_STATS), interpret=interpret,
+      compiler_params=_compiler_params(WARPS_STATS.get(x.dtype.itemsize, 8)),
+      interpret=interpret,
       name="contrastive_softmax_stats",
   )(*args)
   return lse[:m]
@@ -163,7 +166,9 @@ def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid:
                lse_rows: Array | None = None, lse_cols: Array | None = None,
                offset: Array | None = None, interpret=False):
   (m, d), n = x.shape, y.shape[0]
-  p = plan(m, n, d, x.dtype.itemsize, block)
+  # fp32 at precision HIGHEST (3 tf32 passes per dot) spills registers at 64 x 64 tiles.
+  full = precision(x.dtype) is not None
+  p = plan(m, n, d, x.dtype.itemsize, min(block or 64, 32) if full else block)
   mp, np_ = _round_up(m, p.bm), _round_up(n, p.bn)
   nbr, nbc, nk = mp // p.bm, np_ // p.bn, p.dp // p.bk
   args = [params, jnp.reshape(offset, (1,)).astype(jnp.int32)]
@@ -182,7 +187,8 @@ def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid:
   outs = pl.pallas_call(
       kernel, grid=(nbr, nbc), out_shape=out_shape,
       input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
-      compiler_params=_compiler_params(WARPS_GRADS), interpret=interpret,
+      compiler_params=_compiler_params(WARPS_GRADS.get(x.dtype.itemsize, 16)),
+      interpret=interpret,
       name="contrastive_sigmoid_grads" if sigmoid else "contrastive_softmax_grads",
   )(*args)
   gx, gy = outs[0][:m, :d], outs[1][:n, :d]
