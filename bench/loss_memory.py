@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 
 import jax
@@ -22,6 +23,8 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zoo.kernels.contrastive import contrastive_loss
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no device to guard
 
 
 def measure(topology: str, kind: str, impl: str, b: int, d: int, dtype) -> dict:

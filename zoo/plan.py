@@ -66,10 +66,13 @@ def tpu_devices(topology: str) -> list:
                            "(Python >= 3.11)")
   from jax.experimental import topologies
 
+  # Compiling only: other processes compiling with libtpu at the same time are fine.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # noqa: BLE001 - libtpu's message, on one line
-    raise errors.UserError(f"unknown topology {topology!r}: {errors.one_line(e)}") from None
+    what = f"unknown topology {topology!r}" if "topolog" in str(e).lower() else "libtpu"
+    raise errors.UserError(f"{what}: {errors.one_line(e)}") from None
 
 
 def for_tpu(config):
