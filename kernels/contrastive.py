@@ -1,9 +1,9 @@
 """Fused contrastive losses (CLIP softmax, SigLIP sigmoid) that never store the B x B logits.
 
 impl: "reference" (plain jnp, B x B; 6 B^2 d matmul units fwd+bwd softmax, 3 sigmoid), "xla"
-(`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 4 units
-(softmax: a stats pass, one gradient pass recomputing each tile once), 3 (sigmoid: the forward
-emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
+(`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 5 units
+(softmax: row and column statistics passes, one gradient pass recomputing each tile once), 3
+(sigmoid: the forward emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
   softmax: loss = [sum_i lse_row_i + sum_j lse_col_j] / (2B) - sum_i z_ii / B,
            G_ij = [exp(z_ij - lse_row_i) + exp(z_ij - lse_col_j) - 2 delta_ij] / (2B)
   sigmoid: loss = sum_ij softplus(-+z_ij) / B, G_ij = [sigmoid(z_ij) - delta_ij] / B
