@@ -7,6 +7,10 @@
    d=768, bf16, each in a fresh process (bench/contrastive_loss.py's measurement).
 3. The largest B each impl runs: doubling from 32768 to --max_batch, each try in a fresh process
    with a timeout; stops at the first failure or when the time budget is spent.
+4. Per row against float64 numpy at logit scale 100 (softmax: half confident pairs, half hard;
+   sigmoid: bias -10), fp32 and bf16, reference / xla / pallas at the default precision: the
+   share of rows whose dx is > 10% off and dscale's relative error; and whether pallas'
+   value and gradients are bitwise equal run to run.
 Every measurement is wrapped: an error is recorded in its row, never fatal. Prints one table and
 writes JSON (--json). `--smoke` runs the same logic at tiny sizes (for a CPU dry run).
 
@@ -69,6 +73,71 @@ def parity(batch: int, dim: int, kinds, impls) -> list[dict]:
   return rows
 
 
+def _pairs(b: int, d: int, scale: float, seed: int = 0):
+  """Unit rows y_i = c_i x_i + sqrt(1 - c_i^2) u_i, the positive logit a margin 3..7 (even rows,
+  confident) or -2..2 (odd rows, hard) above the log-sum-exp of the row's negatives."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(b, d))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  u = rng.normal(size=(b, d))
+  u -= np.sum(u * x, 1, keepdims=True) * x
+  u /= np.linalg.norm(u, axis=1, keepdims=True)
+  zn = scale * x @ u.T
+  np.fill_diagonal(zn, -np.inf)
+  lse = np.log(np.exp(zn - zn.max(1, keepdims=True)).sum(1)) + zn.max(1)
+  margin = np.where(np.arange(b) % 2 == 0, rng.uniform(3, 7, b), rng.uniform(-2, 2, b))
+  c = np.clip((lse + margin) / scale, 0, 0.95)[:, None]
+  return x, c * x + np.sqrt(1 - c**2) * u
+
+
+def float64_rows(batch: int, dim: int, impls) -> list[dict]:
+  """dx per row and dscale against float64 at scale 100 (bias -10 for sigmoid); repeatability."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  s, bias = 100.0, -10.0
+  x64, y64 = _pairs(batch, dim, s)
+  rows = []
+  for kind in ("softmax", "sigmoid"):
+    for dtype in ("float32", "bfloat16"):
+      x, y = jnp.asarray(x64, dtype), jnp.asarray(y64, dtype)
+      xf, yf = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      z = s * xf @ yf.T
+      if kind == "softmax":
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        q = np.exp(z - z.max(0, keepdims=True))
+        q /= q.sum(0, keepdims=True)
+        g = (p + q - 2 * np.eye(batch)) / (2 * batch)
+        args = (x, y, jnp.float32(s))
+      else:
+        sign = 2 * np.eye(batch) - 1
+        g = -sign / (1 + np.exp(sign * (z + bias))) / batch
+        args = (x, y, jnp.float32(s), jnp.float32(bias))
+      dx0, ds0 = s * g @ yf, np.sum(g * (xf @ yf.T))
+      for impl in impls:
+        row = {"check": "float64", "kind": kind, "dtype": dtype, "impl": impl, "batch": batch,
+               "dim": dim}
+        try:
+          fn = jax.jit(jax.value_and_grad(bench.loss_fn(impl, kind), argnums=(0, 2)))
+          out = jax.block_until_ready(fn(*args))
+          dx = np.asarray(out[1][0], np.float64)
+          err = np.linalg.norm(dx - dx0, axis=1) / np.maximum(np.linalg.norm(dx0, axis=1), 1e-30)
+          again = jax.block_until_ready(fn(*args))
+          same = all(np.array_equal(np.asarray(a), np.asarray(b))
+                     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(again)))
+          row.update(rows_over_10pct=float(np.mean(err > 0.1)), worst_row=float(err.max()),
+                     dscale_rel=float(abs(float(out[1][1]) - ds0) / abs(ds0)), bitwise=same)
+          row["ok"] = row["rows_over_10pct"] <= 0.01 and row["dscale_rel"] <= 1e-3
+        except Exception as e:  # recorded, not fatal
+          row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+  return rows
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run)")
@@ -98,6 +167,10 @@ def main(argv=None) -> int:
     rows += parity(par_b, dim, ("softmax", "sigmoid"), ("xla", "pallas"))
   except Exception:
     rows.append({"check": "parity", "ok": False, "error": traceback.format_exc()[-600:]})
+  try:
+    rows += float64_rows(256 if a.smoke else 4096, dim, IMPLS)
+  except Exception:
+    rows.append({"check": "float64", "ok": False, "error": traceback.format_exc()[-600:]})
   avail = bench.available_bytes()
   per_timeout = lambda: max(10.0, min(120.0, left()))
   for batch in batches:
@@ -135,6 +208,11 @@ def main(argv=None) -> int:
     if c == "parity":
       res = (r.get("error") or ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items()))
       res = f"{'OK ' if r['ok'] else 'BAD'} (tol {r.get('tolerance', 0):.0e}) {res}"
+    elif c == "float64":
+      res = r.get("error") or (f"{'OK ' if r['ok'] else 'BAD'} rows >10% off "
+                               f"{r['rows_over_10pct']:.2%} (worst {r['worst_row']:.2g}), "
+                               f"dscale {r['dscale_rel']:.1e}, bitwise repeatable "
+                               f"{r['bitwise']}")
     elif c == "timing":
       res = r.get("skipped") or (f"{r['time_s'] * 1e3:9.1f} ms  "
                                  f"{r['memory_bytes'] / 2**20:10.1f} MiB  ({r['memory_measure']})")
@@ -151,7 +229,7 @@ def main(argv=None) -> int:
     json.dump({"backend": backend, "device": device, "smoke": a.smoke, "elapsed_s": elapsed,
                "load_average": os.getloadavg(), "rows": rows}, f, indent=1, default=str)
   print(f"wrote {a.json}")
-  bad = [r for r in rows if r["check"] == "parity" and not r.get("ok")]
+  bad = [r for r in rows if r["check"] in ("parity", "float64") and not r.get("ok")]
   return 1 if bad else 0
 
 

@@ -5,8 +5,8 @@ z_ij = scale * <x_i, y_j> (+ bias)) and scans over column blocks of `y` with `la
 an [m, block] tile of logits exists at a time: memory O(m * block) instead of O(m * n). All rows
 are in every tile, so column statistics of a block are exact without a second pass.
 
-The diagonal (positive-pair) terms are not handled here: they are O(B * d) and are added by the
-caller (`kernels/contrastive.py`), which also owns the custom_vjp and the collectives.
+Gradient tiles hold dL/dz with the targets already subtracted in fp32 (`softmax_g`); the caller
+(`kernels/contrastive.py`) scales them and owns the custom_vjp and the collectives.
 """
 
 from __future__ import annotations
@@ -59,8 +59,30 @@ def _pad_vec(v: Array, nb: int, block: int) -> Array:
   return jnp.pad(v, (0, nb * block - v.shape[0])).reshape(nb, block)
 
 
+def precision(dtype) -> lax.Precision | None:
+  """The GPU kernels' precision: fp32 operands multiply in IEEE fp32 (HIGHEST, not TF32) unless
+  the caller set `jax.default_matmul_precision` (e.g. "tensorfloat32"); bf16: default."""
+  if jnp.dtype(dtype) != jnp.float32 or jax.config.jax_default_matmul_precision is not None:
+    return None
+  return lax.Precision.HIGHEST
+
+
+def dot(a: Array, b: Array, dims=(((1,), (0,)), ((), ())), precision=None) -> Array:
+  """fp32-accumulated dot_general (default precision: as the reference's einsum)."""
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def softmax_g(z: Array, lse_r: Array, lse_c: Array, pos: Array, targets: Array) -> Array:
+  """2B * dL/dz of a softmax tile in fp32, targets subtracted before any rounding:
+  exp(z - lse_r) + exp(z - lse_c) - 2 t, t = 1 - eps on the pair, eps / (B - 1) off it
+  (`targets` = [2 (1 - eps - w), 2 w], w = eps / (B - 1)). A confident pair's p + q ~ 2 cancels
+  against 2 t here, in fp32; rounded to bf16 first, its pull would be lost."""
+  g = jnp.exp(z - lse_r) + jnp.exp(z - lse_c) - targets[1]
+  return g - jnp.where(pos, targets[0], 0.0)
+
+
 def _logits(x: Array, yb: Array, scale: Array, bias: Array | float = 0.0) -> Array:
-  return scale * lax.dot_general(x, yb, _NT, preferred_element_type=jnp.float32) + bias
+  return scale * dot(x, yb, _NT) + bias
 
 
 def _valid(start: Array, block: int, n: int) -> Array:
@@ -91,22 +113,24 @@ def softmax_stats(x: Array, y: Array, scale: Array, block: int) -> tuple[Array, 
 
 
 def softmax_grads(x: Array, y: Array, scale: Array, lse_rows: Array, lse_cols: Array,
-                  block: int) -> tuple[Array, Array]:
-  """With G_ij = exp(z_ij - lse_rows_i) + exp(z_ij - lse_cols_j): (G @ y [m, d], G.T @ x [n, d])."""
-  n = y.shape[0]
+                  targets: Array, offset: Array, block: int) -> tuple[Array, Array]:
+  """(G @ y [m, d], G.T @ x [n, d]) with G = `softmax_g` (pairs: column - row == offset)."""
+  m, n = x.shape[0], y.shape[0]
   yb, starts, nb = _col_blocks(y, block)
   lse_c = _pad_vec(lse_cols, nb, block)
 
   def step(acc, inp):
     yblk, start, lse_cb = inp
     z = _logits(x, yblk, scale)
-    g = jnp.exp(z - lse_rows[:, None]) + jnp.exp(z - lse_cb[None, :])
+    g = softmax_g(z, lse_rows[:, None], lse_cb[None, :], _positive(m, start, block, offset),
+                  targets)
     g = jnp.where(_valid(start, block, n)[None, :], g, 0.0)
-    acc = acc + jnp.dot(g.astype(y.dtype), yblk, preferred_element_type=jnp.float32)
-    gy = lax.dot_general(g.astype(x.dtype), x, _TN, preferred_element_type=jnp.float32)
+    acc = acc + dot(g.astype(y.dtype), yblk)
+    gy = dot(g.astype(x.dtype), x, _TN)
     return acc, gy
 
-  acc0 = varying_like(jnp.zeros(x.shape, jnp.float32), x, y, scale, lse_rows, lse_cols)
+  acc0 = varying_like(jnp.zeros(x.shape, jnp.float32), x, y, scale, lse_rows, lse_cols,
+                      targets, offset)
   gx, gy = lax.scan(step, acc0, (yb, starts, lse_c))
   return gx, gy.reshape(-1, x.shape[1])[:n]
 
@@ -157,8 +181,8 @@ def sigmoid_grads(x: Array, y: Array, scale: Array, bias: Array, offset: Array,
     sig = jax.nn.sigmoid(zs)
     g = jnp.where(valid, jnp.where(pos, -sig, sig), 0.0)
     loss = loss + jnp.sum(jnp.where(valid, _softplus(zs), 0.0))
-    acc = acc + jnp.dot(g.astype(y.dtype), yblk, preferred_element_type=jnp.float32)
-    gy = lax.dot_general(g.astype(x.dtype), x, _TN, preferred_element_type=jnp.float32)
+    acc = acc + dot(g.astype(y.dtype), yblk)
+    gy = dot(g.astype(x.dtype), x, _TN)
     return (acc, loss, total + jnp.sum(g)), gy
 
   init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))

@@ -1,14 +1,15 @@
 """TPU (Mosaic) Pallas kernels for the contrastive-loss statistics; interface of `_blockwise`.
 
-* `_stats_kernel` (softmax forward, 1 matmul unit): grid (row block "parallel", column block
-  "arbitrary", d chunk "arbitrary"); running row max / sum in VMEM scratch, the log-sum-exp of
-  every tile's columns written as a partial ([row blocks, 1, n], combined by the caller).
+* `_stats_kernel` (softmax forward, 1 matmul unit per call): grid (row block "parallel", column
+  block "arbitrary", d chunk "arbitrary"); running row max / sum in VMEM scratch, the rows'
+  log-sum-exp out. Called twice (rows of x @ y.T, then of y @ x.T): O(B) statistics.
 * `_grads_kernel` (softmax backward, sigmoid forward, 3 units): grid (core half "parallel",
   column block, row block); each tile is computed once and feeds G @ y_j and G.T @ x_i. G.T @ x
   accumulates in the resident output block over the inner row axis; G @ y accumulates over the
   outer column axis in HBM, read and written by explicit DMAs (double-buffered slots), so both
   inner axes are sequential ("arbitrary"); the leading axis splits the rows between the two
-  TensorCores of megacore chips, each half with its own G.T @ x partial.
+  TensorCores of megacore chips (v5p), each half with its own G.T @ x partial; single-core
+  chips (v5e, v6e) have one. Softmax tiles subtract the targets in fp32 (`softmax_g`).
 Blocks obey the (8, 128) rules for any B (rows / columns padded to the block, d to 128; vectors
 as (br, 1) / (1, bc) blocks); VMEM per kernel depends on the blocks and d only (`plan`), and
 `vmem_limit_bytes` is set from it.
@@ -25,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from zoo.kernels._blockwise import out_struct, varying_like
+from zoo.kernels._blockwise import dot, out_struct, softmax_g, varying_like
 
 Array = jax.Array
 
@@ -62,8 +63,7 @@ class Plan:
 
 
 def _stats_vmem(br: int, bc: int, dk: int, nk: int, isz: int) -> int:
-  win = 2 * (vmem_bytes((br, dk), isz) + vmem_bytes((bc, dk), isz)
-             + vmem_bytes((br, 1), 4) + vmem_bytes((1, bc), 4))
+  win = 2 * (vmem_bytes((br, dk), isz) + vmem_bytes((bc, dk), isz) + vmem_bytes((br, 1), 4))
   scratch = 2 * vmem_bytes((br, 1), 4) + (vmem_bytes((br, bc), 4) if nk > 1 else 0)
   return win + scratch + 3 * vmem_bytes((br, bc), 4)
 
@@ -114,12 +114,23 @@ def plan_grads(m: int, n: int, d: int, itemsize: int, sigmoid: bool,
                    f"at 128 x 128 tiles (> {_BUDGET // MIB} MiB); use impl='xla'")
 
 
+def tensor_cores() -> int:
+  """TensorCores per device (2 on megacore v5p; v5e / v6e and v4's per-core devices: 1) of the
+  TPU traced for: the current (abstract) mesh's device, e.g. under `jax.set_mesh` or
+  `shard_map` in an AOT compile, else the default backend's first device if a TPU, else 1."""
+  mesh = jax.sharding.get_abstract_mesh()
+  dev = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  if dev is None or getattr(dev, "platform", None) != "tpu":
+    dev = jax.devices()[0] if jax.default_backend() == "tpu" else None
+  return int(getattr(dev, "num_cores", None) or 1)
+
+
 def _smem():
   return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def _params(scale: Array, bias: Array | float = 0.0) -> Array:
-  return jnp.stack([jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)])
+def _params(scale: Array) -> Array:
+  return jnp.reshape(jnp.asarray(scale, jnp.float32), (1,))
 
 
 def _pad2(a: Array, rows: int, cols: int) -> Array:
@@ -129,9 +140,8 @@ def _pad2(a: Array, rows: int, cols: int) -> Array:
 # ----------------------------------------------------------------------------- softmax stats
 
 
-def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, colp_ref, m_sc, s_sc, *zacc, m: int, n: int,
-                  nk: int):
-  i, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, m_sc, s_sc, *zacc, n: int, nk: int):
+  j, k = pl.program_id(1), pl.program_id(2)
   nj = pl.num_programs(1)
   br, bc = x_ref.shape[0], y_ref.shape[0]
 
@@ -140,7 +150,7 @@ def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, colp_ref, m_sc, s_sc, *zacc, m: 
     m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
     s_sc[...] = jnp.zeros(s_sc.shape, jnp.float32)
 
-  part = lax.dot_general(x_ref[...], y_ref[...], _NT, preferred_element_type=jnp.float32)
+  part = dot(x_ref[...], y_ref[...], _NT)
   if nk > 1:
     @pl.when(k == 0)
     def _():
@@ -153,7 +163,6 @@ def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, colp_ref, m_sc, s_sc, *zacc, m: 
   @pl.when(k == nk - 1)
   def _():
     z = p_ref[0] * (zacc[0][...] if nk > 1 else part)
-    rows = i * br + lax.broadcasted_iota(jnp.int32, (br, bc), 0)
     cols = j * bc + lax.broadcasted_iota(jnp.int32, (br, bc), 1)
     zr = jnp.where(cols < n, z, -jnp.inf)
     m_old = m_sc[...]
@@ -161,46 +170,47 @@ def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, colp_ref, m_sc, s_sc, *zacc, m: 
     s_sc[...] = (s_sc[...] * jnp.exp(m_old - m_new)
                  + jnp.sum(jnp.exp(zr - m_new), axis=1, keepdims=True))
     m_sc[...] = m_new
-    zc = jnp.where(rows < m, z, -jnp.inf)
-    cm = jnp.max(zc, axis=0, keepdims=True)
-    colp_ref[0] = cm + jnp.log(jnp.sum(jnp.exp(zc - cm), axis=0, keepdims=True))
 
     @pl.when(j == nj - 1)
     def _():
       lse_ref[...] = m_sc[...] + jnp.log(s_sc[...])
 
 
-def softmax_stats_call(x: Array, y: Array, scale: Array, block: int | None, *,
-                       interpret=False) -> tuple[Array, Array]:
-  """(row log-sum-exp [m], column log-sum-exp [n]) of z = scale * x @ y.T."""
+def row_lse_call(x: Array, y: Array, scale: Array, block: int | None, *,
+                 interpret=False) -> Array:
+  """Log-sum-exp over y of each row of z = scale * x @ y.T [m] (O(m) output)."""
   (m, d), n = x.shape, y.shape[0]
   p = plan_stats(m, n, d, x.dtype.itemsize, block)
   br, bc, dk = p.br, p.bc, p.dk
   mp, np_, nk = _round_up(m, br), _round_up(n, bc), p.dp // p.dk
-  nbr = mp // br
-  kernel = functools.partial(_stats_kernel, m=m, n=n, nk=nk)
+  kernel = functools.partial(_stats_kernel, n=n, nk=nk)
   scratch = [pltpu.VMEM((br, 1), jnp.float32), pltpu.VMEM((br, 1), jnp.float32)]
   if nk > 1:
     scratch.append(pltpu.VMEM((br, bc), jnp.float32))
   args = varying_like([_params(scale), _pad2(x, mp, p.dp), _pad2(y.astype(x.dtype), np_, p.dp)],
                       x, y, scale)
-  lse, colp = pl.pallas_call(
+  lse = pl.pallas_call(
       kernel,
-      grid=(nbr, np_ // bc, nk),
+      grid=(mp // br, np_ // bc, nk),
       in_specs=[_smem(), pl.BlockSpec((br, dk), lambda i, j, k: (i, k)),
                 pl.BlockSpec((bc, dk), lambda i, j, k: (j, k))],
-      out_specs=[pl.BlockSpec((br, 1), lambda i, j, k: (i, 0)),
-                 pl.BlockSpec((1, 1, bc), lambda i, j, k: (i, 0, j))],
-      out_shape=[out_struct((mp, 1), args[1]), out_struct((nbr, 1, np_), args[1])],
+      out_specs=pl.BlockSpec((br, 1), lambda i, j, k: (i, 0)),
+      out_shape=out_struct((mp, 1), args[1]),
       scratch_shapes=scratch,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary"),
           vmem_limit_bytes=p.limit),
       interpret=interpret, name="contrastive_softmax_stats",
   )(*args)
-  colp = colp[:, 0, :n]
-  cmax = jnp.max(colp, axis=0)
-  return lse[:m, 0], cmax + jnp.log(jnp.sum(jnp.exp(colp - cmax), axis=0))
+  return lse[:m, 0]
+
+
+def softmax_stats_call(x: Array, y: Array, scale: Array, block: int | None, *,
+                       interpret=False) -> tuple[Array, Array]:
+  """(row log-sum-exp [m], column log-sum-exp [n]) of z = scale * x @ y.T: two row passes (the
+  columns' as the rows of y @ x.T), so no statistic grows with B^2 / block."""
+  return (row_lse_call(x, y, scale, block, interpret=interpret),
+          row_lse_call(y.astype(x.dtype), x, scale, block, interpret=interpret))
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -214,7 +224,7 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, nh: int):
   if sigmoid:
     p_ref, o_ref, x_ref, y_ref, dy_ref, loss_ref, gs_ref, dx_hbm, buf, sem = refs
   else:
-    p_ref, x_ref, y_ref, lr_ref, lc_ref, dy_ref, dx_hbm, buf, sem = refs
+    p_ref, o_ref, x_ref, y_ref, lr_ref, lc_ref, dy_ref, dx_hbm, buf, sem = refs
   c, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   nj, ni = pl.num_programs(1), pl.num_programs(2)
   br, bc = x_ref.shape[0], y_ref.shape[0]
@@ -234,18 +244,19 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, nh: int):
     read.start()
 
   x, y = x_ref[...], y_ref[...]
-  z = p_ref[0] * lax.dot_general(x, y, _NT, preferred_element_type=jnp.float32)
+  z = p_ref[0] * dot(x, y, _NT)
   rows = r * br + lax.broadcasted_iota(jnp.int32, (br, bc), 0)
   cols = j * bc + lax.broadcasted_iota(jnp.int32, (br, bc), 1)
   valid = (rows < m) & (cols < n)
+  pos = (cols - rows) == o_ref[0]
   if sigmoid:
-    pos = (cols - rows) == o_ref[0]
     zs = jnp.where(pos, -(z + p_ref[1]), z + p_ref[1])
     sig = 1.0 / (1.0 + jnp.exp(-zs))
     g = jnp.where(valid, jnp.where(pos, -sig, sig), 0.0)
     sp = jnp.where(valid, _softplus(zs), 0.0)
   else:
-    g = jnp.where(valid, jnp.exp(z - lr_ref[...]) + jnp.exp(z - lc_ref[...]), 0.0)
+    g = softmax_g(z, lr_ref[...], lc_ref[...], pos, (p_ref[2], p_ref[3]))
+    g = jnp.where(valid, g, 0.0)
   gt = g.astype(x.dtype)
 
   @pl.when(i == 0)
@@ -255,11 +266,11 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, nh: int):
       loss_ref[...] = jnp.zeros(loss_ref.shape, jnp.float32)
       gs_ref[...] = jnp.zeros(gs_ref.shape, jnp.float32)
 
-  dy_ref[0] += lax.dot_general(gt, x, _TN, preferred_element_type=jnp.float32)
+  dy_ref[0] += dot(gt, x, _TN)
   if sigmoid:
     loss_ref[0] += jnp.sum(sp, axis=0, keepdims=True)
     gs_ref[0] += jnp.sum(g, axis=0, keepdims=True)
-  gx = jnp.dot(gt, y, preferred_element_type=jnp.float32)
+  gx = dot(gt, y)
 
   @pl.when(j == 0)
   def _():
@@ -279,22 +290,22 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, nh: int):
 
 def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid: bool,
                lse_rows: Array | None = None, lse_cols: Array | None = None,
-               offset: Array | None = None, interpret=False):
-  """G @ y [m, d], G.T @ x [n, d] (fp32) and, for sigmoid, (sum of softplus, sum of G)."""
+               offset: Array | None = None, cores: int | None = None, interpret=False):
+  """G @ y [m, d], G.T @ x [n, d] (fp32) and, for sigmoid, (sum of softplus, sum of G).
+  params: [scale, bias, 2 t_pair, 2 t_other]; pairs where column - row == offset. `cores`:
+  TensorCores sharing the chip (2 on megacore v4 / v5p: the rows split between them, each with
+  a G.T @ x partial; 1 elsewhere: no partials); None = `tensor_cores()`."""
   (m, d), n = x.shape, y.shape[0]
   p = plan_grads(m, n, d, x.dtype.itemsize, sigmoid, block)
   br, bc, dp = p.br, p.bc, p.dp
   nbr = -(-m // br)
-  ncore = 2 if nbr >= 2 else 1
+  ncore = min(cores or tensor_cores(), 2) if nbr >= 2 else 1
   nbr = _round_up(nbr, ncore)
   nh, mp, np_ = nbr // ncore, nbr * br, _round_up(n, bc)
   xspec = pl.BlockSpec((br, dp), lambda c, j, i: (c * nh + i, 0))
   yspec = pl.BlockSpec((bc, dp), lambda c, j, i: (j, 0))
-  args = [params]
-  in_specs = [_smem()]
-  if sigmoid:
-    args.append(jnp.reshape(offset, (1,)).astype(jnp.int32))
-    in_specs.append(_smem())
+  args = [params, jnp.reshape(offset, (1,)).astype(jnp.int32)]
+  in_specs = [_smem(), _smem()]
   args += [_pad2(x, mp, dp), _pad2(y.astype(x.dtype), np_, dp)]
   in_specs += [xspec, yspec]
   if not sigmoid:

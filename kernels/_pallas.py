@@ -6,8 +6,12 @@ Which kernels run (decided when the loss is traced):
   `kernels/_triton.py`, selected explicitly by Triton CompilerParams (Triton exists in JAX 0.10
   through 0.12; their shared memory, <= 96 KiB at 2 stages, fits sm_80 and sm_90; compiled for
   sm_90 they use no local memory / spills). Older GPUs and ROCm: `impl="auto"` picks "xla".
-* CPU: interpret mode, of the GPU kernels (JAX's generic interpreter) by default; `use_target`
-  selects another (the TPU interpreter, or lowering for TPU / GPU on a CPU-only machine).
+* CPU: interpret mode, of the GPU kernels (JAX's generic interpreter); inside
+  `shard_map(check_vma=True)`, where the interpreter fails, the xla backend.
+The choice follows the platform being lowered for (`jax.lax.platform_dependent`), not the
+default backend: `jit(loss).lower(...)` for TPU devices on a CPU host (an AOT compile with
+libtpu) gets the Mosaic kernels. `use_target` forces one target (the TPU interpreter, or
+lowering for TPU / GPU).
 The Mosaic GPU backend (JAX's default for a pallas_call without compiler params) is not used.
 """
 
@@ -41,15 +45,9 @@ def use_target(target: str) -> Iterator[None]:
     _forced.pop()
 
 
-def target() -> str:
-  if _forced:
-    return _forced[-1]
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "tpu"
-  if backend == "gpu":
-    return "gpu"
-  return "interpret-gpu"
+def target() -> str | None:
+  """The forced target (`use_target`), or None: chosen per lowering platform (`_dispatch`)."""
+  return _forced[-1] if _forced else None
 
 
 def gpu_supported(device) -> bool:
@@ -61,50 +59,76 @@ def gpu_supported(device) -> bool:
     return False
 
 
-def _module():
-  t = target()
+def _module(t: str):
   mod = _mosaic if t.endswith("tpu") else _triton
   if t == "interpret-tpu":
     return mod, pltpu.InterpretParams()
   return mod, t == "interpret-gpu"
 
 
-def _check_interpret(*xs: Array) -> None:
-  if target().startswith("interpret") and any(_blockwise.vma_of(a) for a in xs):
+def _check_interpret(t: str, *xs: Array) -> None:
+  if t.startswith("interpret") and any(_blockwise.vma_of(a) for a in xs):
     raise ValueError(
         "contrastive_loss(impl='pallas') on CPU runs Pallas in interpret mode, which inside "
         "jax.shard_map(check_vma=True) fails in JAX's interpreter; pass check_vma=False to "
         "shard_map (the loss handles both modes) or use impl='xla' on CPU")
 
 
-def _params(scale: Array, bias: Array | float = 0.0) -> Array:
-  return jnp.stack([jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)])
+def _dispatch(kernel, fallback, *args):
+  """kernel(module, interpret, *args) for the platform being lowered for, not the default
+  backend (`jax.lax.platform_dependent`): TPU -> Mosaic, CUDA -> Triton, elsewhere the GPU
+  kernels interpreted, or, inside shard_map(check_vma=True) (where the interpreter fails),
+  `fallback(*args)` (the xla backend). A `use_target` target is traced as forced."""
+  t = target()
+  if t is not None:
+    _check_interpret(t, *args[:2])
+    return kernel(*_module(t), *args)
+  default = (fallback if any(_blockwise.vma_of(a) for a in args[:2])
+             else lambda *a: kernel(_triton, True, *a))
+  return jax.lax.platform_dependent(
+      *args, tpu=lambda *a: kernel(_mosaic, False, *a),
+      cuda=lambda *a: kernel(_triton, False, *a), default=default)
+
+
+def _params(scale: Array, bias: Array | float = 0.0, targets: Array | None = None) -> Array:
+  """[scale, bias, 2 t_pair, 2 t_other] (fp32 scalars the kernels read from SMEM / memory)."""
+  t = jnp.zeros((2,), jnp.float32) if targets is None else targets.astype(jnp.float32)
+  return jnp.concatenate([jnp.stack([jnp.asarray(scale, jnp.float32),
+                                     jnp.asarray(bias, jnp.float32)]), t])
+
+
+def _xla_block(block: int | None) -> int:
+  return block or 512
 
 
 def softmax_stats(x: Array, y: Array, scale: Array, block: int | None) -> tuple[Array, Array]:
   """(logsumexp over y for each row of x [m], logsumexp over x for each row of y [n])."""
-  _check_interpret(x, y)
-  mod, interpret = _module()
-  return mod.softmax_stats_call(x, y, scale, block, interpret=interpret)
+  return _dispatch(
+      lambda mod, interp, *a: mod.softmax_stats_call(*a, block, interpret=interp),
+      lambda *a: _blockwise.softmax_stats(*a, _xla_block(block)), x, y, scale)
 
 
 def softmax_grads(x: Array, y: Array, scale: Array, lse_rows: Array, lse_cols: Array,
-                  block: int | None) -> tuple[Array, Array]:
-  """With G_ij = exp(z_ij - lse_rows_i) + exp(z_ij - lse_cols_j): (G @ y [m, d], G.T @ x [n, d])."""
-  _check_interpret(x, y)
-  mod, interpret = _module()
-  return mod.grads_call(x, y, _params(scale), block, sigmoid=False, lse_rows=lse_rows,
-                        lse_cols=lse_cols, interpret=interpret)
+                  targets: Array, offset: Array, block: int | None) -> tuple[Array, Array]:
+  """(G @ y [m, d], G.T @ x [n, d]) with G = `_blockwise.softmax_g` (targets subtracted)."""
+  def kernel(mod, interp, x, y, scale, lr, lc, targets, offset):
+    return tuple(mod.grads_call(x, y, _params(scale, 0.0, targets), block, sigmoid=False,
+                                lse_rows=lr, lse_cols=lc, offset=offset, interpret=interp))
+
+  fallback = lambda *a: _blockwise.softmax_grads(*a, _xla_block(block))
+  return _dispatch(kernel, fallback, x, y, scale, lse_rows, lse_cols, targets, offset)
 
 
 def sigmoid_grads(x: Array, y: Array, scale: Array, bias: Array, offset: Array,
                   block: int | None) -> tuple[Array, Array, Array, Array]:
   """(sum of -log sigmoid(+-z_ij), G @ y, G.T @ x, sum G) with G = sigmoid(z) - [positive]."""
-  _check_interpret(x, y)
-  mod, interpret = _module()
-  gx, gy, loss, g_sum = mod.grads_call(x, y, _params(scale, bias), block, sigmoid=True,
-                                       offset=offset, interpret=interpret)
-  return loss, gx, gy, g_sum
+  def kernel(mod, interp, x, y, scale, bias, offset):
+    gx, gy, loss, g_sum = mod.grads_call(x, y, _params(scale, bias), block, sigmoid=True,
+                                         offset=offset, interpret=interp)
+    return loss, gx, gy, g_sum
+
+  fallback = lambda *a: _blockwise.sigmoid_grads(*a, _xla_block(block))
+  return _dispatch(kernel, fallback, x, y, scale, bias, offset)
 
 
 def sigmoid_stats(x: Array, y: Array, scale: Array, bias: Array, offset: Array,

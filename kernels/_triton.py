@@ -1,11 +1,13 @@
 """GPU (Triton, chosen explicitly by its CompilerParams) Pallas kernels; interface of `_mosaic`.
 
-* `_stats_kernel` (softmax forward, 1 matmul unit): one program per row block; it walks the
-  column blocks with the running row max / sum in registers and stores each tile's column
-  log-sum-exp as a partial ([row blocks, n], combined by the caller).
+* `_stats_kernel` (softmax forward, 1 matmul unit per call): one program per row block; it walks
+  the column blocks with the running row max / sum in registers and stores the rows'
+  log-sum-exp. Called twice (rows of x @ y.T, then of y @ x.T): O(B) statistics.
 * `_grads_kernel` (softmax backward, sigmoid forward, 3 units): one program per tile; the tile
   is computed once and G @ y_j, G.T @ x_i are added into fp32 [m, d] / [n, d] outputs with
-  atomics, d chunk by d chunk.
+  atomics, d chunk by d chunk. Softmax tiles subtract the targets in fp32 (`softmax_g`); fp32
+  operands multiply at precision HIGHEST (IEEE fp32, not TF32) unless the caller set
+  `jax.default_matmul_precision`.
 Every loaded tile is [bm or bn, bk] with bk = 64 dividing the padded d (d is padded to a
 multiple of 64, not to a power of two); `smem_bytes` bounds the operand tiles' shared memory
 over NUM_STAGES pipeline stages, sized for the 227 KiB of an H100 (sm_90).
@@ -22,14 +24,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from zoo.kernels._blockwise import out_struct, varying_like
+from zoo.kernels._blockwise import dot, out_struct, precision, softmax_g, varying_like
 
 Array = jax.Array
 
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
 NUM_STAGES, BK = 2, 64
-WARPS_STATS, WARPS_GRADS = 4, 8  # no register spills at these, sm_80 and sm_90 (cuobjdump)
+# No register spills at these, sm_80 and sm_90 (cuobjdump); fp32 at precision HIGHEST (3 tf32
+# passes) needs 8 warps for the statistics and 32 x 32 tiles for the gradients.
+WARPS_STATS, WARPS_GRADS = {2: 4, 4: 8}, {2: 8, 4: 8}
 SMEM_LIMIT = 227 * 1024  # H100 / H200 shared memory per block
 
 
@@ -47,7 +51,11 @@ class Plan:
 
 
 def plan(m: int, n: int, d: int, itemsize: int, block: int | None = None) -> Plan:
-  t = 64 if block is None else max(16, min(64, block))
+  # fp32 at precision HIGHEST (3 tf32 passes per dot) spills registers at 64 x 64 tiles; the
+  # statistics and gradient passes share the tiles, so both compute z_ij bit for bit alike
+  # (a saturated pair's exp(z - lse) is then exactly 1).
+  t = 64 if precision(jnp.float32 if itemsize == 4 else jnp.bfloat16) is None else 32
+  t = t if block is None else max(16, min(t, block))
   t = min(t, max(16, 1 << (max(m, n) - 1).bit_length()))
   smem = NUM_STAGES * 2 * t * BK * itemsize + t * t * 4
   return Plan(t, t, BK, _round_up(d, BK), smem)
@@ -66,15 +74,14 @@ def _tile(p_ref, x_ref, y_ref, i, j, bm: int, bn: int, bk: int, nk: int) -> Arra
   def body(k, acc):
     xk = x_ref[pl.ds(i * bm, bm), pl.ds(pl.multiple_of(k * bk, bk), bk)]
     yk = y_ref[pl.ds(j * bn, bn), pl.ds(pl.multiple_of(k * bk, bk), bk)]
-    return acc + lax.dot_general(xk, yk, _NT, preferred_element_type=jnp.float32)
+    return acc + dot(xk, yk, _NT, precision(xk.dtype))
 
   return p_ref[0] * lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, colp_ref, *, m: int, n: int, bm: int, bn: int,
-                  bk: int, nj: int, nk: int):
+def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, *, n: int, bm: int, bn: int, bk: int, nj: int,
+                  nk: int):
   i = pl.program_id(0)
-  rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
 
   def body(j, carry):
     m_r, s_r = carry
@@ -83,9 +90,6 @@ def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, colp_ref, *, m: int, n: int, bm:
     zr = jnp.where(cols < n, z, -jnp.inf)
     m_new = jnp.maximum(m_r, jnp.max(zr, axis=1))
     s_r = s_r * jnp.exp(m_r - m_new) + jnp.sum(jnp.exp(zr - m_new[:, None]), axis=1)
-    zc = jnp.where(rows < m, z, -jnp.inf)
-    cm = jnp.max(zc, axis=0)
-    colp_ref[i, pl.ds(j * bn, bn)] = cm + jnp.log(jnp.sum(jnp.exp(zc - cm[None, :]), axis=0))
     return m_new, s_r
 
   init = (jnp.full((bm,), -jnp.inf, jnp.float32), jnp.zeros((bm,), jnp.float32))
@@ -97,24 +101,30 @@ def _compiler_params(num_warps: int):
   return pltr.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES)
 
 
-def softmax_stats_call(x: Array, y: Array, scale: Array, block: int | None, *,
-                       interpret=False) -> tuple[Array, Array]:
+def row_lse_call(x: Array, y: Array, scale: Array, block: int | None, *,
+                 interpret=False) -> Array:
+  """Log-sum-exp over y of each row of z = scale * x @ y.T [m]."""
   (m, d), n = x.shape, y.shape[0]
   p = plan(m, n, d, x.dtype.itemsize, block)
   mp, np_ = _round_up(m, p.bm), _round_up(n, p.bn)
   nbr, nj, nk = mp // p.bm, np_ // p.bn, p.dp // p.bk
-  kernel = functools.partial(_stats_kernel, m=m, n=n, bm=p.bm, bn=p.bn, bk=p.bk, nj=nj, nk=nk)
+  kernel = functools.partial(_stats_kernel, n=n, bm=p.bm, bn=p.bn, bk=p.bk, nj=nj, nk=nk)
   args = varying_like([_params(scale), _pad2(x, mp, p.dp), _pad2(y.astype(x.dtype), np_, p.dp)],
                       x, y, scale)
-  lse, colp = pl.pallas_call(
-      kernel, grid=(nbr,),
-      out_shape=[out_struct((mp,), args[1]), out_struct((nbr, np_), args[1])],
-      compiler_params=_compiler_params(WARPS_STATS), interpret=interpret,
+  lse = pl.pallas_call(
+      kernel, grid=(nbr,), out_shape=out_struct((mp,), args[1]),
+      compiler_params=_compiler_params(WARPS_STATS.get(x.dtype.itemsize, 8)),
+      interpret=interpret,
       name="contrastive_softmax_stats",
   )(*args)
-  colp = colp[:, :n]
-  cmax = jnp.max(colp, axis=0)
-  return lse[:m], cmax + jnp.log(jnp.sum(jnp.exp(colp - cmax), axis=0))
+  return lse[:m]
+
+
+def softmax_stats_call(x: Array, y: Array, scale: Array, block: int | None, *,
+                       interpret=False) -> tuple[Array, Array]:
+  """(row, column) log-sum-exp: two row passes (the columns' as rows of y @ x.T), O(B)."""
+  return (row_lse_call(x, y, scale, block, interpret=interpret),
+          row_lse_call(y.astype(x.dtype), x, scale, block, interpret=interpret))
 
 
 def _softplus(z: Array) -> Array:
@@ -125,14 +135,14 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, bm: int, bn: int, bk: in
   if sigmoid:
     p_ref, o_ref, x_ref, y_ref, _, _, dx_ref, dy_ref, loss_ref, gs_ref = refs
   else:
-    p_ref, x_ref, y_ref, lr_ref, lc_ref, _, _, dx_ref, dy_ref = refs
+    p_ref, o_ref, x_ref, y_ref, lr_ref, lc_ref, _, _, dx_ref, dy_ref = refs
   i, j = pl.program_id(0), pl.program_id(1)
   z = _tile(p_ref, x_ref, y_ref, i, j, bm, bn, bk, nk)
   rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
   cols = j * bn + lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
   valid = (rows < m) & (cols < n)
+  pos = (cols - rows) == o_ref[0]
   if sigmoid:
-    pos = (cols - rows) == o_ref[0]
     zs = jnp.where(pos, -(z + p_ref[1]), z + p_ref[1])
     sig = 1.0 / (1.0 + jnp.exp(-zs))
     g = jnp.where(valid, jnp.where(pos, -sig, sig), 0.0)
@@ -141,7 +151,7 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, bm: int, bn: int, bk: in
   else:
     lr = lr_ref[pl.ds(i * bm, bm)]
     lc = lc_ref[pl.ds(j * bn, bn)]
-    g = jnp.where(valid, jnp.exp(z - lr[:, None]) + jnp.exp(z - lc[None, :]), 0.0)
+    g = jnp.where(valid, softmax_g(z, lr[:, None], lc[None, :], pos, (p_ref[2], p_ref[3])), 0.0)
   g = g.astype(x_ref.dtype)
 
   def body(k, carry):
@@ -149,9 +159,8 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, bm: int, bn: int, bk: in
     yk = y_ref[pl.ds(j * bn, bn), dk]
     xk = x_ref[pl.ds(i * bm, bm), dk]
     pltr.atomic_add(dx_ref, (pl.ds(i * bm, bm), dk),
-                    jnp.dot(g, yk, preferred_element_type=jnp.float32))
-    pltr.atomic_add(dy_ref, (pl.ds(j * bn, bn), dk),
-                    lax.dot_general(g, xk, _TN, preferred_element_type=jnp.float32))
+                    dot(g, yk, precision=precision(g.dtype)))
+    pltr.atomic_add(dy_ref, (pl.ds(j * bn, bn), dk), dot(g, xk, _TN, precision(g.dtype)))
     return carry
 
   lax.fori_loop(0, nk, body, 0)
@@ -164,9 +173,7 @@ def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid:
   p = plan(m, n, d, x.dtype.itemsize, block)
   mp, np_ = _round_up(m, p.bm), _round_up(n, p.bn)
   nbr, nbc, nk = mp // p.bm, np_ // p.bn, p.dp // p.bk
-  args = [params]
-  if sigmoid:
-    args.append(jnp.reshape(offset, (1,)).astype(jnp.int32))
+  args = [params, jnp.reshape(offset, (1,)).astype(jnp.int32)]
   args += [_pad2(x, mp, p.dp), _pad2(y.astype(x.dtype), np_, p.dp)]
   if not sigmoid:
     args += [jnp.pad(lse_rows.astype(jnp.float32), (0, mp - m)),
@@ -182,7 +189,8 @@ def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid:
   outs = pl.pallas_call(
       kernel, grid=(nbr, nbc), out_shape=out_shape,
       input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
-      compiler_params=_compiler_params(WARPS_GRADS), interpret=interpret,
+      compiler_params=_compiler_params(WARPS_GRADS.get(x.dtype.itemsize, 16)),
+      interpret=interpret,
       name="contrastive_sigmoid_grads" if sigmoid else "contrastive_softmax_grads",
   )(*args)
   gx, gy = outs[0][:m, :d], outs[1][:n, :d]

@@ -1,11 +1,11 @@
 """Fused contrastive losses (CLIP softmax, SigLIP sigmoid) that never store the B x B logits.
 
 impl: "reference" (plain jnp, B x B; 6 B^2 d matmul units fwd+bwd softmax, 3 sigmoid), "xla"
-(`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 4 units
-(softmax: a stats pass, one gradient pass recomputing each tile once), 3 (sigmoid: the forward
-emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
+(`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 5 units
+(softmax: row and column statistics passes, one gradient pass recomputing each tile once), 3
+(sigmoid: the forward emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
   softmax: loss = [sum_i lse_row_i + sum_j lse_col_j] / (2B) - sum_i z_ii / B,
-           G_ij = [exp(z_ij - lse_row_i) + exp(z_ij - lse_col_j)] / (2B) - delta_ij / B
+           G_ij = [exp(z_ij - lse_row_i) + exp(z_ij - lse_col_j) - 2 delta_ij] / (2B)
   sigmoid: loss = sum_ij softplus(-+z_ij) / B, G_ij = [sigmoid(z_ij) - delta_ij] / B
 and z = scale * x @ y.T (+ bias): dx = scale G @ y, dy = scale G.T @ x, dscale = <x, G @ y>.
 Sharded (`axis_name` inside `shard_map`, B/n rows per device): both kinds are rings over the
@@ -140,6 +140,14 @@ def _add(a, b):
 # ----------------------------------------------------------------------------- softmax
 
 
+# Offset meaning "no positive pairs in this block" (column - row never reaches it).
+_NO_POSITIVES = 2**30
+
+
+def _offset(own: bool) -> Array:
+  return jnp.int32(0 if own else _NO_POSITIVES)
+
+
 def _softmax_fwd(x: Array, y: Array, scale: Array, eps: Array, cfg: _Cfg):
   """Forward: one stats pass per chunk (row statistics local, column statistics travelling)."""
   backend = _BACKENDS[cfg.impl]
@@ -157,34 +165,28 @@ def _softmax_fwd(x: Array, y: Array, scale: Array, eps: Array, cfg: _Cfg):
   if cfg.smoothed:
     sums = (_global_sum(x, cfg.axis_name), _global_sum(y, cfg.axis_name))
     loss = loss - w * scale * jnp.dot(sums[0], sums[1]) / b_global
-  return loss, (x, y, scale, eps, lse_r, lse_c, sums)
+  return loss, (x, y, scale, eps, lse_r, lse_c)
 
 
 def _softmax_bwd(cfg: _Cfg, res, g: Array):
   """Backward: one grads pass per chunk; the chunk's lse_c travels with it, its G.T @ x
-  accumulator one step behind."""
-  x, y, scale, eps, lse_r, lse_c, sums = res
+  accumulator one step behind. The tiles subtract the targets themselves, in fp32 (label
+  smoothing's eps / (B - 1) included), so G @ y is the whole gradient up to a factor."""
+  x, y, scale, eps, lse_r, lse_c = res
   backend = _BACKENDS[cfg.impl]
   b_global = x.shape[0] * _axis_size(cfg.axis_name)
   a, w = _smoothing_weights(eps if cfg.smoothed else None, b_global)
+  targets = jnp.stack([jnp.asarray(2 * a, jnp.float32), jnp.asarray(2 * w, jnp.float32)])
   g, reduce_rep = _bwd_collectives(x, g, cfg.axis_name)
 
   def compute(own, chunk):
     c, c_lse = chunk
-    gx, gy = backend.softmax_grads(x, c, scale, lse_r, c_lse, cfg.block)
-    return gx, gy
+    return backend.softmax_grads(x, c, scale, lse_r, c_lse, targets, _offset(own), cfg.block)
 
   gx, gy = _ring_walk(cfg.axis_name, (y, lse_c), compute, jnp.add, jnp.add)
-  c, c_diag = g / (2 * b_global), a * g / b_global
-  xf, yf = x.astype(jnp.float32), y.astype(jnp.float32)
-  dx = scale * (c * gx - c_diag * yf)
-  dy = scale * (c * gy - c_diag * xf)
-  ds = c * _dot_rows(x, gx) - c_diag * _dot_rows(x, y)
-  if cfg.smoothed:  # d/d(x, y, scale) of -w scale <sum x, sum y> / B; scale's share is this device's rows
-    c_all = w * g / b_global
-    dx, dy = dx - c_all * scale * sums[1], dy - c_all * scale * sums[0]
-    ds = ds - c_all * jnp.dot(jnp.sum(xf, axis=0), sums[1])
-  dscale = reduce_rep(ds)
+  c = g / (2 * b_global)
+  dx, dy = scale * c * gx, scale * c * gy
+  dscale = reduce_rep(c * _dot_rows(x, gx))
   # eps is a hyperparameter (a schedule value), not learned: no gradient.
   return (dx.astype(x.dtype), dy.astype(y.dtype), dscale.astype(scale.dtype),
           jnp.zeros_like(eps))
@@ -199,14 +201,6 @@ _softmax_loss.defvjp(lambda x, y, s, e, cfg: _softmax_fwd(x, y, s, e, cfg), _sof
 
 
 # ----------------------------------------------------------------------------- sigmoid
-
-
-# Offset meaning "no positive pairs in this block" (column - row never reaches it).
-_NO_POSITIVES = 2**30
-
-
-def _offset(own: bool) -> Array:
-  return jnp.int32(0 if own else _NO_POSITIVES)
 
 
 def _sigmoid_primal(x: Array, y: Array, scale: Array, bias: Array, cfg: _Cfg) -> Array:

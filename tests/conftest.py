@@ -18,6 +18,7 @@ VERSIONED_FILES = {
     "test_commands.py", "test_contrastive.py", "test_contrastive_train.py", "test_host_memory.py",
     "test_install.py", "test_kernel_lowering.py", "test_multihost.py", "test_remat.py",
     "test_resume.py", "test_train_sharding.py",
+    "test_tpu_compile.py", "test_plan.py",  # libtpu compiles (skipped without libtpu)
 }
 
 

@@ -251,8 +251,11 @@ def test_bad_inputs_raise_clear_errors():
     contrastive_loss(x, y, 1.0, impl="xla", block_size=100)
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("d",))
   fn = _sharded(_loss("pallas", "softmax", axis_name="d"), mesh, "d", 3, True)
-  with pytest.raises(ValueError, match="check_vma=False"):
+  with _pallas.use_target("interpret-gpu"), pytest.raises(ValueError, match="check_vma=False"):
     fn(*_args("softmax", 16, 16))
+  # Not forced: on CPU inside check_vma=True the pallas loss runs the xla backend.
+  np.testing.assert_allclose(fn(*_args("softmax", 16, 16)),
+                             reference_loss(*_args("softmax", 16, 16)), rtol=1e-5)
   with pytest.raises(ValueError, match="not divisible"):
     losses.contrastive_loss(x[:6], y[:6], 1.0, kind="softmax", impl="xla",
                             mesh=sharding.make_mesh(data=2, fsdp=4))
@@ -307,13 +310,15 @@ def test_tpu_kernels_race_free_on_two_cores():
   z = s * np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
   lr, lc = jax.nn.logsumexp(z, 1), jax.nn.logsumexp(z, 0)
   g = np.exp(z - np.asarray(lr)[:, None]) + np.exp(z - np.asarray(lc)[None, :])
+  g -= 2 * np.eye(*g.shape)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-  gx, gy = _mosaic.grads_call(x, y, jnp.stack([s, 0.0]), 128, sigmoid=False, lse_rows=lr,
-                              lse_cols=lc, interpret=params)
+  gx, gy = _mosaic.grads_call(x, y, jnp.stack([s, 0.0, 2.0, 0.0]), 128, sigmoid=False,
+                              lse_rows=lr, lse_cols=lc, offset=jnp.int32(0), cores=2,
+                              interpret=params)
   assert not ipc.races.races_found
   xf, yf = np.asarray(x, np.float64), np.asarray(y, np.float64)
   np.testing.assert_allclose(gx, g @ yf, atol=1e-5 * np.abs(g).sum(1).max())
   np.testing.assert_allclose(gy, g.T @ xf, atol=1e-5 * np.abs(g).sum(0).max())
-  _mosaic.grads_call(x, y, jnp.stack([s, -5.0]), 128, sigmoid=True, offset=jnp.int32(0),
-                     interpret=params)
+  _mosaic.grads_call(x, y, jnp.stack([s, -5.0, 0.0, 0.0]), 128, sigmoid=True,
+                     offset=jnp.int32(0), cores=2, interpret=params)
   assert not ipc.races.races_found

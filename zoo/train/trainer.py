@@ -83,13 +83,33 @@ def step_compiler_options() -> dict[str, Any] | None:
   return None
 
 
+def _concrete(leaf):
+  """A small non-parameter leaf of an abstract model made real (zeros; key data 0)."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(jnp.zeros((*leaf.shape, 2), jnp.uint32))
+  return jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def _placed(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
-                  model: nnx.Module | None = None) -> Trainer:
-  """Builds the model sharded over the mesh, the optimizer state, and the jitted step."""
+                  model: nnx.Module | None = None, abstract: bool = False) -> Trainer:
+  """Builds the model sharded over the mesh, the optimizer state, and the jitted step.
+  `abstract`: the state as shape / dtype / sharding only, nothing allocated (the model traced
+  with nnx.eval_shape, no init_from read): `step_fn.lower(state, batch)` compiles the step for
+  the mesh's devices (python -m zoo.plan)."""
   mesh = mesh or sharding.mesh_from_config(config.mesh)
   family = families.get(config.get("family", "clip"))
   settings = family.settings(config)
-  if model is None:
+  if model is None and abstract:
+    fresh = config.copy_and_resolve_references()
+    with fresh.unlocked():
+      fresh.init_from = ""  # shapes only: no weights read
+    model = nnx.eval_shape(lambda: family.build_model(fresh, settings))
+  elif model is None:
     model = family.build_model(config, settings)
   trainable = family.trainable(settings)
   if apply_peft(config, model):
@@ -97,16 +117,27 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
   layers.set_remat(model, config.get("remat", "none"))  # gradient checkpointing per block
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   param_sh = sharding.state_shardings(params, mesh)
-  params = sharding.shard_state(params, param_sh)
+  if abstract:
+    rest = jax.tree.map(_concrete, rest)
+    params = _placed(params, param_sh)
+  else:
+    params = sharding.shard_state(params, param_sh)
   tx = train_step.make_optimizer(config, params, trainable)
   # Optimizer state shardings follow the parameters (Adam moments mirror them).
-  opt_sh = sharding.follow_param_shardings(jax.eval_shape(tx.init, params), params, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  opt_shape = jax.eval_shape(tx.init, params)
+  opt_sh = sharding.follow_param_shardings(opt_shape, params, mesh)
   repl = sharding.replicated(mesh)
-  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
-           "opt_state": opt_state,
-           "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
   state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
+  if abstract:
+    state = _placed({"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                     "opt_state": opt_shape,
+                     "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))},
+                    state_sh)
+  else:
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
+             "opt_state": opt_state,
+             "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
 
   raw_step = train_step.make_train_step(graphdef, rest, family, tx, config, mesh, trainable, settings)
 

@@ -1,0 +1,61 @@
+"""python -m zoo.plan: the train step compiled for a TPU topology with libtpu (no TPU needed).
+
+Without libtpu (the Python 3.11 suite): one-line errors, libtpu missing naming the extra to
+install. With libtpu (the Python 3.12 `versioned` run): the demo config's step compiled for one
+v5e chip, its per-chip memory and FLOPs read back from the JSON, and a mesh that does not
+divide the topology's chips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests import cli_run
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+SMALL = ("--config", "configs/demo.py", "--config.model=test-tiny", "--config.context_length=16",
+         "--config.batch_size=16")
+
+
+def _plan(*args: str):
+  return cli_run.run("-m", "zoo.plan", *args, timeout=600)
+
+
+def _one_line_error(proc, *needles: str) -> None:
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("python -m zoo.plan: error:")]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+def test_unknown_topology_is_one_line():
+  _one_line_error(_plan(*SMALL, "--topology", "v9x:2x2"), "unknown topology 'v9x:2x2'", "v5e")
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed here")
+def test_missing_libtpu_says_how_to_install():
+  _one_line_error(_plan(*SMALL, "--topology", "v5e:2x2"), "libtpu", "pip install 'zoo[tpu]'")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent: pip install 'zoo[tpu]'")
+def test_plan_compiles_the_train_step(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = _plan(*SMALL, "--topology", "v5e:1x1", "--json", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "fits" in proc.stdout and "per chip" in proc.stdout, proc.stdout
+  got = json.loads(out.read_text())
+  assert set(got) == {"fits", "per_chip_bytes", "hbm_bytes", "global_batch", "flops_per_step",
+                      "topology"}
+  assert got["fits"] is True and got["hbm_bytes"] == 16 << 30 and got["global_batch"] == 16
+  assert 0 < got["per_chip_bytes"] < 1 << 30 and got["flops_per_step"] > 0
+  assert got["topology"] == "v5e:1x1"
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent: pip install 'zoo[tpu]'")
+def test_mesh_not_dividing_the_chips_is_one_line():
+  _one_line_error(_plan(*SMALL, "--topology", "v5e:2x2", "--config.mesh.data=3"),
+                  "config.mesh on v5e:2x2 (4 chips)")

@@ -1,0 +1,258 @@
+"""Will a training run fit a TPU pod? Compile its train step for the pod, on any machine.
+
+  python -m zoo.plan --config configs/clip_vit_b16.py --topology v5e:8x8 [--config.KEY=VALUE]
+      [--max_batch] [--json OUT]
+
+The real sharded train step of the config (model, optimizer, loss impl, remat, dtype, mesh and
+global batch) is compiled by libtpu's TPU compiler for the topology's chips (`pip install
+'zoo[tpu]'`), on abstract state: nothing is allocated. Printed per chip (the compiler's buffer
+assignment): parameters + optimizer state, activations / temporaries, the total against the
+chip's HBM, whether it fits; FLOPs per step. `--max_batch` finds the largest global batch that
+fits by compiling (a binary search). On accelerators "auto" means bfloat16 and impl="pallas".
+XLA's FLOP count misses the Pallas loss kernels (~4 * 2 B^2 d for the softmax loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+from typing import Any
+
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(x(\d+))?$")
+_OOM = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory")
+_REQUIRED = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclasses.dataclass
+class Plan:
+  topology: str
+  chips: int
+  global_batch: int
+  fits: bool
+  hbm_bytes: int
+  per_chip_bytes: int  # arguments + outputs not aliased to them + temporaries + code
+  # (when the compiler refuses a program over HBM: its required temporaries + state + batch)
+  state_bytes: int  # parameters + optimizer state (+ step, rng) per chip
+  temp_bytes: int  # activations and temporaries per chip
+  batch_bytes: int  # the batch's shard per chip
+  flops_per_step: float  # summed over chips (XLA's count)
+  error: str = ""  # the compiler's out-of-memory message, when it refused
+
+
+def check_topology(topology: str) -> str:
+  """The chip generation of "v5e:8x8"-style names; a one-line error otherwise."""
+  from zoo import errors
+
+  match = _TOPOLOGY.match(topology)
+  if not match:
+    raise errors.UserError(f"unknown topology {topology!r}; expected GENERATION:AxB[xC] with "
+                           f"GENERATION one of {sorted(HBM_GIB)}, e.g. v5e:8x8 or v5p:2x2x2")
+  return match.group(1)
+
+
+def tpu_devices(topology: str) -> list:
+  """The TPU devices of `topology` (libtpu's compiler, no TPU needed)."""
+  from zoo import errors
+
+  check_topology(topology)
+  if importlib.util.find_spec("libtpu") is None:
+    raise errors.UserError("compiling for TPU needs libtpu: pip install 'zoo[tpu]' "
+                           "(Python >= 3.11)")
+  from jax.experimental import topologies
+
+  # Compiling only: other processes compiling with libtpu at the same time are fine.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+  except Exception as e:  # noqa: BLE001 - libtpu's message, on one line
+    what = f"unknown topology {topology!r}" if "topolog" in str(e).lower() else "libtpu"
+    raise errors.UserError(f"{what}: {errors.one_line(e)}") from None
+
+
+def for_tpu(config):
+  """`config` with its "auto" values as on a TPU: dtype bfloat16, loss impl pallas."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if config.get("dtype", "auto") == "auto":
+      config.dtype = "bfloat16"
+    if config.loss.get("impl", "auto") == "auto":
+      config.loss.impl = "pallas"
+  return config
+
+
+def _batch_avals(trainer, config, batch: int, mesh) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from zoo import errors
+  from zoo.models import sharding
+  from zoo.train import loop
+
+  model = trainer.model(trainer.state)
+  fields = trainer.family.batch_fields(trainer.settings)
+  shapes = {"image": ((model.config.vision.image_size,) * 2 + (3,), jnp.float32),
+            "tokens": ((loop.context_length(config, model),), jnp.int32)}
+  unknown = [f for f in fields if f not in shapes]
+  if unknown:
+    raise errors.UserError(f"zoo.plan: family {trainer.family.name!r} reads batch fields "
+                           f"{unknown} whose shapes the planner does not know (it plans "
+                           f"{sorted(shapes)})")
+  rows = sharding.batch_sharding(mesh)
+  return {f: jax.ShapeDtypeStruct((batch, *shapes[f][0]), shapes[f][1], sharding=rows)
+          for f in fields}
+
+
+def _shard_bytes(tree) -> int:
+  import jax
+  import numpy as np
+
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
+  return total
+
+
+def compile_step(config, topology: str, batch: int | None = None) -> Plan:
+  """Compiles the config's train step for `topology` at global `batch` (default: the config's)."""
+  from zoo import errors
+  from zoo.models import sharding
+  from zoo.train import trainer as trainer_lib
+
+  gen = check_topology(topology)
+  devices = tpu_devices(topology)
+  config = for_tpu(config)
+  batch = int(batch or config.batch_size)
+  mc = config.mesh
+  try:
+    mesh = sharding.make_mesh(data=mc.get("data", 1), fsdp=mc.get("fsdp", -1),
+                              tensor=mc.get("tensor", 1), expert=mc.get("expert", 1),
+                              devices=devices)
+  except ValueError as e:
+    raise errors.UserError(f"config.mesh on {topology} ({len(devices)} chips): {e}") from None
+  n_batch = int(mesh.size // (mesh.shape["tensor"] * mesh.shape.get("expert", 1)))
+  if batch % n_batch:
+    raise errors.UserError(f"global batch {batch} is not divisible by the {n_batch} chips the "
+                           f"batch is split over on {topology}")
+  tr = trainer_lib.build_trainer(config, mesh=mesh, abstract=True)
+  avals = _batch_avals(tr, config, batch, mesh)
+  hbm = HBM_GIB[gen] << 30
+  state_bytes, batch_bytes = _shard_bytes(tr.state), _shard_bytes(avals)
+  try:
+    compiled = tr.step_fn.lower(tr.state, avals).compile()
+  except Exception as e:  # noqa: BLE001 - the compiler refuses a program over HBM
+    if not any(m in str(e) for m in _OOM):
+      raise
+    need = _REQUIRED.search(str(e))  # "... HLO temporaries (57.19G) exceeds available HBM"
+    temp = int(float(need.group(1)) * _UNITS[need.group(2)]) if need else -1
+    total = temp + state_bytes + batch_bytes if need else -1
+    return Plan(topology, len(devices), batch, False, hbm, total, state_bytes, temp,
+                batch_bytes, 0.0, errors.one_line(e)[:300])
+  mem = compiled.memory_analysis()
+  per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", 0.0)) * len(devices)
+  return Plan(topology, len(devices), batch, per_chip <= hbm, hbm, int(per_chip), state_bytes,
+              int(mem.temp_size_in_bytes), batch_bytes, flops)
+
+
+def max_batch(config, topology: str, start: Plan) -> tuple[int, Plan | None]:
+  """The largest global batch that fits (a multiple of 8 rows per batch chip), by compiling:
+  doubling from the config's batch, then bisecting to within 1/16."""
+  mc = for_tpu(config).mesh
+  unit = 8 * start.chips // (mc.get("tensor", 1) * mc.get("expert", 1))
+  best = start if start.fits else None
+  lo, hi = (start.global_batch, None) if start.fits else (0, start.global_batch)
+  while hi is None:
+    p = compile_step(config, topology, 2 * lo)
+    if p.fits:
+      lo, best = 2 * lo, p
+    else:
+      hi = 2 * lo
+  while hi - lo > max(unit, lo // 16):
+    mid = max(unit, (lo + hi) // 2 // unit * unit)
+    if mid in (lo, hi):
+      break
+    p = compile_step(config, topology, mid)
+    lo, hi, best = (mid, hi, p) if p.fits else (lo, mid, best)
+  return lo, best
+
+
+def report(p: Plan) -> str:
+  gib = lambda b: f"{b / 2**30:7.2f} GiB"
+  lines = [f"zoo.plan: {p.topology} ({p.chips} chips), global batch {p.global_batch} "
+           f"({p.global_batch // max(1, p.chips)} per chip)",
+           f"  per chip: parameters + optimizer state {gib(p.state_bytes)}",
+           f"            batch                         {gib(p.batch_bytes)}"]
+  if p.error:
+    if p.temp_bytes >= 0:
+      lines.append(f"            activations / temporaries     {gib(p.temp_bytes)}")
+      lines.append(f"            total                         {gib(p.per_chip_bytes)} of "
+                   f"{gib(p.hbm_bytes).strip()} HBM: does NOT fit")
+    lines.append(f"  the TPU compiler refused it: {p.error}")
+    return "\n".join(lines)
+  lines += [f"            activations / temporaries     {gib(p.temp_bytes)}",
+            f"            total                         {gib(p.per_chip_bytes)} of "
+            f"{gib(p.hbm_bytes).strip()} HBM: {'fits' if p.fits else 'does NOT fit'}",
+            f"  FLOPs per step (XLA's count, all chips): {p.flops_per_step:.3e}"]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  from zoo import errors
+
+  ap = errors.ArgumentParser(prog="python -m zoo.plan", description=__doc__.splitlines()[0])
+  ap.add_argument("--config", required=True, help="a configs/*.py file")
+  ap.add_argument("--topology", required=True, help="e.g. v5e:8x8, v5p:2x2x2, v6e:4x4")
+  ap.add_argument("--max_batch", action="store_true", help="find the largest global batch")
+  ap.add_argument("--json", default=None, help="write the result as JSON here")
+  args, rest = ap.parse_known_args(argv)
+  from zoo.train import config_files
+
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    raise errors.UserError(f"unrecognized arguments: {' '.join(bad)} (see python -m zoo.plan "
+                           "--help)")
+  check_topology(args.topology)
+  config = config_files.load_config_file(args.config)
+  config_files.check_overrides(config, rest)
+  from absl import flags as absl_flags  # --config.KEY=VALUE parsed as train.py parses them
+  from ml_collections import config_flags
+
+  fv = absl_flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", args.config, flag_values=fv)
+  try:
+    fv(["zoo.plan", f"--config={args.config}", *rest])
+  except absl_flags.Error as e:
+    raise errors.UserError(str(e)) from None
+  config = holder.value
+  plan = compile_step(config, args.topology)
+  out: dict[str, Any] = {"fits": plan.fits, "per_chip_bytes": plan.per_chip_bytes,
+                         "hbm_bytes": plan.hbm_bytes, "global_batch": plan.global_batch,
+                         "flops_per_step": plan.flops_per_step, "topology": plan.topology}
+  print(report(plan), flush=True)
+  if args.max_batch:
+    best, best_plan = max_batch(config, args.topology, plan)
+    out["max_global_batch"] = best
+    print(f"  largest global batch that fits: {best} ({best // plan.chips} per chip)"
+          + (f", {best_plan.per_chip_bytes / 2**30:.2f} GiB per chip" if best_plan else ""))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; never claim a local one
+  from zoo import errors
+
+  errors.quiet_logging()
+  sys.exit(errors.run(main, prog="python -m zoo.plan"))
