@@ -215,6 +215,11 @@ def test_sources_hub_cache_and_image_folder(world, tmp_path, monkeypatch):
   assert [y for _, y in got] == world["labels"]
   for (im, _), want in zip(got, world["images"]):
     assert im.dtype == np.uint8 and np.array_equal(im, want)  # webp lossless / png
+  # Random access (few-shot draws): labels without decoding, each image decoded when read.
+  labels, load = benchmarks.classification_index("cifar10")
+  assert labels.tolist() == world["labels"]
+  assert np.array_equal(load(len(labels) - 1), world["images"][-1]) and np.array_equal(
+      load(0), world["images"][0])
   # An image folder, one sub-folder per class (sorted = label order), under DATA_ROOT/<name>/test.
   for i, name in enumerate(["apple", "bear"]):
     d = tmp_path / "root" / "cifar100" / "test" / name
@@ -225,6 +230,8 @@ def test_sources_hub_cache_and_image_folder(world, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="has 2 class folders; the benchmark has 10 classes"):
     benchmarks.class_names_and_templates("cifar10", path=str(tmp_path / "root" / "cifar100"))
   assert [y for _, y in benchmarks.classification_examples("cifar100")] == [0, 0, 1, 1, 1]
+  labels, load = benchmarks.classification_index("cifar100")
+  assert labels.tolist() == [0, 0, 1, 1, 1] and np.array_equal(load(2), np.zeros((8, 8, 3)))
   names, templates = benchmarks.class_names_and_templates("cifar100")
   assert names == ["apple", "bear"] and templates == list(benchmarks.get("cifar100").templates)
   # Missing: one line naming every place looked and how to get it; an empty set is an error.

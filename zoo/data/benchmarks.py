@@ -21,7 +21,7 @@ import functools
 import glob
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 
 import huggingface_hub
@@ -298,6 +298,45 @@ def classification_examples(name: str | Benchmark, data_root: str | None = None,
       ex = source[i]
       image = np.asarray(ex["image"])
       yield (np.repeat(image, 3, -1) if image.shape[-1] == 1 else image), int(ex["label"])
+
+
+def classification_index(name: str | Benchmark, data_root: str | None = None,
+                         split: str = "test", *, path: str | None = None
+                         ) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
+  """(labels int32 [N], load(i) -> uint8 RGB [H, W, 3]) of a classification benchmark: labels
+  read without decoding any image, images decoded on access (few-shot draws from a train split
+  the size of ImageNet's without holding it in memory)."""
+  bench = get(name) if isinstance(name, str) else name
+  if bench.task != CLASSIFICATION:
+    raise ValueError(f"{bench.key} is a {bench.task} benchmark, not classification")
+  loc = locate(bench, data_root, split=split, path=path)
+  if loc.kind == "wds":
+    source = wds.TarShardSource(wds_shards(loc.path, split))
+    labels = []
+    for i in range(len(source)):
+      raw = source[i]
+      if "cls" not in raw or not any(k in raw for k in IMAGE_KEYS):
+        raise ValueError(f"{raw['__shard__']}: sample {raw['__key__']} lacks an image "
+                         f"({'/'.join(IMAGE_KEYS)}) or its .cls label; it has {sorted(raw)}")
+      labels.append(int(raw["cls"].decode("utf-8").strip()))
+    return np.asarray(labels, np.int32), lambda i: _image(source[int(i)])
+  if loc.kind == "folder":
+    files = [(os.path.join(loc.path, cls, f), label)
+             for label, cls in enumerate(_class_dirs(loc.path))
+             for f in sorted(os.listdir(os.path.join(loc.path, cls)))
+             if f.lower().endswith(IMAGE_FILES)]
+    return (np.asarray([y for _, y in files], np.int32),
+            lambda i: _read_image(files[int(i)][0]))
+  from zoo.data import tfds as tfds_lib
+
+  tfds_source = tfds_lib.data_source(bench.tfds[0], bench.tfds[1], loc.path or None)
+
+  def load(i: int) -> np.ndarray:
+    image = np.asarray(tfds_source[int(i)]["image"])
+    return np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
+
+  return (np.asarray([int(tfds_source[i]["label"]) for i in range(len(tfds_source))], np.int32),
+          load)
 
 
 def class_names_and_templates(name: str | Benchmark, data_root: str | None = None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -83,21 +83,12 @@ def folder_set(root: str) -> Labelled:
                   np.asarray(labels, np.int32), lambda i: read_image(files[int(i)]))
 
 
-def examples_set(name: str, classnames: Sequence[str],
-                 examples: Iterable[tuple[np.ndarray, int]]) -> Labelled:
-  """Any iterable of (uint8 image, label) (kept in memory) as a `Labelled` set."""
-  images, labels = [], []
-  for image, label in examples:
-    images.append(np.asarray(image, np.uint8))
-    labels.append(int(label))
-  return Labelled(name, tuple(classnames), np.asarray(labels, np.int32), lambda i: images[int(i)])
-
-
 def benchmark_set(name: str, data_root: str, split: str) -> Labelled:
-  """A classification benchmark by name (zoo.data.benchmarks): class names + its images."""
+  """A classification benchmark by name (zoo.data.benchmarks): class names + its labels, each
+  image decoded when it is read (a train split as large as ImageNet's is never held in memory)."""
   classnames = benchmark_classnames(name, data_root, split)
-  return examples_set(f"{name}:{split}", classnames,
-                      benchmarks.classification_examples(name, data_root or None, split))
+  labels, load = benchmarks.classification_index(name, data_root or None, split)
+  return Labelled(f"{name}:{split}", tuple(classnames), labels, load)
 
 
 def class_names(data_cfg: Any) -> list[str]:
