@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,9 @@ from PIL import Image
 
 import zoo
 from tests import cli_run
-from zoo import families, tokenizers
+from zoo import errors, families, tokenizers
 from zoo.data import demo, fewshot
+from zoo.eval import base_to_novel
 from zoo.families import prompt as prompt_family
 from zoo.models import prompt
 
@@ -259,3 +262,32 @@ def test_maple_vit_b16_train_step_lowers_for_tpu(tmp_path):
   assert "bf16" in text and len(text) > 10000
   assert model.config.prompt.depth == 9 and len(model.config.prompt.classnames) == 5
   assert model.prompt.deep_kernel.shape == (8, 512, 768)
+
+
+def test_base_to_novel_table_over_runs(tmp_path):
+  """python -m zoo.eval.base_to_novel: seeds of a dataset averaged, HM of the means, the average
+  over datasets (CoCoOp / MaPLe's reporting), from the runs' metrics.json."""
+  runs = {"dtd_s1": {"dtd/base_accuracy": 0.8, "dtd/novel_accuracy": 0.5},
+          "dtd_s2": {"dtd/base_accuracy": 0.6, "dtd/novel_accuracy": 0.7},
+          "eurosat_s1": {"eurosat/base_accuracy": 0.9, "eurosat/novel_accuracy": 0.3}}
+  for name, metrics in runs.items():
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "metrics.json").write_text(json.dumps(
+        [{"step": 5, "dtd/base_accuracy": 0.0}, {"step": 10, **metrics}]))
+  out = tmp_path / "table.json"
+  r = subprocess.run([sys.executable, "-m", "zoo.eval.base_to_novel",
+                      *[str(tmp_path / n) for n in runs], "--json", str(out)],
+                     cwd=cli_run.ROOT, env=cli_run.env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-800:]
+  rows = {row["dataset"]: row for row in json.loads(out.read_text())}
+  assert rows["dtd"]["runs"] == 2 and rows["dtd"]["base"] == pytest.approx(0.7)
+  assert rows["dtd"]["hm"] == pytest.approx(2 * 0.7 * 0.6 / 1.3)
+  assert rows["eurosat"]["hm"] == pytest.approx(2 * 0.9 * 0.3 / 1.2)
+  avg = rows["average"]
+  assert (avg["base"], avg["novel"]) == (pytest.approx(0.8), pytest.approx(0.45))
+  assert avg["hm"] == pytest.approx(2 * 0.8 * 0.45 / 1.25) and avg["runs"] == 3
+  assert "average" in r.stdout and "57.60" in r.stdout  # 100 * HM(0.8, 0.45)
+  os.makedirs(tmp_path / "clip_run")
+  (tmp_path / "clip_run" / "metrics.json").write_text(json.dumps([{"step": 1, "zeroshot/top1": 1}]))
+  with pytest.raises(errors.UserError, match="no DATASET/base_accuracy"):
+    base_to_novel.main([str(tmp_path / "clip_run")])
