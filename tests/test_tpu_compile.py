@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zoo.kernels.contrastive import contrastive_loss
 
-pytest.importorskip("libtpu", reason="libtpu absent: pip install 'zoo[tpu]'")
+pytest.importorskip("libtpu", reason="libtpu absent (pip install 'zoo[tpu]'); CI compiles these "
+                    "in its Python 3.12 stage, which installs .[test,tpu]")
 from jax.experimental import topologies  # noqa: E402
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no device to guard

@@ -264,9 +264,19 @@ def _image(raw: dict) -> np.ndarray | None:
   return None if key is None else wds.decode_image(raw[key])
 
 
-def _read_image(path: str) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of an image file."""
   with Image.open(path) as im:
     return np.asarray(im.convert("RGB"))
+
+
+def class_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+  """(class folder names in label order (sorted), [(image path, label)]) of `root/<class>/`;
+  the image-folder source of benchmarks and of few-shot data (zoo.data.fewshot)."""
+  classes = _class_dirs(root)
+  files = [(os.path.join(root, cls, f), label) for label, cls in enumerate(classes)
+           for f in sorted(os.listdir(os.path.join(root, cls))) if f.lower().endswith(IMAGE_FILES)]
+  return classes, files
 
 
 def classification_examples(name: str | Benchmark, data_root: str | None = None,
@@ -286,10 +296,8 @@ def classification_examples(name: str | Benchmark, data_root: str | None = None,
                          f"({'/'.join(IMAGE_KEYS)}) or its .cls label; it has {sorted(raw)}")
       yield image, int(raw["cls"].decode("utf-8").strip())
   elif loc.kind == "folder":
-    for label, cls in enumerate(_class_dirs(loc.path)):
-      for f in sorted(os.listdir(os.path.join(loc.path, cls))):
-        if f.lower().endswith(IMAGE_FILES):
-          yield _read_image(os.path.join(loc.path, cls, f)), label
+    for path_, label in class_folder(loc.path)[1]:
+      yield read_image(path_), label
   else:
     from zoo.data import tfds as tfds_lib
 
@@ -321,12 +329,8 @@ def classification_index(name: str | Benchmark, data_root: str | None = None,
       labels.append(int(raw["cls"].decode("utf-8").strip()))
     return np.asarray(labels, np.int32), lambda i: _image(source[int(i)])
   if loc.kind == "folder":
-    files = [(os.path.join(loc.path, cls, f), label)
-             for label, cls in enumerate(_class_dirs(loc.path))
-             for f in sorted(os.listdir(os.path.join(loc.path, cls)))
-             if f.lower().endswith(IMAGE_FILES)]
-    return (np.asarray([y for _, y in files], np.int32),
-            lambda i: _read_image(files[int(i)][0]))
+    files = class_folder(loc.path)[1]
+    return (np.asarray([y for _, y in files], np.int32), lambda i: read_image(files[int(i)][0]))
   from zoo.data import tfds as tfds_lib
 
   tfds_source = tfds_lib.data_source(bench.tfds[0], bench.tfds[1], loc.path or None)

@@ -17,11 +17,9 @@ import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from zoo.data import benchmarks, demo as demo_lib
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SUBSETS = ("base", "novel", "all")
 POLICIES = ("error", "all")
 # config.data keys of the few-shot data (configs.base.fewshot_data() returns them).
@@ -59,28 +57,18 @@ def demo_set(split: str, size: int, image_size: int) -> Labelled:
                   lambda i: demo_lib.render(demo_lib.sample_scene(seed, int(i)), image_size))
 
 
-def read_image(path: str) -> np.ndarray:
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
 def folder_set(root: str) -> Labelled:
   """Images under `root/<class>/` (classes = sorted sub-folders, '_' read as a space)."""
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(f"image folder {root!r} does not exist (data.folder / "
                             "data.eval_folder: one sub-folder of images per class)")
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  files, labels = [], []
-  for label, cls in enumerate(classes):
-    for f in sorted(os.listdir(os.path.join(root, cls))):
-      if f.lower().endswith(IMAGE_EXTS):
-        files.append(os.path.join(root, cls, f))
-        labels.append(label)
+  classes, files = benchmarks.class_folder(root)
   if not files:
-    raise ValueError(f"image folder {root!r} holds no images ({', '.join(IMAGE_EXTS)}) in "
-                     "class sub-folders")
+    raise ValueError(f"image folder {root!r} holds no images ({', '.join(benchmarks.IMAGE_FILES)})"
+                     " in class sub-folders")
   return Labelled(root, tuple(c.replace("_", " ") for c in classes),
-                  np.asarray(labels, np.int32), lambda i: read_image(files[int(i)]))
+                  np.asarray([y for _, y in files], np.int32),
+                  lambda i: benchmarks.read_image(files[int(i)][0]))
 
 
 def benchmark_set(name: str, data_root: str, split: str) -> Labelled:
@@ -101,8 +89,7 @@ def class_names(data_cfg: Any) -> list[str]:
     if not root or not os.path.isdir(root):
       raise FileNotFoundError(f"image folder {root!r} does not exist (data.folder: one "
                               "sub-folder of images per class)")
-    return [d.replace("_", " ") for d in sorted(
-        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))]
+    return [d.replace("_", " ") for d in benchmarks.class_folder(root)[0]]
   return list(benchmark_classnames(dataset, str(data_cfg.get("data_root", ""))))
 
 

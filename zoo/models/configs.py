@@ -92,8 +92,11 @@ class CLIPConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+    """The inverse of `to_dict`; a subclass with another image tower (ResNet, ConvNeXt) reads its
+    `vision` with the class of its field's default."""
     d = dict(d)
-    vision = VisionConfig(**d.pop("vision"))
+    vision_field = next(f for f in dataclasses.fields(cls) if f.name == "vision")
+    vision = type(vision_field.default)(**d.pop("vision"))
     text = TextConfig(**d.pop("text"))
     for key in ("image_mean", "image_std"):
       if key in d:

@@ -11,7 +11,6 @@ tower is CLIP's. The total stride is 32: an image side that is not a multiple of
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,16 +50,6 @@ class ConvNeXtCLIPConfig(registry.CLIPConfig):
   """A CLIPConfig whose image tower is a timm ConvNeXt."""
 
   vision: ConvNeXtVisionConfig = ConvNeXtVisionConfig()
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ConvNeXtCLIPConfig":
-    d = dict(d)
-    vision = ConvNeXtVisionConfig(**d.pop("vision"))
-    text = registry.TextConfig(**d.pop("text"))
-    for key in ("image_mean", "image_std"):
-      if key in d:
-        d[key] = tuple(d[key])
-    return cls(vision=vision, text=text, **d)
 
 
 class Conv(nnx.Module):

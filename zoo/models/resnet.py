@@ -13,7 +13,6 @@ an image side that is not a multiple of 32 is refused.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,16 +58,6 @@ class ResNetCLIPConfig(registry.CLIPConfig):
   """A CLIPConfig whose image tower is a ModifiedResNet."""
 
   vision: ResNetVisionConfig = ResNetVisionConfig()
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ResNetCLIPConfig":
-    d = dict(d)
-    vision = ResNetVisionConfig(**d.pop("vision"))
-    text = registry.TextConfig(**d.pop("text"))
-    for key in ("image_mean", "image_std"):
-      if key in d:
-        d[key] = tuple(d[key])
-    return cls(vision=vision, text=text, **d)
 
 
 def _avg_pool(x: Array, k: int) -> Array:
