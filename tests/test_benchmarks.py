@@ -10,8 +10,10 @@ import json
 import os
 import tarfile
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 import zoo
@@ -335,3 +337,22 @@ def test_train_time_config_and_report_tables(world):
   assert table.count("zeroshot_classification") == 1
   average = next(line for line in table.splitlines() if "average" in line)
   assert "0.5000" in average and "0.7500" in average and "0.4000" in average and "44" in average
+
+
+def test_a_broken_model_is_refused_not_scored(world):
+  """A benchmark set on a model with NaN weights raises instead of reporting a score (argmax
+  over NaN logits would give class 0 for every image)."""
+  from configs import demo
+  from zoo.eval import suite
+  from zoo.train import loop
+
+  config = demo.get_config()
+  config.eval.datasets, config.eval.data_root = "cifar10", world["root"]
+  model, _, _ = zoo.load(world["model"])
+  sets = loop.build_eval_sets(config, model, None)
+  tokenizer = loop.make_tokenizer(config, model)
+  good = suite.evaluate(model, {"cifar10": sets["cifar10"]}, tokenizer)
+  assert 0 < good["cifar10/top1"] < 1
+  nnx.update(model, jax.tree.map(lambda x: x * np.nan, nnx.state(model, nnx.Param)))
+  with pytest.raises(evaluator.NonFiniteError, match="non-finite features"):
+    suite.evaluate(model, {"cifar10": sets["cifar10"]}, tokenizer)
