@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from tests import source_ast
 from tests.train_utils import tiny_config
 from zoo import families, losses
 from zoo.families import clip as clip_family
@@ -56,7 +57,7 @@ MODULES = {module_name(p): p for p in zoo_files()}
 def imports_of(path: pathlib.Path) -> list[tuple[str, bool]]:
   """(imported module, at top level) for every import in the file; `from a import b` names
   the submodule a.b when that is a module."""
-  tree = ast.parse(path.read_text())
+  tree = source_ast.parse(path)
   top = {id(n) for n in tree.body}
   package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
   out = []
@@ -125,7 +126,7 @@ ALLOWED_DYNAMIC_IMPORTS = {("zoo", "zoo.convert"), ("zoo.weights.model_dir", "<d
 def test_no_importlib_lookups_of_family_modules():
   found, tables = set(), []
   for path in zoo_files():
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(source_ast.parse(path)):
       if isinstance(node, ast.Call):
         f = node.func
         name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
@@ -148,7 +149,7 @@ def test_no_importlib_lookups_of_family_modules():
 def test_configs_import_only_base_and_ml_collections():
   """Experiment files import only configs.base; base reads the defaults zoo defines once."""
   for path in sorted((ROOT / "configs").glob("*.py")):
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(source_ast.parse(path)):
       if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
       elif isinstance(node, ast.ImportFrom):
@@ -165,7 +166,7 @@ def test_configs_import_only_base_and_ml_collections():
 @pytest.mark.parametrize("path", OWNED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_owned_modules_docstring_imports_size_and_private_calls(path):
   source = path.read_text()
-  tree = ast.parse(source)
+  tree = source_ast.parse(path)
   doc = ast.get_docstring(tree, clean=False) or ""
   assert doc and len(doc.strip().splitlines()) <= 15, "module docstring missing or > 15 lines"
   assert len(source.splitlines()) <= 470, "module over ~450 lines"

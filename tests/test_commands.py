@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests import cli_run
+from tests import cli_run, source_ast
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_missing_input_fails_with_one_line(tmp_path):
 
 
 def _defines_main_without_guard(path: pathlib.Path) -> bool:
-  tree = ast.parse(path.read_text())
+  tree = source_ast.parse(path)
   has_main = any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
   guarded = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
   return has_main and not guarded
