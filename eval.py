@@ -3,10 +3,13 @@
 python eval.py --workdir runs/demo                 # latest training checkpoint of a workdir
 python eval.py --checkpoint runs/demo/model        # a zoo.save() directory
 python eval.py --config configs/clip_vit_b16.py --pretrained ViT-B-16/laion2b_s34b_b88k
+python eval.py --pretrained ViT-B-16-SigLIP/webli --datasets imagenet1k,mscoco_captions
 Both read the config stored with the model; `--config FILE [--config.k=v]` replaces it (the
 eval data, e.g. for a converted checkpoint). Metrics go to `--output`/metrics.json (one record
 per evaluated step): by default the workdir, DIR-eval beside a --checkpoint DIR, or
-runs/eval/NAME for --pretrained (which needs --config: released weights carry no data config).
+runs/eval/NAME for --pretrained (which needs --config, released weights carrying no data
+config, unless --datasets names the benchmarks). Text goes through the model's own tokenizer
+(the one saved with it) unless the config names one.
 Benchmarks by name: `--datasets imagenet1k,cifar10,mscoco_captions` (or --config.eval.datasets;
 zoo.data.benchmarks lists them) from `--data_root` / $ZOO_DATA / the Hugging Face cache; their
 results also go to benchmarks.jsonl in CLIP_benchmark's format, one table per task.
@@ -61,13 +64,24 @@ def evaluate() -> None:
   from zoo.eval import report, source
   from zoo.families import base
   from zoo.train import loop
+  from zoo.weights import model_dir as model_dir_lib
 
+  config = _CONFIG.value
+  if config is None and _PRETRAINED.value and _DATASETS.value is not None:
+    from configs import base as config_base  # benchmarks by name need no data config
+
+    config = config_base.base_config()
   src = source.open_model(workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value,
-                          pretrained=_PRETRAINED.value, config=_CONFIG.value)
+                          pretrained=_PRETRAINED.value, config=config)
   config, model, mesh, step, what = src.config, src.model, src.mesh, src.step, src.label
   out_dir = _output_dir(src.model_dir)
   family = families.get(config.get("family", "clip"))
-  tokenizer = loop.make_tokenizer(config, model)
+  tokenizer = None
+  if src.model_dir and not config.get("tokenizer", ""):  # the model's own (SigLIP: sentencepiece)
+    tokenizer = model_dir_lib.load_tokenizer(src.model_dir,
+                                             context_length=config.get("context_length") or None)
+  if tokenizer is None:
+    tokenizer = loop.make_tokenizer(config, model)
   ev = config.get("eval") or {}
   root = _DATA_ROOT.value or ev.get("data_root", "")
   if _DATASETS.value is not None:

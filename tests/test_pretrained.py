@@ -400,10 +400,19 @@ def test_vit_b32_release_equals_open_clip(tmp_path, monkeypatch):
 def test_eval_cli_pretrained(hub, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", HF_HOME=hub["home"],
              HF_HUB_OFFLINE="1")
-  r = subprocess.run([sys.executable, "eval.py", "--config", "configs/demo.py", "--pretrained",
-                      "hf-hub:zoo-test/tiny-hf", "--output", str(tmp_path),
-                      "--config.data.eval_size=32"], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=600)
+  # Benchmarks by name need no --config: an image folder with one sub-folder per class.
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for c in range(10):  # cifar10's 10 classes, one image each
+    os.makedirs(tmp_path / "cifar" / f"class_{c}")
+    pixels = np.clip(rng.normal(20 * c, 30, (24, 24, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "cifar" / f"class_{c}" / "0.png")
+  r = subprocess.run([sys.executable, "eval.py", "--pretrained", "hf-hub:zoo-test/tiny-hf",
+                      "--datasets", f"cifar10={tmp_path / 'cifar'}", "--output",
+                      str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
-  with open(tmp_path / "metrics.json") as f:
-    assert f.read().strip()
+  with open(tmp_path / "out" / "metrics.json") as f:
+    top1 = json.load(f)[-1]["cifar10/top1"]
+  assert 0.0 <= top1 <= 1.0

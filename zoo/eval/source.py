@@ -69,7 +69,7 @@ def open_model(*, workdir: str | None = None, checkpoint: str | None = None,
   if pretrained:
     if config is None:
       raise errors.UserError("--pretrained needs --config configs/FILE.py (the eval data; "
-                             "released weights carry no training config)")
+                             "released weights carry no training config) or --datasets NAME,...")
     distributed.maybe_initialize_distributed(config)  # before the conversion touches JAX
     checkpoint = pretrained_lib.checkpoint_dir(pretrained)  # download + convert once, cached
   source = workdir or checkpoint
