@@ -1,10 +1,13 @@
-"""Writes zoo/assets/benchmark_{classnames,templates,languages}.json from CLIP_benchmark's files.
+"""Writes zoo/assets/benchmark_{classnames,templates,languages}.json and nllb_languages.json
+from CLIP_benchmark's files.
 
 Usage: pip download clip-benchmark==1.6.2 --no-deps && unzip clip_benchmark-1.6.2-*.whl -d cb
        python scripts/gen_benchmark_assets.py cb/clip_benchmark
 Values are copied unchanged: <lang>_classnames.json, <lang>_zeroshot_classification_templates.json,
 the ImageNet-A / -R / -O WordNet-id subsets and VOC2007's categories (datasets/builder.py,
-datasets/voc2007.py) and each multilingual retrieval set's SUPPORTED_LANGUAGES.
+datasets/voc2007.py), each multilingual retrieval set's SUPPORTED_LANGUAGES, and the language
+code -> NLLB (FLORES-200) source-language token map its NLLB-CLIP evaluation sets
+(models/nllb_clip.py `lang_map`).
 """
 
 import ast
@@ -14,6 +17,8 @@ import sys
 
 SOURCE = ("CLIP_benchmark 1.6.2 (https://github.com/LAION-AI/CLIP_benchmark, PyPI clip-benchmark"
           "==1.6.2), clip_benchmark/datasets/: {files}; written by scripts/gen_benchmark_assets.py")
+NLLB_SOURCE = SOURCE.replace("clip_benchmark/datasets/: {files}",
+                             "clip_benchmark/models/nllb_clip.py (lang_map)")
 # torchvision reads CIFAR-10's names from the dataset's batches.meta (label_names), in this order.
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -65,6 +70,10 @@ def main(root):
     with open(os.path.join(out, fname), "w", encoding="utf-8") as f:
       json.dump({"_source": SOURCE.format(files=files), **data}, f, ensure_ascii=False, indent=0)
       f.write("\n")
+  nllb = _assignments(os.path.join(root, "models", "nllb_clip.py"))["lang_map"]
+  with open(os.path.join(out, "nllb_languages.json"), "w", encoding="utf-8") as f:
+    json.dump({"_source": NLLB_SOURCE, **nllb}, f, ensure_ascii=False, indent=0)
+    f.write("\n")
 
 
 if __name__ == "__main__":

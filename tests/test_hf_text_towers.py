@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 import zoo
 from tests.test_pretrained import put_repo
@@ -36,7 +37,7 @@ pytest.importorskip("tokenizers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_NAMES = ("roberta-ViT-B-32", "xlm-roberta-base-ViT-B-32", "xlm-roberta-large-ViT-H-14",
-            "nllb-clip-base", "nllb-clip-large")
+            "nllb-clip-base", "nllb-clip-large", "nllb-clip-base-siglip", "nllb-clip-large-siglip")
 TINY_ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128, max_position_embeddings=80, type_vocab_size=1,
                     layer_norm_eps=1e-5, pad_token_id=1)
@@ -189,7 +190,7 @@ def test_architectures_equal_open_clip_configs():
 
 def test_every_open_clip_pair_of_the_family_resolves():
   pairs = [p for p in open_clip.list_pretrained() if p[0] in HF_NAMES]
-  assert len(pairs) == 5 and set(pairs) <= set(map(tuple, zoo.list_pretrained()))
+  assert len(pairs) == 9 and set(pairs) <= set(map(tuple, zoo.list_pretrained()))
   for name, tag in pairs:
     entry = pretrained.get_pretrained_cfg(name, tag)
     ref = open_clip.get_pretrained_cfg(name, tag)
@@ -241,6 +242,88 @@ def test_features_equal_open_clip_and_round_trip(hf, name):
   else:
     assert axes(model.text.proj.fc1.kernel) == ("embed", "mlp")
     assert axes(model.text.blocks[0].mlp.fc1.kernel) == ("embed", "mlp")
+
+
+def test_nllb_siglip_parity_and_round_trip(hf):
+  """nllb-clip-base-siglip's own open_clip config (timm SigLIP trunk shrunk where open_clip
+  builds it, the cached tiny NLLB encoder): sigmoid kind, features, strict round trip."""
+  from unittest import mock
+
+  timm = pytest.importorskip("timm")
+  base = open_clip.get_model_config("nllb-clip-base-siglip")
+  model_cfg = dict(base, embed_dim=32, vision_cfg=dict(base["vision_cfg"], image_size=32))
+  create = timm.create_model
+  shrink = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+  with offline(hf["home"]), mock.patch.object(
+      timm, "create_model", lambda name, **kw: create(name, **kw, **shrink)):
+    torch.manual_seed(5)
+    oc = _jitter(open_clip.model.CustomTextCLIP(
+        32, model_cfg["vision_cfg"], dict(model_cfg["text_cfg"], hf_model_pretrained=False),
+        init_logit_bias=-10.0), seed=6)
+    tok = open_clip.get_tokenizer("nllb-clip-base-siglip")
+  nllb = hf["tiny-nllb-clip"]["config"]
+  mapped = open_clip_config.config_from_open_clip_cfg(base)
+  assert (mapped.kind, mapped.vision.pool, mapped.image_mean) == ("siglip", "map", (0.5,) * 3)
+  config = dataclasses.replace(
+      mapped, embed_dim=32, text=dataclasses.replace(nllb.text),
+      vision=dataclasses.replace(mapped.vision, image_size=32, patch_size=8, width=32, layers=2,
+                                 heads=2))
+  sd = {k: v.numpy() for k, v in oc.state_dict().items()}
+  model = convert.from_open_clip(sd, config)
+  images, tokens = _inputs(2), tok(TEXTS).numpy()
+  ref_img, ref_txt = _oc_features(oc, images, tokens)
+  diff = max(np.abs(np.asarray(model.encode_image(images)) - ref_img).max(),
+             np.abs(np.asarray(model.encode_text(tokens)) - ref_txt).max())
+  print(f"parity nllb-clip-base-siglip (tiny): max |diff| {diff:.2e}")
+  assert diff <= 1e-4
+  assert float(model.logit_bias[...]) == pytest.approx(oc.logit_bias.item())
+  back = convert.to_open_clip(model)
+  assert set(back) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k])
+  oc.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def test_nllb_language_tokens_equal_transformers_and_reach_babel(hf):
+  """for_language sets NLLB's source token as transformers' `src_lang` does (FLORES-200 code
+  or CLIP_benchmark's map); Babel-ImageNet tokenizes each language with its own token."""
+  from zoo.families import multilingual as ml_family
+
+  src = os.path.join(hf["tmp"], "nllb_langs")
+  os.makedirs(src)
+  shutil.copyfile(multilingual.DEMO_TOKENIZER, os.path.join(src, "sentencepiece.bpe.model"))
+  codes = ["eng_Latn", "deu_Latn", "fra_Latn", "zho_Hant"]
+  ref = transformers.NllbTokenizer.from_pretrained(src, additional_special_tokens=codes)
+  ref.save_pretrained(os.path.join(src, "out"))
+  tok = tokenizers.HFTokenizer(os.path.join(src, "out", "tokenizer.json"), 16)
+  assert tok.language_token() == "eng_Latn"
+  for language, code in [("DE", "deu_Latn"), ("fra_Latn", "fra_Latn"), ("cn", "zho_Hant"),
+                         ("en", "eng_Latn")]:
+    ref.src_lang = code
+    want = ref([tok.clean(t) for t in TEXTS], padding="max_length", truncation=True,
+               max_length=16).input_ids  # open_clip cleans first
+    got = tok.for_language(language)
+    assert got.language_token() == code
+    np.testing.assert_array_equal(got(TEXTS), np.asarray(want))
+  assert tok.language_token() == "eng_Latn"  # the original is unchanged
+  with pytest.raises(ValueError, match=r"'ES'.*spa_Latn is not in the vocabulary"):
+    tok.for_language("ES")
+  with pytest.raises(ValueError, match=r"no NLLB language token for 'xx'"):
+    tok.for_language("xx")
+  import pickle
+  assert pickle.loads(pickle.dumps(tok.for_language("DE"))).language_token() == "deu_Latn"
+  xlmr = tokenizers.HFTokenizer(hf["tiny-xlmr-clip"]["config"].tokenizer)
+  assert xlmr.language_token() is None and xlmr.for_language("DE") is xlmr
+  # Babel-ImageNet over the tiny NLLB-CLIP: DE / FR get their tokens, XX keeps eng_Latn.
+  config = hf["tiny-nllb-clip"]["config"]
+  config = dataclasses.replace(config, text=dataclasses.replace(config.text,
+                                                                vocab_size=tok.vocab_size))
+  model = multilingual.MultilingualCLIP(config, rngs=nnx.Rngs(0))
+  spec = {"images": _inputs(3), "labels": np.array([0, 1]),
+          "class_labels": {"DE": [[0, 1], ["Katze", "Hund"]], "FR": [[0, 1], ["chat", "chien"]],
+                           "XX": [[0, 1], ["a", "b"]]}}
+  metrics = ml_family.eval_babel_zeroshot(model, spec, tok, batch_size=2)
+  assert [metrics[f"{lang}/language_token"] for lang in ("DE", "FR", "XX")] == [1.0, 1.0, 0.0]
 
 
 def test_wrong_family_or_size_names_the_keys(hf):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import json
 import os
 import string
 from typing import Callable, Sequence
@@ -414,6 +415,19 @@ class XLMRobertaTokenizer(_PicklableSentencePiece):
     return _pack_rows(rows, length, self.PAD, self.EOS)
 
 
+# NLLB's source-language tokens: FLORES-200 codes ('eng_Latn', 'zho_Hant').
+_FLORES_CODE = regex.compile(r"[a-z]{3}_[A-Z][a-z]{3}")
+
+
+@functools.lru_cache(maxsize=None)
+def nllb_languages() -> dict[str, str]:
+  """Language code -> NLLB source-language token, as CLIP_benchmark's NLLB-CLIP evaluation
+  sets it (`assets/nllb_languages.json`, written by scripts/gen_benchmark_assets.py)."""
+  with open(os.path.join(ASSETS_DIR, "nllb_languages.json"), encoding="utf-8") as f:
+    table = json.load(f)
+  return {k.lower(): v for k, v in table.items() if not k.startswith("_")}
+
+
 class HFTokenizer:
   """A Hugging Face `tokenizer.json` (the `tokenizers` library), as open_clip's HFTokenizer
   calls it: `clean` first ('whitespace' by default), then special tokens added by the file's
@@ -423,7 +437,7 @@ class HFTokenizer:
 
   def __init__(self, path: str, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
                clean: str = "whitespace", pad_id: int | None = None,
-               strip_sep_token: bool = False):
+               strip_sep_token: bool = False, language: str | None = None):
     try:
       import tokenizers
     except ImportError:
@@ -446,14 +460,63 @@ class HFTokenizer:
     # open_clip's strip_sep_token (CLIPA's BERT): [SEP] ids become padding
     self.sep_token_id = self.tokenizer.token_to_id("[SEP]") if strip_sep_token else None
     self.vocab_size = self.tokenizer.get_vocab_size()
+    self.language = None
+    if language is not None:
+      self._set_language(language)
 
   def __getstate__(self):
     return {"path": self.path, "context_length": self.context_length, "clean": self.clean_name,
-            "pad_id": self.pad_token_id, "strip_sep_token": self.sep_token_id is not None}
+            "pad_id": self.pad_token_id, "strip_sep_token": self.sep_token_id is not None,
+            "language": self.language}
 
   def __setstate__(self, state):
     self.__init__(state["path"], state["context_length"], clean=state["clean"],
-                  pad_id=state["pad_id"], strip_sep_token=state.get("strip_sep_token", False))
+                  pad_id=state["pad_id"], strip_sep_token=state.get("strip_sep_token", False),
+                  language=state.get("language"))
+
+  def language_token(self) -> str | None:
+    """The source-language token the file's template puts first (NLLB: 'eng_Latn'), or None
+    for tokenizers without one (RoBERTa, XLM-R, BERT)."""
+    processor = json.loads(self.tokenizer.to_str()).get("post_processor") or {}
+    first = (processor.get("single") or [{}])[0] if processor.get("type") == "TemplateProcessing" \
+        else {}
+    token = first.get("SpecialToken", {}).get("id", "")
+    return token if _FLORES_CODE.fullmatch(token) else None
+
+  def for_language(self, language: str) -> "HFTokenizer":
+    """A copy that starts every text with `language`'s NLLB token: a FLORES-200 code
+    ('deu_Latn') or a code of CLIP_benchmark's NLLB map (`nllb_languages()`: 'de', 'jp', ...,
+    any case). Raises ValueError for a language without a token in this file; returns `self`
+    for a tokenizer without language tokens."""
+    if self.language_token() is None:
+      return self
+    copy = HFTokenizer.__new__(HFTokenizer)
+    copy.__setstate__(dict(self.__getstate__(), language=language))
+    return copy
+
+  def _set_language(self, language: str) -> None:
+    current = self.language_token()
+    if current is None:
+      raise ValueError(f"{self.path}: this tokenizer has no source-language token to set "
+                       f"(asked for {language!r})")
+    code = language if _FLORES_CODE.fullmatch(language) else nllb_languages().get(language.lower())
+    token_id = self.tokenizer.token_to_id(code) if code else None
+    if token_id is None:
+      raise ValueError(f"{self.path}: no NLLB language token for {language!r}"
+                       + (f" ({code} is not in the vocabulary)" if code else
+                          " (not a FLORES-200 code nor in CLIP_benchmark's NLLB language map)"))
+    import tokenizers
+
+    spec = json.loads(self.tokenizer.to_str())
+    processor = spec["post_processor"]
+    for template in ("single", "pair"):
+      for item in processor.get(template) or []:
+        if item.get("SpecialToken", {}).get("id") == current:
+          item["SpecialToken"]["id"] = code
+    processor["special_tokens"].pop(current)
+    processor["special_tokens"][code] = {"id": code, "ids": [token_id], "tokens": [code]}
+    self.tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    self.language = language
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text` without special tokens."""

@@ -102,14 +102,11 @@ def _clip_rules(config: configs.CLIPConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------- SigLIP (timm)
 
 
-def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
-  """Rules for open_clip `CustomTextCLIP` with a timm ViT trunk (MAP head) and `text.*` tower."""
-  v, t = config.vision, config.text
-  if (v.pool != "map" or v.class_token or v.ln_pre or not v.patch_bias or v.projection
-      or t.pool != "last" or t.causal or t.proj_bias != t.projection):
-    raise ValueError("open_clip's SigLIP (timm trunk) layout needs MAP pooling, no class token, "
-                     "no ln_pre, a patch bias, no vision projection, last-token text pooling, "
-                     "no causal mask and a text projection with a bias (or none)")
+def _siglip_vision_rules(v: configs.VisionConfig) -> list[Rule]:
+  """`visual.trunk.*`: a timm SigLIP ViT trunk (MAP head, no projection)."""
+  if v.pool != "map" or v.class_token or v.ln_pre or not v.patch_bias or v.projection:
+    raise ValueError("open_clip's timm SigLIP trunk layout needs MAP pooling, no class token, "
+                     "no ln_pre, a patch bias and no vision projection")
   rules = [
       conv_patch(("visual", "patch_kernel"), "visual.trunk.patch_embed.proj.weight"),
       identity(("visual", "patch_bias"), "visual.trunk.patch_embed.proj.bias"),
@@ -121,7 +118,7 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
     rules += _resblock_rules(("visual", "transformer", "resblocks", i),
                              f"visual.trunk.blocks.{i}", v.width, v.heads, TIMM_BLOCK)
   ap = ("visual", "attn_pool")
-  rules += [
+  return rules + [
       *layer_norm(("visual", "ln_post"), "visual.trunk.norm"),
       # timm's latent is [1, 1, W]; zoo's [1, W].
       Rule(ap + ("latent",), ("visual.trunk.attn_pool.latent",),
@@ -132,6 +129,16 @@ def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
       *layer_norm(ap + ("norm",), "visual.trunk.attn_pool.norm"),
       *linear(ap + ("mlp", "fc1"), "visual.trunk.attn_pool.mlp.fc1"),
       *linear(ap + ("mlp", "fc2"), "visual.trunk.attn_pool.mlp.fc2"),
+  ]
+
+
+def _siglip_rules(config: configs.CLIPConfig) -> list[Rule]:
+  """Rules for open_clip `CustomTextCLIP` with a timm ViT trunk (MAP head) and `text.*` tower."""
+  t = config.text
+  if t.pool != "last" or t.causal or t.proj_bias != t.projection:
+    raise ValueError("open_clip's SigLIP text tower layout needs last-token pooling, no causal "
+                     "mask and a text projection with a bias (or none)")
+  rules = _siglip_vision_rules(config.vision) + [
       identity(("text", "token_embedding"), "text.token_embedding.weight"),
       identity(("text", "positional_embedding"), "text.positional_embedding"),
       *_transformer_rules(("text", "transformer"), "text.transformer", t.width, t.heads,
@@ -156,8 +163,11 @@ HF_TEXT_IGNORED = ("text.transformer.embeddings.position_ids",)
 def _hf_text_rules(config: multilingual.MultilingualCLIPConfig) -> list[Rule]:
   """open_clip `CustomTextCLIP` + `HFTextEncoder`: `visual.*` as the built-in CLIP,
   `text.transformer.*` (the transformers encoder), `text.proj.{0,2}` (MLP) or `text.proj`."""
-  vision_only = configs.CLIPConfig(embed_dim=config.embed_dim, vision=config.vision)
-  rules = [r for r in _clip_rules(vision_only) if r.zoo[0] == "visual"]
+  if config.vision.pool == "map":  # NLLB-CLIP SigLIP: a timm SigLIP trunk
+    rules = _siglip_vision_rules(config.vision)
+  else:
+    vision_only = configs.CLIPConfig(embed_dim=config.embed_dim, vision=config.vision)
+    rules = [r for r in _clip_rules(vision_only) if r.zoo[0] == "visual"]
   t = config.text
   encoder = (mclip.m2m100_rules(t, "text.transformer.") if isinstance(t, m2m100.M2M100TextConfig)
              else mclip.text_rules(t, "text.transformer.", projection=False))

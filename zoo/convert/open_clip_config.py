@@ -99,7 +99,10 @@ def _hf_text_config(model_cfg: Mapping[str, Any], hf_config: Mapping[str, Any] |
     raise PretrainedError(f"open_clip config text_cfg hf_pooler_type={pooler!r} / hf_proj_type="
                           f"{proj!r} is not implemented in zoo (poolers: {', '.join(HF_POOLERS)};"
                           " projections: mlp, linear)")
-  image = config_from_open_clip_cfg({k: v for k, v in model_cfg.items() if k != "text_cfg"})
+  if model_cfg.get("vision_cfg", {}).get("timm_model_name"):  # NLLB-CLIP SigLIP: timm trunk
+    image = _siglip_image_config(model_cfg)
+  else:
+    image = config_from_open_clip_cfg({k: v for k, v in model_cfg.items() if k != "text_cfg"})
   text = multilingual.open_clip_text(encoder, int(t.get("context_length", 77)), HF_POOLERS[pooler],
                                      proj)
   config = multilingual.hf_text_clip_config(image, text, quick_gelu=image.quick_gelu)
@@ -135,8 +138,9 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
   Anything zoo does not implement is a PretrainedError.
   """
   v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
-  if t.get("hf_model_name") and not v.get("timm_model_name") and v.get("layers") is not None \
-      and not isinstance(v.get("layers"), (list, tuple)):
+  if t.get("hf_model_name") and (v.get("timm_model_name") in TIMM_TRUNKS or (
+      not v.get("timm_model_name") and v.get("layers") is not None
+      and not isinstance(v.get("layers"), (list, tuple)))):
     return _hf_text_config(model_cfg, hf_config)
   if v.get("timm_model_name") in convnext.TIMM_CONVNEXTS:
     return _convnext_config(model_cfg)
@@ -191,10 +195,8 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
              quick_gelu=bool(model_cfg.get("quick_gelu", False)), **extra)
 
 
-def _siglip_config(model_cfg: Mapping[str, Any], v: Mapping[str, Any], t: Mapping[str, Any]
-                   ) -> registry.CLIPConfig:
-  """A SigLIP / SigLIP 2 config: a timm trunk of TIMM_TRUNKS (MAP head, no projection) and
-  open_clip's custom text tower (bidirectional, last-token pooling)."""
+def _siglip_vision(v: Mapping[str, Any]) -> registry.VisionConfig:
+  """The image tower of a timm SigLIP trunk of TIMM_TRUNKS (MAP head, no projection)."""
   trunk = TIMM_TRUNKS.get(v["timm_model_name"])
   if trunk is None:
     raise PretrainedError(f"open_clip config uses timm trunk {v['timm_model_name']!r}; zoo "
@@ -203,6 +205,29 @@ def _siglip_config(model_cfg: Mapping[str, Any], v: Mapping[str, Any], t: Mappin
   if v.get("timm_pool") != "map" or v.get("timm_proj", "none") != "none":
     raise PretrainedError(f"open_clip config with timm trunk {v['timm_model_name']!r}: zoo "
                           "implements timm_pool='map', timm_proj='none' (SigLIP)")
+  patch, width, layers, heads, mlp_ratio, act = trunk
+  return registry.VisionConfig(
+      image_size=_one_size(v.get("image_size", 224), "image_size"), patch_size=patch,
+      width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, pool="map",
+      class_token=False, ln_pre=False, patch_bias=True, ln_eps=1e-6, projection=False, act=act)
+
+
+def _siglip_image_config(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
+  """The image side of a CustomTextCLIP over a timm SigLIP trunk with a Hugging Face text tower
+  (NLLB-CLIP SigLIP): sigmoid loss, open_clip's default temperature unless the config sets one."""
+  vision = _siglip_vision(model_cfg["vision_cfg"])
+  return registry.CLIPConfig(
+      embed_dim=int(model_cfg.get("embed_dim", vision.width)), vision=vision, kind="siglip",
+      init_logit_scale=float(model_cfg.get("init_logit_scale", math.log(1 / 0.07))),
+      init_logit_bias=float(model_cfg.get("init_logit_bias", -10.0)),
+      image_mean=registry.INCEPTION_MEAN, image_std=registry.INCEPTION_STD)
+
+
+def _siglip_config(model_cfg: Mapping[str, Any], v: Mapping[str, Any], t: Mapping[str, Any]
+                   ) -> registry.CLIPConfig:
+  """A SigLIP / SigLIP 2 config: a timm trunk of TIMM_TRUNKS (MAP head, no projection) and
+  open_clip's custom text tower (bidirectional, last-token pooling)."""
+  vision = _siglip_vision(v)
   free = ("no_causal_mask", "pool_type", "proj_bias", "proj_type", "act_kwargs")
   _check_fixed(t, {k: d for k, d in _TEXT_FIXED.items() if k not in free}, "text_cfg")
   if not t.get("no_causal_mask") or t.get("pool_type") != "last":
@@ -214,13 +239,7 @@ def _siglip_config(model_cfg: Mapping[str, Any], v: Mapping[str, Any], t: Mappin
   if t.get("proj_type", "linear") not in ("linear", "none"):
     raise PretrainedError(f"open_clip config text_cfg.proj_type={t['proj_type']!r} is not "
                           "implemented in zoo (supported: 'linear', 'none')")
-  patch, width, layers, heads, mlp_ratio, vision_act = trunk
   projection = t.get("proj_type", "linear") != "none"
-  vision = registry.VisionConfig(
-      image_size=_one_size(v.get("image_size", 224), "image_size"), patch_size=patch,
-      width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, pool="map",
-      class_token=False, ln_pre=False, patch_bias=True, ln_eps=1e-6, projection=False,
-      act=vision_act)
   text = registry.TextConfig(
       context_length=int(t.get("context_length", 64)), vocab_size=int(t.get("vocab_size", 32000)),
       width=int(t.get("width", 768)), heads=int(t.get("heads", 12)),
@@ -228,7 +247,8 @@ def _siglip_config(model_cfg: Mapping[str, Any], v: Mapping[str, Any], t: Mappin
       pool="last", ln_eps=_eps(t), proj_bias=bool(t.get("proj_bias", False)),
       act="gelu_tanh" if act else "", projection=projection)
   return registry.CLIPConfig(
-      embed_dim=int(model_cfg.get("embed_dim", width)), vision=vision, text=text, kind="siglip",
+      embed_dim=int(model_cfg.get("embed_dim", vision.width)), vision=vision, text=text,
+      kind="siglip",
       init_logit_scale=float(model_cfg.get("init_logit_scale", math.log(10.0))),
       init_logit_bias=float(model_cfg.get("init_logit_bias", -10.0)),
       image_mean=registry.INCEPTION_MEAN, image_std=registry.INCEPTION_STD,

@@ -24,7 +24,7 @@ METRICS_FILE = "metrics.json"
 def language_records(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
   """Per-language records from `evaluate`'s flat metrics of babel_zeroshot sets:
   [{"set", "language", "prompts" ('translated' | 'english'), "num_classes", "num_images",
-  "adapter", "top1"}] in metric order."""
+  "adapter", "top1"}] in metric order, plus "language_token" for NLLB tokenizers."""
   records: dict[tuple[str, str], dict[str, Any]] = {}
   for key, value in metrics.items():
     parts = key.split("/")
@@ -37,6 +37,8 @@ def language_records(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         "num_classes": int(get("num_classes")), "num_images": int(get("num_images")),
         "adapter": bool(get("adapter")),
         "top1": None if get("top1") is None else float(get("top1"))}
+    if get("language_token") is not None:  # NLLB: the language's own source token was set
+      records[(name, lang)]["language_token"] = bool(get("language_token"))
   return list(records.values())
 
 

@@ -146,7 +146,10 @@ def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: T
   ({language: zoo.models.lora adapter directory} used for that language's prompts).
   Metrics per language L: `L/top1`, `L/num_classes`, `L/num_images`, `L/translated_prompts`
   (1 = its own prompts, 0 = English fallback), `L/adapter` (1 = scored with its adapter);
-  plus `mean_top1` over the scored languages.
+  plus `mean_top1` over the scored languages. A tokenizer with source-language tokens (NLLB)
+  tokenizes each language's prompts with that language's token, as Babel-ImageNet's and
+  CLIP_benchmark's NLLB-CLIP evaluations do (`L/language_token`: 1 = set, 0 = a language the
+  map lacks, left at the file's default, e.g. eng_Latn).
   """
   missing = [k for k in ("images", "labels", "class_labels") if k not in spec]
   if missing:
@@ -164,13 +167,21 @@ def eval_babel_zeroshot(model: nnx.Module, spec: Mapping[str, Any], tokenizer: T
   feats = evaluator.encode_images(model, spec["images"], batch_size=batch_size, mesh=mesh)
   out: dict[str, float] = {}
   scored = []
+  tagged = isinstance(tokenizer, tokenizers.HFTokenizer) and tokenizer.language_token() is not None
   for lang in languages:
     idx, names = by_lang[lang]
     templates = prompts.get(lang, english)
+    lang_tokenizer = tokenizer
+    if tagged:
+      try:
+        lang_tokenizer = tokenizer.for_language(lang)
+      except ValueError:
+        pass
+      out[f"{lang}/language_token"] = float(lang_tokenizer is not tokenizer)
 
     def classifier():
-      return evaluator.zero_shot_classifier(model, tokenizer, names, templates,
-                                  batch_size=max(batch_size, 1024), mesh=mesh)
+      return evaluator.zero_shot_classifier(model, lang_tokenizer, names, templates,
+                                            batch_size=max(batch_size, 1024), mesh=mesh)
 
     if lang in adapters:
       with adapters.with_adapter(model, adapters[lang]):

@@ -145,17 +145,26 @@ HF_TEXT_CLIPS = {
     "xlm-roberta-large-ViT-H-14": ("ViT-H-14", "xlm-roberta-large", False, "mean", "mlp"),
     "nllb-clip-base": ("ViT-B-32", "nllb-200-distilled-600M", False, "cls", "linear"),
     "nllb-clip-large": ("ViT-H-14", "nllb-200-distilled-1.3B", False, "cls", "linear"),
+    # NLLB-CLIP SigLIP: timm SigLIP trunks at 384 px, sigmoid loss, open_clip's default
+    # temperature at init (log 1/0.07, not SigLIP's log 10).
+    "nllb-clip-base-siglip": ("ViT-B-16-SigLIP-384", "nllb-200-distilled-600M", False, "cls",
+                              "linear"),
+    "nllb-clip-large-siglip": ("ViT-SO400M-14-SigLIP-384", "nllb-200-distilled-1.3B", False,
+                               "cls", "linear"),
 }
 
 
 def hf_text_clip_config(vision_config: registry.CLIPConfig, text: MultilingualTextConfig, *,
                         quick_gelu: bool = False, tokenizer: str = "") -> MultilingualCLIPConfig:
   """open_clip's CustomTextCLIP with an HFTextEncoder: `vision_config`'s image tower (and embed
-  dim, temperature) with `text` read through open_clip's HFTokenizer ('whitespace' clean)."""
+  dim, loss kind, temperature, bias, normalisation) with `text` read through open_clip's
+  HFTokenizer ('whitespace' clean)."""
   return MultilingualCLIPConfig(
       embed_dim=vision_config.embed_dim, vision=vision_config.vision, text=text,
-      quick_gelu=quick_gelu, init_logit_scale=vision_config.init_logit_scale,
-      init_logit_bias=vision_config.init_logit_bias, tokenizer=tokenizer, tokenizer_format="hf",
+      kind=vision_config.kind, quick_gelu=quick_gelu,
+      init_logit_scale=vision_config.init_logit_scale,
+      init_logit_bias=vision_config.init_logit_bias, image_mean=vision_config.image_mean,
+      image_std=vision_config.image_std, tokenizer=tokenizer, tokenizer_format="hf",
       tokenizer_clean="whitespace")
 
 
@@ -167,9 +176,12 @@ def open_clip_text(base: Any, context_length: int = 77, pool: str = "mean",
 
 
 for _name, (_image, _text, _quick, _pool, _proj) in HF_TEXT_CLIPS.items():
+  _image_config = registry.get_model_config(_image)
+  if _image_config.kind == "siglip":
+    _image_config = dataclasses.replace(_image_config, init_logit_scale=math.log(1 / 0.07))
   registry.register(_name, hf_text_clip_config(
-      registry.get_model_config(_image), open_clip_text(TEXT_MODELS[_text], pool=_pool,
-                                                        proj_type=_proj), quick_gelu=_quick))
+      _image_config, open_clip_text(TEXT_MODELS[_text], pool=_pool, proj_type=_proj),
+      quick_gelu=_quick))
 
 
 def list_text_models() -> list[str]:
