@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zoo.models import clip as clip_lib, configs as registry
@@ -83,10 +84,11 @@ class ViTaminCLIPConfig(registry.CLIPConfig):
 def _avg_pool_3x3_s2(x: Array) -> Array:
   """nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False) on NHWC."""
   window, strides, pad = (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-  total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, window, strides, pad)
-  ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
-  count = jax.lax.reduce_window(ones, jnp.zeros((), x.dtype), jax.lax.add, window, strides, pad)
-  return total / count
+  # a constant init value makes it a differentiable window sum
+  total = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, window, strides, pad)
+  count = [np.minimum(np.arange(0, n, 2) + 2, n) - np.maximum(np.arange(0, n, 2) - 1, 0)
+           for n in x.shape[1:3]]  # window cells inside the image, per output row / column
+  return total / np.outer(*count).astype(x.dtype)[None, :, :, None]
 
 
 class MbConvBlock(nnx.Module):
@@ -253,3 +255,4 @@ VITAMINS = {
 }
 for _name, _config in VITAMINS.items():
   registry.register(_name, _config)
+clip_lib.MODEL_CLASSES[ViTaminCLIPConfig] = ViTaminCLIP
