@@ -58,7 +58,8 @@ def tiny(tmp_path_factory):
   _tiny_trunks()
   cfg_dir = tmp_path_factory.mktemp("oc_cfg")
   models = {}
-  # the no-position trunk is built for 64 px but read at 48 px, as ViTamin-XL-384 at 256 px
+  # the no-position trunk's config says 48 px for a trunk built at 64 px (as ViTamin-XL-384 says
+  # 256); it reads any multiple of 16: both models are fed 64 px (the same shapes, cheaper)
   for i, (trunk, size) in enumerate((("vitamin_zoo_tiny", 64), ("vitamin_zoo_tiny_nopos", 48))):
     cfg = {"embed_dim": 32, "vision_cfg": {"timm_model_name": trunk, "timm_model_pretrained": False,
                                            "timm_pool": "", "timm_proj": "linear", "timm_drop": 0.0,
@@ -76,7 +77,7 @@ def tiny(tmp_path_factory):
         p.add_(torch.randn(p.shape, generator=g) * 0.02)
     config = open_clip_config.config_from_open_clip_cfg(cfg)
     sd = {k: v.numpy() for k, v in oc.state_dict().items()}
-    models[trunk] = (oc.eval(), config, size, sd, convert.from_open_clip(sd, config))
+    models[trunk] = (oc.eval(), config, 64, sd, convert.from_open_clip(sd, config))
   return models
 
 
@@ -128,6 +129,7 @@ def test_features_equal_open_clip_and_round_trip(tiny, trunk):
 
 def test_bad_sizes_and_layouts_are_one_line(tiny):
   _, config, _, sd, model = tiny["vitamin_zoo_tiny"]
+  assert tiny["vitamin_zoo_tiny_nopos"][1].vision.image_size == 48
   with pytest.raises(ValueError, match=r"^image size 72: a ViTamin tower needs a multiple of 16"):
     dataclasses.replace(config.vision, image_size=72)
   with pytest.raises(ValueError, match=r"images of shape \(1, 48, 48, 3\).*\[B, 64, 64, 3\]"):
