@@ -23,7 +23,7 @@ from flax import nnx
 
 from zoo.convert import common, mclip
 from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs, convnext, m2m100, multilingual, resnet
+from zoo.models import clip as clip_lib, configs, convnext, m2m100, multilingual, resnet, vitamin
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -262,6 +262,51 @@ def _build_convnext(config: convnext.ConvNeXtCLIPConfig) -> nnx.Module:
   return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(0))
 
 
+# ----------------------------------------------------------------------------- ViTamin (timm)
+
+
+def _vitamin_rules(config: vitamin.ViTaminCLIPConfig) -> list[Rule]:
+  """open_clip `CustomTextCLIP` with a TimmModel ViTamin `visual` (`visual.trunk.*`,
+  `visual.head.proj`) and CLIP's text tower under `text.*`."""
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  rules = [r if r.zoo[0] != "text"
+           else dataclasses.replace(r, torch=tuple(f"text.{k}" for k in r.torch))
+           for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  cfg, v, t = config.vision, ("visual",), "visual.trunk"
+  bb = f"{t}.patch_embed.backbone"
+  rules += [*_conv_bias(v + ("stem_conv1",), f"{bb}.stem.conv1"),
+            *layer_norm(v + ("stem_norm",), f"{bb}.stem.norm1"),
+            *_conv_bias(v + ("stem_conv2",), f"{bb}.stem.conv2")]
+  d_in = cfg.stem_width
+  for i, (dim, depth) in enumerate(zip(cfg.dims, cfg.depths)):
+    for j in range(depth):
+      zoo, key = v + ("stages", i, j), f"{bb}.stages.{i}.{j}"
+      if (d_in if j == 0 else dim) != dim:  # stride 2: pool then expand; else a 1x1 conv
+        rules += _conv_bias(zoo + ("shortcut",), f"{key}.shortcut" + (".expand" if j == 0 else ""))
+      rules += layer_norm(zoo + ("pre_norm",), f"{key}.pre_norm")
+      for n, name in ((1, "conv1_1x1"), (2, "conv2_kxk"), (3, "conv3_1x1")):
+        rules += _conv_bias(zoo + (f"conv{n}",), f"{key}.{name}")
+    d_in = dim
+  rules += [*layer_norm(v + ("pool_norm",), f"{bb}.pool.norm"),
+            *_conv_bias(v + ("pool_conv",), f"{bb}.pool.proj")]
+  if cfg.pos_embed:  # timm keeps a leading batch axis: [1, N, W]
+    rules.append(Rule(v + ("positional_embedding",), (f"{t}.pos_embed",),
+                      lambda a: (a.reshape((1,) + a.shape),), lambda a: a[0]))
+  for i in range(cfg.layers):
+    zoo, key = v + ("transformer", "resblocks", i), f"{t}.blocks.{i}"
+    rules += [r for r in _resblock_rules(zoo, key, cfg.width, cfg.heads, TIMM_BLOCK)
+              if r.zoo[len(zoo)] != "mlp"]
+    rules += [*layer_norm(zoo + ("mlp", "norm"), f"{key}.mlp.norm"),
+              *(r for w in ("w0", "w1", "w2") for r in linear(zoo + ("mlp", w), f"{key}.mlp.{w}"))]
+  rules += [*layer_norm(v + ("fc_norm",), f"{t}.fc_norm"),
+            *linear(v + ("proj",), "visual.head.proj", bias=False)]
+  return rules
+
+
+def _build_vitamin(config: vitamin.ViTaminCLIPConfig) -> nnx.Module:
+  return vitamin.ViTaminCLIP(config, rngs=nnx.Rngs(0))
+
+
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
   """The open_clip layout of `config`: built-in CLIP, the SigLIP timm-trunk layout, or a CLIP
   with a Hugging Face text tower (a MultilingualCLIPConfig)."""
@@ -271,6 +316,8 @@ def rules_for(config: configs.CLIPConfig) -> list[Rule]:
     return _resnet_rules(config)
   if isinstance(config, convnext.ConvNeXtCLIPConfig):
     return _convnext_rules(config)
+  if isinstance(config, vitamin.ViTaminCLIPConfig):
+    return _vitamin_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -317,7 +364,8 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
                      f"present), which uses QuickGELU, but model {label!r} uses GELU; pass "
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
   builders = ((resnet.ResNetCLIPConfig, _build_resnet),
-              (convnext.ConvNeXtCLIPConfig, _build_convnext))
+              (convnext.ConvNeXtCLIPConfig, _build_convnext),
+              (vitamin.ViTaminCLIPConfig, _build_vitamin))
   for cls, build in builders:
     if isinstance(config, cls):
       return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",

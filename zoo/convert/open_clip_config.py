@@ -12,7 +12,7 @@ import math
 from typing import Any, Mapping
 
 from zoo.convert import mclip
-from zoo.models import configs as registry, convnext, m2m100, multilingual, resnet
+from zoo.models import configs as registry, convnext, m2m100, multilingual, resnet, vitamin
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -128,6 +128,27 @@ def _convnext_config(model_cfg: Mapping[str, Any]) -> convnext.ConvNeXtCLIPConfi
                                      vision=vision)
 
 
+def _vitamin_config(model_cfg: Mapping[str, Any]) -> vitamin.ViTaminCLIPConfig:
+  """open_clip's CustomTextCLIP over a timm ViTamin trunk (`timm_pool=''`: timm's mean token +
+  fc_norm, then a bias-free linear projection) and the built-in text transformer."""
+  v = dict(model_cfg["vision_cfg"])
+  if v.get("timm_pool", "avg") != "" or v.get("timm_proj", "linear") != "linear" \
+      or v.get("timm_proj_bias", False):
+    raise PretrainedError(f"open_clip config timm trunk {v['timm_model_name']!r} with timm_pool="
+                          f"{v.get('timm_pool')!r}, timm_proj={v.get('timm_proj')!r}: zoo's "
+                          "ViTamin implements pool '' with a bias-free linear projection")
+  trunk = vitamin.TIMM_VITAMINS[v["timm_model_name"]]
+  size = _one_size(v.get("image_size", 224), "image_size")
+  if trunk.pos_embed and size != trunk.image_size:
+    raise PretrainedError(f"open_clip config image_size {size} with timm trunk "
+                          f"{v['timm_model_name']!r}, whose positions are fixed to "
+                          f"{trunk.image_size} px")
+  base = config_from_open_clip_cfg(dict(model_cfg, vision_cfg={"layers": 1}, custom_text=False))
+  return vitamin.ViTaminCLIPConfig(**{f.name: getattr(base, f.name)
+                                      for f in dataclasses.fields(base) if f.name != "vision"},
+                                   vision=dataclasses.replace(trunk, image_size=size))
+
+
 def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
                               hf_config: Mapping[str, Any] | None = None) -> registry.CLIPConfig:
   """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
@@ -144,6 +165,8 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
     return _hf_text_config(model_cfg, hf_config)
   if v.get("timm_model_name") in convnext.TIMM_CONVNEXTS:
     return _convnext_config(model_cfg)
+  if v.get("timm_model_name") in vitamin.TIMM_VITAMINS:
+    return _vitamin_config(model_cfg)
   if v.get("timm_model_name"):
     return _siglip_config(model_cfg, v, t)
   if model_cfg.get("custom_text") or t.get("hf_model_name"):

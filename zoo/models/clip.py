@@ -338,11 +338,15 @@ class CLIP(nnx.Module):
     return out
 
 
+# CLIPConfig subclasses of other image towers -> their model class (each tower's module adds
+# its own), so `create` / `from_config` (the train loop's builder) build any registered name.
+MODEL_CLASSES: dict[type, Callable[..., nnx.Module]] = {}
+
+
 def create(name: str, *, seed: int = 0, **overrides) -> CLIP:
   """Builds the architecture `name` (see `configs.list_architectures()`) with fresh weights."""
-  config = configs.get_model_config(name, **overrides)
-  return CLIP(config, rngs=nnx.Rngs(seed))
+  return from_config(configs.get_model_config(name, **overrides), seed=seed)
 
 
 def from_config(config: configs.CLIPConfig, *, seed: int = 0) -> CLIP:
-  return CLIP(config, rngs=nnx.Rngs(seed))
+  return MODEL_CLASSES.get(type(config), CLIP)(config, rngs=nnx.Rngs(seed))

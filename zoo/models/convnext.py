@@ -53,17 +53,19 @@ class ConvNeXtCLIPConfig(registry.CLIPConfig):
 
 
 class Conv(nnx.Module):
-  """k x k conv with bias, HWIO kernel; `groups` = channels for the depthwise conv."""
+  """k x k conv with bias, HWIO kernel; `groups` = channels for the depthwise conv; `pad`
+  (each side) defaults to k // 2 at stride 1 and 0 when strided."""
 
   def __init__(self, d_in: int, d_out: int, k: int, *, stride: int = 1, depthwise: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               pad: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     fan_in = k * k * (1 if depthwise else d_in)
     self.kernel = param(rngs, nnx.initializers.normal(fan_in ** -0.5),
                         (k, k, 1 if depthwise else d_in, d_out), (None, None, None, "mlp"))
     self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32), eager_sharding=False,
                           out_sharding=("mlp",))
-    self.stride, self.groups, self.pad, self.dtype = stride, d_in if depthwise else 1, \
-        (k // 2 if stride == 1 else 0), dtype
+    if pad is None:  # 'same' for stride 1; none for the patchify / downsample convs
+      pad = k // 2 if stride == 1 else 0
+    self.stride, self.groups, self.pad, self.dtype = stride, d_in if depthwise else 1, pad, dtype
 
   def __call__(self, x: Array) -> Array:
     y = jax.lax.conv_general_dilated(
