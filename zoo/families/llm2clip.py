@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from typing import Any, Callable, Mapping
 
@@ -28,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from zoo import tokenizers
-from zoo.convert import llm as llm_convert
+from zoo.convert import llm as llm_convert, llm2clip as llm2clip_convert
 from zoo.data import pipeline, webdataset as wds
 from zoo.families import base, clip as clip_family, distill
 from zoo.models import clip as clip_lib, llm, llm2clip, lora
@@ -44,6 +45,8 @@ class Settings:
 
   text_model: str = "llm-tiny"  # a zoo.models.llm.TEXT_MODELS name (fresh weights)
   text_checkpoint: str = ""  # a Hugging Face Llama / Qwen directory (config.json + safetensors)
+  # its tokenizer.json (when present) tokenizes the captions, wrapped as LLM2Vec does:
+  llm2vec_template: str = "none"  # none | llama3-instruct | qwen2-instruct
   causal: bool = False  # False: bidirectional attention (LLM2Vec, as LLM2CLIP's embedder)
   pool: str = "mean"  # mean | last
   adapter_blocks: int = 4  # LLM2CLIP 4 (expansion 2); ProCLIP 1 (expansion 8)
@@ -66,6 +69,9 @@ class Settings:
       raise ValueError(f"llm2clip.stage={self.stage!r}: expected one of {', '.join(STAGES)}")
     if self.pool not in llm.POOLS:
       raise ValueError(f"llm2clip.pool={self.pool!r}: expected one of {', '.join(llm.POOLS)}")
+    if self.llm2vec_template not in llm2clip_convert.TEMPLATES:
+      raise ValueError(f"llm2clip.llm2vec_template={self.llm2vec_template!r}: expected one of "
+                       f"{', '.join(llm2clip_convert.TEMPLATES)}")
     if self.stage == "distill_text" and not self.teacher:
       raise ValueError("llm2clip.stage=distill_text needs llm2clip.teacher (a zoo.save CLIP)")
 
@@ -132,12 +138,17 @@ class LLMFields:
     return out
 
 
-def build_text_tower(settings: Settings) -> llm.LLM | llm.LLMConfig:
-  """The LLM of `settings`: converted from `text_checkpoint`, else a fresh `text_model` config."""
+def build_text_tower(settings: Settings) -> tuple[llm.LLM | llm.LLMConfig, dict]:
+  """The LLM of `settings` (converted from `text_checkpoint`, else a fresh `text_model` config)
+  and the LLM2CLIPConfig tokenizer fields of the checkpoint's tokenizer.json ({} without)."""
   extra = dict(causal=settings.causal, pool=settings.pool)
-  if settings.text_checkpoint:
-    return llm_convert.load_pretrained(settings.text_checkpoint, **extra)
-  return llm.text_config(settings.text_model, **extra)
+  if not settings.text_checkpoint:
+    return llm.text_config(settings.text_model, **extra), {}
+  tok = {}
+  if os.path.isfile(os.path.join(settings.text_checkpoint, "tokenizer.json")):
+    tok = llm2clip_convert.llm2vec_tokenizer(settings.text_checkpoint, settings.llm2vec_template)
+    extra.update(pool_skip=tok.pop("pool_skip"), pad_token_id=tok.pop("pad_token_id"))
+  return llm_convert.load_pretrained(settings.text_checkpoint, **extra), tok
 
 
 class LLM2CLIPFamily(base.Family):
@@ -152,7 +163,7 @@ class LLM2CLIPFamily(base.Family):
   def build_model(self, config: ml_collections.ConfigDict, settings: Settings
                   ) -> llm2clip.LLM2CLIP:
     clip_model = base.build_clip_model(config)
-    text = build_text_tower(settings)
+    text, tok_fields = build_text_tower(settings)
     text_cfg = text.config if isinstance(text, llm.LLM) else text
     length = int(config.get("context_length", 0) or text_cfg.context_length)
     text_cfg = dataclasses.replace(text_cfg, context_length=length)
@@ -163,6 +174,8 @@ class LLM2CLIPFamily(base.Family):
     model = llm2clip.from_clip(clip_model, text, adapter_blocks=settings.adapter_blocks,
                                adapter_expansion=settings.adapter_expansion, seed=config.seed,
                                remat=config.get("remat", "none"))
+    if tok_fields:  # the LLM's own tokenizer.json (train loop, eval, zoo.save, embed_cache)
+      model.config = dataclasses.replace(model.config, **tok_fields)
     base.init_params_from(config, model)
     if settings.lora_rank > 0:
       lora.apply_lora(model.text, targets=settings.lora_targets, rank=settings.lora_rank,
