@@ -19,12 +19,13 @@ import io
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import zoo
 from configs import llm2clip_demo
-from zoo import tokenizers as zoo_tokenizers
+from zoo import families, tokenizers as zoo_tokenizers
 from zoo.convert import llm2clip as llm2clip_convert
 from zoo.families import llm2clip as family
 from zoo.train import loop
@@ -33,6 +34,7 @@ from zoo.weights import model_dir, pretrained
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_tokenizers = pytest.importorskip("tokenizers")
+st_save = pytest.importorskip("safetensors.torch").save
 
 IMAGE_REPO = "microsoft/LLM2CLIP-Openai-B-16"
 LLM_REPO = "microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned"
@@ -135,7 +137,6 @@ def release(tmp_path_factory):
               "logit_scale": torch.tensor(2.5)}
   buf = io.BytesIO()
   torch.save(image_sd, buf)
-  from safetensors.torch import save as st_save
   put_repo(home, IMAGE_REPO, {
       "config.json": json.dumps({"architectures": ["LLM2CLIPModel"], "projection_dim": EMBED,
                                  "vision_config": VISION}).encode(),
@@ -223,8 +224,35 @@ def test_family_reads_the_llm_tokenizer_json(release, tmp_path):
   ref = hf_tokenizers.Tokenizer.from_str(tok_bytes.decode())
   row = ref.encode("<|start_header_id|>user<|end_header_id|>\n\na plate<|eot_id|>").ids
   np.testing.assert_array_equal(ids[2, :len(row)], row)
+  assert tok.wrap_tokens == len(row) - len(ref.encode("a plate", add_special_tokens=False).ids)
   assert (ids[2, len(row):] == model.config.text.pad_token_id).all()
   zoo.save(model, str(tmp_path / "m"))
   np.testing.assert_array_equal(model_dir.load_tokenizer(str(tmp_path / "m"))(CAPTIONS), ids)
   with pytest.raises(ValueError, match="llm2vec_template='gemma'"):
     dataclasses.replace(fam.settings(config), llm2vec_template="gemma")
+
+
+def test_proclip_released_losses_equal_torch():
+  """loss_form='released': ProCLIP's training/train.py terms (VisionXLab/ProCLIP): sum MSE of
+  the normalized features + sum smooth-L1 between their pdist's; stage 2 adds both, weighted,
+  for the image tower against its frozen copy."""
+  rng = np.random.default_rng(0)
+  s, t = (x / np.linalg.norm(x, axis=1, keepdims=True)
+          for x in rng.normal(size=(2, 7, 3)).astype(np.float32))
+  inst, struct = family.alignment_losses(jnp.asarray(s), jnp.asarray(t), "released")
+  fn = torch.nn.functional
+  ts, tt = torch.from_numpy(s), torch.from_numpy(t)
+  d = (fn.pdist(ts) - fn.pdist(tt)).abs()
+  assert (d > 1).any() and (d < 1).any()  # both branches of smooth-L1
+  np.testing.assert_allclose(float(inst), float(fn.mse_loss(ts, tt, reduction="sum")), rtol=1e-5)
+  np.testing.assert_allclose(float(struct), float(fn.smooth_l1_loss(
+      fn.pdist(ts), fn.pdist(tt), reduction="sum")), rtol=1e-5)
+  settings = family.Settings(stage="self_distill", loss_form="released", self_distill_weight=0.5)
+  out = {"image_features": jnp.asarray(s), "image_teacher": jnp.asarray(t),
+         "text_features": jnp.asarray(t[::-1].copy()), "logit_scale": jnp.asarray(10.0)}
+  total, m = family.FAMILY.loss(out, {}, families.LossContext(settings, None, "reference"))
+  np.testing.assert_allclose(float(m["self_distill"]), float(inst) + float(struct), rtol=1e-6)
+  np.testing.assert_allclose(float(total), float(m["contrastive"]) + 0.5 * float(inst + struct),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_form='mean'"):
+    family.Settings(loss_form="mean")

@@ -459,6 +459,11 @@ class HFTokenizer:
                   pad_id=state["pad_id"], strip_sep_token=state.get("strip_sep_token", False),
                   prefix=state.get("prefix", ""), suffix=state.get("suffix", ""))
 
+  @functools.cached_property
+  def wrap_tokens(self) -> int:
+    """Tokens a text gets besides its own: specials, template prefix and suffix."""
+    return len(self.tokenizer.encode(self._wrap("")).ids)
+
   def _wrap(self, text: str) -> str:
     text = self.clean(text)
     return f"{self.prefix}{text.strip()}{self.suffix}" if self.prefix or self.suffix else text

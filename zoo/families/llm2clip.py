@@ -37,6 +37,7 @@ from zoo.models import clip as clip_lib, llm, llm2clip, lora
 Array = jax.Array
 log = logging.getLogger("zoo.families")
 STAGES = ("contrastive", "distill_text", "self_distill")
+LOSS_FORMS = ("cosine", "released")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,10 @@ class Settings:
   instance_weight: float = 1.0  # distill_text: mean(1 - cos(student text, teacher text))
   structure_weight: float = 1.0  # distill_text: MSE of the text-text cosine matrices
   self_distill_weight: float = 1.0  # self_distill: 1 - cos(image, frozen initial image)
+  # "cosine": the terms above (batch means); "released": ProCLIP's training/train.py, sums over
+  # the batch of the normalized features: MSE (instance) + smooth-L1 of pairwise distances
+  # (structure), the same pair for self_distill (x self_distill_weight)
+  loss_form: str = "cosine"
   lora_rank: int = 0  # > 0: LoRA on the LLM (trained; the base LLM stays frozen)
   lora_alpha: float = 16.0
   lora_targets: str = r"self_attn/(q|v)_proj/kernel"
@@ -72,6 +77,9 @@ class Settings:
     if self.llm2vec_template not in llm2clip_convert.TEMPLATES:
       raise ValueError(f"llm2clip.llm2vec_template={self.llm2vec_template!r}: expected one of "
                        f"{', '.join(llm2clip_convert.TEMPLATES)}")
+    if self.loss_form not in LOSS_FORMS:
+      raise ValueError(f"llm2clip.loss_form={self.loss_form!r}: expected one of "
+                       f"{', '.join(LOSS_FORMS)}")
     if self.stage == "distill_text" and not self.teacher:
       raise ValueError("llm2clip.stage=distill_text needs llm2clip.teacher (a zoo.save CLIP)")
 
@@ -117,7 +125,7 @@ class LLMFields:
     if "llm_tokens" in view.fields:
       encode = getattr(view.tokenizer, "encode", None)
       if encode is not None and view.context_length:
-        n = len(encode(text)) + 2  # + SOT / EOT
+        n = len(encode(text)) + getattr(view.tokenizer, "wrap_tokens", 2)  # + SOT / EOT
         if n > view.context_length:
           self.truncations.add(n, view.context_length)
       out["llm_tokens"] = view.tokenize([text], "llm_tokens")[0]
@@ -240,8 +248,7 @@ class LLM2CLIPFamily(base.Family):
     o = outputs
     metrics = {"logit_scale": o["logit_scale"]}
     if s.stage == "distill_text":
-      inst = distill.feature_loss(o["text_features"], o["teacher_text"], "cosine")
-      struct = structure_loss(o["text_features"], o["teacher_text"])
+      inst, struct = alignment_losses(o["text_features"], o["teacher_text"], s.loss_form)
       metrics.update(instance=inst, structure=struct)
       return s.instance_weight * inst + s.structure_weight * struct, metrics
     clip_outputs = {k: o[k] for k in ("image_features", "text_features", "logit_scale",
@@ -249,8 +256,12 @@ class LLM2CLIPFamily(base.Family):
     total, clip_metrics = clip_family.clip_loss(clip_outputs, ctx, s.smoothing)
     metrics["contrastive"] = total
     if s.stage == "self_distill":
-      metrics["self_distill"] = distill.feature_loss(o["image_features"], o["image_teacher"],
-                                                     "cosine")
+      if s.loss_form == "released":
+        metrics["self_distill"] = sum(alignment_losses(o["image_features"], o["image_teacher"],
+                                                       s.loss_form))
+      else:
+        metrics["self_distill"] = distill.feature_loss(o["image_features"], o["image_teacher"],
+                                                       "cosine")
       total = total + s.self_distill_weight * metrics["self_distill"]
     if "label_smoothing" in clip_metrics:
       metrics["label_smoothing"] = clip_metrics["label_smoothing"]
@@ -283,6 +294,25 @@ def structure_loss(student: Array, teacher: Array) -> Array:
   s = student.astype(jnp.float32)
   t = teacher.astype(jnp.float32)
   return jnp.mean(jnp.square(s @ s.T - t @ t.T))
+
+
+def pairwise_distances(x: Array) -> Array:
+  """torch.nn.functional.pdist: the Euclidean distances of the rows, i < j (upper triangle)."""
+  i, j = np.triu_indices(x.shape[0], k=1)
+  d = x[i] - x[j]
+  return jnp.sqrt(jnp.sum(d * d, axis=-1))
+
+
+def alignment_losses(student: Array, teacher: Array, form: str) -> tuple[Array, Array]:
+  """(instance, structure) alignment of normalized [B, E] features. 'released': ProCLIP's
+  F.mse_loss(reduction='sum') and F.smooth_l1_loss(pdist(s), pdist(t), reduction='sum');
+  'cosine': mean(1 - cos) and the MSE of the cosine-similarity matrices."""
+  s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
+  if form == "released":
+    diff = jnp.abs(pairwise_distances(s) - pairwise_distances(t))
+    smooth_l1 = jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5)  # beta = 1
+    return jnp.sum(jnp.square(s - t)), jnp.sum(smooth_l1)
+  return distill.feature_loss(s, t, "cosine"), structure_loss(s, t)
 
 
 FAMILY = LLM2CLIPFamily()
