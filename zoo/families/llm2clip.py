@@ -2,15 +2,16 @@
 ProCLIP).
 
 Model (`config.llm2clip`: `Settings`): the image tower of `config.model` (+ `init_from`), an LLM
-(`text_model` from zoo.models.llm, or a Hugging Face directory `text_checkpoint`; frozen, LoRA
-optional) and LLM2CLIP's adapter. Stages: `contrastive` (LLM2CLIP: CLIP loss, image tower +
-adapter train), `distill_text` (ProCLIP stage 1: text only, the LLM + adapter learn a CLIP
-text encoder's embeddings: instance alignment (cosine) + embedding-structure alignment (MSE of
-the batch similarity matrices); image tower frozen), `self_distill` (ProCLIP stage 2: CLIP loss
-+ cosine to a frozen copy of the initial image tower). The LLM reads `llm_tokens`: the long
-caption (`long_captions`) or the drawn one, at config.context_length (512), over-long captions
-truncated and counted in the log. With `text_cache` the pooled LLM embeddings come from the
-shards (KEY.llm_text.npy, `python -m zoo.data.embed_cache --text_model`). Export: no teachers.
+(`text_model` from zoo.models.llm, or a Hugging Face directory `text_checkpoint` whose
+tokenizer.json then tokenizes, LLM2Vec-wrapped by `llm2vec_template`; frozen, LoRA optional)
+and LLM2CLIP's adapter. Stages: `contrastive` (LLM2CLIP: CLIP loss), `distill_text` (ProCLIP
+stage 1: text only, the LLM + adapter learn a CLIP text encoder's embeddings: instance +
+embedding-structure alignment, `loss_form`; image tower frozen), `self_distill` (ProCLIP stage
+2: CLIP loss + alignment to a frozen copy of the initial image tower). The LLM reads
+`llm_tokens`: the long caption (`long_captions`) or the drawn one, at config.context_length
+(512), over-long captions truncated and counted in the log. With `text_cache` the pooled LLM
+embeddings come from the shards (KEY.llm_text.npy, `python -m zoo.data.embed_cache
+--text_model`). Export: no teachers.
 Notes: docs/families/llm2clip.md.
 """
 

@@ -4,7 +4,8 @@ Text path: LLM (frozen; mean-pooled, usually bidirectional) -> `adapter` (LLM2CL
 projection: `blocks` residual LinearBlocks x + fc2(gelu(fc1(LN(x)))) at the LLM width with
 hidden `expansion` x width, then LayerNorm and a Linear to `embed_dim`). LLM2CLIP uses 4 blocks
 at expansion 2, ProCLIP 1 block at expansion 8. `encode_text_features(pooled)` runs the adapter
-alone on precomputed LLM embeddings (the embedding cache). `visual_teacher` optionally holds a
+alone on precomputed LLM embeddings (the embedding cache; L2-normalized first with
+`adapter_l2_input`, as the released LLM2CLIP adapters read them). `visual_teacher` holds a
 frozen copy of the image tower (ProCLIP's self-distillation), `text_teacher` a CLIP text tower
 (ProCLIP's stage 1). Notes: docs/families/llm2clip.md.
 """
