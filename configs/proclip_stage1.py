@@ -31,6 +31,7 @@ def get_config():
   c.llm2clip = base.llm2clip()
   c.llm2clip.stage = "distill_text"
   c.llm2clip.teacher = ""  # required: the CLIP whose text encoder is distilled
+  c.llm2clip.loss_form = "released"  # ProCLIP's training/train.py sums
   c.llm2clip.long_captions = False  # the teacher reads 77 tokens: distil on the short captions
   c.llm2clip.adapter_blocks = 1
   c.llm2clip.adapter_expansion = 8.0

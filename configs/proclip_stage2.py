@@ -29,4 +29,5 @@ def get_config():
   c.llm2clip.adapter_blocks = 1
   c.llm2clip.adapter_expansion = 8.0
   c.llm2clip.self_distill_weight = 1.0
+  c.llm2clip.loss_form = "released"  # ProCLIP's training/train.py sums
   return c

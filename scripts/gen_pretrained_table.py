@@ -124,6 +124,17 @@ def variant_entries(models: dict) -> dict:
         "sha256": None, "preprocess": image["preprocess"],
         "image": {k: image[k] for k in ("hf_hub", "weights", "layout", "architecture", "sha256")},
         "tokenizer": {"kind": "xlmr", "file": "sentencepiece.bpe.model"}}}
+  # LLM2CLIP: OpenAI CLIP image towers tuned against LLM2CLIP-Llama-3-8B-Instruct-CC (LLM2Vec
+  # mean pooling, Llama 3 Instruct template); image repo = vision_model + text_adapter.
+  llm = {"hf_hub": "microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned",
+         "template": "llama3-instruct"}
+  for arch, repo in (("ViT-B-16-quickgelu", "LLM2CLIP-Openai-B-16"),
+                     ("ViT-L-14-quickgelu", "LLM2CLIP-Openai-L-14-224"),
+                     ("ViT-L-14-336-quickgelu", "LLM2CLIP-Openai-L-14-336")):
+    out[repo] = {"llama3_8b_cc": {
+        "hf_hub": f"microsoft/{repo}", "weights": list(pretrained.HF_WEIGHTS),
+        "config_file": "config.json", "layout": "llm2clip", "architecture": arch,
+        "sha256": None, "preprocess": OPENAI_PP, "tokenizer": {"kind": "model"}, "llm": llm}}
   return out
 
 

@@ -29,7 +29,7 @@ import html
 import json
 import os
 import string
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import ftfy
 import numpy as np
@@ -433,11 +433,14 @@ class HFTokenizer:
   calls it: `clean` first ('whitespace' by default), then special tokens added by the file's
   post-processor, truncation to the context (specials kept), padding with `pad_id` (default:
   the file's `<pad>`). RoBERTa, XLM-R and NLLB towers read their hub repo's tokenizer.json.
+  `prefix` / `suffix` wrap each stripped text (LLM2Vec's chat template and EOS, e.g. Llama 3
+  Instruct's '<|start_header_id|>user<|end_header_id|>\n\n' ... '<|eot_id|>').
   """
 
   def __init__(self, path: str, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
                clean: str = "whitespace", pad_id: int | None = None,
-               strip_sep_token: bool = False, language: str | None = None):
+               strip_sep_token: bool = False, language: str | None = None,
+               prefix: str = "", suffix: str = ""):
     try:
       import tokenizers
     except ImportError:
@@ -445,7 +448,7 @@ class HFTokenizer:
                         "tokenizers") from None
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
-    self.path, self.clean_name = path, clean
+    self.path, self.clean_name, self.prefix, self.suffix = path, clean, prefix, suffix
     self.clean = get_clean_fn(clean)
     self.context_length = _check_context_length(context_length)
     self.tokenizer = tokenizers.Tokenizer.from_file(path)
@@ -467,11 +470,12 @@ class HFTokenizer:
   def __getstate__(self):
     return {"path": self.path, "context_length": self.context_length, "clean": self.clean_name,
             "pad_id": self.pad_token_id, "strip_sep_token": self.sep_token_id is not None,
-            "language": self.language}
+            "prefix": self.prefix, "suffix": self.suffix, "language": self.language}
 
   def __setstate__(self, state):
     self.__init__(state["path"], state["context_length"], clean=state["clean"],
                   pad_id=state["pad_id"], strip_sep_token=state.get("strip_sep_token", False),
+                  prefix=state.get("prefix", ""), suffix=state.get("suffix", ""),
                   language=state.get("language"))
 
   def language_token(self) -> str | None:
@@ -518,6 +522,15 @@ class HFTokenizer:
     self.tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
     self.language = language
 
+  @functools.cached_property
+  def wrap_tokens(self) -> int:
+    """Tokens a text gets besides its own: specials, template prefix and suffix."""
+    return len(self.tokenizer.encode(self._wrap("")).ids)
+
+  def _wrap(self, text: str) -> str:
+    text = self.clean(text)
+    return f"{self.prefix}{text.strip()}{self.suffix}" if self.prefix or self.suffix else text
+
   def encode(self, text: str) -> list[int]:
     """Ids of `text` without special tokens."""
     return self.tokenizer.encode(self.clean(text), add_special_tokens=False).ids
@@ -530,13 +543,25 @@ class HFTokenizer:
     length = _check_context_length(context_length or self.context_length)
     self.tokenizer.enable_truncation(max_length=length)
     try:
-      rows = [e.ids for e in self.tokenizer.encode_batch([self.clean(t) for t in _as_list(texts)])]
+      rows = [e.ids for e in self.tokenizer.encode_batch([self._wrap(t) for t in _as_list(texts)])]
     finally:
       self.tokenizer.no_truncation()
     out = _pack_rows(rows, length, self.pad_token_id, None)
     if self.sep_token_id is not None:
       out[out == self.sep_token_id] = 0
     return out
+
+
+def for_config(model_config: Any, path: str | None = None, context_length: int | None = None
+               ) -> HFTokenizer:
+  """The HFTokenizer a model config with `tokenizer_format` 'hf' names (its tokenizer.json,
+  clean, pad id and, for LLM towers, LLM2Vec's prefix / suffix)."""
+  return HFTokenizer(path or model_config.tokenizer,
+                     context_length or model_config.text.context_length,
+                     clean=getattr(model_config, "tokenizer_clean", "whitespace"),
+                     pad_id=model_config.text.pad_token_id,
+                     prefix=getattr(model_config, "tokenizer_prefix", ""),
+                     suffix=getattr(model_config, "tokenizer_suffix", ""))
 
 
 # ----------------------------------------------------------------------------- by model name

@@ -2,15 +2,16 @@
 ProCLIP).
 
 Model (`config.llm2clip`: `Settings`): the image tower of `config.model` (+ `init_from`), an LLM
-(`text_model` from zoo.models.llm, or a Hugging Face directory `text_checkpoint`; frozen, LoRA
-optional) and LLM2CLIP's adapter. Stages: `contrastive` (LLM2CLIP: CLIP loss, image tower +
-adapter train), `distill_text` (ProCLIP stage 1: text only, the LLM + adapter learn a CLIP
-text encoder's embeddings: instance alignment (cosine) + embedding-structure alignment (MSE of
-the batch similarity matrices); image tower frozen), `self_distill` (ProCLIP stage 2: CLIP loss
-+ cosine to a frozen copy of the initial image tower). The LLM reads `llm_tokens`: the long
-caption (`long_captions`) or the drawn one, at config.context_length (512), over-long captions
-truncated and counted in the log. With `text_cache` the pooled LLM embeddings come from the
-shards (KEY.llm_text.npy, `python -m zoo.data.embed_cache --text_model`). Export: no teachers.
+(`text_model` from zoo.models.llm, or a Hugging Face directory `text_checkpoint` whose
+tokenizer.json then tokenizes, LLM2Vec-wrapped by `llm2vec_template`; frozen, LoRA optional)
+and LLM2CLIP's adapter. Stages: `contrastive` (LLM2CLIP: CLIP loss), `distill_text` (ProCLIP
+stage 1: text only, the LLM + adapter learn a CLIP text encoder's embeddings: instance +
+embedding-structure alignment, `loss_form`; image tower frozen), `self_distill` (ProCLIP stage
+2: CLIP loss + alignment to a frozen copy of the initial image tower). The LLM reads
+`llm_tokens`: the long caption (`long_captions`) or the drawn one, at config.context_length
+(512), over-long captions truncated and counted in the log. With `text_cache` the pooled LLM
+embeddings come from the shards (KEY.llm_text.npy, `python -m zoo.data.embed_cache
+--text_model`). Export: no teachers.
 Notes: docs/families/llm2clip.md.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from typing import Any, Callable, Mapping
 
@@ -28,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from zoo import tokenizers
-from zoo.convert import llm as llm_convert
+from zoo.convert import llm as llm_convert, llm2clip as llm2clip_convert
 from zoo.data import pipeline, webdataset as wds
 from zoo.families import base, clip as clip_family, distill
 from zoo.models import clip as clip_lib, llm, llm2clip, lora
@@ -36,6 +38,7 @@ from zoo.models import clip as clip_lib, llm, llm2clip, lora
 Array = jax.Array
 log = logging.getLogger("zoo.families")
 STAGES = ("contrastive", "distill_text", "self_distill")
+LOSS_FORMS = ("cosine", "released")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Settings:
 
   text_model: str = "llm-tiny"  # a zoo.models.llm.TEXT_MODELS name (fresh weights)
   text_checkpoint: str = ""  # a Hugging Face Llama / Qwen directory (config.json + safetensors)
+  # its tokenizer.json (when present) tokenizes the captions, wrapped as LLM2Vec does:
+  llm2vec_template: str = "none"  # none | llama3-instruct | qwen2-instruct
   causal: bool = False  # False: bidirectional attention (LLM2Vec, as LLM2CLIP's embedder)
   pool: str = "mean"  # mean | last
   adapter_blocks: int = 4  # LLM2CLIP 4 (expansion 2); ProCLIP 1 (expansion 8)
@@ -55,6 +60,10 @@ class Settings:
   instance_weight: float = 1.0  # distill_text: mean(1 - cos(student text, teacher text))
   structure_weight: float = 1.0  # distill_text: MSE of the text-text cosine matrices
   self_distill_weight: float = 1.0  # self_distill: 1 - cos(image, frozen initial image)
+  # "cosine": the terms above (batch means); "released": ProCLIP's training/train.py, sums over
+  # the batch of the normalized features: MSE (instance) + smooth-L1 of pairwise distances
+  # (structure), the same pair for self_distill (x self_distill_weight)
+  loss_form: str = "cosine"
   lora_rank: int = 0  # > 0: LoRA on the LLM (trained; the base LLM stays frozen)
   lora_alpha: float = 16.0
   lora_targets: str = r"self_attn/(q|v)_proj/kernel"
@@ -66,6 +75,12 @@ class Settings:
       raise ValueError(f"llm2clip.stage={self.stage!r}: expected one of {', '.join(STAGES)}")
     if self.pool not in llm.POOLS:
       raise ValueError(f"llm2clip.pool={self.pool!r}: expected one of {', '.join(llm.POOLS)}")
+    if self.llm2vec_template not in llm2clip_convert.TEMPLATES:
+      raise ValueError(f"llm2clip.llm2vec_template={self.llm2vec_template!r}: expected one of "
+                       f"{', '.join(llm2clip_convert.TEMPLATES)}")
+    if self.loss_form not in LOSS_FORMS:
+      raise ValueError(f"llm2clip.loss_form={self.loss_form!r}: expected one of "
+                       f"{', '.join(LOSS_FORMS)}")
     if self.stage == "distill_text" and not self.teacher:
       raise ValueError("llm2clip.stage=distill_text needs llm2clip.teacher (a zoo.save CLIP)")
 
@@ -111,7 +126,7 @@ class LLMFields:
     if "llm_tokens" in view.fields:
       encode = getattr(view.tokenizer, "encode", None)
       if encode is not None and view.context_length:
-        n = len(encode(text)) + 2  # + SOT / EOT
+        n = len(encode(text)) + getattr(view.tokenizer, "wrap_tokens", 2)  # + SOT / EOT
         if n > view.context_length:
           self.truncations.add(n, view.context_length)
       out["llm_tokens"] = view.tokenize([text], "llm_tokens")[0]
@@ -132,12 +147,17 @@ class LLMFields:
     return out
 
 
-def build_text_tower(settings: Settings) -> llm.LLM | llm.LLMConfig:
-  """The LLM of `settings`: converted from `text_checkpoint`, else a fresh `text_model` config."""
+def build_text_tower(settings: Settings) -> tuple[llm.LLM | llm.LLMConfig, dict]:
+  """The LLM of `settings` (converted from `text_checkpoint`, else a fresh `text_model` config)
+  and the LLM2CLIPConfig tokenizer fields of the checkpoint's tokenizer.json ({} without)."""
   extra = dict(causal=settings.causal, pool=settings.pool)
-  if settings.text_checkpoint:
-    return llm_convert.load_pretrained(settings.text_checkpoint, **extra)
-  return llm.text_config(settings.text_model, **extra)
+  if not settings.text_checkpoint:
+    return llm.text_config(settings.text_model, **extra), {}
+  tok = {}
+  if os.path.isfile(os.path.join(settings.text_checkpoint, "tokenizer.json")):
+    tok = llm2clip_convert.llm2vec_tokenizer(settings.text_checkpoint, settings.llm2vec_template)
+    extra.update(pool_skip=tok.pop("pool_skip"), pad_token_id=tok.pop("pad_token_id"))
+  return llm_convert.load_pretrained(settings.text_checkpoint, **extra), tok
 
 
 class LLM2CLIPFamily(base.Family):
@@ -152,7 +172,7 @@ class LLM2CLIPFamily(base.Family):
   def build_model(self, config: ml_collections.ConfigDict, settings: Settings
                   ) -> llm2clip.LLM2CLIP:
     clip_model = base.build_clip_model(config)
-    text = build_text_tower(settings)
+    text, tok_fields = build_text_tower(settings)
     text_cfg = text.config if isinstance(text, llm.LLM) else text
     length = int(config.get("context_length", 0) or text_cfg.context_length)
     text_cfg = dataclasses.replace(text_cfg, context_length=length)
@@ -163,6 +183,8 @@ class LLM2CLIPFamily(base.Family):
     model = llm2clip.from_clip(clip_model, text, adapter_blocks=settings.adapter_blocks,
                                adapter_expansion=settings.adapter_expansion, seed=config.seed,
                                remat=config.get("remat", "none"))
+    if tok_fields:  # the LLM's own tokenizer.json (train loop, eval, zoo.save, embed_cache)
+      model.config = dataclasses.replace(model.config, **tok_fields)
     base.init_params_from(config, model)
     if settings.lora_rank > 0:
       lora.apply_lora(model.text, targets=settings.lora_targets, rank=settings.lora_rank,
@@ -227,8 +249,7 @@ class LLM2CLIPFamily(base.Family):
     o = outputs
     metrics = {"logit_scale": o["logit_scale"]}
     if s.stage == "distill_text":
-      inst = distill.feature_loss(o["text_features"], o["teacher_text"], "cosine")
-      struct = structure_loss(o["text_features"], o["teacher_text"])
+      inst, struct = alignment_losses(o["text_features"], o["teacher_text"], s.loss_form)
       metrics.update(instance=inst, structure=struct)
       return s.instance_weight * inst + s.structure_weight * struct, metrics
     clip_outputs = {k: o[k] for k in ("image_features", "text_features", "logit_scale",
@@ -236,8 +257,12 @@ class LLM2CLIPFamily(base.Family):
     total, clip_metrics = clip_family.clip_loss(clip_outputs, ctx, s.smoothing)
     metrics["contrastive"] = total
     if s.stage == "self_distill":
-      metrics["self_distill"] = distill.feature_loss(o["image_features"], o["image_teacher"],
-                                                     "cosine")
+      if s.loss_form == "released":
+        metrics["self_distill"] = sum(alignment_losses(o["image_features"], o["image_teacher"],
+                                                       s.loss_form))
+      else:
+        metrics["self_distill"] = distill.feature_loss(o["image_features"], o["image_teacher"],
+                                                       "cosine")
       total = total + s.self_distill_weight * metrics["self_distill"]
     if "label_smoothing" in clip_metrics:
       metrics["label_smoothing"] = clip_metrics["label_smoothing"]
@@ -270,6 +295,25 @@ def structure_loss(student: Array, teacher: Array) -> Array:
   s = student.astype(jnp.float32)
   t = teacher.astype(jnp.float32)
   return jnp.mean(jnp.square(s @ s.T - t @ t.T))
+
+
+def pairwise_distances(x: Array) -> Array:
+  """torch.nn.functional.pdist: the Euclidean distances of the rows, i < j (upper triangle)."""
+  i, j = np.triu_indices(x.shape[0], k=1)
+  d = x[i] - x[j]
+  return jnp.sqrt(jnp.sum(d * d, axis=-1))
+
+
+def alignment_losses(student: Array, teacher: Array, form: str) -> tuple[Array, Array]:
+  """(instance, structure) alignment of normalized [B, E] features. 'released': ProCLIP's
+  F.mse_loss(reduction='sum') and F.smooth_l1_loss(pdist(s), pdist(t), reduction='sum');
+  'cosine': mean(1 - cos) and the MSE of the cosine-similarity matrices."""
+  s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
+  if form == "released":
+    diff = jnp.abs(pairwise_distances(s) - pairwise_distances(t))
+    smooth_l1 = jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5)  # beta = 1
+    return jnp.sum(jnp.square(s - t)), jnp.sum(smooth_l1)
+  return distill.feature_loss(s, t, "cosine"), structure_loss(s, t)
 
 
 FAMILY = LLM2CLIPFamily()

@@ -55,6 +55,7 @@ class LLMConfig:
   pad_token_id: int = 0
   causal: bool = True
   pool: str = "mean"
+  pool_skip: int = 0  # leading positions (a fixed prompt prefix) attended to but not pooled
   param_dtype: str = "float32"
 
   def __post_init__(self):
@@ -242,7 +243,10 @@ class LLM(nnx.Module):
     """Pooled [B, W] (float32): mean over the mask, or the last real token."""
     if attention_mask is None:
       attention_mask = (ids != self.config.pad_token_id).astype(jnp.int32)
-    return pool(self(ids, attention_mask), attention_mask, self.config.pool)
+    pooled = attention_mask
+    if self.config.pool_skip:  # LLM2Vec pools the text, not its instruction / chat prefix
+      pooled = attention_mask * (jnp.arange(ids.shape[1]) >= self.config.pool_skip)
+    return pool(self(ids, attention_mask), pooled, self.config.pool)
 
   def logits(self, hidden: Array) -> Array:
     """Next-token logits with the tied input embedding (tie_word_embeddings models only)."""

@@ -4,7 +4,8 @@ Text path: LLM (frozen; mean-pooled, usually bidirectional) -> `adapter` (LLM2CL
 projection: `blocks` residual LinearBlocks x + fc2(gelu(fc1(LN(x)))) at the LLM width with
 hidden `expansion` x width, then LayerNorm and a Linear to `embed_dim`). LLM2CLIP uses 4 blocks
 at expansion 2, ProCLIP 1 block at expansion 8. `encode_text_features(pooled)` runs the adapter
-alone on precomputed LLM embeddings (the embedding cache). `visual_teacher` optionally holds a
+alone on precomputed LLM embeddings (the embedding cache; L2-normalized first with
+`adapter_l2_input`, as the released LLM2CLIP adapters read them). `visual_teacher` holds a
 frozen copy of the image tower (ProCLIP's self-distillation), `text_teacher` a CLIP text tower
 (ProCLIP's stage 1). Notes: docs/families/llm2clip.md.
 """
@@ -42,6 +43,11 @@ class LLM2CLIPConfig:
   image_mean: tuple[float, float, float] = registry.OPENAI_MEAN
   image_std: tuple[float, float, float] = registry.OPENAI_STD
   tokenizer: str = "clip"  # what zoo.load builds: CLIP BPE at text.context_length (demo)
+  tokenizer_format: str = ""  # "hf": `tokenizer` is a tokenizer.json (the LLM's own)
+  tokenizer_clean: str = "none"
+  tokenizer_prefix: str = ""  # LLM2Vec's chat template around each caption (+ EOS)
+  tokenizer_suffix: str = ""
+  adapter_l2_input: bool = False  # released LLM2CLIP adapters read L2-normalized embeddings
   dtype: str = "float32"
 
   def to_dict(self) -> dict[str, Any]:
@@ -113,6 +119,8 @@ class LLM2CLIP(clip_lib.CLIP):
 
   def encode_text_features(self, pooled: Array, normalize: bool = False) -> Array:
     """The adapter on pooled LLM embeddings [B, W] -> [B, E] float32."""
+    if self.config.adapter_l2_input:
+      pooled = clip_lib.l2_normalize(pooled.astype(jnp.float32))
     x = self.adapter(pooled.astype(self.adapter.proj.dtype)).astype(jnp.float32)
     return clip_lib.l2_normalize(x) if normalize else x
 

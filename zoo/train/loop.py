@@ -54,9 +54,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, model: nnx.Module):
   if getattr(model.config, "tokenizer_format", "") == "xlmr" and not config.get("tokenizer", ""):
     return tokenizers.XLMRobertaTokenizer(model.config.tokenizer, context_length(config, model))
   if getattr(model.config, "tokenizer_format", "") == "hf" and not config.get("tokenizer", ""):
-    return tokenizers.HFTokenizer(model.config.tokenizer, context_length(config, model),
-                                  clean=model.config.tokenizer_clean,
-                                  pad_id=model.config.text.pad_token_id)
+    return tokenizers.for_config(model.config, context_length=context_length(config, model))
   name = config.get("tokenizer", "") or config.model
   return tokenizers.get_tokenizer(name, context_length=context_length(config, model))
 

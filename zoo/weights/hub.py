@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import logging
 import os
 import re
@@ -178,3 +179,25 @@ def read_weights(path: str, sha256: str | None = None) -> dict[str, Any]:
     return io.read_state_dict(path)
   except io.WeightFileError as e:
     raise PretrainedError(str(e)) from None
+
+
+def model_directory(repo_id: str, revision: str | None = None) -> str:
+  """A transformers model repo's snapshot directory with config.json, tokenizer.json (and
+  tokenizer_config.json when the repo has one) and its safetensors: model.safetensors, or the
+  index and every shard it names (each file through `download`, so offline reads the cache)."""
+  config = download(repo_id, "config.json", revision)
+  download(repo_id, "tokenizer.json", revision)
+  try:
+    download(repo_id, "tokenizer_config.json", revision)
+  except (FileNotFoundError, PretrainedError):
+    pass
+  try:
+    index = download(repo_id, "model.safetensors.index.json", revision)
+  except (FileNotFoundError, PretrainedError):
+    download(repo_id, "model.safetensors", revision)
+    return os.path.dirname(config)
+  with open(index) as f:
+    shards = sorted(set((json.load(f).get("weight_map") or {}).values()))
+  for name in shards:
+    download(repo_id, name, revision)
+  return os.path.dirname(config)

@@ -345,8 +345,7 @@ def _tokenizer(model_config: Any, directory: str, tokenizers: Any,
     local = os.path.join(directory, HF_TOKENIZER_FILE)
     path = local if os.path.isfile(local) else kind
     if os.path.isfile(path):
-      return tokenizers.HFTokenizer(path, length, clean=model_config.tokenizer_clean,
-                                    pad_id=model_config.text.pad_token_id)
+      return tokenizers.for_config(model_config, path, length)
     log.warning("no tokenizer.json for tokenizer %r; load returns tokenizer=None", kind)
     return None
   if getattr(model_config, "tokenizer_format", "") == "xlmr":

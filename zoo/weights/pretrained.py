@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from flax import nnx
 
 from zoo import convert, errors, tokenizers, transforms
-from zoo.convert import clip_moe, hf_siglip, long_clip, mclip, open_clip_config
+from zoo.convert import clip_moe, hf_siglip, llm2clip, long_clip, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
 from zoo.models import clip as clip_lib, configs, convnext, multilingual, resnet, vitamin
 from zoo.version import __version__
@@ -156,6 +156,11 @@ def convert_weights(entry: Mapping[str, Any], paths: Mapping[str, str]) -> nnx.M
     except ValueError as e:
       raise hub.PretrainedError(f"M-CLIP text weights do not fit: {str(e).splitlines()[0]}") from e
     return multilingual.from_clip(clip_model, tower, tokenizer=paths.get("tokenizer", ""))
+  if layout == "llm2clip":  # image tower + adapter, and the LLM2Vec-tuned LLM's own repo
+    with open(paths["config"]) as f:
+      hf_config = json.load(f)
+    return llm2clip.load_released(hub.read_weights(paths["weights"], entry.get("sha256")),
+                                  hf_config, paths["llm"], template=entry["llm"]["template"])
   architecture = entry["architecture"]
   if isinstance(architecture, dict):  # a config resolved from a hub repo
     architecture = architecture["config"]
@@ -175,6 +180,8 @@ def _fetch(entry: Mapping[str, Any], revision: str | None, tokenizer: bool) -> d
   if entry["layout"] == "mclip":
     image = entry["image"]
     paths["image"] = hub.download_first(image["hf_hub"], image["weights"])
+  if entry["layout"] == "llm2clip":
+    paths["llm"] = hub.model_directory(entry["llm"]["hf_hub"])
   tok = entry.get("tokenizer") or {}
   if tok.get("file") and (tokenizer or entry["layout"] == "mclip" or tok["kind"] == "hf"):
     paths["tokenizer"] = hub.download(tok.get("hf_hub") or entry["hf_hub"], tok["file"])
@@ -186,6 +193,8 @@ def _cache_key(entry: Mapping[str, Any], paths: Mapping[str, str], label: str) -
   rev = hub.revision_of(paths["weights"])
   if "image" in paths:
     rev += "+" + hub.revision_of(paths["image"])[:12]
+  if "llm" in paths:
+    rev += "+" + hub.revision_of(os.path.join(paths["llm"], HF_CONFIG))[:12]
   return os.path.join(hub.zoo_cache_dir(), "converted", entry["hf_hub"].replace("/", "--"), rev,
                       f"{slug}-zoo{__version__}")
 
@@ -310,6 +319,8 @@ def tokenizer_for(entry: Mapping[str, Any], model_config: Any, paths: Mapping[st
   length = model_config.text.context_length
   if tok["kind"] == "clip":
     return tokenizers.ClipTokenizer(length)
+  if tok["kind"] == "model":  # the model config names its tokenizer.json (LLM2CLIP)
+    return tokenizers.for_config(model_config)
   if tok["kind"] == "sentencepiece":
     return tokenizers.SentencePieceTokenizer(paths["tokenizer"], length,
                                              clean=tok.get("clean", "canonicalize"),
