@@ -21,9 +21,9 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo.convert import common, mclip
+from zoo.convert import common, mclip, mobileclip as mobileclip_convert
 from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs, convnext, m2m100, multilingual, resnet
+from zoo.models import clip as clip_lib, configs, convnext, m2m100, mobileclip, multilingual, resnet
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -252,6 +252,19 @@ def _build_convnext(config: convnext.ConvNeXtCLIPConfig) -> nnx.Module:
   return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(0))
 
 
+# ----------------------------------------------------------------------------- MobileCLIP (timm)
+
+
+def _mobileclip_rules(config: mobileclip.MobileCLIPConfig) -> list[Rule]:
+  """open_clip `CustomTextCLIP`: a TimmModel FastViT-MCi `visual.trunk.*` (timm's classifier
+  `head.fc` is the projection) and the built-in text transformer under `text.*`."""
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  rules = [dataclasses.replace(r, torch=tuple(k if k == "logit_scale" else f"text.{k}"
+                                              for k in r.torch))
+           for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  return mobileclip_convert.fastvit_rules(config) + rules
+
+
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
   """The open_clip layout of `config`: built-in CLIP, the SigLIP timm-trunk layout, or a CLIP
   with a Hugging Face text tower (a MultilingualCLIPConfig)."""
@@ -261,6 +274,8 @@ def rules_for(config: configs.CLIPConfig) -> list[Rule]:
     return _resnet_rules(config)
   if isinstance(config, convnext.ConvNeXtCLIPConfig):
     return _convnext_rules(config)
+  if isinstance(config, mobileclip.MobileCLIPConfig):
+    return _mobileclip_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -307,7 +322,8 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
                      f"present), which uses QuickGELU, but model {label!r} uses GELU; pass "
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
   builders = ((resnet.ResNetCLIPConfig, _build_resnet),
-              (convnext.ConvNeXtCLIPConfig, _build_convnext))
+              (convnext.ConvNeXtCLIPConfig, _build_convnext),
+              (mobileclip.MobileCLIPConfig, mobileclip_convert.build))
   for cls, build in builders:
     if isinstance(config, cls):
       return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",
