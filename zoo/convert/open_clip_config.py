@@ -12,7 +12,7 @@ import math
 from typing import Any, Mapping
 
 from zoo.convert import mclip
-from zoo.models import configs as registry, convnext, m2m100, multilingual, resnet
+from zoo.models import configs as registry, convnext, m2m100, mobileclip, multilingual, resnet
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -125,6 +125,22 @@ def _convnext_config(model_cfg: Mapping[str, Any]) -> convnext.ConvNeXtCLIPConfi
                                      vision=vision)
 
 
+def _mobileclip_config(model_cfg: Mapping[str, Any]) -> mobileclip.MobileCLIPConfig:
+  """open_clip's TimmModel over a timm fastvit_mci* trunk (`timm_pool='avg'`, no `timm_proj`:
+  timm's classifier is the projection) with the built-in text tower (`custom_text`)."""
+  v = dict(model_cfg["vision_cfg"])
+  if v.get("timm_pool", "avg") != "avg" or v.get("timm_proj", "linear") is not None:
+    raise PretrainedError(f"open_clip config timm trunk {v['timm_model_name']!r} with timm_pool="
+                          f"{v.get('timm_pool')!r}, timm_proj={v.get('timm_proj', 'linear')!r}: "
+                          "zoo's FastViT implements pool 'avg' with timm's own head (no timm_proj)")
+  base = config_from_open_clip_cfg(dict(model_cfg, custom_text=False, vision_cfg={"layers": 1}))
+  vision = dataclasses.replace(mobileclip.TIMM_MCI[v["timm_model_name"]],
+                               image_size=_one_size(v.get("image_size", 256), "image_size"))
+  return mobileclip.MobileCLIPConfig(**{f.name: getattr(base, f.name)
+                                        for f in dataclasses.fields(base) if f.name != "vision"},
+                                     vision=vision)
+
+
 def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
                               hf_config: Mapping[str, Any] | None = None) -> registry.CLIPConfig:
   """The zoo CLIPConfig of an open_clip model config (`model_configs/*.json` / hub `model_cfg`).
@@ -140,6 +156,8 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
     return _hf_text_config(model_cfg, hf_config)
   if v.get("timm_model_name") in convnext.TIMM_CONVNEXTS:
     return _convnext_config(model_cfg)
+  if v.get("timm_model_name") in mobileclip.TIMM_MCI:
+    return _mobileclip_config(model_cfg)
   if v.get("timm_model_name"):
     return _siglip_config(model_cfg, v, t)
   if model_cfg.get("custom_text") or t.get("hf_model_name"):
