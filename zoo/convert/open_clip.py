@@ -255,6 +255,10 @@ def _build_convnext(config: convnext.ConvNeXtCLIPConfig) -> nnx.Module:
 # ----------------------------------------------------------------------------- MobileCLIP (timm)
 
 
+def _build_mobileclip_vit(config: mobileclip.MobileCLIPViTConfig) -> nnx.Module:
+  return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(0))
+
+
 def _mobileclip_rules(config: mobileclip.MobileCLIPConfig) -> list[Rule]:
   """open_clip `CustomTextCLIP`: a TimmModel FastViT-MCi `visual.trunk.*` (timm's classifier
   `head.fc` is the projection) and the built-in text transformer under `text.*`."""
@@ -262,7 +266,33 @@ def _mobileclip_rules(config: mobileclip.MobileCLIPConfig) -> list[Rule]:
   rules = [dataclasses.replace(r, torch=tuple(k if k == "logit_scale" else f"text.{k}"
                                               for k in r.torch))
            for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  if isinstance(config, mobileclip.MobileCLIPViTConfig):
+    return _timm_vit_rules(config) + rules
   return mobileclip_convert.fastvit_rules(config) + rules
+
+
+def _timm_vit_rules(config: mobileclip.MobileCLIPViTConfig) -> list[Rule]:
+  """timm VisionTransformer trunk (MobileCLIP-B's conv stem or a patch conv), class token,
+  [norm_pre], timm blocks, norm, classifier `head` (with bias)."""
+  v, t, z = config.vision, "visual.trunk", ("visual",)
+  if v.conv_stem:
+    rules, key = [], f"{t}.patch_embed.backbone"
+    for i in (0, 1):
+      rules += [_conv(z + ("stem", i, "conv"), f"{key}.{i}.conv"),
+                *_bn(z + ("stem", i, "bn"), f"{key}.{i}.bn")]
+    rules += _conv_bias(z + ("stem", 2), f"{key}.2.conv")
+  else:
+    rules = [_conv(z + ("stem", 0), f"{t}.patch_embed.proj")]
+  rules += [Rule(z + ("cls_token",), (f"{t}.cls_token",), lambda a: (a.reshape(1, 1, a.shape[0]),),
+                 lambda a: a.reshape(a.shape[-1])),
+            Rule(z + ("pos_embed",), (f"{t}.pos_embed",), lambda a: (a.reshape((1,) + a.shape),),
+                 lambda a: a[0])]
+  if v.pre_norm:
+    rules += layer_norm(z + ("norm_pre",), f"{t}.norm_pre")
+  for i in range(v.layers):
+    rules += _resblock_rules(z + ("transformer", "resblocks", i), f"{t}.blocks.{i}", v.width,
+                             v.heads, TIMM_BLOCK)
+  return rules + layer_norm(z + ("norm",), f"{t}.norm") + linear(z + ("head",), f"{t}.head")
 
 
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
@@ -274,7 +304,7 @@ def rules_for(config: configs.CLIPConfig) -> list[Rule]:
     return _resnet_rules(config)
   if isinstance(config, convnext.ConvNeXtCLIPConfig):
     return _convnext_rules(config)
-  if isinstance(config, mobileclip.MobileCLIPConfig):
+  if isinstance(config, (mobileclip.MobileCLIPConfig, mobileclip.MobileCLIPViTConfig)):
     return _mobileclip_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
@@ -323,7 +353,8 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
   builders = ((resnet.ResNetCLIPConfig, _build_resnet),
               (convnext.ConvNeXtCLIPConfig, _build_convnext),
-              (mobileclip.MobileCLIPConfig, mobileclip_convert.build))
+              (mobileclip.MobileCLIPConfig, mobileclip_convert.build),
+              (mobileclip.MobileCLIPViTConfig, _build_mobileclip_vit))
   for cls, build in builders:
     if isinstance(config, cls):
       return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.models import clip as clip_lib, configs as registry
-from zoo.models.layers import LayerNorm, Linear, dot_product_attention, gelu, param
+from zoo.models.layers import LayerNorm, Linear, Transformer, dot_product_attention, gelu, param
 from zoo.models.resnet import BatchNorm
 
 Array = jax.Array
@@ -49,15 +49,12 @@ class MCiVisionConfig:
                        ("downsamples", bool), ("se_downsamples", bool), ("pos_embs", bool),
                        ("token_mixers", str)):
       object.__setattr__(self, name, tuple(kind(x) for x in getattr(self, name)))
-    n = len(self.layers)
     sizes = {name: len(getattr(self, name)) for name in (
         "embed_dims", "mlp_ratios", "downsamples", "se_downsamples", "pos_embs", "token_mixers")}
-    if any(s != n for s in sizes.values()):
-      raise ValueError(f"FastViT config: every per-stage field needs {n} entries (layers); got "
-                       f"{sizes}")
-    if set(self.token_mixers) - {"repmixer", "attention"} or self.attn_norm not in ("bn", "ln"):
-      raise ValueError(f"FastViT token_mixers {self.token_mixers} / attn_norm {self.attn_norm!r}:"
-                       " expected 'repmixer' | 'attention' and 'bn' | 'ln'")
+    if any(n != len(self.layers) for n in sizes.values()) or self.attn_norm not in ("bn", "ln") \
+        or set(self.token_mixers) - {"repmixer", "attention"}:
+      raise ValueError(f"FastViT config: per-stage fields need {len(self.layers)} entries (got "
+                       f"{sizes}), token mixers 'repmixer' | 'attention', attn_norm 'bn' | 'ln'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +73,14 @@ class Conv(nnx.Module):
   """A k x k (grouped) conv, HWIO kernel [k, k, d_in / groups, d_out], timm's symmetric padding."""
 
   def __init__(self, d_in: int, d_out: int, k: int, *, stride: int = 1, groups: int = 1,
-               bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               bias: bool = False, pad: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     fan_in = k * k * d_in // groups
     self.kernel = param(rngs, nnx.initializers.normal(fan_in ** -0.5),
                         (k, k, d_in // groups, d_out), (None, None, None, "mlp"))
     self.bias = (nnx.Param(jnp.zeros((d_out,), jnp.float32), eager_sharding=False,
                            out_sharding=("mlp",)) if bias else None)
     self.stride, self.groups, self.dtype = stride, groups, dtype
-    self.pad = (stride - 1 + k - 1) // 2  # timm get_padding: symmetric
+    self.pad = (stride - 1 + k - 1) // 2 if pad is None else pad  # timm get_padding: symmetric
 
   def __call__(self, x: Array) -> Array:
     y = jax.lax.conv_general_dilated(
@@ -97,8 +94,8 @@ class ConvBN(nnx.Module):
   """timm ConvNormAct without activation: a bias-free conv, then batch norm."""
 
   def __init__(self, d_in: int, d_out: int, k: int, *, stride: int = 1, groups: int = 1,
-               dtype, rngs: nnx.Rngs):
-    self.conv = Conv(d_in, d_out, k, stride=stride, groups=groups, dtype=dtype, rngs=rngs)
+               pad: int | None = None, dtype, rngs: nnx.Rngs):
+    self.conv = Conv(d_in, d_out, k, stride=stride, groups=groups, pad=pad, dtype=dtype, rngs=rngs)
     self.bn = BatchNorm(d_out)
 
   def __call__(self, x: Array) -> Array:
@@ -328,6 +325,93 @@ class MobileCLIP(clip_lib.CLIP):
     self.logit_bias = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TimmViTConfig:
+  """timm VisionTransformer trunks of MobileCLIP-B (vit_base_mci_224: a 3-conv stem of total
+  stride 16, positions on the patch tokens only, no pre-norm, LayerNorm eps 1e-6) and
+  MobileCLIP2-L-14 (vit_large_patch14_clip_224: patch conv, pre-norm, eps 1e-5); class-token
+  pooling, timm's classifier Linear (with bias) as the projection."""
+
+  image_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_ratio: float = 4.0
+  ln_eps: float = 1e-6
+  conv_stem: bool = True
+  pre_norm: bool = False
+  embed_class: bool = False  # pos_embed also covers the class token
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class MobileCLIPViTConfig(registry.CLIPConfig):
+  """A CLIPConfig whose image tower is one of MobileCLIP's timm ViT trunks."""
+
+  vision: TimmViTConfig = TimmViTConfig()
+
+
+class TimmViT(nnx.Module):
+  """NHWC images [B, S, S, 3] -> [B, embed_dim] (S = config.image_size)."""
+
+  def __init__(self, cfg: TimmViTConfig, embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg, w = cfg, cfg.width
+    if cfg.conv_stem:  # timm ConvStem: 4x4/4 conv+BN+GELU, 2x2/2 conv+BN+GELU, 2x2/2 conv+bias
+      self.stem = nnx.List([ConvBN(3, w // 4, 4, stride=4, pad=0, dtype=dtype, rngs=rngs),
+                            ConvBN(w // 4, w // 4, 2, stride=2, pad=0, dtype=dtype, rngs=rngs),
+                            Conv(w // 4, w, 2, stride=2, pad=0, bias=True, dtype=dtype,
+                                 rngs=rngs)])
+    else:
+      p = cfg.patch_size
+      self.stem = nnx.List([Conv(3, w, p, stride=p, pad=0, dtype=dtype, rngs=rngs)])
+    self.cls_token = param(rngs, nnx.initializers.normal(1e-6), (w,), ("embed",))
+    n = cfg.grid_size ** 2 + (1 if cfg.embed_class else 0)
+    self.pos_embed = param(rngs, nnx.initializers.normal(0.02), (n, w), (None, "embed"))
+    self.norm_pre = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs) if cfg.pre_norm else None
+    self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, eps=cfg.ln_eps,
+                                   dtype=dtype, rngs=rngs)
+    self.norm = LayerNorm(w, eps=cfg.ln_eps, rngs=rngs)
+    self.head = Linear(w, embed_dim, axes=("embed", None), dtype=dtype, rngs=rngs)
+
+  def __call__(self, images: Array) -> Array:
+    size = self.cfg.image_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (size, size, 3):
+      raise ValueError(f"images of shape {tuple(images.shape)}: this ViT takes [B, {size}, "
+                       f"{size}, 3] (its positions are fixed to a {self.cfg.grid_size}^2 grid)")
+    x = images
+    for i, layer in enumerate(self.stem):
+      x = layer(x)
+      if self.cfg.conv_stem and i < 2:
+        x = gelu(x)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, c))
+    pos = self.pos_embed[...].astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + pos if self.cfg.embed_class else \
+        jnp.concatenate([cls, x + pos], axis=1)
+    if self.norm_pre is not None:
+      x = self.norm_pre(x)
+    return self.head(self.norm(self.transformer(x))[:, 0])
+
+
+class MobileCLIPViT(clip_lib.CLIP):
+  """CLIP with a timm ViT image tower (MobileCLIP-B, MobileCLIP2-B / L-14)."""
+
+  def __init__(self, config: MobileCLIPViTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = jnp.dtype(config.dtype)
+    self.visual = TimmViT(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
+    self.text = clip_lib.TextTransformer(config.text, config.embed_dim,
+                                         quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
+    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
+                                 eager_sharding=False, out_sharding=())
+    self.logit_bias = None
+
+
 def _mci(layers, dims, mlp: float, five: bool) -> MCiVisionConfig:
   n = len(layers)
   if not five:
@@ -366,5 +450,20 @@ MOBILECLIPS = {
     "MobileCLIP2-S3": _mclip("fastvit_mci3", 768, (registry.OPENAI_MEAN, registry.OPENAI_STD)),
     "MobileCLIP2-S4": _mclip("fastvit_mci4", 768, (registry.OPENAI_MEAN, registry.OPENAI_STD)),
 }
+# timm ViT trunks of open_clip's MobileCLIP-B / MobileCLIP2-B / -L-14 configs.
+TIMM_VITS = {
+    "vit_base_mci_224": TimmViTConfig(),
+    "vit_large_patch14_clip_224": TimmViTConfig(224, 14, 1024, 24, 16, 4.0, 1e-5, False, True,
+                                                True),
+}
+_B = MobileCLIPViTConfig(512, TIMM_VITS["vit_base_mci_224"],  # a causal text tower, as CLIP's
+                         registry.TextConfig(width=512, heads=8, layers=12), image_mean=_ZERO,
+                         image_std=_ONE)
+MOBILECLIPS.update({
+    "MobileCLIP-B": _B, "MobileCLIP2-B": _B,
+    "MobileCLIP2-L-14": MobileCLIPViTConfig(
+        768, TIMM_VITS["vit_large_patch14_clip_224"],
+        registry.TextConfig(width=768, heads=12, layers=12, causal=False)),
+})
 for _name, _config in MOBILECLIPS.items():
   registry.register(_name, _config)

@@ -358,6 +358,8 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
       return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(seed))
     if isinstance(config, mobileclip.MobileCLIPConfig):
       return mobileclip.MobileCLIP(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, mobileclip.MobileCLIPViTConfig):
+      return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(seed))
     return clip_lib.from_config(config, seed=seed)
   if overrides:
     raise hub.PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
