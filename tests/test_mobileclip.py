@@ -113,13 +113,12 @@ def test_features_equal_open_clip_and_round_trip(tiny):
 def _tiny_vits():
   """MobileCLIP-B's hybrid trunk (conv stem, positions on the patch tokens only) and
   MobileCLIP2-L-14's CLIP ViT (patch conv, pre-norm), narrow and one block deep."""
-  from timm.layers import ConvStem
   from timm.models import register_model, vision_transformer, vision_transformer_hybrid as hybrid
 
   if "vit_zoo_tiny_mci" not in timm.list_models("vit_zoo_tiny_mci"):
     @register_model
     def vit_zoo_tiny_mci(pretrained=False, **kwargs):
-      stem = ConvStem(channels=(8, 8, 32), stride=(4, 2, 2), kernel_size=(4, 2, 2), padding=0,
+      stem = hybrid.ConvStem(channels=(8, 8, 32), stride=(4, 2, 2), kernel_size=(4, 2, 2), padding=0,
                       act_layer=torch.nn.GELU)
       args = dict(embed_dim=32, depth=1, num_heads=2, no_embed_class=True, img_size=64)
       return hybrid._create_vision_transformer_hybrid(
