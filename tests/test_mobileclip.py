@@ -108,6 +108,10 @@ def test_features_equal_open_clip_and_round_trip(tiny):
   with pytest.raises(StateDictError, match=r"(?s)missing +visual\.trunk\.final_conv\.conv_kxk\.0"
                      r"\.bn\.bias.*unexpected visual\.conv1\.weight"):
     convert.from_open_clip(convert.to_open_clip(zoo.create("test-tiny")), config)  # a ViT
+  fused = dict(sd, **{"visual.trunk.stem.0.reparam_conv.weight": np.zeros((8, 3, 3, 3))})
+  with pytest.raises(StateDictError, match=r"^visual\.trunk\.stem\.0\.reparam_conv\.weight: a "
+                     r"re-parameterized"):
+    convert.from_open_clip(fused, config)
 
 
 def _tiny_vits():

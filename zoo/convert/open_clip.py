@@ -346,6 +346,11 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
     config = common.resolve_config(name, **overrides)
   hf_text = isinstance(config, multilingual.MultilingualCLIPConfig)
   sd = _strip_prefix(state_dict)
+  fused = next((k for k in sd if ".reparam_conv." in k), None)
+  if fused and isinstance(config, mobileclip.MobileCLIPConfig):
+    raise common.StateDictError(f"{fused}: a re-parameterized (fused, inference-mode) FastViT "
+                                "state dict; zoo reads the train-time branches open_clip's "
+                                "MobileCLIP releases store (conv_kxk / conv_scale / identity)")
   label = name if isinstance(name, str) else "<config>"
   if any(k in sd for k in OPENAI_META_KEYS) and not config.quick_gelu:
     raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
