@@ -21,9 +21,18 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from zoo.convert import common, mclip
+from zoo.convert import common, mclip, mobileclip as mobileclip_convert
 from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
-from zoo.models import clip as clip_lib, configs, convnext, m2m100, multilingual, resnet, vitamin
+from zoo.models import (
+  clip as clip_lib,
+  configs,
+  convnext,
+  m2m100,
+  mobileclip,
+  multilingual,
+  resnet,
+  vitamin,
+)
 
 # Entries of OpenAI's TorchScript state dicts that are hyper-parameters, not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -305,6 +314,47 @@ def _vitamin_rules(config: vitamin.ViTaminCLIPConfig) -> list[Rule]:
 
 def _build_vitamin(config: vitamin.ViTaminCLIPConfig) -> nnx.Module:
   return vitamin.ViTaminCLIP(config, rngs=nnx.Rngs(0))
+# ----------------------------------------------------------------------------- MobileCLIP (timm)
+
+
+def _build_mobileclip_vit(config: mobileclip.MobileCLIPViTConfig) -> nnx.Module:
+  return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(0))
+
+
+def _mobileclip_rules(config: mobileclip.MobileCLIPConfig) -> list[Rule]:
+  """open_clip `CustomTextCLIP`: a TimmModel FastViT-MCi `visual.trunk.*` (timm's classifier
+  `head.fc` is the projection) and the built-in text transformer under `text.*`."""
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  rules = [dataclasses.replace(r, torch=tuple(k if k == "logit_scale" else f"text.{k}"
+                                              for k in r.torch))
+           for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
+  if isinstance(config, mobileclip.MobileCLIPViTConfig):
+    return _timm_vit_rules(config) + rules
+  return mobileclip_convert.fastvit_rules(config) + rules
+
+
+def _timm_vit_rules(config: mobileclip.MobileCLIPViTConfig) -> list[Rule]:
+  """timm VisionTransformer trunk (MobileCLIP-B's conv stem or a patch conv), class token,
+  [norm_pre], timm blocks, norm, classifier `head` (with bias)."""
+  v, t, z = config.vision, "visual.trunk", ("visual",)
+  if v.conv_stem:
+    rules, key = [], f"{t}.patch_embed.backbone"
+    for i in (0, 1):
+      rules += [_conv(z + ("stem", i, "conv"), f"{key}.{i}.conv"),
+                *_bn(z + ("stem", i, "bn"), f"{key}.{i}.bn")]
+    rules += _conv_bias(z + ("stem", 2), f"{key}.2.conv")
+  else:
+    rules = [_conv(z + ("stem", 0), f"{t}.patch_embed.proj")]
+  rules += [Rule(z + ("cls_token",), (f"{t}.cls_token",), lambda a: (a.reshape(1, 1, a.shape[0]),),
+                 lambda a: a.reshape(a.shape[-1])),
+            Rule(z + ("pos_embed",), (f"{t}.pos_embed",), lambda a: (a.reshape((1,) + a.shape),),
+                 lambda a: a[0])]
+  if v.pre_norm:
+    rules += layer_norm(z + ("norm_pre",), f"{t}.norm_pre")
+  for i in range(v.layers):
+    rules += _resblock_rules(z + ("transformer", "resblocks", i), f"{t}.blocks.{i}", v.width,
+                             v.heads, TIMM_BLOCK)
+  return rules + layer_norm(z + ("norm",), f"{t}.norm") + linear(z + ("head",), f"{t}.head")
 
 
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
@@ -318,6 +368,8 @@ def rules_for(config: configs.CLIPConfig) -> list[Rule]:
     return _convnext_rules(config)
   if isinstance(config, vitamin.ViTaminCLIPConfig):
     return _vitamin_rules(config)
+  if isinstance(config, (mobileclip.MobileCLIPConfig, mobileclip.MobileCLIPViTConfig)):
+    return _mobileclip_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -358,6 +410,11 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
     config = common.resolve_config(name, **overrides)
   hf_text = isinstance(config, multilingual.MultilingualCLIPConfig)
   sd = _strip_prefix(state_dict)
+  fused = next((k for k in sd if ".reparam_conv." in k), None)
+  if fused and isinstance(config, mobileclip.MobileCLIPConfig):
+    raise common.StateDictError(f"{fused}: a re-parameterized (fused, inference-mode) FastViT "
+                                "state dict; zoo reads the train-time branches open_clip's "
+                                "MobileCLIP releases store (conv_kxk / conv_scale / identity)")
   label = name if isinstance(name, str) else "<config>"
   if any(k in sd for k in OPENAI_META_KEYS) and not config.quick_gelu:
     raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
@@ -365,7 +422,9 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
                      f"the '-quickgelu' architecture (e.g. '{label}-quickgelu')")
   builders = ((resnet.ResNetCLIPConfig, _build_resnet),
               (convnext.ConvNeXtCLIPConfig, _build_convnext),
-              (vitamin.ViTaminCLIPConfig, _build_vitamin))
+              (vitamin.ViTaminCLIPConfig, _build_vitamin),
+              (mobileclip.MobileCLIPConfig, mobileclip_convert.build),
+              (mobileclip.MobileCLIPViTConfig, _build_mobileclip_vit))
   for cls, build in builders:
     if isinstance(config, cls):
       return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",

@@ -12,7 +12,15 @@ import math
 from typing import Any, Mapping
 
 from zoo.convert import mclip
-from zoo.models import configs as registry, convnext, m2m100, multilingual, resnet, vitamin
+from zoo.models import (
+  configs as registry,
+  convnext,
+  m2m100,
+  mobileclip,
+  multilingual,
+  resnet,
+  vitamin,
+)
 from zoo.weights.hub import PretrainedError
 
 # open_clip CLIPVisionCfg / CLIPTextCfg fields zoo's towers implement only at these defaults.
@@ -147,6 +155,24 @@ def _vitamin_config(model_cfg: Mapping[str, Any]) -> vitamin.ViTaminCLIPConfig:
   return vitamin.ViTaminCLIPConfig(**{f.name: getattr(base, f.name)
                                       for f in dataclasses.fields(base) if f.name != "vision"},
                                    vision=dataclasses.replace(trunk, image_size=size))
+def _mobileclip_config(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
+  """open_clip's TimmModel over a timm fastvit_mci* trunk (`timm_pool='avg'`) or one of
+  MobileCLIP's timm ViTs (`timm_pool='token'`), no `timm_proj` (timm's classifier is the
+  projection), with the built-in text tower (`custom_text`)."""
+  v = dict(model_cfg["vision_cfg"])
+  vit = v["timm_model_name"] in mobileclip.TIMM_VITS
+  pool = "token" if vit else "avg"
+  if v.get("timm_pool", "avg") != pool or v.get("timm_proj", "linear") is not None:
+    raise PretrainedError(f"open_clip config timm trunk {v['timm_model_name']!r} with timm_pool="
+                          f"{v.get('timm_pool')!r}, timm_proj={v.get('timm_proj', 'linear')!r}: "
+                          f"zoo implements pool {pool!r} with timm's own head (no timm_proj)")
+  base = config_from_open_clip_cfg(dict(model_cfg, custom_text=False, vision_cfg={"layers": 1}))
+  trunk = (mobileclip.TIMM_VITS if vit else mobileclip.TIMM_MCI)[v["timm_model_name"]]
+  vision = dataclasses.replace(trunk, image_size=_one_size(v.get("image_size", trunk.image_size),
+                                                           "image_size"))
+  cls = mobileclip.MobileCLIPViTConfig if vit else mobileclip.MobileCLIPConfig
+  return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                if f.name != "vision"}, vision=vision)
 
 
 def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
@@ -167,6 +193,8 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
     return _convnext_config(model_cfg)
   if v.get("timm_model_name") in vitamin.TIMM_VITAMINS:
     return _vitamin_config(model_cfg)
+  if v.get("timm_model_name") in (*mobileclip.TIMM_MCI, *mobileclip.TIMM_VITS):
+    return _mobileclip_config(model_cfg)
   if v.get("timm_model_name"):
     return _siglip_config(model_cfg, v, t)
   if model_cfg.get("custom_text") or t.get("hf_model_name"):

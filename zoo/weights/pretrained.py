@@ -27,7 +27,15 @@ from flax import nnx
 from zoo import convert, errors, tokenizers, transforms
 from zoo.convert import clip_moe, hf_siglip, llm2clip, long_clip, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
-from zoo.models import clip as clip_lib, configs, convnext, multilingual, resnet, vitamin
+from zoo.models import (
+  clip as clip_lib,
+  configs,
+  convnext,
+  mobileclip,
+  multilingual,
+  resnet,
+  vitamin,
+)
 from zoo.version import __version__
 from zoo.weights import hub, layout, model_dir
 
@@ -369,6 +377,10 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
       return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(seed))
     if isinstance(config, vitamin.ViTaminCLIPConfig):
       return vitamin.ViTaminCLIP(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, mobileclip.MobileCLIPConfig):
+      return mobileclip.MobileCLIP(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, mobileclip.MobileCLIPViTConfig):
+      return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(seed))
     return clip_lib.from_config(config, seed=seed)
   if overrides:
     raise hub.PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
