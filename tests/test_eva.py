@@ -60,7 +60,7 @@ def test_every_eva_and_pe_pair_is_served():
     assert tuple(entry["preprocess"]["mean"]) == arch.image_mean
 
 
-@pytest.mark.parametrize("name", ["EVA02-B-16", "PE-Core-T-16-384"])
+@pytest.mark.parametrize("name", ["EVA02-B-16"])
 def test_full_size_state_dict_shapes_equal_open_clip(name):
   """zoo's expected open_clip keys and shapes of a full-size model equal open_clip's own model
   (built on the meta device: no memory), and zoo's model traces under eval_shape."""
@@ -150,8 +150,9 @@ def test_new_params_carry_logical_axes(tiny):
 def test_bad_input_is_one_line():
   config = configs.get_model_config("PE-Core-T-16-384")
   tiny = dataclasses.replace(config, vision=dataclasses.replace(
-      config.vision, image_size=32, patch_size=8, width=64, layers=1, heads=2, mlp_dim=128))
-  model = eva.EvaCLIP(tiny, rngs=nnx.Rngs(0))
+      config.vision, image_size=32, patch_size=8, width=64, layers=1, heads=2, mlp_dim=128),
+      text=dataclasses.replace(config.text, vocab_size=300, width=64, heads=2, layers=1))
+  model = nnx.eval_shape(lambda: eva.EvaCLIP(tiny, rngs=nnx.Rngs(0)))  # refused before any math
   with pytest.raises(ValueError, match=r"\(1, 40, 40, 3\).*\[B, 32, 32, 3\]"):
     model.encode_image(np.zeros((1, 40, 40, 3), np.float32))
   oc = _oc_config("EVA02-B-16")
