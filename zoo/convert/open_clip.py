@@ -27,6 +27,7 @@ from zoo.models import (
   clip as clip_lib,
   configs,
   convnext,
+  eva,
   m2m100,
   mobileclip,
   multilingual,
@@ -355,6 +356,78 @@ def _timm_vit_rules(config: mobileclip.MobileCLIPViTConfig) -> list[Rule]:
     rules += _resblock_rules(z + ("transformer", "resblocks", i), f"{t}.blocks.{i}", v.width,
                              v.heads, TIMM_BLOCK)
   return rules + layer_norm(z + ("norm",), f"{t}.norm") + linear(z + ("head",), f"{t}.head")
+# ----------------------------------------------------------------------------- Eva (timm)
+
+
+def _eva_attn_rules(zoo: Path, key: str, v: eva.EvaVisionConfig) -> list[Rule]:
+  """timm's EvaAttention / AttentionRope <-> zoo's [W, 3, H, Dh] qkv kernel and biases."""
+  w, h = v.width, v.heads
+  dh = w // h
+  if v.qkv == "separate":  # q_proj / k_proj / v_proj; k_proj has no bias
+    rules = [Rule(zoo + ("qkv_kernel",), tuple(f"{key}.{n}_proj.weight" for n in "qkv"),
+                  lambda a: tuple(a[:, t].reshape(w, w).T for t in range(3)),
+                  lambda *ws: np.stack([x.T.reshape(w, h, dh) for x in ws], axis=1))]
+  else:
+    rules = [Rule(zoo + ("qkv_kernel",), (f"{key}.qkv.weight",),
+                  lambda a: (a.reshape(w, 3 * w).T,), lambda a: a.T.reshape(w, 3, h, dh))]
+  if v.qkv == "fused_bias":
+    rules.append(Rule(zoo + ("qkv_bias",), (f"{key}.qkv.bias",), lambda a: (a.reshape(3 * w),),
+                      lambda a: a.reshape(3, h, dh)))
+  else:
+    names = ("q_proj.bias", "v_proj.bias") if v.qkv == "separate" else ("q_bias", "v_bias")
+    rules += [Rule(zoo + (z,), (f"{key}.{n}",), lambda a: (a.reshape(w),),
+                   lambda a: a.reshape(h, dh)) for z, n in zip(("q_bias", "v_bias"), names)]
+  if v.scale_attn:
+    rules += layer_norm(zoo + ("norm",), f"{key}.norm")
+  return rules + attn_out(zoo, f"{key}.proj", h, w)
+
+
+def _eva_rules(config: eva.EvaCLIPConfig) -> list[Rule]:
+  """open_clip `CustomTextCLIP`: a TimmModel Eva trunk (`visual.trunk.*`, timm's head Linear
+  with bias; `visual.head` is empty) and the built-in text transformer at `text.*`."""
+  v, t, z, k = config.vision, config.text, ("visual",), "visual.trunk"
+  # timm keeps leading batch axes: cls_token [1, 1, W], pos_embed [1, N, W].
+  rules = [conv_patch(z + ("patch_kernel",), f"{k}.patch_embed.proj.weight"),
+           Rule(z + ("pos_embed",), (f"{k}.pos_embed",), lambda a: (a[None],), lambda a: a[0])]
+  if not v.norm_pre:
+    rules.append(identity(z + ("patch_bias",), f"{k}.patch_embed.proj.bias"))
+  if v.class_token:
+    rules.append(Rule(z + ("cls_token",), (f"{k}.cls_token",), lambda a: (a[None, None],),
+                      lambda a: a[0, 0]))
+  if v.norm_pre:
+    rules += layer_norm(z + ("norm_pre",), f"{k}.norm_pre")
+  for i in range(v.layers):
+    b, bk = z + ("blocks", i), f"{k}.blocks.{i}"
+    rules += [*layer_norm(b + ("norm1",), f"{bk}.norm1"), *layer_norm(b + ("norm2",), f"{bk}.norm2"),
+              *_eva_attn_rules(b + ("attn",), f"{bk}.attn", v),
+              *linear(b + ("mlp", "fc2"), f"{bk}.mlp.fc2")]
+    fc1 = ("fc1_g", "fc1_x") if v.mlp == "swiglu" else ("fc1",)
+    rules += [r for n in fc1 for r in linear(b + ("mlp", n), f"{bk}.mlp.{n}")]
+    if v.scale_mlp:
+      rules += layer_norm(b + ("mlp", "norm"), f"{bk}.mlp.norm")
+    if v.layer_scale and not v.post_norm:
+      rules += [identity(b + (g,), f"{bk}.{g}") for g in ("gamma_1", "gamma_2")]
+  rules += layer_norm(z + ("norm",), f"{k}.{'fc_norm' if v.pool == 'avg' else 'norm'}")
+  if v.pool == "map":
+    ap, apk = z + ("attn_pool",), f"{k}.attn_pool"
+    rules += [Rule(ap + ("latent",), (f"{apk}.latent",), lambda a: (a[None],), lambda a: a[0]),
+              *[r for n in ("q", "kv", "proj") for r in linear(ap + (n,), f"{apk}.{n}")],
+              *layer_norm(ap + ("norm",), f"{apk}.norm"),
+              *linear(ap + ("mlp", "fc1"), f"{apk}.mlp.fc1"),
+              *linear(ap + ("mlp", "fc2"), f"{apk}.mlp.fc2")]
+  rules += linear(z + ("head",), f"{k}.head")
+  text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
+  for r in _clip_rules(text_only):
+    if r.zoo[0] == "text":
+      rules.append(dataclasses.replace(r, torch=tuple(f"text.{n}" for n in r.torch)))
+  rules.append(identity(("logit_scale",), "logit_scale"))
+  if t.pool not in ("argmax", "eos", "last") or config.init_logit_bias is not None:
+    raise ValueError("open_clip's Eva CLIP layout holds a CLIP text tower and no logit bias")
+  return rules
+
+
+def _build_eva(config: eva.EvaCLIPConfig) -> nnx.Module:
+  return eva.EvaCLIP(config, rngs=nnx.Rngs(0))
 
 
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
@@ -370,6 +443,8 @@ def rules_for(config: configs.CLIPConfig) -> list[Rule]:
     return _vitamin_rules(config)
   if isinstance(config, (mobileclip.MobileCLIPConfig, mobileclip.MobileCLIPViTConfig)):
     return _mobileclip_rules(config)
+  if isinstance(config, eva.EvaCLIPConfig):
+    return _eva_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -424,7 +499,8 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
               (convnext.ConvNeXtCLIPConfig, _build_convnext),
               (vitamin.ViTaminCLIPConfig, _build_vitamin),
               (mobileclip.MobileCLIPConfig, mobileclip_convert.build),
-              (mobileclip.MobileCLIPViTConfig, _build_mobileclip_vit))
+              (mobileclip.MobileCLIPViTConfig, _build_mobileclip_vit),
+              (eva.EvaCLIPConfig, _build_eva))
   for cls, build in builders:
     if isinstance(config, cls):
       return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",

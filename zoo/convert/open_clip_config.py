@@ -15,6 +15,7 @@ from zoo.convert import mclip
 from zoo.models import (
   configs as registry,
   convnext,
+  eva,
   m2m100,
   mobileclip,
   multilingual,
@@ -173,6 +174,48 @@ def _mobileclip_config(model_cfg: Mapping[str, Any]) -> registry.CLIPConfig:
   cls = mobileclip.MobileCLIPViTConfig if vit else mobileclip.MobileCLIPConfig
   return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)
                 if f.name != "vision"}, vision=vision)
+def _eva_config(model_cfg: Mapping[str, Any]) -> eva.EvaCLIPConfig:
+  """open_clip's CustomTextCLIP over a timm Eva trunk of eva.TIMM_EVAS (EVA01, EVA02, PE-Core):
+  timm's own pool and head (`timm_proj` null), the built-in text transformer at `text.*`."""
+  v = dict(model_cfg["vision_cfg"])
+  trunk = v["timm_model_name"]
+  vision = eva.trunk_config(trunk, _one_size(v.get("image_size", 224), "image_size"))
+  if v.get("timm_pool", "avg") != vision.pool or v.get("timm_proj", "linear") is not None:
+    raise PretrainedError(f"open_clip config timm trunk {trunk!r} with timm_pool="
+                          f"{v.get('timm_pool')!r}, timm_proj={v.get('timm_proj', 'linear')!r}: "
+                          f"zoo implements the trunk's own pool {vision.pool!r} and timm's head "
+                          "(timm_proj null)")
+  if not model_cfg.get("custom_text"):
+    raise PretrainedError(f"open_clip config with timm trunk {trunk!r}: zoo implements it with "
+                          "open_clip's custom text tower (custom_text true)")
+  base = config_from_open_clip_cfg(dict(model_cfg, vision_cfg={"layers": 1}, custom_text=False))
+  extra = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "vision"}
+  if trunk.startswith("vit_pe_"):  # PE-Core's preprocessing: x / 127.5 - 1
+    extra.update(image_mean=registry.INCEPTION_MEAN, image_std=registry.INCEPTION_STD)
+  return eva.EvaCLIPConfig(vision=vision, **extra)
+
+
+def _eva_model_cfg(config: eva.EvaCLIPConfig) -> dict[str, Any]:
+  """open_clip's model_cfg of an Eva CLIP (the inverse of _eva_config, open_clip's key order)."""
+  v, t = config.vision, config.text
+  fields = dict(dataclasses.asdict(v), image_size=None)
+  names = sorted((n for n, trunk in eva.TIMM_EVAS.items()
+                  if dict(dataclasses.asdict(trunk), image_size=None) == fields),
+                 key=lambda n: not n.endswith(f"_{v.image_size}"))  # the trunk at this size first
+  plain = registry.TextConfig(context_length=t.context_length, vocab_size=t.vocab_size,
+                              width=t.width, heads=t.heads, layers=t.layers)
+  if not names or t != plain or config.quick_gelu or config.init_logit_bias is not None:
+    raise PretrainedError("this Eva model has no open_clip config equivalent (its trunk is none "
+                          "of timm's EVA / PE-Core trunks, or its text tower is not CLIP's)")
+  cfg = {"embed_dim": config.embed_dim,
+         "vision_cfg": {"image_size": v.image_size, "timm_model_name": names[0],
+                        "timm_model_pretrained": False, "timm_pool": v.pool, "timm_proj": None},
+         "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
+                      "width": t.width, "heads": t.heads, "layers": t.layers},
+         "custom_text": True}
+  if config.init_logit_scale != registry.CLIPConfig.init_logit_scale:
+    cfg["init_logit_scale"] = config.init_logit_scale
+  return cfg
 
 
 def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
@@ -195,6 +238,8 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
     return _vitamin_config(model_cfg)
   if v.get("timm_model_name") in (*mobileclip.TIMM_MCI, *mobileclip.TIMM_VITS):
     return _mobileclip_config(model_cfg)
+  if v.get("timm_model_name") in eva.TIMM_EVAS:
+    return _eva_config(model_cfg)
   if v.get("timm_model_name"):
     return _siglip_config(model_cfg, v, t)
   if model_cfg.get("custom_text") or t.get("hf_model_name"):
@@ -376,6 +421,8 @@ def same_towers(a: registry.CLIPConfig, b: registry.CLIPConfig) -> bool:
 
 def open_clip_model_cfg(config: Any) -> dict[str, Any]:
   """open_clip's `model_cfg` for a zoo CLIPConfig (the inverse of config_from_open_clip_cfg)."""
+  if isinstance(config, eva.EvaCLIPConfig):
+    return _eva_model_cfg(config)
   if type(config) is not registry.CLIPConfig:
     raise PretrainedError(f"open_clip's layout has no {type(config).__name__} (MoE / XLM-R "
                           "towers); use zoo.convert.clip_moe.export_safetensors or python -m zoo.convert "

@@ -31,6 +31,7 @@ from zoo.models import (
   clip as clip_lib,
   configs,
   convnext,
+  eva,
   mobileclip,
   multilingual,
   resnet,
@@ -381,6 +382,8 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
       return mobileclip.MobileCLIP(config, rngs=nnx.Rngs(seed))
     if isinstance(config, mobileclip.MobileCLIPViTConfig):
       return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, eva.EvaCLIPConfig):
+      return eva.EvaCLIP(config, rngs=nnx.Rngs(seed))
     return clip_lib.from_config(config, seed=seed)
   if overrides:
     raise hub.PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
