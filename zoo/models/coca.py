@@ -472,7 +472,7 @@ COCAS = {
     "coca_ViT-B-32": _coca(512, registry.VisionConfig(patch_size=32, width=768, layers=12,
                                                       heads=12), 512, 8, 8),
     "coca_ViT-L-14": _coca(768, registry.VisionConfig(patch_size=14, width=1024, layers=24,
-                                                      heads=16), 768, 12, 12),
+                                                      heads=16), 768, 12, 8),
     "coca-demo-tiny": _coca(64, registry.VisionConfig(image_size=32, patch_size=8, width=64,
                                                       layers=2, heads=2), 64, 2, 2, layers=2,
                             queries=8),

@@ -27,7 +27,7 @@ from flax import nnx
 from zoo import convert, errors, tokenizers, transforms
 from zoo.convert import clip_moe, hf_siglip, long_clip, mclip, open_clip_config
 from zoo.convert.io import write_safetensors
-from zoo.models import clip as clip_lib, configs, convnext, multilingual, resnet
+from zoo.models import clip as clip_lib, coca, configs, convnext, multilingual, resnet
 from zoo.version import __version__
 from zoo.weights import hub, layout, model_dir
 
@@ -356,6 +356,8 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
       return resnet.ResNetCLIP(config, rngs=nnx.Rngs(seed))
     if isinstance(config, convnext.ConvNeXtCLIPConfig):
       return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, coca.CoCaConfig):
+      return coca.CoCa(config, rngs=nnx.Rngs(seed))
     return clip_lib.from_config(config, seed=seed)
   if overrides:
     raise hub.PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
