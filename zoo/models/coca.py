@@ -23,8 +23,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.models import clip as clip_lib, configs as registry
-from zoo.models.layers import (Attention, LayerNorm, Linear, ResidualBlock, Transformer,
-                               dot_product_attention, param)
+from zoo.models.layers import (
+  Attention,
+  LayerNorm,
+  Linear,
+  ResidualBlock,
+  Transformer,
+  dot_product_attention,
+  param,
+)
 
 Array = jax.Array
 SOT_ID, EOT_ID = 49406, 49407  # CLIP BPE start / end of text
