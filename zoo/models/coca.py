@@ -41,16 +41,13 @@ GENERATION_TYPES = ("top_k", "top_p", "beam_search")
 @dataclasses.dataclass(frozen=True)
 class CoCaVisionConfig(registry.VisionConfig):
   """CLIP's ViT config plus the attentional pooler (open_clip `attentional_pool=True`)."""
-
   attn_pooler_queries: int = 256
   attn_pooler_heads: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class MultimodalConfig:
-  """open_clip's `multimodal_cfg`: the captioning decoder (its vocabulary is the text tower's,
-  as open_clip builds it)."""
-
+  """open_clip's `multimodal_cfg`: the captioning decoder (vocabulary: the text tower's)."""
   width: int = 512
   heads: int = 8
   layers: int = 12
@@ -71,14 +68,13 @@ class CoCaConfig(registry.CLIPConfig):
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "CoCaConfig":
     d = dict(d)
-    multimodal = MultimodalConfig(**d.pop("multimodal"))
-    return dataclasses.replace(super().from_dict(d), multimodal=multimodal)
+    return dataclasses.replace(super().from_dict({k: v for k, v in d.items() if k != "multimodal"}),
+                               multimodal=MultimodalConfig(**d["multimodal"]))
 
 
 class AttentionalPooler(nnx.Module):
-  """open_clip's AttentionalPooler: learned queries (ln_q) attend to ln_k(tokens) through one
-  nn.MultiheadAttention (q from d_model, k / v from the context width; packed `qkv_kernel` when
-  both widths agree, as torch packs them, else `q_kernel` + `kv_kernel`) and its out projection."""
+  """open_clip's AttentionalPooler: queries (ln_q) attend to ln_k(tokens) in one MHA (packed
+  `qkv_kernel` when both widths agree, as torch packs them, else `q_kernel` + `kv_kernel`)."""
 
   def __init__(self, d_model: int, context_dim: int, heads: int, queries: int, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
@@ -154,7 +150,6 @@ class CoCaVision(clip_lib.VisionTransformer):
 
 class CoCaText(clip_lib.TextTransformer):
   """CLIP's causal text tower with `cls_emb` appended (one more position row)."""
-
   def __init__(self, cfg: registry.TextConfig, embed_dim: int, *, pad_id: int = 0,
                quick_gelu: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__(dataclasses.replace(cfg, context_length=cfg.context_length + 1), embed_dim,
@@ -177,15 +172,12 @@ class CoCaText(clip_lib.TextTransformer):
     x = self.transformer(x, mask=valid[:, None, None, :], is_causal=True)
     return self._project(self.ln_final(x[:, -1])), x[:, :-1]
 
-  def __call__(self, token_ids: Array, **kwargs) -> Array:
-    del kwargs
+  def __call__(self, token_ids: Array, **_) -> Array:
     return self.features(token_ids)[0]
 
 
 class CrossAttention(Attention):
-  """Attention's parameters (packed q, k, v as nn.MultiheadAttention) with queries from `x`
-  and keys / values from `context` (same width)."""
-
+  """Attention's parameters with queries from `x`, keys / values from `context`."""
   def __call__(self, x: Array, context: Array) -> Array:
     dt, h, dh = self.dtype, self.heads, self.head_dim
     (b, n, w), m = x.shape, context.shape[1]
@@ -197,8 +189,8 @@ class CrossAttention(Attention):
       q = q + self.qkv_lora(xq).reshape(b * n, 3, h, dh)[:, 0]
       kv = kv + self.qkv_lora(xc).reshape(b * m, 3, h, dh)[:, 1:]
     kv = kv.reshape(b, m, 2, h, dh)
-    heads = dot_product_attention(q.reshape(b, n, h, dh), kv[:, :, 0], kv[:, :, 1])
-    heads = heads.reshape(b * n, h, dh)
+    heads = dot_product_attention(q.reshape(b, n, h, dh), kv[:, :, 0], kv[:, :, 1]).reshape(
+        b * n, h, dh)
     out = jnp.einsum("nhk,hkd->nd", heads, self.out_kernel[...].astype(dt))
     if self.out_lora is not None:
       out = out + self.out_lora(heads.reshape(b * n, -1))
@@ -207,7 +199,6 @@ class CrossAttention(Attention):
 
 class CrossBlock(ResidualBlock):
   """open_clip's cross-attention ResidualAttentionBlock: x + attn(ln_1(x), ln_1_kv(image))."""
-
   def __init__(self, width: int, heads: int, mlp_ratio: float, *, layers: int, eps: float,
                quick_gelu: bool, dtype, rngs: nnx.Rngs):
     super().__init__(width, heads, mlp_ratio, quick_gelu=quick_gelu, eps=eps,
@@ -238,13 +229,11 @@ class MultimodalDecoder(nnx.Module):
     self.text_projection = param(rngs, nnx.initializers.normal(w ** -0.5), (w, vocab_size),
                                  ("embed", "vocab"))
 
-  def __call__(self, image_tokens: Array, text_tokens: Array) -> Array:
+  def __call__(self, image_tokens: Array, x: Array) -> Array:
     """image tokens [B, M, width], text token states [B, L, width] -> logits [B, L, vocab]."""
-    x = text_tokens
     for block, cross in zip(self.resblocks, self.cross_attn):
       x = cross(block(x, is_causal=True), image_tokens)
-    x = self.ln_final(x)
-    return x @ self.text_projection[...].astype(x.dtype)
+    return self.ln_final(x) @ self.text_projection[...].astype(x.dtype)
 
 
 class CoCa(clip_lib.CLIP):
@@ -296,8 +285,7 @@ class CoCa(clip_lib.CLIP):
     return out
 
   def generate(self, images: Array, seq_len: int = 30, **kwargs: Any) -> Array:
-    """Captions [B, seq_len] int32 (see `generate`)."""
-    return generate(self, images, seq_len=seq_len, **kwargs)
+    return generate(self, images, seq_len=seq_len, **kwargs)  # captions [B, seq_len] int32
 
 
 # ----------------------------------------------------------------------------- generation
@@ -358,17 +346,16 @@ def _sample(model: CoCa, image_tokens: Array, batch: int, rng: Array, *, seq_len
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, sample, t, axis=1)
     return t + 1, tokens, done | (sample == eos_id) | (sample == pad_id), rng
 
-  state = (jnp.asarray(1), tokens, jnp.zeros((batch,), bool), rng)
-  return jax.lax.while_loop(cond, body, state)[1]
+  return jax.lax.while_loop(cond, body, (jnp.asarray(1), tokens, jnp.zeros((batch,), bool),
+                                         rng))[1]
 
 
 def _beam_search(model: CoCa, image_tokens: Array, batch: int, *, seq_len: int, num_beams: int,
                  min_seq_len: int, repetition_penalty: float, length_penalty: float,
                  sot_id: int, eos_id: int, pad_id: int) -> Array:
-  """Beam search with fixed shapes: `num_beams` running beams per image; captions that end
-  (eos among the first `num_beams` candidates) join a pool of the `num_beams` best by sum of
-  log-probs / (length without sot) ** length_penalty; at the end the running beams, closed
-  with eos, join the pool and its best is returned (transformers' BeamSearchScorer rules)."""
+  """Fixed-shape beam search: `num_beams` running beams; an eos among the first `num_beams`
+  candidates ends a caption into a pool of the best by log-prob sum / length ** length_penalty;
+  the running beams, closed with eos, join it at the end (transformers' BeamSearchScorer)."""
   k = num_beams
   image_tokens = jnp.repeat(image_tokens, k, axis=0)
   beams = jnp.full((batch, k, seq_len), pad_id, jnp.int32).at[..., 0].set(sot_id)
@@ -447,42 +434,37 @@ def generate(model: CoCa, images: Array, *, seq_len: int = 30, generation_type: 
   if not min_seq_len < seq_len <= limit:
     raise ValueError(f"seq_len {seq_len}: expected min_seq_len ({min_seq_len}) < seq_len <= "
                      f"{limit} (the text context)")
-  if generation_type == "beam_search" and num_beams < 1:
+  if num_beams < 1:
     raise ValueError(f"num_beams {num_beams}: expected at least 1")
-  rng = jax.random.key(0) if rng is None else rng
-  pad_id = model.config.pad_id if pad_id is None else pad_id
-  return _generate(model, jnp.asarray(images, jnp.float32), rng, seq_len=seq_len,
+  return _generate(model, jnp.asarray(images, jnp.float32),
+                   jax.random.key(0) if rng is None else rng, seq_len=seq_len,
                    generation_type=generation_type, top_k=int(top_k), top_p=float(top_p),
                    temperature=float(temperature), num_beams=int(num_beams),
                    min_seq_len=int(min_seq_len), repetition_penalty=float(repetition_penalty),
                    length_penalty=float(length_penalty), sot_id=int(sot_id), eos_id=int(eos_id),
-                   pad_id=int(pad_id))
+                   pad_id=int(model.config.pad_id if pad_id is None else pad_id))
 
 
 # ----------------------------------------------------------------------------- the table
 
 
-def _coca(embed: int, vision: registry.VisionConfig, text_width: int, text_heads: int,
-          pooler_heads: int, layers: int = 12, queries: int = 256) -> CoCaConfig:
-  base = {f.name: getattr(vision, f.name) for f in dataclasses.fields(registry.VisionConfig)}
+def _coca(embed: int, image: tuple, text: tuple, pooler_heads: int, queries: int = 256
+          ) -> CoCaConfig:
+  """image (size, patch, width, layers, heads), text = decoder (width, heads, layers)."""
+  size, patch, width, layers, heads = image
+  t_width, t_heads, t_layers = text
   return CoCaConfig(
       embed_dim=embed,
-      vision=CoCaVisionConfig(**base, attn_pooler_heads=pooler_heads,
+      vision=CoCaVisionConfig(image_size=size, patch_size=patch, width=width, layers=layers,
+                              heads=heads, attn_pooler_heads=pooler_heads,
                               attn_pooler_queries=queries),
-      text=registry.TextConfig(context_length=76, width=text_width, heads=text_heads,
-                               layers=layers),
-      multimodal=MultimodalConfig(width=text_width, heads=text_heads, layers=layers))
+      text=registry.TextConfig(context_length=76, width=t_width, heads=t_heads, layers=t_layers),
+      multimodal=MultimodalConfig(width=t_width, heads=t_heads, layers=t_layers))
 
 
 # open_clip's model_configs/coca_ViT-*.json, and a small CoCa for the CPU demo and tests.
-COCAS = {
-    "coca_ViT-B-32": _coca(512, registry.VisionConfig(patch_size=32, width=768, layers=12,
-                                                      heads=12), 512, 8, 8),
-    "coca_ViT-L-14": _coca(768, registry.VisionConfig(patch_size=14, width=1024, layers=24,
-                                                      heads=16), 768, 12, 8),
-    "coca-demo-tiny": _coca(64, registry.VisionConfig(image_size=32, patch_size=8, width=64,
-                                                      layers=2, heads=2), 64, 2, 2, layers=2,
-                            queries=8),
-}
+COCAS = {"coca_ViT-B-32": _coca(512, (224, 32, 768, 12, 12), (512, 8, 12), 8),
+         "coca_ViT-L-14": _coca(768, (224, 14, 1024, 24, 16), (768, 12, 12), 8),
+         "coca-demo-tiny": _coca(64, (32, 8, 64, 2, 2), (64, 2, 2), 2, queries=8)}
 for _name, _config in COCAS.items():
   registry.register(_name, _config)
