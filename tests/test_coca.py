@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import zoo
 from tests.train_utils import tiny_config
@@ -91,9 +92,10 @@ def test_features_and_logits_equal_open_clip_and_round_trip(tiny):
     ref = oc(timg, torch.from_numpy(tokens))
     ref_img = oc.encode_image(timg, normalize=False).numpy()
     ref_txt = oc.encode_text(torch.from_numpy(tokens), normalize=False).numpy()
-  out = model(images, tokens.astype(np.int32))
-  diffs = {"image": np.abs(np.asarray(model.encode_image(images)) - ref_img).max(),
-           "text": np.abs(np.asarray(model.encode_text(tokens.astype(np.int32))) - ref_txt).max(),
+  out, img, txt = nnx.jit(lambda m, i, t: (m(i, t), m.encode_image(i), m.encode_text(t)))(
+      model, images, tokens.astype(np.int32))
+  diffs = {"image": np.abs(np.asarray(img) - ref_img).max(),
+           "text": np.abs(np.asarray(txt) - ref_txt).max(),
            "logits": np.abs(np.asarray(out["logits"]) - ref["logits"].numpy()).max()}
   print("parity tiny CoCa: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
   assert max(diffs.values()) <= 1e-4
@@ -112,7 +114,8 @@ def test_features_and_logits_equal_open_clip_and_round_trip(tiny):
   assert pmodel.visual.attn_pool.packed
   with torch.no_grad():
     ref_img = packed.encode_image(timg, normalize=False).numpy()
-  assert np.abs(np.asarray(pmodel.encode_image(images)) - ref_img).max() <= 1e-4
+  assert np.abs(np.asarray(nnx.jit(lambda m, i: m.encode_image(i))(pmodel, images))
+                - ref_img).max() <= 1e-4
   pback = convert.to_open_clip(pmodel)
   assert set(pback) == set(psd) and all(np.array_equal(pback[k], psd[k]) for k in psd)
 
@@ -143,8 +146,8 @@ def test_greedy_captions_equal_open_clip(tiny, monkeypatch):
   # Beam search (one group) with one beam keeps the greedy caption among its candidates:
   # its pick scores at least as high (sum of log-probs / length).
   def score(seqs):  # the beam search's: log-probs up to the end (a forced last eos excluded)
-    logits = np.asarray(model.caption_logits(model.image_tokens(images)[1], seqs))
-    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    logp = np.asarray(nnx.jit(lambda m, i, s: jax.nn.log_softmax(
+        m.caption_logits(m.image_tokens(i)[1], s), -1))(model, images, seqs))
     total = []
     for row, lp in zip(seqs, logp):
       end = int(np.argmax(row == EOT))
@@ -163,7 +166,8 @@ def test_greedy_captions_equal_open_clip(tiny, monkeypatch):
 def test_family_trains_three_steps():
   # coca-demo-tiny reads CLIP BPE (49408 ids); a 512-id vocabulary keeps the logits small here.
   config = tiny_config(family="coca", model="coca-demo-tiny", batch_size=8, total_steps=3)
-  config.model_overrides = {"text": {"vocab_size": 512, "context_length": 16}}
+  config.model_overrides = {"text": {"vocab_size": 512, "context_length": 16, "layers": 1},
+                           "vision": {"layers": 1}, "multimodal": {"layers": 1}}
   config.coca = coca_family.default_settings()
   mesh = sharding.make_mesh(devices=jax.devices()[:1], data=1, fsdp=1)
   trainer = trainer_lib.build_trainer(config, mesh)
