@@ -157,6 +157,13 @@ def prompt() -> ml_collections.ConfigDict:
   return prompt_family.default_settings()
 
 
+def coca() -> ml_collections.ConfigDict:
+  """`config.coca`: the defaults of zoo.families.coca.Settings (CoCa's loss weights)."""
+  from zoo.families import coca as coca_family
+
+  return coca_family.default_settings()
+
+
 def fewshot_data() -> dict:
   """The `config.data` keys of few-shot data (`data.name="fewshot"`, zoo.data.fewshot's defaults)."""
   from zoo.families import prompt as prompt_family

@@ -25,6 +25,7 @@ from zoo.convert import common, mclip, mobileclip as mobileclip_convert
 from zoo.convert.common import Path, Rule, attn_out, conv_patch, identity, layer_norm, linear
 from zoo.models import (
   clip as clip_lib,
+  coca,
   configs,
   convnext,
   eva,
@@ -428,6 +429,50 @@ def _eva_rules(config: eva.EvaCLIPConfig) -> list[Rule]:
 
 def _build_eva(config: eva.EvaCLIPConfig) -> nnx.Module:
   return eva.EvaCLIP(config, rngs=nnx.Rngs(0))
+# ----------------------------------------------------------------------------- CoCa
+
+
+def _coca_rules(config: coca.CoCaConfig) -> list[Rule]:
+  """open_clip `CoCa`: `visual.*` (ViT + `attn_pool`), `text.*` (+ `cls_emb`), `text_decoder.*`
+  (self- and cross-attention blocks, ln_final, text_projection), `logit_scale`."""
+  vision = configs.VisionConfig(**{f.name: getattr(config.vision, f.name)
+                                   for f in dataclasses.fields(configs.VisionConfig)})
+  rules = [r for r in _clip_rules(configs.CLIPConfig(embed_dim=config.embed_dim, vision=vision))
+           if r.zoo[0] == "visual"]
+  rules += [dataclasses.replace(r, zoo=("text",) + r.zoo[1:], torch=tuple(f"text.{k}" for k in r.torch))
+            for r in _clip_rules(configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text))
+            if r.zoo[0] == "text"]
+  rules.append(identity(("text", "cls_emb"), "text.cls_emb"))
+  ap, key, d = ("visual", "attn_pool"), "visual.attn_pool", config.embed_dim
+  rules += [identity(ap + ("query",), f"{key}.query"), *layer_norm(ap + ("ln_q",), f"{key}.ln_q"),
+            *layer_norm(ap + ("ln_k",), f"{key}.ln_k"),
+            Rule(ap + ("qkv_bias",), (f"{key}.attn.in_proj_bias",), lambda a: (a.reshape(3 * d),),
+                 lambda a: a.reshape(3, d)),
+            *linear(ap + ("out",), f"{key}.attn.out_proj")]
+  if d == config.vision.width:  # nn.MultiheadAttention packs equal widths
+    rules.append(Rule(ap + ("qkv_kernel",), (f"{key}.attn.in_proj_weight",),
+                      lambda a: (a.reshape(d, 3 * d).T,), lambda a: a.T.reshape(d, 3, d)))
+  else:
+    rules += [common.transposed(ap + ("q_kernel",), f"{key}.attn.q_proj_weight"),
+              Rule(ap + ("kv_kernel",), (f"{key}.attn.k_proj_weight", f"{key}.attn.v_proj_weight"),
+                   lambda a: (a[:, 0].T, a[:, 1].T), lambda k, v: np.stack([k.T, v.T], axis=1))]
+  m, dec = config.multimodal, ("text_decoder",)
+  for i in range(m.layers):
+    rules += _resblock_rules(dec + ("resblocks", i), f"text_decoder.resblocks.{i}", m.width,
+                             m.heads)
+    rules += _resblock_rules(dec + ("cross_attn", i), f"text_decoder.cross_attn.{i}", m.width,
+                             m.heads)
+    rules += layer_norm(dec + ("cross_attn", i, "ln_1_kv"), f"text_decoder.cross_attn.{i}.ln_1_kv")
+  rules += [*layer_norm(dec + ("ln_final",), "text_decoder.ln_final"),
+            identity(dec + ("text_projection",), "text_decoder.text_projection"),
+            identity(("logit_scale",), "logit_scale")]
+  if config.init_logit_bias is not None:
+    rules.append(identity(("logit_bias",), "logit_bias"))
+  return rules
+
+
+def _build_coca(config: coca.CoCaConfig) -> nnx.Module:
+  return coca.CoCa(config, rngs=nnx.Rngs(0))
 
 
 def rules_for(config: configs.CLIPConfig) -> list[Rule]:
@@ -445,6 +490,8 @@ def rules_for(config: configs.CLIPConfig) -> list[Rule]:
     return _mobileclip_rules(config)
   if isinstance(config, eva.EvaCLIPConfig):
     return _eva_rules(config)
+  if isinstance(config, coca.CoCaConfig):
+    return _coca_rules(config)
   if config.vision.pool == "map":
     return _siglip_rules(config)
   return _clip_rules(config)
@@ -500,7 +547,8 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
               (vitamin.ViTaminCLIPConfig, _build_vitamin),
               (mobileclip.MobileCLIPConfig, mobileclip_convert.build),
               (mobileclip.MobileCLIPViTConfig, _build_mobileclip_vit),
-              (eva.EvaCLIPConfig, _build_eva))
+              (eva.EvaCLIPConfig, _build_eva),
+              (coca.CoCaConfig, _build_coca))
   for cls, build in builders:
     if isinstance(config, cls):
       return common.convert_from_torch(sd, rules_for(config), config, layout="open_clip",

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from zoo.convert import mclip
 from zoo.models import (
+  coca,
   configs as registry,
   convnext,
   eva,
@@ -216,6 +217,60 @@ def _eva_model_cfg(config: eva.EvaCLIPConfig) -> dict[str, Any]:
   if config.init_logit_scale != registry.CLIPConfig.init_logit_scale:
     cfg["init_logit_scale"] = config.init_logit_scale
   return cfg
+_COCA_VISION = ("attentional_pool", "attn_pooler_heads", "attn_pooler_queries", "output_tokens")
+_COCA_MULTIMODAL = ("width", "heads", "layers", "mlp_ratio", "context_length", "vocab_size",
+                    "attn_pooler_heads", "dim_head", "n_queries", "norm_kwargs")
+
+
+def _coca_config(model_cfg: Mapping[str, Any]) -> coca.CoCaConfig:
+  """open_clip's CoCa: a built-in ViT with the attentional pooler, the built-in text tower with
+  `embed_cls`, and the multimodal decoder (`multimodal_cfg`)."""
+  v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+  m = dict(model_cfg["multimodal_cfg"])
+  if t.get("hf_model_name") or v.get("timm_model_name"):
+    raise PretrainedError("open_clip CoCa config with a Hugging Face text tower or a timm trunk "
+                          "is not implemented in zoo (built-in ViT + text transformer only)")
+  if v.get("attentional_pool") is not True or not t.get("embed_cls"):
+    raise PretrainedError("open_clip CoCa config: zoo implements vision_cfg.attentional_pool="
+                          "true with text_cfg.embed_cls=true (open_clip's CoCa)")
+  extra = sorted(set(m) - set(_COCA_MULTIMODAL))
+  if extra:
+    raise PretrainedError(f"open_clip config multimodal_cfg.{extra[0]} is not implemented in zoo")
+  base = config_from_open_clip_cfg(dict(
+      {k: x for k, x in model_cfg.items() if k not in ("multimodal_cfg", "custom_text")},
+      vision_cfg={k: x for k, x in v.items() if k not in _COCA_VISION},
+      text_cfg={k: x for k, x in t.items() if k not in ("embed_cls", "output_tokens", "pad_id")}))
+  vision = coca.CoCaVisionConfig(
+      **{f.name: getattr(base.vision, f.name) for f in dataclasses.fields(registry.VisionConfig)},
+      attn_pooler_heads=int(v.get("attn_pooler_heads", 8)),
+      attn_pooler_queries=int(v.get("attn_pooler_queries", 256)))
+  multimodal = coca.MultimodalConfig(
+      width=int(m.get("width", 512)), heads=int(m.get("heads", 8)), layers=int(m.get("layers", 12)),
+      mlp_ratio=float(m.get("mlp_ratio", 4.0)), context_length=int(m.get("context_length", 77)),
+      ln_eps=_eps(m))
+  return coca.CoCaConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                            if f.name != "vision"},
+                         vision=vision, multimodal=multimodal, pad_id=int(t.get("pad_id", 0)))
+
+
+def _coca_model_cfg(config: coca.CoCaConfig) -> dict[str, Any]:
+  """open_clip's model_cfg of a CoCa config (the inverse of _coca_config)."""
+  vision = {f.name: getattr(config.vision, f.name) for f in dataclasses.fields(registry.VisionConfig)}
+  base = open_clip_model_cfg(registry.CLIPConfig(
+      **{f.name: getattr(config, f.name) for f in dataclasses.fields(registry.CLIPConfig)
+         if f.name != "vision"}, vision=registry.VisionConfig(**vision)))
+  base["vision_cfg"].update(attentional_pool=True, attn_pooler_heads=config.vision.attn_pooler_heads,
+                            attn_pooler_queries=config.vision.attn_pooler_queries,
+                            output_tokens=True)
+  base["text_cfg"].update(embed_cls=True, output_tokens=True, pad_id=config.pad_id)
+  m = config.multimodal
+  base["multimodal_cfg"] = {"context_length": m.context_length,
+                            "vocab_size": config.text.vocab_size, "width": m.width,
+                            "heads": m.heads, "layers": m.layers, "mlp_ratio": m.mlp_ratio}
+  if m.ln_eps != 1e-5:
+    base["multimodal_cfg"]["norm_kwargs"] = {"eps": m.ln_eps}
+  base["custom_text"] = True
+  return base
 
 
 def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
@@ -227,6 +282,8 @@ def config_from_open_clip_cfg(model_cfg: Mapping[str, Any],
   MultilingualCLIPConfig (`hf_config`: that encoder's config.json, else zoo's known encoders).
   Anything zoo does not implement is a PretrainedError.
   """
+  if model_cfg.get("multimodal_cfg"):
+    return _coca_config(model_cfg)
   v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
   if t.get("hf_model_name") and (v.get("timm_model_name") in TIMM_TRUNKS or (
       not v.get("timm_model_name") and v.get("layers") is not None
@@ -423,6 +480,8 @@ def open_clip_model_cfg(config: Any) -> dict[str, Any]:
   """open_clip's `model_cfg` for a zoo CLIPConfig (the inverse of config_from_open_clip_cfg)."""
   if isinstance(config, eva.EvaCLIPConfig):
     return _eva_model_cfg(config)
+  if type(config) is coca.CoCaConfig:
+    return _coca_model_cfg(config)
   if type(config) is not registry.CLIPConfig:
     raise PretrainedError(f"open_clip's layout has no {type(config).__name__} (MoE / XLM-R "
                           "towers); use zoo.convert.clip_moe.export_safetensors or python -m zoo.convert "

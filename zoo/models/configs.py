@@ -275,7 +275,7 @@ def apply_overrides(config: CLIPConfig, **overrides: Any) -> CLIPConfig:
   errors.check_keys(overrides, (f.name for f in dataclasses.fields(config)), "model override")
   changes: dict[str, Any] = {}
   for key, value in overrides.items():
-    if key in ("vision", "text") and not dataclasses.is_dataclass(value):
+    if key in ("vision", "text", "multimodal") and not dataclasses.is_dataclass(value):
       value = dict(value.to_dict() if hasattr(value, "to_dict") else value)  # dict / ConfigDict
       sub = getattr(config, key)
       errors.check_keys(value, (f.name for f in dataclasses.fields(sub)), f"{key} override")

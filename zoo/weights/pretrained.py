@@ -29,6 +29,7 @@ from zoo.convert import clip_moe, hf_siglip, llm2clip, long_clip, mclip, open_cl
 from zoo.convert.io import write_safetensors
 from zoo.models import (
   clip as clip_lib,
+  coca,
   configs,
   convnext,
   eva,
@@ -384,6 +385,8 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
       return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(seed))
     if isinstance(config, eva.EvaCLIPConfig):
       return eva.EvaCLIP(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, coca.CoCaConfig):
+      return coca.CoCa(config, rngs=nnx.Rngs(seed))
     return clip_lib.from_config(config, seed=seed)
   if overrides:
     raise hub.PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
