@@ -7,7 +7,17 @@ eval kinds are read from this list by zoo.eval.suite (nothing registers them by 
 
 from __future__ import annotations
 
-from zoo.families import clip, distill, llm2clip, long_clip, moe, multilingual, prompt, region
+from zoo.families import (
+    clip,
+    distill,
+    llm2clip,
+    long_clip,
+    moe,
+    multilingual,
+    naflex,
+    prompt,
+    region,
+)
 from zoo.families.base import Family, LossContext
 
 FAMILIES: tuple[Family, ...] = (
@@ -19,6 +29,7 @@ FAMILIES: tuple[Family, ...] = (
     distill.FAMILY,
     llm2clip.FAMILY,
     prompt.FAMILY,
+    naflex.FAMILY,
 )
 
 _REGISTRY: dict[str, Family] = {}
