@@ -164,6 +164,13 @@ def coca() -> ml_collections.ConfigDict:
   return coca_family.default_settings()
 
 
+def naflex() -> ml_collections.ConfigDict:
+  """`config.naflex`: the defaults of zoo.families.naflex.Settings (SigLIP 2 NaFlex)."""
+  from zoo.families import naflex as naflex_family
+
+  return naflex_family.default_settings()
+
+
 def fewshot_data() -> dict:
   """The `config.data` keys of few-shot data (`data.name="fewshot"`, zoo.data.fewshot's defaults)."""
   from zoo.families import prompt as prompt_family

@@ -120,6 +120,42 @@ def test_siglip2_naflex_parity_non_square_and_padded(siglip2):
   assert np.abs(np.asarray(alone) - want[2:]).max() <= TOL
 
 
+def test_naflex_preprocess_equals_siglip2_processor_end_to_end(siglip2):
+  """zoo.transforms.NaFlexPreprocess on non-square PIL images = Siglip2ImageProcessor's pixel
+  values, mask and spatial shapes (PIL backend exactly; the torchvision backend's uint8 resize
+  within one level), and the tiny Siglip2Model's features from its output = zoo's, also
+  padded to the shorter bucketed length."""
+  from PIL import Image
+  from transformers.models.siglip2 import image_processing_pil_siglip2 as pil_proc
+
+  from zoo import transforms
+  hf, model = siglip2
+  rng = np.random.default_rng(5)
+  sizes = ((37, 91), (120, 50), (5, 200), (64, 64))
+  images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+  pre = transforms.naflex_preprocess(model.config, max_patches=20)
+  assert (pre.patch_size, pre.max_patches, pre.mean) == (8, 20, (0.5, 0.5, 0.5))
+  patches, shapes, mask = pre.batch(images)
+  assert shapes.tolist() == [[3, 6], [6, 3], [1, 20], [4, 4]]
+  kw = dict(patch_size=8, max_num_patches=20, return_tensors="np")
+  want = pil_proc.Siglip2ImageProcessorPil(**kw)(images)
+  np.testing.assert_array_equal(patches, want["pixel_values"])
+  np.testing.assert_array_equal(shapes, want["spatial_shapes"])
+  np.testing.assert_array_equal(mask, want["pixel_attention_mask"].astype(bool))
+  tv = transformers.Siglip2ImageProcessor(**kw)(images)
+  assert np.abs(patches - tv["pixel_values"]).max() <= 2 / 255 + 1e-6
+  np.testing.assert_array_equal(shapes, tv["spatial_shapes"])
+  with torch.no_grad():
+    feats = _pooled(hf.get_image_features(**{k: torch.from_numpy(v) for k, v in want.items()}))
+  got = np.asarray(jax.jit(model.encode_patches)(patches, shapes, mask))
+  assert np.abs(got - feats).max() <= TOL
+  assert transforms.bucket_length(18, 20) == 20 and transforms.bucket_length(9, 20) == 16
+  short = pre.batch(images[:2], length=transforms.bucket_length(18, 20))
+  assert np.abs(np.asarray(model.encode_patches(*short)) - feats[:2]).max() <= TOL
+  with pytest.raises(ValueError, match="image 0 has 18 patches"):
+    pre.batch(images[:1], length=16)
+
+
 def test_siglip2_round_trip_and_config(siglip2):
   hf, model = siglip2
   _round_trip(hf, model)

@@ -7,7 +7,7 @@ a diverged run (`Diverged`) prints one line and exits 1. The traceback is shown 
 `--verbosity=1` (absl commands) or `ZOO_DEBUG=1`. `quiet_logging()` silences other libraries'
 INFO lines unless `--verbosity` is given and prints zoo's own log lines above any progress bar.
 Message helpers shared by the API and the commands: `unknown_key` / `check_keys` (an unknown
-config key, with a "did you mean"), `capped` (a long listing cut to its first lines + a count),
+config key, with a "did you mean"), `did_you_mean` (the nearest known name), `capped` (a long listing cut to its first lines + a count),
 `OutputExists` (says `overwrite=True` in Python, `--overwrite` on a command line).
 """
 
@@ -67,6 +67,14 @@ def unknown_key(key: str, valid: Iterable[str], where: str) -> ValueError:
   close = difflib.get_close_matches(key, valid, n=1)
   hint = f" (did you mean {close[0]!r}?)" if close else ""
   return ValueError(f"unknown {where} key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+  """' (did you mean 'CLOSEST'?)' for the known name nearest to `name` (case-insensitive
+  difflib), or '' when none is close."""
+  by_lower = {k.lower(): k for k in known}
+  close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+  return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:

@@ -10,13 +10,16 @@ Train (`random_resized_crop_params`, `apply_crop_resize`, `transform_boxes`): to
 RandomResizedCrop split into a pure sampling step (numpy Generator -> crop) and a
 deterministic apply step, so the data pipeline can seed it per example and the region-head
 work can move boxes with exactly the same crop/flip.
+
+NaFlex (`NaFlexPreprocess`, SigLIP 2): transformers' Siglip2ImageProcessor — an aspect-keeping
+resize to the largest patch grid within a patch budget, patchified and padded with a mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -190,6 +193,120 @@ def get_preprocess(model: str | object) -> Preprocess:
   except AttributeError as e:
     raise TypeError(f"get_preprocess needs a model name or a CLIPConfig, got {type(model).__name__}") from e
   return make_preprocess(size, mean, std)
+
+
+# ----------------------------------------------------------------------------- NaFlex preprocess
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_patches: int,
+                eps: float = 1e-5) -> tuple[int, int]:
+  """(h, w), multiples of `patch_size`, of the largest aspect-keeping resize with at most
+  `max_patches` patches: transformers' `get_image_size_for_max_num_patches` (the same binary
+  search over the scale, each side rounded up to a whole patch, at least one patch)."""
+  if height < 1 or width < 1 or patch_size < 1 or max_patches < 1:
+    raise ValueError(f"naflex_size needs positive sizes, got image {height}x{width}, patch "
+                     f"{patch_size}, max_patches {max_patches}")
+
+  def side(scale: float, size: int) -> int:
+    return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+  lo, hi = eps / 10, 100.0
+  while hi - lo >= eps:
+    scale = (lo + hi) / 2
+    if (side(scale, height) / patch_size) * (side(scale, width) / patch_size) <= max_patches:
+      lo = scale
+    else:
+      hi = scale
+  return side(lo, height), side(lo, width)
+
+
+def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
+  """[H, W, C] -> [(H/p)*(W/p), p*p*C]: patches row-major, each flattened (row, col, channel)."""
+  h, w, c = image.shape
+  p = patch_size
+  if h % p or w % p:
+    raise ValueError(f"image {h}x{w} is not a whole number of {p}px patches")
+  x = image.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+  return x.reshape((h // p) * (w // p), p * p * c)
+
+
+def bucket_length(num_patches: int, max_patches: int) -> int:
+  """The padded sequence length of a NaFlex batch: the smallest power of two >= num_patches,
+  capped at max_patches, so that jit sees about log2(max_patches) shapes."""
+  if not 0 < num_patches <= max_patches:
+    raise ValueError(f"{num_patches} patches is not within the budget 1..{max_patches}")
+  return min(max_patches, 1 << (num_patches - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class NaFlexPreprocess:
+  """SigLIP 2 NaFlex preprocessing, equal to transformers' Siglip2ImageProcessor (PIL backend).
+
+  One image -> (patches float32 [n, p*p*3], (rows, cols)) with n = rows * cols <= max_patches;
+  `.batch(images, length)` -> (patches [N, length, p*p*3], spatial_shapes int32 [N, 2],
+  mask bool [N, length]) — the inputs of `CLIP.encode_patches`; `length` defaults to
+  max_patches (transformers pads to it), `bucket_length` gives a shorter one.
+  """
+
+  patch_size: int = 16
+  max_patches: int = 256
+  mean: tuple[float, float, float] = configs.INCEPTION_MEAN
+  std: tuple[float, float, float] = configs.INCEPTION_STD
+  interpolation: str = "bilinear"
+
+  def __post_init__(self):
+    if self.patch_size < 1 or self.max_patches < 1:
+      raise ValueError(f"patch_size and max_patches must be positive, got {self.patch_size}, "
+                       f"{self.max_patches}")
+    if self.interpolation not in _INTERPOLATIONS:
+      raise ValueError(f"interpolation {self.interpolation!r} is not one of {tuple(_INTERPOLATIONS)}")
+
+  def resize(self, image: ImageLike) -> Image.Image:
+    """The RGB image resized to its patch grid within the budget (`naflex_size`)."""
+    image = to_pil(image).convert("RGB")
+    h, w = naflex_size(image.height, image.width, self.patch_size, self.max_patches)
+    if (h, w) != (image.height, image.width):
+      image = image.resize((w, h), _INTERPOLATIONS[self.interpolation])
+    return image
+
+  def __call__(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int]]:
+    pixels = np.asarray(self.resize(image))
+    # transformers' order of float operations: rescale in float64, then normalize in float32
+    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+    p = self.patch_size
+    return patchify(x, p), (x.shape[0] // p, x.shape[1] // p)
+
+  def batch(self, images: Sequence[ImageLike], length: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patches [N, length, p*p*3], spatial_shapes int32 [N, 2], mask bool [N, length])."""
+    return pad_patches([self(im) for im in images], length or self.max_patches,
+                       3 * self.patch_size ** 2)
+
+
+def pad_patches(items: Sequence[tuple[np.ndarray, tuple[int, int]]], length: int, dim: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(patches, spatial_shapes, mask) of per-image (patches [n, dim], (rows, cols)), zero-padded
+  to `length` patches (one-line error for an image with more)."""
+  patches = np.zeros((len(items), length, dim), np.float32)
+  shapes = np.zeros((len(items), 2), np.int32)
+  mask = np.zeros((len(items), length), bool)
+  for i, (x, shape) in enumerate(items):
+    if len(x) > length:
+      raise ValueError(f"image {i} has {len(x)} patches ({shape[0]}x{shape[1]}), over the padded "
+                       f"length {length}")
+    patches[i, :len(x)], shapes[i], mask[i, :len(x)] = x, shape, True
+  return patches, shapes, mask
+
+
+def naflex_preprocess(config: Any, max_patches: int | None = None) -> NaFlexPreprocess:
+  """The NaFlex preprocess of a NaFlex model config (its patch size, mean/std, and budget:
+  `max_patches`, else the config's, else its position grid's size)."""
+  v = config.vision
+  if not getattr(v, "naflex", False):
+    raise ValueError("naflex_preprocess needs a NaFlex (SigLIP 2) model config")
+  budget = max_patches or v.max_patches or v.grid_size ** 2
+  return NaFlexPreprocess(v.patch_size, budget, tuple(config.image_mean), tuple(config.image_std))
 
 
 # ----------------------------------------------------------------------------- train augmentation

@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from zoo import convert, errors
-from zoo.convert import clip_moe, long_clip, mclip, push
+from zoo.convert import clip_moe, common, long_clip, mclip, push
 from zoo.convert.io import read_state_dict, write_safetensors
 from zoo.weights import model_dir
 
@@ -54,6 +54,8 @@ COMMANDS = ("from-open-clip", "to-open-clip", "from-hf", "to-hf", *_LAYOUTS)
 
 def _open_clip_or_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
   if args.command.startswith("from-"):
+    if args.command == "from-open-clip" and args.model:
+      common.resolve_config(args.model)  # an unknown name fails before a large file is read
     state_dict = read_state_dict(args.input)
     if args.command == "from-open-clip":
       if not args.model:

@@ -76,6 +76,8 @@ class FieldHook(Protocol):
   (raising webdataset.SkipSample for an unusable one)."""
 
   fields: Mapping[str, str]
+  # optional `ragged`: field -> longest length, for per-sample arrays of varying length (see
+  # `collate`)
 
   def __call__(self, sample: Mapping[str, Any], view: SampleView) -> dict[str, np.ndarray]:
     ...
@@ -246,8 +248,19 @@ class HostSliceMapDataset(grain.MapDataset):
 # ----------------------------------------------------------------------------- batching iterator
 
 
-def collate(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+def collate(samples: Sequence[Mapping[str, np.ndarray]],
+            ragged: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+  """Stacks the samples' fields; a `ragged` field (field -> its longest allowed length, e.g.
+  NaFlex patches) is zero-padded to `transforms.bucket_length` of the batch's longest."""
+  ragged = ragged or {}
+  out = {}
+  for k in samples[0]:
+    rows = [np.asarray(s[k]) for s in samples]
+    if k in ragged:
+      n = transforms.bucket_length(max(len(r) for r in rows), ragged[k])
+      rows = [np.pad(r, [(0, n - len(r))] + [(0, 0)] * (r.ndim - 1)) for r in rows]
+    out[k] = np.stack(rows)
+  return out
 
 
 class DataIterator(Iterator[dict]):
@@ -259,8 +272,9 @@ class DataIterator(Iterator[dict]):
   """
 
   def __init__(self, dataset: grain.IterDataset, batch_size: int, *, max_consecutive_skips: int,
-               description: str = ""):
+               description: str = "", ragged: Mapping[str, int] | None = None):
     self._dataset = dataset
+    self._ragged = dict(ragged or {})
     self._it = iter(dataset)
     self.batch_size = int(batch_size)
     self._max_skips = int(max_consecutive_skips)
@@ -292,7 +306,7 @@ class DataIterator(Iterator[dict]):
         continue
       consecutive = 0
       items.append(item)
-    return collate(items)
+    return collate(items, self._ragged)
 
   def get_state(self) -> dict[str, Any]:
     return {"grain": self._it.get_state(), "skipped": int(self.skipped),
@@ -392,4 +406,6 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
   it_ds = ds.to_iter_dataset(read)
   log.info("data: %s, host %d/%d, host batch %d, fields %s", description, process_index,
            process_count, b, ",".join(fields))
-  return DataIterator(it_ds, b, max_consecutive_skips=max(1000, 2 * size), description=description)
+  ragged = {k: n for h in hooks for k, n in getattr(h, "ragged", {}).items() if k in fields}
+  return DataIterator(it_ds, b, max_consecutive_skips=max(1000, 2 * size), description=description,
+                      ragged=ragged)

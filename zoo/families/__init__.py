@@ -7,7 +7,18 @@ eval kinds are read from this list by zoo.eval.suite (nothing registers them by 
 
 from __future__ import annotations
 
-from zoo.families import clip, coca, distill, llm2clip, long_clip, moe, multilingual, prompt, region
+from zoo.families import (
+    clip,
+    coca,
+    distill,
+    llm2clip,
+    long_clip,
+    moe,
+    multilingual,
+    naflex,
+    prompt,
+    region,
+)
 from zoo.families.base import Family, LossContext
 
 FAMILIES: tuple[Family, ...] = (
@@ -20,6 +31,7 @@ FAMILIES: tuple[Family, ...] = (
     llm2clip.FAMILY,
     prompt.FAMILY,
     coca.FAMILY,
+    naflex.FAMILY,
 )
 
 _REGISTRY: dict[str, Family] = {}

@@ -266,7 +266,11 @@ def register(name: str, config: CLIPConfig) -> None:
 def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
   """The config of `name`, with top-level fields or nested `vision=`/`text=` dicts replaced."""
   if name not in _MODELS:
-    raise ValueError(f"Unknown model {name!r}; known models: {', '.join(list_architectures())}")
+    known = list_architectures()
+    hint = errors.did_you_mean(name, known)
+    listing = ("see zoo.list_models()" if hint
+               else f"known models: {', '.join(known)}")
+    raise ValueError(f"Unknown model {name!r}{hint}; {listing}")
   return apply_overrides(_MODELS[name], **overrides)
 
 

@@ -83,9 +83,14 @@ def _import_zoo(qualname: str) -> Any:
     raise layout.CheckpointError(f"checkpoint names class {qualname!r} outside the zoo package; refusing "
                           "to import it")
   try:
-    return getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
+    found = importlib.import_module(module)
+  except ImportError as e:
     raise layout.CheckpointError(f"checkpoint needs {qualname!r}, which this zoo version lacks: {e}") from e
+  if not isinstance(getattr(found, name, None), type):
+    known = [k for k, v in vars(found).items() if isinstance(v, type) and v.__module__ == module]
+    raise layout.CheckpointError(f"checkpoint needs architecture class {qualname!r}, which this zoo "
+                                 f"version lacks{errors.did_you_mean(name, known)}")
+  return getattr(found, name)
 
 
 def _shape_problems(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> list[str]:

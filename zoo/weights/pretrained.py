@@ -101,7 +101,7 @@ def get_pretrained_cfg(name: str, tag: str) -> dict[str, Any]:
   """The table entry of (name, tag); one-line hub.PretrainedError naming the valid tags."""
   models = _models()
   if name not in models:
-    hint = ""
+    hint = errors.did_you_mean(name, models)
     if name in table().get("unsupported", {}):
       hint = f" (open_clip has weights for it, but {table()['unsupported'][name]['reason']})"
     raise hub.PretrainedError(f"model {name!r} has no pretrained weights in zoo{hint}; "
