@@ -22,9 +22,10 @@ from zoo.models import configs, sharding
 from zoo.train import loop, step as train_step
 from zoo.weights import hub, model_dir
 
-# SigLIP 2's towers train in the NaFlex demo below (the same towers, patches in, in place of a
-# fixed grid); configs/siglip2_demo.py is checked to build them (a 5th compile would cost ~8 s).
-DEMOS = ("siglip_demo", "clipa_demo", "metaclip2_demo")
+# One demo config per transformer family of open_clip's table (SigLIP 2's NaFlex form trains
+# in the NaFlex demo below).
+DEMOS = ("siglip_demo", "siglip2_demo", "clipa_demo", "metaclip2_demo", "eva02_demo",
+         "pe_core_demo")
 
 
 def demo_config(name: str, **model):
@@ -50,7 +51,8 @@ def test_demo_config_trains_3_steps(name, tmp_path):
   assert summary["step"] == 3 and np.all(np.isfinite(summary["losses"])), summary["losses"]
   model = summary["trainer"].model()
   v = model.config.vision
-  assert v.pool == {"siglip_demo": "map", "clipa_demo": "avg", "metaclip2_demo": "tok"}[name]
+  assert v.pool == {"siglip_demo": "map", "siglip2_demo": "map", "clipa_demo": "avg",
+                    "metaclip2_demo": "tok", "eva02_demo": "token", "pe_core_demo": "map"}[name]
   assert (model.logit_bias is not None) == ("siglip" in name)
 
 
@@ -85,7 +87,7 @@ def lower_for_tpu(config, batch: dict):
   return model, text
 
 
-@pytest.mark.parametrize("name", ["siglip_demo", "clipa_demo"])
+@pytest.mark.parametrize("name", ["siglip_demo", "clipa_demo", "eva02_demo", "pe_core_demo"])
 def test_towers_lower_for_tpu(name):
   config = demo_config(name)
   config.dtype = "bfloat16"
@@ -93,7 +95,10 @@ def test_towers_lower_for_tpu(name):
            "tokens": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
   model, text = lower_for_tpu(config, batch)
   assert "bf16" in text and len(text) > 10000
-  assert (model.visual.attn_pool is not None) == (name == "siglip_demo")
+  if "eva" in name or "pe_core" in name:  # timm's Eva trunk: rotary positions, EVA02 SwiGLU
+    assert model.config.vision.rope and (model.config.vision.pool == "map") == ("pe" in name)
+  else:
+    assert (model.visual.attn_pool is not None) == (name == "siglip_demo")
 
 
 def test_unknown_architecture_names_the_nearest_one(tmp_path):

@@ -451,8 +451,7 @@ def generate(model: CoCa, images: Array, *, seq_len: int = 30, generation_type: 
 def _coca(embed: int, image: tuple, text: tuple, pooler_heads: int, queries: int = 256
           ) -> CoCaConfig:
   """image (size, patch, width, layers, heads), text = decoder (width, heads, layers)."""
-  size, patch, width, layers, heads = image
-  t_width, t_heads, t_layers = text
+  (size, patch, width, layers, heads), (t_width, t_heads, t_layers) = image, text
   return CoCaConfig(
       embed_dim=embed,
       vision=CoCaVisionConfig(image_size=size, patch_size=patch, width=width, layers=layers,
@@ -468,3 +467,4 @@ COCAS = {"coca_ViT-B-32": _coca(512, (224, 32, 768, 12, 12), (512, 8, 12), 8),
          "coca-demo-tiny": _coca(64, (32, 8, 64, 2, 2), (64, 2, 2), 2, queries=8)}
 for _name, _config in COCAS.items():
   registry.register(_name, _config)
+clip_lib.MODEL_CLASSES[CoCaConfig] = CoCa

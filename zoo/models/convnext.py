@@ -182,3 +182,6 @@ CONVNEXTS = {
 }
 for _name, _config in CONVNEXTS.items():
   registry.register(_name, _config)
+
+
+clip_lib.MODEL_CLASSES[ConvNeXtCLIPConfig] = ConvNeXtCLIP  # built by clip.create / from_config

@@ -366,3 +366,6 @@ def trunk_config(trunk: str, image_size: int) -> EvaVisionConfig:
 
 for _name, (_trunk, _size, _embed, _txt, _extra) in EVAS.items():
   registry.register(_name, EvaCLIPConfig(_embed, trunk_config(_trunk, _size), _txt, **_extra))
+
+
+clip_lib.MODEL_CLASSES[EvaCLIPConfig] = EvaCLIP  # built by clip.create / from_config

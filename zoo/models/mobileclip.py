@@ -467,3 +467,4 @@ MOBILECLIPS.update({
 })
 for _name, _config in MOBILECLIPS.items():
   registry.register(_name, _config)
+clip_lib.MODEL_CLASSES.update({MobileCLIPConfig: MobileCLIP, MobileCLIPViTConfig: MobileCLIPViT})

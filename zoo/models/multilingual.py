@@ -346,3 +346,6 @@ def student_only(model: nnx.Module) -> nnx.Module:
     model = nnx.merge(graphdef, state)  # a copy, so the trainer's model keeps its teacher
     model.teacher_text = None
   return model
+
+
+clip_lib.MODEL_CLASSES[MultilingualCLIPConfig] = MultilingualCLIP  # built by clip.create / from_config

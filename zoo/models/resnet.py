@@ -226,3 +226,6 @@ RESNETS = {
 for _name, _config in RESNETS.items():
   registry.register(_name, _config)
   registry.register(f"{_name}-quickgelu", dataclasses.replace(_config, quick_gelu=True))
+
+
+clip_lib.MODEL_CLASSES[ResNetCLIPConfig] = ResNetCLIP  # built by clip.create / from_config

@@ -29,14 +29,8 @@ from zoo.convert import clip_moe, hf_siglip, llm2clip, long_clip, mclip, open_cl
 from zoo.convert.io import write_safetensors
 from zoo.models import (
   clip as clip_lib,
-  coca,
   configs,
-  convnext,
-  eva,
-  mobileclip,
   multilingual,
-  resnet,
-  vitamin,
 )
 from zoo.version import __version__
 from zoo.weights import hub, layout, model_dir
@@ -371,22 +365,6 @@ def create(name: str, *, pretrained: str | None = None, seed: int = 0, revision:
                             f"{list_pretrained_tags(name)[0]!r} (tags: "
                             f"{', '.join(list_pretrained_tags(name))})")
     config = configs.get_model_config(name, **overrides)
-    if isinstance(config, multilingual.MultilingualCLIPConfig):  # a Hugging Face text tower
-      return multilingual.MultilingualCLIP(config, rngs=nnx.Rngs(seed))
-    if isinstance(config, resnet.ResNetCLIPConfig):
-      return resnet.ResNetCLIP(config, rngs=nnx.Rngs(seed))
-    if isinstance(config, convnext.ConvNeXtCLIPConfig):
-      return convnext.ConvNeXtCLIP(config, rngs=nnx.Rngs(seed))
-    if isinstance(config, vitamin.ViTaminCLIPConfig):
-      return vitamin.ViTaminCLIP(config, rngs=nnx.Rngs(seed))
-    if isinstance(config, mobileclip.MobileCLIPConfig):
-      return mobileclip.MobileCLIP(config, rngs=nnx.Rngs(seed))
-    if isinstance(config, mobileclip.MobileCLIPViTConfig):
-      return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(seed))
-    if isinstance(config, eva.EvaCLIPConfig):
-      return eva.EvaCLIP(config, rngs=nnx.Rngs(seed))
-    if isinstance(config, coca.CoCaConfig):
-      return coca.CoCa(config, rngs=nnx.Rngs(seed))
     return clip_lib.from_config(config, seed=seed)
   if overrides:
     raise hub.PretrainedError(f"overrides {sorted(overrides)} cannot change a pretrained model's "
