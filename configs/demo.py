@@ -10,13 +10,15 @@ def get_config():
   c = base.base_config()
   c.model = "demo-tiny"
   c.context_length = 32  # demo captions are short; the model reads up to 77
-  c.batch_size = 128
-  c.total_steps = 300
-  c.warmup_steps = 30
+  # 250 steps of 64 (16k scenes, each seen once): held-out zero-shot top-1 >= 0.6 in about half
+  # the train-step FLOPs of the earlier 300 x 128 schedule; one eval, at the end.
+  c.batch_size = 64
+  c.total_steps = 250
+  c.warmup_steps = 25
   c.lr = 1e-3
   c.weight_decay = 0.1
-  c.checkpoint_every = 100
-  c.eval_every = 150
+  c.checkpoint_every = 125
+  c.eval_every = 250
   c.log_every = 10
   c.data.size = 40000
   c.data.eval_size = 480
