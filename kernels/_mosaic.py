@@ -2,7 +2,9 @@
 
 * `_stats_kernel` (softmax forward, 1 matmul unit per call): grid (row block "parallel", column
   block "arbitrary", d chunk "arbitrary"); running row max / sum in VMEM scratch, the rows'
-  log-sum-exp out. Called twice (rows of x @ y.T, then of y @ x.T): O(B) statistics.
+  log-sum-exp out. Called twice (rows of x @ y.T, then of y @ x.T): O(B) statistics. With
+  `sigmoid`, the rows' sums of -log sigmoid(+-z) instead: the SigLIP loss alone, for calls
+  without gradients (evaluation), 1 unit instead of the gradient kernel's 3.
 * `_grads_kernel` (softmax backward, sigmoid forward, 3 units): grid (core half "parallel",
   column block, row block); each tile is computed once and feeds G @ y_j and G.T @ x_i. G.T @ x
   accumulates in the resident output block over the inner row axis; G @ y accumulates over the
