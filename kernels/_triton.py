@@ -9,7 +9,7 @@
   G.T is the G of that problem), so the backward is two passes of 2 units (5 -> 6 for the
   softmax) and no output is shared between programs: no atomics, bitwise repeatable. The
   [rows, d] fp32 accumulator (d up to 1024: too big for registers) is read, added to and
-  written back per column block by its owning program (L2-resident), a CTA barrier between
+  written back per column block by its owning program (L2-resident, unmeasured), a barrier between
   column blocks. Softmax tiles subtract the targets in fp32 (`softmax_g`); fp32 operands
   multiply at precision HIGHEST (IEEE fp32, not TF32) unless the caller set
   `jax.default_matmul_precision`. `sigmoid_loss_call`: the loss alone (1 unit, no gradients).
