@@ -3,8 +3,11 @@
 1. Parity at B=4096, d=768 against impl="reference", values and all gradients: fp32 with
    default_matmul_precision="highest" (tolerance 1e-4 of each quantity's magnitude), bf16 inputs
    (tolerance 3e-2: the kernels round probabilities to bf16 before the gradient matmuls).
-2. Forward+backward time and peak memory of reference / xla / pallas at B in {32768, 131072},
-   d=768, bf16, each in a fresh process (bench/contrastive_loss.py's measurement).
+2. Forward+backward time, TFLOP/s (of the 3 x 2 B^2 d matmul work a softmax fwd+bwd needs) and
+   peak memory of reference / xla / pallas at B in {32768, 131072}, d=768, bf16, each in a fresh
+   process (bench/contrastive_loss.py's measurement); and the pallas kernels timed apart
+   (`kernel_times`: softmax statistics, softmax gradients, sigmoid gradients, sigmoid loss
+   alone) with the TFLOP/s of the matmul work they execute.
 3. The largest B each impl runs: doubling from 32768 to --max_batch, each try in a fresh process
    with a timeout; stops at the first failure or when the time budget is spent.
 4. Per row against float64 numpy at logit scale 100 (softmax: half confident pairs, half hard;
@@ -138,6 +141,55 @@ def float64_rows(batch: int, dim: int, impls) -> list[dict]:
   return rows
 
 
+# Matmul units (2 B^2 d FLOPs each) each pallas kernel call executes: Triton (GPU) / Mosaic (TPU).
+KERNEL_UNITS = {"softmax_stats": (2, 2), "softmax_grads": (4, 3), "sigmoid_grads": (4, 3),
+                "sigmoid_loss": (1, 1)}
+
+
+def kernel_times(batch: int, dim: int, dtype: str, repeats: int) -> list[dict]:
+  """The pallas kernels alone, each jitted by itself: median of `repeats` after a warm-up, and
+  TFLOP/s of the matmul work each executes (KERNEL_UNITS: the softmax statistics are two row
+  passes; the GPU gradients a row and a column pass, each recomputing the logits tile)."""
+  import statistics
+
+  import jax
+  import jax.numpy as jnp
+
+  from zoo.kernels import _pallas
+
+  x, y = bench._inputs(batch, dim, dtype)
+  s, b, off = jnp.float32(10.0), jnp.float32(-10.0), jnp.int32(0)
+  targets = jnp.asarray([2.0, 0.0], jnp.float32)
+  lse = jax.jit(lambda x, y, s: _pallas.softmax_stats(x, y, s, None))(x, y, s)
+  fns = {
+      "softmax_stats": lambda x, y, s, b, lr, lc: _pallas.softmax_stats(x, y, s, None),
+      "softmax_grads": lambda x, y, s, b, lr, lc: _pallas.softmax_grads(
+          x, y, s, lr, lc, targets, off, None),
+      "sigmoid_grads": lambda x, y, s, b, lr, lc: _pallas.sigmoid_grads(x, y, s, b, off, None),
+      "sigmoid_loss": lambda x, y, s, b, lr, lc: _pallas.sigmoid_stats(x, y, s, b, off, None),
+  }
+  tpu = jax.default_backend() == "tpu"
+  rows = []
+  for name, fn in fns.items():
+    row = {"check": "kernel", "impl": "pallas", "kind": name, "dtype": dtype, "batch": batch,
+           "dim": dim, "units": KERNEL_UNITS[name][tpu]}
+    try:
+      step = jax.jit(fn)
+      args = (x, y, s, b, *lse)
+      jax.block_until_ready(step(*args))
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(*args))
+        times.append(time.perf_counter() - t0)
+      t = statistics.median(times)
+      row.update(time_s=t, tflops=row["units"] * 2 * batch * batch * dim / t / 1e12)
+    except Exception as e:  # recorded, not fatal
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    rows.append(row)
+  return rows
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU dry run)")
@@ -181,7 +233,17 @@ def main(argv=None) -> int:
       if reason is None and left() < 20:
         reason = "time budget spent"
       r = {**cfg, "skipped": reason} if reason else bench.run_child(cfg, per_timeout())
+      if "time_s" in r:
+        r["tflops"] = 3 * 2 * batch * batch * dim / r["time_s"] / 1e12
       rows.append({"check": "timing", **r})
+    if left() < 20:
+      rows.append({"check": "kernel", "impl": "pallas", "batch": batch,
+                   "skipped": "time budget spent"})
+      continue
+    try:
+      rows += kernel_times(batch, dim, dtype, 3)
+    except Exception:
+      rows.append({"check": "kernel", "batch": batch, "error": traceback.format_exc()[-600:]})
   for impl in IMPLS:
     best, b, why = None, start_b, "reached --max_batch"
     while b <= max_b:
@@ -214,8 +276,11 @@ def main(argv=None) -> int:
                                f"dscale {r['dscale_rel']:.1e}, bitwise repeatable "
                                f"{r['bitwise']}")
     elif c == "timing":
-      res = r.get("skipped") or (f"{r['time_s'] * 1e3:9.1f} ms  "
+      res = r.get("skipped") or (f"{r['time_s'] * 1e3:9.1f} ms  {r['tflops']:7.1f} TFLOP/s  "
                                  f"{r['memory_bytes'] / 2**20:10.1f} MiB  ({r['memory_measure']})")
+    elif c == "kernel":
+      res = r.get("skipped") or r.get("error") or (
+          f"{r['time_s'] * 1e3:9.1f} ms  {r['tflops']:7.1f} TFLOP/s  ({r['units']} x 2 B^2 d)")
     else:
       mb = r["memory_bytes"]
       res = (f"max B {r['max_batch']}" + (f" ({mb / 2**20:.0f} MiB)" if mb else "")

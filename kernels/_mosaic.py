@@ -2,7 +2,9 @@
 
 * `_stats_kernel` (softmax forward, 1 matmul unit per call): grid (row block "parallel", column
   block "arbitrary", d chunk "arbitrary"); running row max / sum in VMEM scratch, the rows'
-  log-sum-exp out. Called twice (rows of x @ y.T, then of y @ x.T): O(B) statistics.
+  log-sum-exp out. Called twice (rows of x @ y.T, then of y @ x.T): O(B) statistics. With
+  `sigmoid`, the rows' sums of -log sigmoid(+-z) instead: the SigLIP loss alone, for calls
+  without gradients (evaluation), 1 unit instead of the gradient kernel's 3.
 * `_grads_kernel` (softmax backward, sigmoid forward, 3 units): grid (core half "parallel",
   column block, row block); each tile is computed once and feeds G @ y_j and G.T @ x_i. G.T @ x
   accumulates in the resident output block over the inner row axis; G @ y accumulates over the
@@ -137,11 +139,21 @@ def _pad2(a: Array, rows: int, cols: int) -> Array:
   return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
 
 
-# ----------------------------------------------------------------------------- softmax stats
+# ----------------------------------------------------------------------------- row statistics
 
 
-def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, m_sc, s_sc, *zacc, n: int, nk: int):
-  j, k = pl.program_id(1), pl.program_id(2)
+def _softplus(z: Array) -> Array:
+  return jnp.maximum(z, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
+def _stats_kernel(*refs, n: int, nk: int, sigmoid: bool = False, m: int = 0):
+  """Row log-sum-exp of the tiles (softmax), or the rows' sums of -log sigmoid(+-z) (sigmoid:
+  the loss alone, no gradients; positives where column - row == offset)."""
+  if sigmoid:
+    p_ref, o_ref, x_ref, y_ref, lse_ref, m_sc, s_sc, *zacc = refs
+  else:
+    p_ref, x_ref, y_ref, lse_ref, m_sc, s_sc, *zacc = refs
+  i, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   nj = pl.num_programs(1)
   br, bc = x_ref.shape[0], y_ref.shape[0]
 
@@ -164,45 +176,69 @@ def _stats_kernel(p_ref, x_ref, y_ref, lse_ref, m_sc, s_sc, *zacc, n: int, nk: i
   def _():
     z = p_ref[0] * (zacc[0][...] if nk > 1 else part)
     cols = j * bc + lax.broadcasted_iota(jnp.int32, (br, bc), 1)
-    zr = jnp.where(cols < n, z, -jnp.inf)
-    m_old = m_sc[...]
-    m_new = jnp.maximum(m_old, jnp.max(zr, axis=1, keepdims=True))
-    s_sc[...] = (s_sc[...] * jnp.exp(m_old - m_new)
-                 + jnp.sum(jnp.exp(zr - m_new), axis=1, keepdims=True))
-    m_sc[...] = m_new
+    if sigmoid:
+      rows = i * br + lax.broadcasted_iota(jnp.int32, (br, bc), 0)
+      zs = jnp.where((cols - rows) == o_ref[0], -(z + p_ref[1]), z + p_ref[1])
+      sp = jnp.where((rows < m) & (cols < n), _softplus(zs), 0.0)
+      s_sc[...] += jnp.sum(sp, axis=1, keepdims=True)
+    else:
+      zr = jnp.where(cols < n, z, -jnp.inf)
+      m_old = m_sc[...]
+      m_new = jnp.maximum(m_old, jnp.max(zr, axis=1, keepdims=True))
+      s_sc[...] = (s_sc[...] * jnp.exp(m_old - m_new)
+                   + jnp.sum(jnp.exp(zr - m_new), axis=1, keepdims=True))
+      m_sc[...] = m_new
 
     @pl.when(j == nj - 1)
     def _():
-      lse_ref[...] = m_sc[...] + jnp.log(s_sc[...])
+      lse_ref[...] = s_sc[...] if sigmoid else m_sc[...] + jnp.log(s_sc[...])
+
+
+def _row_call(x: Array, y: Array, params: Array, block: int | None, offset: Array | None,
+              interpret, name: str) -> Array:
+  """[m] per-row statistic of z = scale * x @ y.T: log-sum-exp, or (with `offset`) the sigmoid
+  loss' row sums."""
+  (m, d), n = x.shape, y.shape[0]
+  p = plan_stats(m, n, d, x.dtype.itemsize, block)
+  br, bc, dk = p.br, p.bc, p.dk
+  mp, np_, nk = _round_up(m, br), _round_up(n, bc), p.dp // p.dk
+  sigmoid = offset is not None
+  kernel = functools.partial(_stats_kernel, n=n, nk=nk, sigmoid=sigmoid, m=m)
+  scratch = [pltpu.VMEM((br, 1), jnp.float32), pltpu.VMEM((br, 1), jnp.float32)]
+  if nk > 1:
+    scratch.append(pltpu.VMEM((br, bc), jnp.float32))
+  args = [params] + ([jnp.reshape(offset, (1,)).astype(jnp.int32)] if sigmoid else [])
+  args += [_pad2(x, mp, p.dp), _pad2(y.astype(x.dtype), np_, p.dp)]
+  args = varying_like(args, *args)
+  in_specs = [_smem()] * (2 if sigmoid else 1)
+  in_specs += [pl.BlockSpec((br, dk), lambda i, j, k: (i, k)),
+               pl.BlockSpec((bc, dk), lambda i, j, k: (j, k))]
+  out = pl.pallas_call(
+      kernel,
+      grid=(mp // br, np_ // bc, nk), in_specs=in_specs,
+      out_specs=pl.BlockSpec((br, 1), lambda i, j, k: (i, 0)),
+      out_shape=out_struct((mp, 1), args[-1]),
+      scratch_shapes=scratch,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+          vmem_limit_bytes=p.limit),
+      interpret=interpret, name=name,
+  )(*args)
+  return out[:m, 0]
+
+
+def sigmoid_loss_call(x: Array, y: Array, params: Array, offset: Array, block: int | None, *,
+                      interpret=False) -> Array:
+  """The sigmoid loss sum alone (no gradients: one matmul unit), e.g. for evaluation.
+  params: [scale, bias, ...]."""
+  return jnp.sum(_row_call(x, y, params[:2], block, offset, interpret,
+                           "contrastive_sigmoid_loss"))
 
 
 def row_lse_call(x: Array, y: Array, scale: Array, block: int | None, *,
                  interpret=False) -> Array:
   """Log-sum-exp over y of each row of z = scale * x @ y.T [m] (O(m) output)."""
-  (m, d), n = x.shape, y.shape[0]
-  p = plan_stats(m, n, d, x.dtype.itemsize, block)
-  br, bc, dk = p.br, p.bc, p.dk
-  mp, np_, nk = _round_up(m, br), _round_up(n, bc), p.dp // p.dk
-  kernel = functools.partial(_stats_kernel, n=n, nk=nk)
-  scratch = [pltpu.VMEM((br, 1), jnp.float32), pltpu.VMEM((br, 1), jnp.float32)]
-  if nk > 1:
-    scratch.append(pltpu.VMEM((br, bc), jnp.float32))
-  args = varying_like([_params(scale), _pad2(x, mp, p.dp), _pad2(y.astype(x.dtype), np_, p.dp)],
-                      x, y, scale)
-  lse = pl.pallas_call(
-      kernel,
-      grid=(mp // br, np_ // bc, nk),
-      in_specs=[_smem(), pl.BlockSpec((br, dk), lambda i, j, k: (i, k)),
-                pl.BlockSpec((bc, dk), lambda i, j, k: (j, k))],
-      out_specs=pl.BlockSpec((br, 1), lambda i, j, k: (i, 0)),
-      out_shape=out_struct((mp, 1), args[1]),
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary", "arbitrary"),
-          vmem_limit_bytes=p.limit),
-      interpret=interpret, name="contrastive_softmax_stats",
-  )(*args)
-  return lse[:m, 0]
+  return _row_call(x, y, _params(scale), block, None, interpret, "contrastive_softmax_stats")
 
 
 def softmax_stats_call(x: Array, y: Array, scale: Array, block: int | None, *,
@@ -214,10 +250,6 @@ def softmax_stats_call(x: Array, y: Array, scale: Array, block: int | None, *,
 
 
 # ----------------------------------------------------------------------------- gradients
-
-
-def _softplus(z: Array) -> Array:
-  return jnp.maximum(z, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
 
 
 def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, nh: int):

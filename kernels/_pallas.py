@@ -12,12 +12,15 @@ The choice follows the platform being lowered for (`jax.lax.platform_dependent`)
 default backend: `jit(loss).lower(...)` for TPU devices on a CPU host (an AOT compile with
 libtpu) gets the Mosaic kernels. `use_target` forces one target (the TPU interpreter, or
 lowering for TPU / GPU).
+impl="auto" (`AUTO`) is the same dispatch with the xla backend on every other platform.
 The Mosaic GPU backend (JAX's default for a pallas_call without compiler params) is not used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from typing import Iterator
 
 import jax
@@ -74,20 +77,31 @@ def _check_interpret(t: str, *xs: Array) -> None:
         "shard_map (the loss handles both modes) or use impl='xla' on CPU")
 
 
-def _dispatch(kernel, fallback, *args):
+def _cuda_supported() -> bool:
+  """Whether the CUDA devices (if this process has any) are ones the Triton kernels serve; with
+  none (an AOT compile for GPU from another host) they are assumed to (sm_80+)."""
+  try:
+    devices = jax.devices("cuda")
+  except RuntimeError:
+    return True
+  return gpu_supported(devices[0])
+
+
+def _dispatch(kernel, fallback, *args, auto: bool = False):
   """kernel(module, interpret, *args) for the platform being lowered for, not the default
   backend (`jax.lax.platform_dependent`): TPU -> Mosaic, CUDA -> Triton, elsewhere the GPU
   kernels interpreted, or, inside shard_map(check_vma=True) (where the interpreter fails),
-  `fallback(*args)` (the xla backend). A `use_target` target is traced as forced."""
+  `fallback(*args)` (the xla backend). `auto` (impl="auto"): `fallback` on every platform but
+  TPU and the CUDA GPUs the kernels serve. A `use_target` target is traced as forced."""
   t = target()
   if t is not None:
     _check_interpret(t, *args[:2])
     return kernel(*_module(t), *args)
-  default = (fallback if any(_blockwise.vma_of(a) for a in args[:2])
+  default = (fallback if auto or any(_blockwise.vma_of(a) for a in args[:2])
              else lambda *a: kernel(_triton, True, *a))
+  cuda = (lambda *a: kernel(_triton, False, *a)) if not auto or _cuda_supported() else fallback
   return jax.lax.platform_dependent(
-      *args, tpu=lambda *a: kernel(_mosaic, False, *a),
-      cuda=lambda *a: kernel(_triton, False, *a), default=default)
+      *args, tpu=lambda *a: kernel(_mosaic, False, *a), cuda=cuda, default=default)
 
 
 def _params(scale: Array, bias: Array | float = 0.0, targets: Array | None = None) -> Array:
@@ -101,26 +115,29 @@ def _xla_block(block: int | None) -> int:
   return block or 512
 
 
-def softmax_stats(x: Array, y: Array, scale: Array, block: int | None) -> tuple[Array, Array]:
+def softmax_stats(x: Array, y: Array, scale: Array, block: int | None, *,
+                  auto: bool = False) -> tuple[Array, Array]:
   """(logsumexp over y for each row of x [m], logsumexp over x for each row of y [n])."""
   return _dispatch(
       lambda mod, interp, *a: mod.softmax_stats_call(*a, block, interpret=interp),
-      lambda *a: _blockwise.softmax_stats(*a, _xla_block(block)), x, y, scale)
+      lambda *a: _blockwise.softmax_stats(*a, _xla_block(block)), x, y, scale, auto=auto)
 
 
 def softmax_grads(x: Array, y: Array, scale: Array, lse_rows: Array, lse_cols: Array,
-                  targets: Array, offset: Array, block: int | None) -> tuple[Array, Array]:
+                  targets: Array, offset: Array, block: int | None, *,
+                  auto: bool = False) -> tuple[Array, Array]:
   """(G @ y [m, d], G.T @ x [n, d]) with G = `_blockwise.softmax_g` (targets subtracted)."""
   def kernel(mod, interp, x, y, scale, lr, lc, targets, offset):
     return tuple(mod.grads_call(x, y, _params(scale, 0.0, targets), block, sigmoid=False,
                                 lse_rows=lr, lse_cols=lc, offset=offset, interpret=interp))
 
   fallback = lambda *a: _blockwise.softmax_grads(*a, _xla_block(block))
-  return _dispatch(kernel, fallback, x, y, scale, lse_rows, lse_cols, targets, offset)
+  return _dispatch(kernel, fallback, x, y, scale, lse_rows, lse_cols, targets, offset,
+                   auto=auto)
 
 
 def sigmoid_grads(x: Array, y: Array, scale: Array, bias: Array, offset: Array,
-                  block: int | None) -> tuple[Array, Array, Array, Array]:
+                  block: int | None, *, auto: bool = False) -> tuple[Array, Array, Array, Array]:
   """(sum of -log sigmoid(+-z_ij), G @ y, G.T @ x, sum G) with G = sigmoid(z) - [positive]."""
   def kernel(mod, interp, x, y, scale, bias, offset):
     gx, gy, loss, g_sum = mod.grads_call(x, y, _params(scale, bias), block, sigmoid=True,
@@ -128,10 +145,20 @@ def sigmoid_grads(x: Array, y: Array, scale: Array, bias: Array, offset: Array,
     return loss, gx, gy, g_sum
 
   fallback = lambda *a: _blockwise.sigmoid_grads(*a, _xla_block(block))
-  return _dispatch(kernel, fallback, x, y, scale, bias, offset)
+  return _dispatch(kernel, fallback, x, y, scale, bias, offset, auto=auto)
 
 
 def sigmoid_stats(x: Array, y: Array, scale: Array, bias: Array, offset: Array,
-                  block: int | None) -> Array:
-  """The loss sum alone (the gradient kernel's; its gradients are dropped)."""
-  return sigmoid_grads(x, y, scale, bias, offset, block)[0]
+                  block: int | None, *, auto: bool = False) -> Array:
+  """The loss sum alone (a forward-only kernel: no gradient is computed)."""
+  def kernel(mod, interp, x, y, scale, bias, offset):
+    return mod.sigmoid_loss_call(x, y, _params(scale, bias), offset, block, interpret=interp)
+
+  fallback = lambda *a: _blockwise.sigmoid_stats(*a, _xla_block(block))
+  return _dispatch(kernel, fallback, x, y, scale, bias, offset, auto=auto)
+
+
+# impl="auto": the kernels on TPU and supported CUDA GPUs, the xla backend elsewhere, chosen
+# per lowering platform like the kernels themselves.
+AUTO = types.SimpleNamespace(**{f.__name__: functools.partial(f, auto=True) for f in (
+    softmax_stats, softmax_grads, sigmoid_grads, sigmoid_stats)})

@@ -3,11 +3,16 @@
 * `_stats_kernel` (softmax forward, 1 matmul unit per call): one program per row block; it walks
   the column blocks with the running row max / sum in registers and stores the rows'
   log-sum-exp. Called twice (rows of x @ y.T, then of y @ x.T): O(B) statistics.
-* `_grads_kernel` (softmax backward, sigmoid forward, 3 units): one program per tile; the tile
-  is computed once and G @ y_j, G.T @ x_i are added into fp32 [m, d] / [n, d] outputs with
-  atomics, d chunk by d chunk. Softmax tiles subtract the targets in fp32 (`softmax_g`); fp32
-  operands multiply at precision HIGHEST (IEEE fp32, not TF32) unless the caller set
-  `jax.default_matmul_precision`.
+* `_rows_kernel` (softmax backward: 2 units per pass; sigmoid forward with gradients): one
+  program per row block owns those rows of G @ y and walks the column blocks in order,
+  recomputing each tile; G.T @ x is the same kernel on the swapped problem (rows of y against x:
+  G.T is the G of that problem), so the backward is two passes of 2 units (5 -> 6 for the
+  softmax) and no output is shared between programs: no atomics, bitwise repeatable. The
+  [rows, d] fp32 accumulator (d up to 1024: too big for registers) is read, added to and
+  written back per column block by its owning program (L2-resident, unmeasured), a barrier between
+  column blocks. Softmax tiles subtract the targets in fp32 (`softmax_g`); fp32 operands
+  multiply at precision HIGHEST (IEEE fp32, not TF32) unless the caller set
+  `jax.default_matmul_precision`. `sigmoid_loss_call`: the loss alone (1 unit, no gradients).
 Every loaded tile is [bm or bn, bk] with bk = 64 dividing the padded d (d is padded to a
 multiple of 64, not to a power of two); `smem_bytes` bounds the operand tiles' shared memory
 over NUM_STAGES pipeline stages, sized for the 227 KiB of an H100 (sm_90).
@@ -131,69 +136,108 @@ def _softplus(z: Array) -> Array:
   return jnp.maximum(z, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
 
 
-def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, bm: int, bn: int, bk: int, nk: int):
-  if sigmoid:
-    p_ref, o_ref, x_ref, y_ref, _, _, dx_ref, dy_ref, loss_ref, gs_ref = refs
-  else:
-    p_ref, o_ref, x_ref, y_ref, lr_ref, lc_ref, _, _, dx_ref, dy_ref = refs
-  i, j = pl.program_id(0), pl.program_id(1)
-  z = _tile(p_ref, x_ref, y_ref, i, j, bm, bn, bk, nk)
+def _rows_kernel(*refs, sigmoid: bool, grads: bool, stats: bool, interpret: bool, m: int,
+                 n: int, bm: int, bn: int, bk: int, nj: int, nk: int):
+  """Program i owns rows i of the outputs and walks the column blocks j in order: the tile z
+  (recomputed), G, then out[i] += G @ y_j d chunk by d chunk, read-modify-write by this program
+  alone (a CTA barrier orders one column block's stores before the next one's loads); sigmoid
+  `stats`: the row sums of softplus and G, carried in registers. No atomics: bitwise repeatable."""
+  refs = list(refs)
+  p_ref, o_ref, x_ref, y_ref = refs[:4]
+  lr_ref, lc_ref = (None, None) if sigmoid else refs[4:6]
+  outs = refs[4 if sigmoid else 6:]
+  gx_ref = outs.pop(0) if grads else None
+  i = pl.program_id(0)
   rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
-  cols = j * bn + lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
-  valid = (rows < m) & (cols < n)
-  pos = (cols - rows) == o_ref[0]
-  if sigmoid:
-    zs = jnp.where(pos, -(z + p_ref[1]), z + p_ref[1])
-    sig = 1.0 / (1.0 + jnp.exp(-zs))
-    g = jnp.where(valid, jnp.where(pos, -sig, sig), 0.0)
-    loss_ref[i, j] = jnp.sum(jnp.where(valid, _softplus(zs), 0.0))
-    gs_ref[i, j] = jnp.sum(g)
-  else:
-    lr = lr_ref[pl.ds(i * bm, bm)]
-    lc = lc_ref[pl.ds(j * bn, bn)]
-    g = jnp.where(valid, softmax_g(z, lr[:, None], lc[None, :], pos, (p_ref[2], p_ref[3])), 0.0)
-  g = g.astype(x_ref.dtype)
+  rows_ds = pl.ds(i * bm, bm)
 
-  def body(k, carry):
-    dk = pl.ds(pl.multiple_of(k * bk, bk), bk)
-    yk = y_ref[pl.ds(j * bn, bn), dk]
-    xk = x_ref[pl.ds(i * bm, bm), dk]
-    pltr.atomic_add(dx_ref, (pl.ds(i * bm, bm), dk),
-                    dot(g, yk, precision=precision(g.dtype)))
-    pltr.atomic_add(dy_ref, (pl.ds(j * bn, bn), dk), dot(g, xk, _TN, precision(g.dtype)))
+  def body(j, carry):
+    z = _tile(p_ref, x_ref, y_ref, i, j, bm, bn, bk, nk)
+    cols = j * bn + lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
+    valid = (rows < m) & (cols < n)
+    pos = (cols - rows) == o_ref[0]
+    if sigmoid:
+      zs = jnp.where(pos, -(z + p_ref[1]), z + p_ref[1])
+      sig = 1.0 / (1.0 + jnp.exp(-zs))
+      g = jnp.where(valid, jnp.where(pos, -sig, sig), 0.0)
+      if stats:
+        carry = (carry[0] + jnp.sum(jnp.where(valid, _softplus(zs), 0.0), axis=1),
+                 carry[1] + jnp.sum(g, axis=1))
+    else:
+      lr, lc = lr_ref[rows_ds], lc_ref[pl.ds(j * bn, bn)]
+      g = jnp.where(valid, softmax_g(z, lr[:, None], lc[None, :], pos, (p_ref[2], p_ref[3])),
+                    0.0)
+    if not grads:
+      return carry
+    gt = g.astype(x_ref.dtype)
+
+    def chunk(k, c):
+      dk = pl.ds(pl.multiple_of(k * bk, bk), bk)
+      part = dot(gt, y_ref[pl.ds(j * bn, bn), dk], precision=precision(gt.dtype))
+      # The first column block stores (the output's initial contents are never read).
+      gx_ref[rows_ds, dk] = jnp.where(j > 0, gx_ref[rows_ds, dk], 0.0) + part
+      return c
+
+    lax.fori_loop(0, nk, chunk, 0)
+    if not interpret:
+      pltr.debug_barrier()
     return carry
 
-  lax.fori_loop(0, nk, body, 0)
+  zero = jnp.zeros((bm,), jnp.float32)
+  carry = lax.fori_loop(0, nj, body, (zero, zero))
+  if stats:
+    outs[0][rows_ds], outs[1][rows_ds] = carry
 
 
-def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid: bool,
-               lse_rows: Array | None = None, lse_cols: Array | None = None,
-               offset: Array | None = None, interpret=False):
+def _rows_call(x: Array, y: Array, params: Array, offset: Array, block: int | None, *,
+               sigmoid: bool, grads: bool, stats: bool, lse_rows: Array | None = None,
+               lse_cols: Array | None = None, interpret=False, name: str):
+  """One row pass: ([G @ y [m, d]] fp32, [row sums of softplus, of G] for sigmoid `stats`)."""
   (m, d), n = x.shape, y.shape[0]
   p = plan(m, n, d, x.dtype.itemsize, block)
   mp, np_ = _round_up(m, p.bm), _round_up(n, p.bn)
-  nbr, nbc, nk = mp // p.bm, np_ // p.bn, p.dp // p.bk
+  nbr, nj, nk = mp // p.bm, np_ // p.bn, p.dp // p.bk
   args = [params, jnp.reshape(offset, (1,)).astype(jnp.int32)]
   args += [_pad2(x, mp, p.dp), _pad2(y.astype(x.dtype), np_, p.dp)]
   if not sigmoid:
     args += [jnp.pad(lse_rows.astype(jnp.float32), (0, mp - m)),
              jnp.pad(lse_cols.astype(jnp.float32), (0, np_ - n))]
-  # The atomics accumulate into zero-initialized buffers passed in and aliased to the outputs.
-  args += [jnp.zeros((mp, p.dp), jnp.float32), jnp.zeros((np_, p.dp), jnp.float32)]
   args = varying_like(args, *args)
-  out_shape = [out_struct((mp, p.dp), args[-1]), out_struct((np_, p.dp), args[-1])]
-  if sigmoid:
-    out_shape += [out_struct((nbr, nbc), args[-1])] * 2
-  kernel = functools.partial(_grads_kernel, sigmoid=sigmoid, m=m, n=n, bm=p.bm, bn=p.bn,
-                             bk=p.bk, nk=nk)
-  outs = pl.pallas_call(
-      kernel, grid=(nbr, nbc), out_shape=out_shape,
-      input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
-      compiler_params=_compiler_params(WARPS_GRADS.get(x.dtype.itemsize, 16)),
-      interpret=interpret,
-      name="contrastive_sigmoid_grads" if sigmoid else "contrastive_softmax_grads",
+  out_shape = [out_struct((mp, p.dp), args[2])] if grads else []
+  out_shape += [out_struct((mp,), args[2])] * (2 if stats else 0)
+  kernel = functools.partial(_rows_kernel, sigmoid=sigmoid, grads=grads, stats=stats,
+                             interpret=bool(interpret), m=m, n=n, bm=p.bm, bn=p.bn, bk=p.bk,
+                             nj=nj, nk=nk)
+  warps = (WARPS_GRADS if grads else WARPS_STATS).get(x.dtype.itemsize, 8)
+  return pl.pallas_call(
+      kernel, grid=(nbr,), out_shape=out_shape, compiler_params=_compiler_params(warps),
+      interpret=interpret, name=name,
   )(*args)
-  gx, gy = outs[0][:m, :d], outs[1][:n, :d]
+
+
+def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid: bool,
+               lse_rows: Array | None = None, lse_cols: Array | None = None,
+               offset: Array | None = None, interpret=False):
+  """(G @ y [m, d], G.T @ x [n, d]) fp32 [, sum of softplus, sum of G for sigmoid]: a row pass
+  (rows of x against y) and a column pass (the same kernel on rows of y against x: G.T is the
+  G of the swapped problem, pairs at row - column == offset)."""
+  (m, d), n = x.shape, y.shape[0]
+  kind = "sigmoid" if sigmoid else "softmax"
+  rows = _rows_call(x, y, params, offset, block, sigmoid=sigmoid, grads=True, stats=sigmoid,
+                    lse_rows=lse_rows, lse_cols=lse_cols, interpret=interpret,
+                    name=f"contrastive_{kind}_grads")
+  cols = _rows_call(y.astype(x.dtype), x, params, -offset, block, sigmoid=sigmoid, grads=True,
+                    stats=False, lse_rows=lse_cols, lse_cols=lse_rows, interpret=interpret,
+                    name=f"contrastive_{kind}_grads_t")
+  gx, gy = rows[0][:m, :d], cols[0][:n, :d]
   if not sigmoid:
     return gx, gy
-  return gx, gy, jnp.sum(outs[2]), jnp.sum(outs[3])
+  return gx, gy, jnp.sum(rows[1][:m]), jnp.sum(rows[2][:m])
+
+
+def sigmoid_loss_call(x: Array, y: Array, params: Array, offset: Array, block: int | None, *,
+                      interpret=False) -> Array:
+  """The sigmoid loss sum alone (no gradients: one matmul unit), e.g. for evaluation."""
+  loss, _ = _rows_call(x, y, params, offset, block, sigmoid=True, grads=False, stats=True,
+                       interpret=interpret, name="contrastive_sigmoid_loss")
+  return jnp.sum(loss[:x.shape[0]])

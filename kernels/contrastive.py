@@ -3,7 +3,9 @@
 impl: "reference" (plain jnp, B x B; 6 B^2 d matmul units fwd+bwd softmax, 3 sigmoid), "xla"
 (`lax.scan` over column blocks), "pallas" (kernels; `kernels/_pallas.py`: which, where): 5 units
 (softmax: row and column statistics passes, one gradient pass recomputing each tile once), 3
-(sigmoid: the forward emits the gradients); "auto" = pallas where it lowers (TPU, NVIDIA sm_80+), else xla. G = dl/dz:
+(sigmoid: the forward emits the gradients; the loss alone, e.g. in evaluation: 1); "auto" =
+pallas where it lowers (TPU, NVIDIA sm_80+), else xla, chosen per platform being compiled for
+(an AOT compile for TPU from a CPU host gets the TPU kernels). G = dl/dz:
   softmax: loss = [sum_i lse_row_i + sum_j lse_col_j] / (2B) - sum_i z_ii / B,
            G_ij = [exp(z_ij - lse_row_i) + exp(z_ij - lse_col_j) - 2 delta_ij] / (2B)
   sigmoid: loss = sum_ij softplus(-+z_ij) / B, G_ij = [sigmoid(z_ij) - delta_ij] / B
@@ -32,8 +34,10 @@ AxisName = Hashable | tuple[Hashable, ...] | None
 
 KINDS = ("softmax", "sigmoid")
 IMPLS = ("auto", "pallas", "xla", "reference")
-DEFAULT_BLOCK = {"xla": 512, "pallas": None}  # pallas: tiles planned per kernel and hardware
-_BACKENDS = {"xla": _blockwise, "pallas": _pallas}
+# pallas: tiles planned per kernel and hardware; auto: as pallas (the xla backend's default 512
+# where it runs xla)
+DEFAULT_BLOCK = {"xla": 512, "pallas": None, "auto": None}
+_BACKENDS = {"xla": _blockwise, "pallas": _pallas, "auto": _pallas.AUTO}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,16 +288,21 @@ def reference_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
 # ----------------------------------------------------------------------------- public
 
 
-def resolve_impl(impl: str) -> str:
-  """"auto" -> "pallas" on TPU and on NVIDIA GPUs the Triton kernels serve (compute capability
-  >= 8.0), "xla" elsewhere (CPU, older GPUs, ROCm); other names are returned unchanged."""
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """What `impl` runs on `platform` ("tpu", "cuda" / "gpu", "cpu", ...; None: the default
+  backend, whose first device's compute capability is then checked): "auto" -> "pallas" on TPU
+  and on NVIDIA GPUs the Triton kernels serve (compute capability >= 8.0), "xla" elsewhere (CPU,
+  older GPUs, ROCm); other names are returned unchanged. `contrastive_loss` itself does not
+  call it: impl="auto" is chosen when lowering, per platform (`jax.lax.platform_dependent`)."""
   if impl != "auto":
     return impl
-  backend = jax.default_backend()
+  backend = jax.default_backend() if platform is None else platform
   if backend == "tpu":
     return "pallas"
-  if backend == "gpu" and _pallas.gpu_supported(jax.devices()[0]):
-    return "pallas"
+  if backend in ("gpu", "cuda"):
+    if platform is not None and jax.default_backend() != "gpu":
+      return "pallas"  # no device to check (AOT): assumed sm_80+, as the lowering does
+    return "pallas" if _pallas.gpu_supported(jax.devices()[0]) else "xla"
   return "xla"
 
 
@@ -335,7 +344,8 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
     kind: "softmax" = mean of the image->text and text->image cross-entropies (CLIP);
       "sigmoid" = SigLIP: sum over all B^2 pairs of -log sigmoid(z_ij * logit_ij), z = +1 on the
       diagonal and -1 off it, divided by B.
-    impl: "auto" (default: `resolve_impl`), "reference" (materializes B x B), "xla" (blockwise
+    impl: "auto" (default: pallas on TPU / NVIDIA sm_80+, else xla, per platform compiled
+      for; `resolve_impl`), "reference" (materializes B x B), "xla" (blockwise
       lax.scan) or "pallas" (kernels).
     axis_name: mesh axis name (or tuple of names) when called inside `shard_map` with the batch
       split over it; then each device passes its B/n rows, and every device gets the loss over
@@ -360,7 +370,6 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   bias = None if logit_bias is None else jnp.reshape(logit_bias, ()).astype(jnp.float32)
   if isinstance(axis_name, list):
     axis_name = tuple(axis_name)
-  impl = resolve_impl(impl)
   smoothed = isinstance(label_smoothing, jax.Array) or bool(label_smoothing)
   if smoothed and kind != "softmax":
     raise ValueError(f"contrastive_loss: label_smoothing={label_smoothing} is only for "

@@ -190,6 +190,9 @@ def test_auto_values_resolve_for_the_backend():
   assert families.base.resolve_dtype("auto") == ("float32" if cpu else "bfloat16")
   assert losses.resolve_impl("auto") == ("xla" if cpu else "pallas")
   assert losses.resolve_impl("reference") == "reference"
+  # Per platform compiled for (what the loss itself picks when lowering, from any host).
+  assert losses.resolve_impl("auto", "tpu") == "pallas"
+  assert losses.resolve_impl("auto", "cpu") == "xla"
 
 
 # ----------------------------------------------------------------------------- toy family

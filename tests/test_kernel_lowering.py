@@ -67,18 +67,47 @@ def _pallas_calls(jaxpr) -> list:
   return found
 
 
+def _triton_modules(lowered) -> list[str]:
+  """The Triton modules (MLIR text) inside the lowered program's Triton custom calls."""
+  from jax._src.lib import triton
+  from jax._src.lib.mlir import ir
+
+  ctx = ir.Context()
+  triton.dialect.register_dialect(ctx)
+  ctx.allow_unregistered_dialects = True  # gpu.barrier
+  found = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for o in block.operations:
+          if o.operation.name == "stablehlo.custom_call" and "triton" in str(
+              o.operation.attributes["call_target_name"]):
+            raw = ir.StringAttr(o.operation.attributes["mhlo.backend_config"]["ir"]).value_bytes
+            found.append(str(ir.Module.parse(raw, context=ctx)))
+          walk(o.operation)
+
+  walk(lowered.compiler_ir().operation)
+  return found
+
+
 @functools.cache
-def _lowered(platform: str, kind: str, dtype: str, b: int, d: int):
-  """(pallas_call equations, lowered text) of jit(value_and_grad(loss)) for `platform`."""
+def _lowered(platform: str, kind: str, dtype: str, b: int, d: int, grad: bool = True):
+  """(pallas_call equations, lowered text) of jit(value_and_grad(loss)) (or of the loss alone)
+  for `platform`; for "cuda" the text is the Triton modules'."""
   args = _avals(kind, b, d, jnp.dtype(dtype))
   loss = functools.partial(contrastive_loss, kind=kind, impl="pallas")
-  fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
+  fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))) if grad else loss)
   target = "tpu" if platform == "tpu" else "gpu"
   mesh = _abstract_tpu() if platform == "tpu" else _abstract_gpu()
   with _pallas.use_target(target), mesh:
     traced = fn.trace(*args)
     lowered = traced.lower(lowering_platforms=(platform,))
-  return _pallas_calls(traced.jaxpr.jaxpr), lowered.as_text()
+  text = lowered.as_text()
+  if platform == "cuda":
+    assert "__gpu$xla.gpu.triton" in text
+    text = "\n".join(_triton_modules(lowered))
+  return _pallas_calls(traced.jaxpr.jaxpr), text
 
 
 KINDS_DTYPES = [(k, t) for k in ("softmax", "sigmoid") for t in ("float32", "bfloat16")]
@@ -94,6 +123,32 @@ def test_lowers_for_tpu(kind, dtype):
       for eqn in eqns:
         assert not eqn.params["interpret"]
         assert eqn.params["compiler_params"].vmem_limit_bytes <= 16 * MIB
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_sigmoid_eval_loss_runs_no_gradient_kernel(platform):
+  """The loss alone (evaluation, no grad) runs the forward-only kernel, not the gradients'."""
+  eqns, text = _lowered(platform, "sigmoid", "bfloat16", 32768, 768, grad=False)
+  assert [e.params["name"] for e in eqns] == ["contrastive_sigmoid_loss"]
+  assert "contrastive_sigmoid_loss" in text and "grads" not in text
+
+
+def test_auto_picks_by_the_platform_compiled_for():
+  """impl="auto" (no forced target) is decided when lowering: the Mosaic kernels for TPU devices
+  from this CPU host, the xla backend for the CPU, which it runs with xla's value."""
+  args = _avals("softmax", 1000, 512, jnp.bfloat16)
+  fn = jax.jit(jax.value_and_grad(functools.partial(contrastive_loss, impl="auto"),
+                                  argnums=(0, 1, 2)))
+  with _abstract_tpu():
+    tpu = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  assert tpu.count("tpu_custom_call") == 3, tpu.count("tpu_custom_call")
+  cpu = fn.trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+  assert "tpu_custom_call" not in cpu and "triton" not in cpu
+  kx, ky = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (64, 32)) / 6
+  y = jax.random.normal(ky, (64, 32)) / 6
+  xla = functools.partial(contrastive_loss, impl="xla")
+  assert float(jax.jit(contrastive_loss)(x, y, 10.0)) == float(jax.jit(xla)(x, y, 10.0))
 
 
 def _triton_smem_estimate(eqn) -> int:
@@ -123,8 +178,9 @@ def test_lowers_for_cuda_within_shared_memory(kind, dtype):
   for b in BATCHES:
     for d in DIMS:
       eqns, text = _lowered("cuda", kind, dtype, b, d)
-      assert "__gpu$xla.gpu.triton" in text, (b, d)
-      assert len(eqns) == (3 if kind == "softmax" else 1)
+      # The backward has no atomics (each program owns its output rows): bitwise repeatable.
+      assert text.count("tt.func public") == len(eqns) == (4 if kind == "softmax" else 2)
+      assert "atomic" not in text, (b, d)
       for eqn in eqns:
         params = eqn.params["compiler_params"]
         assert type(params).__module__.endswith("triton.core"), type(params)
@@ -159,7 +215,7 @@ def test_triton_ir_compiles_for_sm90_without_spills(tmp_path):
       eqns += _lowered.__wrapped__("cuda", kind, dtype, 32768, 768)[0]
   finally:
     tl.lower_jaxpr_to_triton_module = orig
-  assert len(modules) == len(eqns) == 8
+  assert len(modules) == len(eqns) == 12
   cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
   for k, (eqn, asm) in enumerate(zip(eqns, modules)):
     assert asm.startswith(f"module @{eqn.params['name']}"), asm[:80]

@@ -4,7 +4,8 @@
 .compile() runs the TPU compiler (Mosaic layout, VMEM allocation: a kernel over its VMEM fails
 here, which is libtpu's verdict on the kernels' VMEM plans). The loss dispatches by the platform
 compiled for (no forced target): the compiled HLO must hold the Mosaic custom calls. Per
-topology two compiles, each of value_and_grad of softmax and sigmoid in fp32 and bf16: one chip
+topology two compiles, each of value_and_grad of softmax and sigmoid in fp32 and bf16 (and the
+sigmoid loss alone, as in evaluation: the forward-only kernel): one chip
 at B = 262144 / d = 1024, and a ring of 16 chips under shard_map (16384 rows each, d = 768).
 Skipped without libtpu (`pip install 'zoo[tpu]'`, Python >= 3.11).
 """
@@ -40,6 +41,8 @@ def _losses(*args, axis_name=None):
     extra = (args[4],) if kind == "softmax" else (args[4], args[5])
     fn = functools.partial(contrastive_loss, kind=kind, impl="pallas", axis_name=axis_name)
     out.append(jax.value_and_grad(fn, argnums=(0, 1, 2))(x, y, *extra))
+    if kind == "sigmoid":  # the loss alone (evaluation): the forward-only kernel
+      out.append(fn(x, y, *extra))
   return out
 
 
@@ -64,9 +67,10 @@ def _compile(topology: str, chips: int, b: int, d: int):
 def test_kernels_compile_for_tpu(topology, chips, b, d):
   compiled = _compile(topology, chips, b, d)
   text = compiled.as_text()
-  # softmax: 2 statistics passes + 1 gradient pass; sigmoid: 1 pass; x 2 dtypes
-  assert text.count(MOSAIC) >= 8, text.count(MOSAIC)
-  assert "contrastive_softmax_grads" in text and "contrastive_sigmoid_grads" in text
+  # softmax: 2 statistics passes + 1 gradient pass; sigmoid: 1 pass, its loss alone: 1; x 2
+  assert text.count(MOSAIC) >= 10, text.count(MOSAIC)
+  for name in ("softmax_grads", "sigmoid_grads", "sigmoid_loss"):
+    assert f"contrastive_{name}" in text, name
   mem = compiled.memory_analysis()
   hbm = 16 << 30 if topology.startswith("v5e") else 32 << 30
   assert mem.argument_size_in_bytes + mem.temp_size_in_bytes < hbm, mem

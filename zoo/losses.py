@@ -3,8 +3,8 @@
 Contrastive losses dispatch to `zoo.kernels.contrastive.contrastive_loss`: "reference" (plain jnp; under jit with
 batch-sharded inputs GSPMD already makes it a global-batch loss), "xla" / "pallas" (fused, never
 storing B x B logits; over a mesh they run inside `jax.shard_map` over the batch axes so the loss
-is over the GLOBAL batch, not per device), "auto" (`resolve_impl`: pallas where its kernels
-lower, TPU and NVIDIA sm_80+, else xla). Model families add their losses here.
+is over the GLOBAL batch, not per device), "auto" (pallas where its kernels lower, TPU and
+NVIDIA sm_80+, else xla, chosen per platform compiled for; `resolve_impl` says which). Model families add their losses here.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def _batch_axes(mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str, ...]
   return tuple(a for a in batch_axes if mesh.shape[a] > 1)
 
 
-def resolve_impl(impl: str) -> str:
-  """The loss impl that `impl` ("auto" | "pallas" | "xla" | "reference") means on this backend:
-  "auto" -> "pallas" on TPU and NVIDIA GPUs of compute capability >= 8.0, else "xla"."""
-  return contrastive.resolve_impl(impl)
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """The loss impl that `impl` ("auto" | "pallas" | "xla" | "reference") means on `platform`
+  (None: this process' default backend): "auto" -> "pallas" on TPU and NVIDIA GPUs of compute
+  capability >= 8.0, else "xla". The loss itself picks per platform it is compiled for."""
+  return contrastive.resolve_impl(impl, platform)
 
 
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
@@ -53,7 +54,6 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
   `label_smoothing` (softmax only) as in `zoo.kernels.contrastive.contrastive_loss`, over the global batch; a
   float or a traced scalar (a schedule), passed into the shard_map replicated.
   """
-  impl = resolve_impl(impl)
   axes = () if impl == "reference" else _batch_axes(mesh, batch_axes)
   loss_fn = functools.partial(contrastive.contrastive_loss, kind=kind, impl=impl)
   if not axes:
@@ -65,8 +65,9 @@ def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array,
                      f"of {n}")
   rows, rep = P(axes), P()
   # Pallas' CPU interpreter cannot run under check_vma=True (see kernels/_pallas.py); the loss
-  # handles both modes, so pallas always uses check_vma=False (the path tested on CPU).
-  check_vma = impl != "pallas"
+  # handles both modes, so pallas (and auto, pallas on TPU / GPU) always uses check_vma=False
+  # (the path tested on CPU).
+  check_vma = impl not in ("pallas", "auto")
   if logit_bias is None:
     if not isinstance(label_smoothing, jax.Array) and not label_smoothing:
       body = lambda x, y, s: loss_fn(x, y, s, axis_name=axes)

@@ -8,7 +8,8 @@ global batch) is compiled by libtpu's TPU compiler for the topology's chips (`pi
 'zoo[tpu]'`), on abstract state: nothing is allocated. Printed per chip (the compiler's buffer
 assignment): parameters + optimizer state, activations / temporaries, the total against the
 chip's HBM, whether it fits; FLOPs per step. `--max_batch` finds the largest global batch that
-fits by compiling (a binary search). On accelerators "auto" means bfloat16 and impl="pallas".
+fits by compiling (a binary search). On TPU dtype "auto" means bfloat16; loss impl "auto"
+compiles the Pallas kernels.
 XLA's FLOP count misses the Pallas loss kernels (~4 * 2 B^2 d for the softmax loss).
 """
 
@@ -76,13 +77,12 @@ def tpu_devices(topology: str) -> list:
 
 
 def for_tpu(config):
-  """`config` with its "auto" values as on a TPU: dtype bfloat16, loss impl pallas."""
+  """`config` with its "auto" dtype as on a TPU: bfloat16 (loss impl "auto" needs nothing: it
+  picks the TPU kernels when compiled for TPU, from any host)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     if config.get("dtype", "auto") == "auto":
       config.dtype = "bfloat16"
-    if config.loss.get("impl", "auto") == "auto":
-      config.loss.impl = "pallas"
   return config
 
 

@@ -7,12 +7,16 @@ axes. Matmuls run in the compute `dtype`; LayerNorm statistics and softmax run i
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from zoo.models import sharding
 
 Array = jax.Array
 
@@ -54,6 +58,22 @@ def get_activation(quick: bool | str) -> Callable[[Array], Array]:
       raise ValueError(f"unknown activation {quick!r}; expected one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[quick]
   return quick_gelu if quick else gelu
+
+
+def shard_batch(x: Array) -> Array:
+  """`x` with dim 0 (batch, or batch * tokens) constrained to the mesh's batch axes, when traced
+  under a mesh (`jax.set_mesh`, as the trainer does) whose batch axes split it; else unchanged.
+  Without it GSPMD may gather activations over `fsdp` instead of the fsdp-sharded weights (a
+  64-chip ViT-B/16 step computed MLP hiddens of the global batch on every chip)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  axes = tuple(a for a in sharding.BATCH_AXES if a in types and mesh.shape[a] > 1)
+  if (not axes or x.ndim == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes)
+      or any(types[a] == jax.sharding.AxisType.Manual for a in axes)):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes))
 
 
 class LayerNorm(nnx.Module):
@@ -98,7 +118,7 @@ class Linear(nnx.Module):
       y = y + self.kernel_lora(x)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y.reshape(*lead, y.shape[-1])
+    return shard_batch(y).reshape(*lead, y.shape[-1])
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None,
@@ -157,14 +177,14 @@ class Attention(nnx.Module):
     qkv = jnp.einsum("nd,dthk->nthk", x, self.qkv_kernel[...].astype(dt))
     if self.qkv_lora is not None:
       qkv = qkv + self.qkv_lora(x).reshape(qkv.shape)
-    qkv = (qkv + self.qkv_bias[...].astype(dt)).reshape(b, length, *qkv.shape[1:])
+    qkv = shard_batch(qkv + self.qkv_bias[...].astype(dt)).reshape(b, length, *qkv.shape[1:])
     heads = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask,
                                   is_causal=is_causal)
     heads = heads.reshape(b * length, self.heads, self.head_dim)
     out = jnp.einsum("nhk,hkd->nd", heads, self.out_kernel[...].astype(dt))
     if self.out_lora is not None:
       out = out + self.out_lora(heads.reshape(b * length, -1))
-    return (out + self.out_bias[...].astype(dt)).reshape(b, length, -1)
+    return shard_batch(out + self.out_bias[...].astype(dt)).reshape(b, length, -1)
 
 
 class MLP(nnx.Module):
@@ -247,8 +267,8 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.resblocks):
       if before_block is not None:
         x = before_block(i, x)
-      x = run(block, x)
-    return x
+      x = run(block, shard_batch(x))
+    return shard_batch(x)
 
 
 def set_remat(model: nnx.Module, mode: str) -> int:
