@@ -5,8 +5,10 @@ trip, the configs and pretrained table, a wrong-family state dict."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import zoo
 from zoo import convert
@@ -108,10 +110,10 @@ def test_features_equal_open_clip_and_round_trip(tiny):
   with pytest.raises(StateDictError, match=r"(?s)missing +visual\.trunk\.final_conv\.conv_kxk\.0"
                      r"\.bn\.bias.*unexpected visual\.conv1\.weight"):
     convert.from_open_clip(convert.to_open_clip(zoo.create("test-tiny")), config)  # a ViT
-  fused = dict(sd, **{"visual.trunk.stem.0.reparam_conv.weight": np.zeros((8, 3, 3, 3))})
-  with pytest.raises(StateDictError, match=r"^visual\.trunk\.stem\.0\.reparam_conv\.weight: a "
-                     r"re-parameterized"):
-    convert.from_open_clip(fused, config)
+  half_fused = dict(sd, **{"visual.trunk.stem.0.reparam_conv.weight": np.zeros((8, 3, 3, 3))})
+  with pytest.raises(StateDictError, match=r"(?s)missing +visual\.trunk\.\S*reparam_conv.*"
+                     r"unexpected +visual\.trunk\.\S*(conv_kxk|conv_scale|identity)"):  # mixed
+    convert.from_open_clip(half_fused, config)
 
 
 def _tiny_vits():
@@ -173,3 +175,55 @@ def test_vit_trunks_equal_open_clip(tmp_path, trunk):
   back = convert.to_open_clip(model)
   assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   oc.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def _numel(tree) -> int:
+  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
+
+
+def test_reparameterized_equals_train_form_and_timm(tiny):
+  """The fused inference form (one conv per MobileOne / large-kernel / RepMixer / CPE block)
+  equals zoo's train-time form and timm's own reparameterize_model on the same weights."""
+  from timm.utils import reparameterize_model
+
+  from zoo.models import mobileclip_reparam
+
+  oc, config = tiny
+  model = convert.from_open_clip({k: v.numpy() for k, v in oc.state_dict().items()}, config)
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  fused = mobileclip_reparam.reparameterize(model)
+  images = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  unfused_img, fused_img = np.asarray(model.encode_image(images)), np.asarray(
+      fused.encode_image(images))
+  oc_fused = reparameterize_model(oc)  # a fused copy; oc itself stays unfused
+  trunk = oc_fused.visual.trunk
+  with torch.no_grad():
+    timm_img = oc_fused.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    timm_img = timm_img.numpy()
+  d_self, d_timm = np.abs(fused_img - unfused_img).max(), np.abs(fused_img - timm_img).max()
+  print(f"reparameterized tiny FastViT-MCi: max |fused - unfused| {d_self:.2e}, "
+        f"|fused - timm fused| {d_timm:.2e} (features up to {np.abs(unfused_img).max():.2f})")
+  assert d_self <= 1e-5 and d_timm <= 1e-4 and np.abs(unfused_img).max() > 0.1
+  # the caller's model is unchanged
+  after = jax.tree.map(np.asarray, nnx.state(model))
+  assert jax.tree.all(jax.tree.map(np.array_equal, before, after))
+  # no train-time branch is left: the fused tower holds exactly timm's inference-mode entries
+  paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(fused.visual))]
+  branches = ("conv_kxk", "conv_scale", "identity", "large_conv", "small_conv", "pos_enc",
+              "token_mixer.mixer", "token_mixer.norm")
+  assert not [p for p in paths if any(b in p for b in branches)]
+  n_rep = sum(p.endswith("reparam_conv.kernel") for p in paths)
+  timm_sd = {k: v for k, v in trunk.state_dict().items() if "num_batches_tracked" not in k}
+  assert n_rep == sum(k.endswith("reparam_conv.weight") for k in timm_sd) == 14
+  n_bn = sum(p.endswith(".var") for p in paths)
+  assert n_bn == sum(k.endswith("running_var") for k in timm_sd)  # ConvMlp + attention norms
+  visual = nnx.state(fused.visual)
+  counted = _numel(visual) - sum(p.endswith("num_batches_tracked") for p in paths)
+  assert counted == _numel(list(timm_sd.values())) < _numel(nnx.state(model.visual))
+  # timm's fused state dict converts into the fused form and back, bitwise and strict
+  fused_sd = {k: v.numpy() for k, v in oc_fused.state_dict().items()}
+  loaded = convert.from_open_clip(fused_sd, config)
+  assert np.abs(np.asarray(loaded.encode_image(images)) - timm_img).max() <= 1e-5
+  back = convert.to_open_clip(loaded)
+  assert set(back) == set(fused_sd) and all(np.array_equal(back[k], fused_sd[k]) for k in back)
+  oc_fused.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)

@@ -5,7 +5,8 @@ zoo's FastViT modules carry timm's own attribute names (stem.N, stages.N.downsam
 ...), so each rule is the zoo path joined with dots plus a per-leaf re-layout: conv kernels
 HWIO <-> OIHW, 1x1 convs held as Linear <-> [out, in, 1, 1], layer scales [C] <-> [C, 1, 1],
 batch norm (scale, bias, mean, var) <-> (weight, bias, running_mean, running_var). The rules
-are read off the model's abstract state, so they cover exactly the branches the config builds.
+are read off the model's abstract state, so they cover exactly the branches the config builds;
+a re-parameterized (fused, `reparam_conv`) state dict maps onto `mobileclip_reparam`'s form.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from flax import nnx
 
 from zoo.convert import common
 from zoo.convert.common import Rule, identity
-from zoo.models import mobileclip
+from zoo.models import mobileclip, mobileclip_reparam
 
 _BN_NAMES = {"scale": "weight", "mean": "running_mean", "var": "running_var"}
 _CONV_1X1 = ("fc1", "fc2")  # Linear modules standing for timm's 1x1 nn.Conv2d
@@ -40,12 +41,23 @@ def _leaf_rule(path: tuple, shape: tuple[int, ...]) -> Rule:
   return identity(path, f"{key}.{_BN_NAMES.get(leaf, leaf)}")
 
 
-def fastvit_rules(config: mobileclip.MobileCLIPConfig) -> list[Rule]:
-  """Rules for every `visual` entry of MobileCLIP(config) (a TimmModel fastvit_mci* trunk)."""
-  _, state = common.abstract_state(config, build)
+def fastvit_rules(config: mobileclip.MobileCLIPConfig, fused: bool = False) -> list[Rule]:
+  """Rules for every `visual` entry of MobileCLIP(config) (a TimmModel fastvit_mci* trunk);
+  `fused`: of its re-parameterized form (timm's `reparam_conv` entries, inference mode)."""
+  _, state = common.abstract_state(config, build_fused if fused else build)
   return [_leaf_rule(path, shape) for path, shape in common.flat_shapes(state).items()
           if path[0] == "visual"]
 
 
 def build(config: mobileclip.MobileCLIPConfig) -> nnx.Module:
   return mobileclip.MobileCLIP(config, rngs=nnx.Rngs(0))
+
+
+def build_fused(config: mobileclip.MobileCLIPConfig) -> nnx.Module:
+  return mobileclip_reparam.reparameterize(build(config))
+
+
+def is_fused(model: nnx.Module) -> bool:
+  """Whether a MobileCLIP model is in the re-parameterized (inference) form."""
+  return isinstance(getattr(getattr(model, "visual", None), "final_conv", None),
+                    mobileclip_reparam.RepConvAct)

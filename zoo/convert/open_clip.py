@@ -323,7 +323,7 @@ def _build_mobileclip_vit(config: mobileclip.MobileCLIPViTConfig) -> nnx.Module:
   return mobileclip.MobileCLIPViT(config, rngs=nnx.Rngs(0))
 
 
-def _mobileclip_rules(config: mobileclip.MobileCLIPConfig) -> list[Rule]:
+def _mobileclip_rules(config: mobileclip.MobileCLIPConfig, fused: bool = False) -> list[Rule]:
   """open_clip `CustomTextCLIP`: a TimmModel FastViT-MCi `visual.trunk.*` (timm's classifier
   `head.fc` is the projection) and the built-in text transformer under `text.*`."""
   text_only = configs.CLIPConfig(embed_dim=config.embed_dim, text=config.text)
@@ -332,7 +332,7 @@ def _mobileclip_rules(config: mobileclip.MobileCLIPConfig) -> list[Rule]:
            for r in _clip_rules(text_only) if r.zoo[0] != "visual"]
   if isinstance(config, mobileclip.MobileCLIPViTConfig):
     return _timm_vit_rules(config) + rules
-  return mobileclip_convert.fastvit_rules(config) + rules
+  return mobileclip_convert.fastvit_rules(config, fused) + rules
 
 
 def _timm_vit_rules(config: mobileclip.MobileCLIPViTConfig) -> list[Rule]:
@@ -533,10 +533,10 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
   hf_text = isinstance(config, multilingual.MultilingualCLIPConfig)
   sd = _strip_prefix(state_dict)
   fused = next((k for k in sd if ".reparam_conv." in k), None)
-  if fused and isinstance(config, mobileclip.MobileCLIPConfig):
-    raise common.StateDictError(f"{fused}: a re-parameterized (fused, inference-mode) FastViT "
-                                "state dict; zoo reads the train-time branches open_clip's "
-                                "MobileCLIP releases store (conv_kxk / conv_scale / identity)")
+  if fused and isinstance(config, mobileclip.MobileCLIPConfig):  # timm's inference form
+    return common.convert_from_torch(sd, _mobileclip_rules(config, fused=True), config,
+                                     layout="open_clip", model=str(name) if isinstance(name, str)
+                                     else "<config>", build=mobileclip_convert.build_fused)
   label = name if isinstance(name, str) else "<config>"
   if any(k in sd for k in OPENAI_META_KEYS) and not config.quick_gelu:
     raise ValueError(f"this looks like an OpenAI state dict ({', '.join(OPENAI_META_KEYS)} "
@@ -563,4 +563,7 @@ def from_open_clip(state_dict: Mapping[str, Any], name: str | configs.CLIPConfig
 
 def to_open_clip(model: nnx.Module) -> dict[str, np.ndarray]:
   """The open_clip state dict of `model` (loads into open_clip with strict=True)."""
+  if mobileclip_convert.is_fused(model):
+    return common.convert_to_torch(model, _mobileclip_rules(model.config, fused=True),
+                                   layout="open_clip")
   return common.convert_to_torch(model, rules_for(model.config), layout="open_clip")
