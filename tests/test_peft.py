@@ -2,6 +2,7 @@
 and loaded alone with clear mismatch errors, per-language adapter swapping, merged models save
 and load as plain zoo models, adapter shardings."""
 
+import importlib
 import json
 import os
 
@@ -318,3 +319,42 @@ def test_lora_shardings_follow_the_base_kernels():
 
 def outputs_fn(model):
   return model(BATCH["image"], BATCH["tokens"])
+
+
+@pytest.mark.parametrize("name,count", [("resnet_demo", 4), ("convnext_demo", 9)])
+def test_lora_on_conv_image_towers(name, count):
+  """LoRA on a tiny ModifiedResNet's (attention pool q/k/v/c_proj) and ConvNeXt's (block MLPs,
+  head projection) Linear kernels: outputs equal the base model's at init (b = 0); with the
+  trainer's LoRA mask only the adapters move (conv kernels and batch-norm state untouched)."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  model = zoo.create(c.model, **c.model_overrides.to_dict())
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)), jnp.float32),
+           "tokens": jnp.asarray(rng.integers(1, 1000, (4, 32)), jnp.int32)}
+  base = {k: np.asarray(v) for k, v in model(batch["image"], batch["tokens"]).items()}
+  paths = peft.apply_lora(model, targets="^visual/", rank=2, alpha=4.0)
+  assert len(paths) == count and all(p.endswith("/kernel") for p in paths), paths
+  assert_same({k: np.asarray(v) for k, v in model(batch["image"], batch["tokens"]).items()}, base)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = train_step.make_optimizer(tiny_config(lr=1e-2, warmup_steps=0, total_steps=10), params,
+                                 trainable=peft.is_lora_path)
+
+  def loss_fn(params):
+    out = nnx.merge(graphdef, params, rest)(batch["image"], batch["tokens"])
+    return losses.clip_loss(out, batch)[0], None
+
+  grad_fn = train_step.trainable_value_and_grad(loss_fn, peft.is_lora_path)
+  (_, _), grads = grad_fn(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  trained = jax.tree.map(lambda p, u: p + u, params, updates)
+  moved = set()
+  for (path, old), new, g in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree.leaves(trained), jax.tree.leaves(grads)):
+    names = sharding.path_names(path)
+    if peft.is_lora_path(names):
+      if names[-1] == "b":  # a's gradient is zero while b = 0
+        assert np.abs(np.asarray(g)).max() > 0, names
+        moved.add(names)
+    else:
+      assert not np.asarray(g).any() and np.array_equal(np.asarray(new), np.asarray(old)), names
+  assert len(moved) == count

@@ -18,6 +18,7 @@ from flax import nnx
 import zoo
 from tests.cli_run import lines, run
 from zoo import errors, families
+from zoo.families import base as families_base
 from zoo.models import configs, sharding
 from zoo.train import loop, step as train_step
 from zoo.weights import hub, model_dir
@@ -26,6 +27,8 @@ from zoo.weights import hub, model_dir
 # in the NaFlex demo below).
 DEMOS = ("siglip_demo", "siglip2_demo", "clipa_demo", "metaclip2_demo", "eva02_demo",
          "pe_core_demo")
+# The conv / hybrid image towers (their demos are already 1 block per stage on 32 px).
+TOWER_DEMOS = ("resnet_demo", "convnext_demo", "vitamin_demo", "mobileclip_demo")
 
 
 def demo_config(name: str, **model):
@@ -35,7 +38,10 @@ def demo_config(name: str, **model):
   c.eval_every, c.checkpoint_every, c.log_every = 0, 1000, 1
   c.data.size, c.context_length = 32, 16
   o = c.model_overrides.to_dict()
-  o["vision"].update(image_size=32, layers=1, **model)
+  v = o["vision"]
+  v.update(image_size=32, **model)
+  if not isinstance(v.get("layers"), (list, tuple)) and "depths" not in v:
+    v["layers"] = 1  # a transformer tower; the conv towers' demos already have 1 block/stage
   o["text"].update(layers=1, context_length=16)
   c.model_overrides = ml_collections.ConfigDict(o)
   return c
@@ -54,6 +60,33 @@ def test_demo_config_trains_3_steps(name, tmp_path):
   assert v.pool == {"siglip_demo": "map", "siglip2_demo": "map", "clipa_demo": "avg",
                     "metaclip2_demo": "tok", "eva02_demo": "token", "pe_core_demo": "map"}[name]
   assert (model.logit_bias is not None) == ("siglip" in name)
+
+
+def _batch_stats(model) -> dict:
+  return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
+
+
+@pytest.mark.parametrize("name", TOWER_DEMOS)
+def test_tower_demo_config_trains_3_steps(name, tmp_path):
+  """ResNet / ConvNeXt / ViTamin / MobileCLIP demo configs through loop.train: 3 finite steps
+  that move the image tower's weights; batch-norm statistics (ResNet, MobileCLIP) stay frozen:
+  not parameters, unchanged by the steps."""
+  c = demo_config(name)
+  init = families_base.build_clip_model(c)  # the loop's initial model (same seed)
+  summary = loop.train(c, str(tmp_path), stop_after=3)
+  assert summary["step"] == 3 and np.all(np.isfinite(summary["losses"])), summary["losses"]
+  model = summary["trainer"].model()
+  assert type(model) is type(init) and type(model).__name__ != "CLIP"
+  stats = _batch_stats(model)
+  assert bool(stats) == (name in ("resnet_demo", "mobileclip_demo"))
+  before = _batch_stats(init)
+  assert stats.keys() == before.keys()
+  for p in stats:
+    np.testing.assert_array_equal(stats[p], before[p], err_msg=str(p))
+  params = dict(nnx.to_flat_state(nnx.state(model.visual, nnx.Param)))
+  moved = [p for p, v in nnx.to_flat_state(nnx.state(init.visual, nnx.Param))
+           if not np.array_equal(np.asarray(v[...]), np.asarray(params[p][...]))]
+  assert len(moved) > len(params) // 2, (len(moved), len(params))
 
 
 def test_siglip2_demo_config_builds_siglip2_towers():
@@ -87,7 +120,8 @@ def lower_for_tpu(config, batch: dict):
   return model, text
 
 
-@pytest.mark.parametrize("name", ["siglip_demo", "clipa_demo", "eva02_demo", "pe_core_demo"])
+@pytest.mark.parametrize("name", ["siglip_demo", "clipa_demo", "eva02_demo", "pe_core_demo",
+                                  *TOWER_DEMOS])
 def test_towers_lower_for_tpu(name):
   config = demo_config(name)
   config.dtype = "bfloat16"
@@ -95,7 +129,11 @@ def test_towers_lower_for_tpu(name):
            "tokens": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
   model, text = lower_for_tpu(config, batch)
   assert "bf16" in text and len(text) > 10000
-  if "eva" in name or "pe_core" in name:  # timm's Eva trunk: rotary positions, EVA02 SwiGLU
+  if name in TOWER_DEMOS:
+    assert type(model).__name__ == {"resnet_demo": "ResNetCLIP", "convnext_demo": "ConvNeXtCLIP",
+                                    "vitamin_demo": "ViTaminCLIP",
+                                    "mobileclip_demo": "MobileCLIP"}[name]
+  elif "eva" in name or "pe_core" in name:  # timm's Eva trunk: rotary positions, EVA02 SwiGLU
     assert model.config.vision.rope and (model.config.vision.pool == "map") == ("pe" in name)
   else:
     assert (model.visual.attn_pool is not None) == (name == "siglip_demo")
