@@ -107,6 +107,8 @@ def lower_for_tpu(config, batch: dict):
     axes = var.get_metadata().get("out_sharding")
     assert var.ndim == 0 or (axes is not None and len(axes) == var.ndim), (path, axes)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # non-trainable state (frozen batch-norm statistics) is a constant of the step, as in a run
+  rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), rest)
   tx = train_step.make_optimizer(config, params, None)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   step = train_step.make_train_step(graphdef, rest, family, tx, config, mesh, None, settings)
