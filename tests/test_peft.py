@@ -328,7 +328,13 @@ def test_lora_on_conv_image_towers(name, count):
   the trainer's LoRA mask only the adapters get gradients (conv kernels, norms and batch-norm
   state untouched). zoo's LoRA has no conv-kernel site (Linear / attention kernels only)."""
   c = importlib.import_module(f"configs.{name}").get_config()
-  model = zoo.create(c.model, **c.model_overrides.to_dict())
+  # random values set from numpy (an eager init compiles one XLA program per parameter shape)
+  model = nnx.eval_shape(lambda: zoo.create(c.model, **c.model_overrides.to_dict()))
+  rng = np.random.default_rng(1)
+  nnx.update(model, jax.tree_util.tree_map_with_path(
+      lambda p, s: jnp.asarray(rng.uniform(-0.2, 0.2, s.shape) + ("var" in sharding.path_names(p)),
+                               s.dtype),
+      nnx.state(model)))
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
 
   def features(params, graphdef, rest):
@@ -347,19 +353,15 @@ def test_lora_on_conv_image_towers(name, count):
   (_, with_lora), grads = jax.jit(train_step.trainable_value_and_grad(loss_fn, peft.is_lora_path))(
       params)
   # a second program: XLA may fuse the float adds differently
+  assert np.isfinite(base).all() and np.abs(base).max() > 0.1
   np.testing.assert_allclose(np.asarray(with_lora), base, rtol=0, atol=1e-6)
-  tx = train_step.make_optimizer(tiny_config(lr=1e-2, warmup_steps=0, total_steps=10), params,
-                                 trainable=peft.is_lora_path)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  trained = jax.tree.map(lambda p, u: p + u, params, updates)
   moved = set()
-  for (path, old), new, g in zip(jax.tree_util.tree_leaves_with_path(params),
-                                 jax.tree.leaves(trained), jax.tree.leaves(grads)):
+  for (path, g) in jax.tree_util.tree_leaves_with_path(grads):
     names = sharding.path_names(path)
     if peft.is_lora_path(names):
       if names[-1] == "b":  # a's gradient is zero while b = 0
-        assert np.abs(np.asarray(g)).max() > 0 and not np.array_equal(new, old), names
+        assert np.abs(np.asarray(g)).max() > 0, names
         moved.add(names)
     else:
-      assert not np.asarray(g).any() and np.array_equal(np.asarray(new), np.asarray(old)), names
+      assert not np.asarray(g).any(), names
   assert len(moved) == count
