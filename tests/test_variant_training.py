@@ -1,6 +1,7 @@
 """The SigLIP / SigLIP 2 (NaFlex) / CLIPA / MetaCLIP 2 towers in training: each family's demo
 config trains 3 steps through the train loop; the new towers (MAP head, CLIPA's average pool,
-NaFlex) carry logical axis names and their train steps lower for TPU on an abstract mesh;
+NaFlex) carry logical axis names and their train steps lower for TPU on an abstract mesh; so do
+the ResNet / ConvNeXt / ViTamin / MobileCLIP image towers (batch-norm statistics frozen);
 unknown architecture names are answered with the nearest known one."""
 
 from __future__ import annotations
