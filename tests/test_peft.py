@@ -2,6 +2,7 @@
 and loaded alone with clear mismatch errors, per-language adapter swapping, merged models save
 and load as plain zoo models, adapter shardings."""
 
+import importlib
 import json
 import os
 
@@ -318,3 +319,49 @@ def test_lora_shardings_follow_the_base_kernels():
 
 def outputs_fn(model):
   return model(BATCH["image"], BATCH["tokens"])
+
+
+@pytest.mark.parametrize("name,count", [("resnet_demo", 4), ("convnext_demo", 9)])
+def test_lora_on_conv_image_towers(name, count):
+  """LoRA on a tiny ModifiedResNet's (attention pool q/k/v/c_proj) and ConvNeXt's (block MLPs,
+  head projection) Linear kernels: image features equal the base model's at init (b = 0); with
+  the trainer's LoRA mask only the adapters get gradients (conv kernels, norms and batch-norm
+  state untouched). zoo's LoRA has no conv-kernel site (Linear / attention kernels only)."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  # random values set from numpy (an eager init compiles one XLA program per parameter shape)
+  model = nnx.eval_shape(lambda: zoo.create(c.model, **c.model_overrides.to_dict()))
+  rng = np.random.default_rng(1)
+  nnx.update(model, jax.tree_util.tree_map_with_path(
+      lambda p, s: jnp.asarray(rng.uniform(-0.2, 0.2, s.shape) + ("var" in sharding.path_names(p)),
+                               s.dtype),
+      nnx.state(model)))
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
+
+  def features(params, graphdef, rest):
+    return nnx.merge(graphdef, params, rest).encode_image(images, normalize=True)
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  base = np.asarray(jax.jit(features, static_argnums=1)(params, graphdef, rest))
+  paths = peft.apply_lora(model, targets="^visual/", rank=2, alpha=4.0)
+  assert len(paths) == count and all(p.endswith("/kernel") for p in paths), paths
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params):  # any scalar of the features: the gradient's support is what counts
+    f = features(params, graphdef, rest)
+    return jnp.sum(f * jnp.arange(f.shape[-1], dtype=f.dtype)), f
+
+  (_, with_lora), grads = jax.jit(train_step.trainable_value_and_grad(loss_fn, peft.is_lora_path))(
+      params)
+  # a second program: XLA may fuse the float adds differently
+  assert np.isfinite(base).all() and np.abs(base).max() > 0.1
+  np.testing.assert_allclose(np.asarray(with_lora), base, rtol=0, atol=1e-6)
+  moved = set()
+  for (path, g) in jax.tree_util.tree_leaves_with_path(grads):
+    names = sharding.path_names(path)
+    if peft.is_lora_path(names):
+      if names[-1] == "b":  # a's gradient is zero while b = 0
+        assert np.abs(np.asarray(g)).max() > 0, names
+        moved.add(names)
+    else:
+      assert not np.asarray(g).any(), names
+  assert len(moved) == count

@@ -1,6 +1,7 @@
 """The SigLIP / SigLIP 2 (NaFlex) / CLIPA / MetaCLIP 2 towers in training: each family's demo
 config trains 3 steps through the train loop; the new towers (MAP head, CLIPA's average pool,
-NaFlex) carry logical axis names and their train steps lower for TPU on an abstract mesh;
+NaFlex) carry logical axis names and their train steps lower for TPU on an abstract mesh; so do
+the ResNet / ConvNeXt / ViTamin / MobileCLIP image towers (batch-norm statistics frozen);
 unknown architecture names are answered with the nearest known one."""
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from zoo.weights import hub, model_dir
 # in the NaFlex demo below).
 DEMOS = ("siglip_demo", "siglip2_demo", "clipa_demo", "metaclip2_demo", "eva02_demo",
          "pe_core_demo")
+# The conv / hybrid image towers (their demos are already 1 block per stage on 32 px).
+TOWER_DEMOS = ("resnet_demo", "convnext_demo", "vitamin_demo", "mobileclip_demo")
 
 
 def demo_config(name: str, **model):
@@ -35,7 +38,10 @@ def demo_config(name: str, **model):
   c.eval_every, c.checkpoint_every, c.log_every = 0, 1000, 1
   c.data.size, c.context_length = 32, 16
   o = c.model_overrides.to_dict()
-  o["vision"].update(image_size=32, layers=1, **model)
+  v = o["vision"]
+  v.update(image_size=32, **model)
+  if not isinstance(v.get("layers"), (list, tuple)) and "depths" not in v:
+    v["layers"] = 1  # a transformer tower; the conv towers' demos already have 1 block/stage
   o["text"].update(layers=1, context_length=16)
   c.model_overrides = ml_collections.ConfigDict(o)
   return c
@@ -56,6 +62,25 @@ def test_demo_config_trains_3_steps(name, tmp_path):
   assert (model.logit_bias is not None) == ("siglip" in name)
 
 
+@pytest.mark.parametrize("name", TOWER_DEMOS)
+def test_tower_demo_config_trains_3_steps(name, tmp_path):
+  """ResNet / ConvNeXt / ViTamin / MobileCLIP demo configs through loop.train: 3 finite steps;
+  batch-norm statistics (ResNet, MobileCLIP) stay frozen: not parameters, and still at their
+  initial values (mean 0, var 1, nothing tracked) after the steps."""
+  summary = loop.train(demo_config(name), str(tmp_path), stop_after=3)
+  assert summary["step"] == 3 and np.all(np.isfinite(summary["losses"])), summary["losses"]
+  model = summary["trainer"].model()
+  assert type(model).__name__ == {"resnet_demo": "ResNetCLIP", "convnext_demo": "ConvNeXtCLIP",
+                                  "vitamin_demo": "ViTaminCLIP",
+                                  "mobileclip_demo": "MobileCLIP"}[name]
+  stats = {tuple(map(str, p)): np.asarray(v[...])
+           for p, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
+  assert bool(stats) == (name in ("resnet_demo", "mobileclip_demo"))
+  for p, v in stats.items():
+    assert p[-1] in ("mean", "var", "num_batches_tracked"), p
+    np.testing.assert_array_equal(v, np.ones_like(v) if p[-1] == "var" else 0, err_msg=str(p))
+
+
 def test_siglip2_demo_config_builds_siglip2_towers():
   c = importlib.import_module("configs.siglip2_demo").get_config()
   config = nnx.eval_shape(lambda: zoo.create(c.model, **c.model_overrides.to_dict())).config
@@ -74,6 +99,8 @@ def lower_for_tpu(config, batch: dict):
     axes = var.get_metadata().get("out_sharding")
     assert var.ndim == 0 or (axes is not None and len(axes) == var.ndim), (path, axes)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # non-trainable state (frozen batch-norm statistics) is a constant of the step, as in a run
+  rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), rest)
   tx = train_step.make_optimizer(config, params, None)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   step = train_step.make_train_step(graphdef, rest, family, tx, config, mesh, None, settings)
@@ -87,7 +114,8 @@ def lower_for_tpu(config, batch: dict):
   return model, text
 
 
-@pytest.mark.parametrize("name", ["siglip_demo", "clipa_demo", "eva02_demo", "pe_core_demo"])
+@pytest.mark.parametrize("name", ["siglip_demo", "clipa_demo", "eva02_demo", "pe_core_demo",
+                                  *TOWER_DEMOS])
 def test_towers_lower_for_tpu(name):
   config = demo_config(name)
   config.dtype = "bfloat16"
@@ -95,7 +123,11 @@ def test_towers_lower_for_tpu(name):
            "tokens": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
   model, text = lower_for_tpu(config, batch)
   assert "bf16" in text and len(text) > 10000
-  if "eva" in name or "pe_core" in name:  # timm's Eva trunk: rotary positions, EVA02 SwiGLU
+  if name in TOWER_DEMOS:
+    assert type(model).__name__ == {"resnet_demo": "ResNetCLIP", "convnext_demo": "ConvNeXtCLIP",
+                                    "vitamin_demo": "ViTaminCLIP",
+                                    "mobileclip_demo": "MobileCLIP"}[name]
+  elif "eva" in name or "pe_core" in name:  # timm's Eva trunk: rotary positions, EVA02 SwiGLU
     assert model.config.vision.rope and (model.config.vision.pool == "map") == ("pe" in name)
   else:
     assert (model.visual.attn_pool is not None) == (name == "siglip_demo")

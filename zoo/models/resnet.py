@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zoo.models import clip as clip_lib, configs as registry
@@ -64,7 +65,7 @@ def _avg_pool(x: Array, k: int) -> Array:
   """nn.AvgPool2d(k) on NHWC (stride k, remainder dropped)."""
   if k == 1:
     return x
-  s = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1), (1, k, k, 1),
+  s = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, (1, k, k, 1), (1, k, k, 1),
                             "VALID")
   return s / (k * k)
 
