@@ -296,14 +296,19 @@ class CLIP(nnx.Module):
   def __init__(self, config: configs.CLIPConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = _dtype(config.dtype)
-    self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
-                                    dtype=dtype, rngs=rngs)
+    self.visual = self.image_tower(config, dtype, rngs)
     self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu,
                                 dtype=dtype, rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
                                  eager_sharding=False, out_sharding=())
     self.logit_bias = (nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32), eager_sharding=False, out_sharding=())
                        if config.init_logit_bias is not None else None)
+
+  def image_tower(self, config: configs.CLIPConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    """The image tower: a ViT here; CLIPs with another tower kind (ResNet, ConvNeXt, ViTamin,
+    MobileCLIP, Eva) override only this."""
+    return VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
+                             dtype=dtype, rngs=rngs)
 
   def encode_image(self, images: Array, normalize: bool = False) -> Array:
     """images NHWC float32, already preprocessed -> [B, E] float32 (`check_images` refuses

@@ -144,15 +144,8 @@ class ConvNeXt(nnx.Module):
 class ConvNeXtCLIP(clip_lib.CLIP):
   """CLIP with a ConvNeXt image tower (encode_image / encode_text / __call__ as CLIP)."""
 
-  def __init__(self, config: ConvNeXtCLIPConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.visual = ConvNeXt(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
-    self.text = clip_lib.TextTransformer(config.text, config.embed_dim,
-                                         quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
-                                 eager_sharding=False, out_sharding=())
-    self.logit_bias = None
+  def image_tower(self, config: ConvNeXtCLIPConfig, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return ConvNeXt(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
 
 
 # timm trunks open_clip's convnext configs name -> (depths, dims, LayerNorm eps).

@@ -291,15 +291,8 @@ class Eva(nnx.Module):
 class EvaCLIP(clip_lib.CLIP):
   """CLIP with an Eva image tower (encode_image / encode_text / __call__ as CLIP)."""
 
-  def __init__(self, config: EvaCLIPConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.visual = Eva(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
-    self.text = clip_lib.TextTransformer(config.text, config.embed_dim,
-                                         quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
-                                 eager_sharding=False, out_sharding=())
-    self.logit_bias = None
+  def image_tower(self, config: EvaCLIPConfig, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return Eva(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
 
 
 def _eva(image_size, patch, width, layers, heads, mlp_ratio, **kw) -> EvaVisionConfig:

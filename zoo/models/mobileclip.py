@@ -314,15 +314,8 @@ class FastViT(nnx.Module):
 class MobileCLIP(clip_lib.CLIP):
   """CLIP with a FastViT-MCi image tower (encode_image / encode_text / __call__ as CLIP)."""
 
-  def __init__(self, config: MobileCLIPConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.visual = FastViT(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
-    self.text = clip_lib.TextTransformer(config.text, config.embed_dim,
-                                         quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
-                                 eager_sharding=False, out_sharding=())
-    self.logit_bias = None
+  def image_tower(self, config: MobileCLIPConfig, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return FastViT(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,15 +394,8 @@ class TimmViT(nnx.Module):
 class MobileCLIPViT(clip_lib.CLIP):
   """CLIP with a timm ViT image tower (MobileCLIP-B, MobileCLIP2-B / L-14)."""
 
-  def __init__(self, config: MobileCLIPViTConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.visual = TimmViT(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
-    self.text = clip_lib.TextTransformer(config.text, config.embed_dim,
-                                         quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
-                                 eager_sharding=False, out_sharding=())
-    self.logit_bias = None
+  def image_tower(self, config: MobileCLIPViTConfig, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return TimmViT(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
 
 
 def _mci(layers, dims, mlp: float, five: bool) -> MCiVisionConfig:

@@ -200,15 +200,8 @@ class ModifiedResNet(nnx.Module):
 class ResNetCLIP(clip_lib.CLIP):
   """CLIP with a ModifiedResNet image tower (encode_image / encode_text / __call__ as CLIP)."""
 
-  def __init__(self, config: ResNetCLIPConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.visual = ModifiedResNet(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
-    self.text = clip_lib.TextTransformer(config.text, config.embed_dim,
-                                         quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
-                                 eager_sharding=False, out_sharding=())
-    self.logit_bias = None
+  def image_tower(self, config: ResNetCLIPConfig, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return ModifiedResNet(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
 
 
 def _rn(image_size: int, layers, width: int, embed_dim: int, text_width: int, text_heads: int):

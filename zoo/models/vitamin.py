@@ -200,15 +200,8 @@ class ViTamin(nnx.Module):
 class ViTaminCLIP(clip_lib.CLIP):
   """CLIP with a ViTamin image tower (encode_image / encode_text / __call__ as CLIP)."""
 
-  def __init__(self, config: ViTaminCLIPConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.visual = ViTamin(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
-    self.text = clip_lib.TextTransformer(config.text, config.embed_dim,
-                                         quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32),
-                                 eager_sharding=False, out_sharding=())
-    self.logit_bias = None
+  def image_tower(self, config: ViTaminCLIPConfig, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return ViTamin(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
 
 
 def _trunk(stem: int, width: int, layers: int, heads: int, image_size: int,
