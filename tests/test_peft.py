@@ -321,10 +321,13 @@ def outputs_fn(model):
   return model(BATCH["image"], BATCH["tokens"])
 
 
-@pytest.mark.parametrize("name,count", [("resnet_demo", 4), ("convnext_demo", 9)])
+@pytest.mark.parametrize("name,count", [("resnet_demo", 4), ("convnext_demo", 9),
+                                        ("vitamin_demo", 6), ("mobileclip_demo", 17)])
 def test_lora_on_conv_image_towers(name, count):
-  """LoRA on a tiny ModifiedResNet's (attention pool q/k/v/c_proj) and ConvNeXt's (block MLPs,
-  head projection) Linear kernels: image features equal the base model's at init (b = 0); with
+  """LoRA on a tiny ModifiedResNet's (attention pool q/k/v/c_proj), ConvNeXt's (block MLPs,
+  head projection), ViTamin's (attention, GeGLU MLP, projection) and MobileCLIP MCi's (block
+  MLPs, squeeze-excite, head) Linear / attention kernels: image features equal the base model's
+  at init (b = 0); with
   the trainer's LoRA mask only the adapters get gradients (conv kernels, norms and batch-norm
   state untouched). zoo's LoRA has no conv-kernel site (Linear / attention kernels only)."""
   c = importlib.import_module(f"configs.{name}").get_config()
@@ -343,7 +346,7 @@ def test_lora_on_conv_image_towers(name, count):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   base = np.asarray(jax.jit(features, static_argnums=1)(params, graphdef, rest))
   paths = peft.apply_lora(model, targets="^visual/", rank=2, alpha=4.0)
-  assert len(paths) == count and all(p.endswith("/kernel") for p in paths), paths
+  assert len(paths) == count and all(p.endswith("kernel") for p in paths), paths
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(params):  # any scalar of the features: the gradient's support is what counts

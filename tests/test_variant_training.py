@@ -133,6 +133,18 @@ def test_towers_lower_for_tpu(name):
     assert (model.visual.attn_pool is not None) == (name == "siglip_demo")
 
 
+def test_coca_train_step_lowers_for_tpu():
+  """CoCa's family step (contrastive + caption loss through the multimodal decoder) on
+  abstract parameters, lowered for TPU in bf16."""
+  config = importlib.import_module("configs.coca_demo").get_config()
+  config.dtype = "bfloat16"
+  length = config.get("context_length") or 76
+  batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8),
+           "tokens": jax.ShapeDtypeStruct((8, length), jnp.int32)}
+  model, text = lower_for_tpu(config, batch)
+  assert type(model).__name__ == "CoCa" and "bf16" in text and len(text) > 10000
+
+
 def test_unknown_architecture_names_the_nearest_one(tmp_path):
   with pytest.raises(ValueError) as e:
     zoo.create("ViT-B-16-SigLIP2-999")
