@@ -100,6 +100,30 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def tower_demo(model: str, overrides: dict, tokenizer: str = "") -> ml_collections.ConfigDict:
+  """A family's demo run: `model` narrowed by `overrides` (model_overrides), trained from scratch
+  on the embedded demo data for 300 steps of 64 at 32 tokens (the per-family configs/*_demo.py
+  share this schedule); `tokenizer` "clip" stands in for a hub vocabulary offline."""
+  c = base_config()
+  c.model = model
+  c.model_overrides = ml_collections.ConfigDict(overrides)
+  if tokenizer:
+    c.tokenizer = tokenizer
+  c.context_length = 32
+  c.batch_size = 64
+  c.total_steps = 300
+  c.warmup_steps = 30
+  c.lr = 1e-3
+  c.weight_decay = 0.1
+  c.checkpoint_every = 100
+  c.eval_every = 150
+  c.log_every = 10
+  c.data.size = 20000
+  c.data.eval_size = 480
+  c.data.image_dtype = "uint8"
+  return c
+
+
 def long_clip() -> ml_collections.ConfigDict:
   """`config.long_clip`: the defaults of zoo.families.long_clip.Settings (their one copy)."""
   from zoo.families import long_clip
