@@ -62,27 +62,47 @@ def write_synthetic(out_dir: str, shards: int, per_shard: int, seed: int = 0) ->
   return os.path.join(out_dir, "synthetic-*.tar")
 
 
+def cpu_seconds() -> float:
+  """user + system CPU seconds of this process and its live child processes (loader workers)."""
+  import psutil
+
+  me = psutil.Process()
+  total = sum(me.cpu_times()[:2])
+  for child in me.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.Error:  # exited meanwhile
+      pass
+  return total
+
+
 def zoo_round(shards: str, workers: int, batch: int, batches: int, size: int, seed: int,
-              image_dtype: str = "float32") -> float:
+              image_dtype: str = "float32", processes: bool = True,
+              threads: int = 1) -> tuple[float, float]:
+  """(images/s, CPU seconds per image) of zoo's pipeline: `workers` worker processes of
+  `threads` threads each (data.worker_processes), or with processes=False `workers` threads in
+  this process."""
   from zoo import tokenizers
   from zoo.data import pipeline
 
-  cfg = {"name": "webdataset", "shards": shards, "num_threads": workers, "image_dtype": image_dtype}
+  cfg = {"name": "webdataset", "shards": shards, "image_dtype": image_dtype,
+         "num_threads": threads if processes else workers,
+         "worker_processes": workers if processes else 0}
   it = pipeline.build_train_pipeline(
       cfg, tokenizer=tokenizers.get_tokenizer("ViT-B-32"), image_size=size, mean=MEAN, std=STD,
       global_batch_size=batch, seed=seed, context_length=77)
   first = next(it)
   assert first["image"].shape == (batch, size, size, 3) and first["tokens"].shape == (batch, 77)
-  t = time.perf_counter()
+  c, t = cpu_seconds(), time.perf_counter()
   for _ in range(batches):
     next(it)
-  dt = time.perf_counter() - t
+  dt, cpu = time.perf_counter() - t, cpu_seconds() - c
   it.close()
-  return batches * batch / dt
+  return batches * batch / dt, cpu / (batches * batch)
 
 
 def open_clip_round(shards: str, workers: int, batch: int, batches: int, size: int, seed: int,
-                    num_samples: int) -> float:
+                    num_samples: int) -> tuple[float, float]:
   import open_clip
   from open_clip_train import data as oc_data
 
@@ -103,7 +123,7 @@ def open_clip_round(shards: str, workers: int, batch: int, batches: int, size: i
   it = iter(info.dataloader)
   images, tokens = next(it)
   assert tuple(images.shape) == (batch, 3, size, size) and tuple(tokens.shape) == (batch, 77)
-  t = time.perf_counter()
+  c, t = cpu_seconds(), time.perf_counter()
   n = 0
   for _ in range(batches):
     try:
@@ -112,9 +132,9 @@ def open_clip_round(shards: str, workers: int, batch: int, batches: int, size: i
       it = iter(info.dataloader)
       images, _ = next(it)
     n += len(images)
-  dt = time.perf_counter() - t
+  dt, cpu = time.perf_counter() - t, cpu_seconds() - c
   del it, info
-  return n / dt
+  return n / dt, cpu / n
 
 
 def decode_only(shards: str, limit: int) -> float:
@@ -143,6 +163,12 @@ def main() -> int:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--threads", type=int, default=1,
+                      help="threads per zoo worker process (data.num_threads)")
+  parser.add_argument("--rows", default="zoo_float32,zoo_threads",
+                      help="extra zoo rows besides zoo (worker processes, uint8) and open_clip: "
+                           "zoo_float32 (normalized on the host), zoo_threads (threads, no "
+                           "worker processes)")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   try:
@@ -169,39 +195,48 @@ def main() -> int:
     with tarfile.open(p) as tar:
       num_samples += sum(1 for m in tar if m.name.endswith((".jpg", ".jpeg", ".png", ".webp")))
   loads = [os.getloadavg()[0]]
-  zoo_rates, oc_rates, dec_rates, f32_rates = [], [], [], []
+  # name -> round function; rounds alternate the order (forward, then reversed).
+  w, size = max(args.workers, 1), args.image_size
+  common = (shards, args.workers, args.batch, args.batches, size)
+  loaders = {
+      "zoo": lambda r: zoo_round(*common, args.seed + r, "uint8", True, args.threads),
+      "zoo_float32": lambda r: zoo_round(*common, args.seed + r, "float32", True, args.threads),
+      "zoo_threads": lambda r: zoo_round(*common, args.seed + r, "uint8", False),
+      "open_clip": lambda r: open_clip_round(*common, args.seed + r, num_samples),
+  }
+  if args.rows:
+    loaders = {k: v for k, v in loaders.items() if k in ("zoo", "open_clip") or k in args.rows}
+  rates = {k: [] for k in loaders}
+  cpus = {k: [] for k in loaders}
+  dec_rates = []
   for r in range(args.rounds):
-    order = ("zoo", "zoo_float32", "open_clip")
-    for who in (order if r % 2 == 0 else order[::-1]):
-      if who == "zoo":
-        zoo_rates.append(zoo_round(shards, args.workers, args.batch, args.batches,
-                                   args.image_size, args.seed + r, "uint8"))
-      elif who == "zoo_float32":
-        f32_rates.append(zoo_round(shards, args.workers, args.batch, args.batches,
-                                   args.image_size, args.seed + r, "float32"))
-      else:
-        oc_rates.append(open_clip_round(shards, args.workers, args.batch, args.batches,
-                                        args.image_size, args.seed + r, num_samples))
+    for who in (list(loaders) if r % 2 == 0 else list(loaders)[::-1]):
+      ips, cpu = loaders[who](r)
+      rates[who].append(ips)
+      cpus[who].append(cpu)
     dec_rates.append(decode_only(shards, 2 * args.batch))
     loads.append(os.getloadavg()[0])
-    print(f"round {r}: zoo {zoo_rates[-1]:.1f} img/s (float32 {f32_rates[-1]:.1f}), open_clip {oc_rates[-1]:.1f} img/s, "
-          f"decode-only {dec_rates[-1]:.1f} img/s/core, load {loads[-1]:.2f}", flush=True)
-  zoo_ips, oc_ips = statistics.median(zoo_rates), statistics.median(oc_rates)
+    print(f"round {r}: " + ", ".join(f"{k} {rates[k][-1]:.1f} img/s ({1e3 * cpus[k][-1]:.2f} "
+                                      "CPU-ms/img)" for k in loaders)
+          + f", decode-only {dec_rates[-1]:.1f} img/s/core, load {loads[-1]:.2f}", flush=True)
+  med = {k: statistics.median(v) for k, v in rates.items()}
   dec = statistics.median(dec_rates)
-  w = max(args.workers, 1)
-  result = {
-      "zoo": {"images_per_sec": zoo_ips, "per_core": zoo_ips / w, "rounds": zoo_rates},
-      "zoo_float32": {"images_per_sec": statistics.median(f32_rates), "rounds": f32_rates},
-      "open_clip": {"images_per_sec": oc_ips, "per_core": oc_ips / w, "rounds": oc_rates},
-      "decode_only": {"images_per_sec_per_core": dec, "rounds": dec_rates},
-      "ratio": zoo_ips / oc_ips, "workers": args.workers, "batch": args.batch,
-      "image_size": args.image_size, "shards": len(paths), "samples": num_samples,
+  result = {k: {"images_per_sec": med[k], "per_core": med[k] / w, "rounds": rates[k],
+                "cpu_ms_per_image": 1e3 * statistics.median(cpus[k]),
+                "cpu_ms_per_image_rounds": [1e3 * c for c in cpus[k]]} for k in loaders}
+  result.update({
+      "decode_only": {"images_per_sec_per_core": dec, "cpu_ms_per_image": 1e3 / dec,
+                      "rounds": dec_rates},
+      "ratio": med["zoo"] / med["open_clip"],
+      "cpu_ratio": statistics.median(cpus["open_clip"]) / statistics.median(cpus["zoo"]),
+      "workers": args.workers, "zoo_threads_per_worker": args.threads, "batch": args.batch,
+      "image_size": size, "shards": len(paths), "samples": num_samples,
       "cpu_count": os.cpu_count(), "load": {"start": loads[0], "per_round": loads[1:]},
-  }
-  print(f"zoo {zoo_ips:.1f} img/s ({zoo_ips / w:.1f}/worker; float32 batches "
-        f"{statistics.median(f32_rates):.1f}), open_clip {oc_ips:.1f} img/s "
-        f"({oc_ips / w:.1f}/worker), ratio {result['ratio']:.2f}; decode-only bound "
-        f"{dec:.1f} img/s per core; load {loads}")
+  })
+  print(", ".join(f"{k} {med[k]:.1f} img/s ({med[k] / w:.1f}/worker, "
+                  f"{result[k]['cpu_ms_per_image']:.2f} CPU-ms/img)" for k in loaders)
+        + f"; ratio {result['ratio']:.2f} (CPU per image: open_clip / zoo "
+        f"{result['cpu_ratio']:.2f}); decode-only bound {dec:.1f} img/s per core; load {loads}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
       # | file (the label file's EN) | auto (openai when the classes index ImageNet-1k)
       language_adapters="",  # "AR=dir,SW=dir": zoo.models.lora adapters used for those languages
       num_threads=2,
+      # > 0: that many grain worker processes (each with num_threads threads) load the samples;
+      # the same batches and resumable state as threads alone (docs/data.md).
+      worker_processes=0,
       image_dtype="float32",  # uint8: pixels batched and moved as bytes, normalized on device
       # Text-length trimming (causal CLIP text towers only): each batch's tokens cut to the
       # smallest of these lengths holding its longest caption, e.g. "16,32,48,77" | auto | "" (off)

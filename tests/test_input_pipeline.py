@@ -60,3 +60,45 @@ def test_float32_path_bytes_and_uint8_path(tmp_path):
   np.testing.assert_allclose(np.asarray(on_device), f32["image"], atol=1e-6)
   same = train_step.normalize_on_device(jnp.asarray(f32["image"]), MEAN, STD)
   assert same.dtype == jnp.float32 and np.array_equal(np.asarray(same), f32["image"])
+
+
+def test_worker_processes_same_batches_skips_and_interchangeable_state(tmp_path):
+  # data.worker_processes: grain worker processes send chunks of consecutive samples; the batches,
+  # skip counts and states equal the threads' (a state saved with either resumes with the other).
+  rng = np.random.default_rng(1)
+  samples = []
+  for i in range(14):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8)).save(buf, format="JPEG")
+    samples.append({"image": buf.getvalue()[:200] if i == 4 else buf.getvalue(),
+                    "caption": f"a photo of thing {i}"})
+  shards = wds.write_shards(samples, str(tmp_path), 7)
+
+  def build(**kw):
+    return pipeline.build_train_pipeline(
+        {"name": "webdataset", "shards": shards, "num_threads": 1, "image_dtype": "uint8", **kw},
+        tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=24,
+        mean=MEAN, std=STD, global_batch_size=5, seed=3, context_length=16)
+
+  threads = build()
+  want, states = [], []
+  for _ in range(6):  # 30 samples of a 14-sample epoch: the corrupt one is met 3 times
+    states.append(threads.get_state())
+    want.append(next(threads))
+  threads.close()
+  assert threads.skipped == 3 and threads.skipped_by_reason == {"corrupt_image": 3}
+  procs = build(worker_processes=2)
+  try:
+    for k in range(4):
+      assert procs.get_state() == states[k]
+      got = next(procs)
+      assert all(np.array_equal(got[f], want[k][f]) for f in want[k])
+    # positions that are not a whole number of chunks (5 samples per chunk): restore mid-chunk
+    mid = next(k for k, s in enumerate(states) if s["grain"]["next_index"] % 5)
+    procs.set_state(states[mid])
+    for k in range(mid, 6):
+      got = next(procs)
+      assert all(np.array_equal(got[f], want[k][f]) for f in want[k])
+    assert procs.get_state()["skipped"] == threads.skipped
+  finally:
+    procs.close()

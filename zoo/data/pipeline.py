@@ -2,8 +2,8 @@
 
 Train (`build_train_pipeline`): MapDataset.range(N).shuffle(seed).repeat() -> (position,
 index) -> host slice -> load + decode + augment + tokenize (seeded by (seed, epoch, index)) ->
-to_iter_dataset(threads), and a batching iterator (`DataIterator`) that drops and counts
-unusable samples. Order and augmentation are a pure function of (seed, step); get_state() /
+to_iter_dataset(threads) [-> chunks from data.worker_processes processes], and a batching
+iterator (`DataIterator`, zoo.data.batches) that drops and counts unusable samples. Order and augmentation are a pure function of (seed, step); get_state() /
 set_state() restore the exact next batch. Host p reads its rows of every global batch (demo)
 or its own shards (WebDataset). Batches hold the requested `fields`: FIELDS plus those of the
 `field_hooks` a model family passes. Details: docs/data.md.
@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import logging
 import sys
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import grain
 import numpy as np
+from absl import flags
+from PIL import Image
 
 from zoo import transforms
 from zoo.data import demo as demo_lib, fewshot, webdataset as wds
+from zoo.data.batches import DataIterator, Skipped, collate, pack_chunk  # noqa: F401
 from zoo.data.eval_sets import (  # noqa: F401 (the eval sets stay importable from here)
     ALL_DEMO_EVAL_SETS,
     DEMO_EVAL_SETS,
@@ -119,15 +123,6 @@ def tokenize(tokenizer: Tokenizer, texts: list[str], context_length: int | None,
 # ----------------------------------------------------------------------------- per-sample transform
 
 
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-  """Marker for a sample that could not be used; the batching iterator counts it."""
-
-  reason: str
-  key: str
-  detail: str = ""
-
-
 CAPTION_MODES = ("random", "first")
 # float32: normalized on the host; uint8: the pixels (4x fewer bytes to batch and move), for a
 # train step that normalizes on the device (zoo.train.step.normalize_on_device).
@@ -171,10 +166,16 @@ class SampleProcessor:
 
   def __call__(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     fields = self.fields
-    image = np.asarray(sample["image"])
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-      raise wds.SkipSample("bad_image_array", f"shape {image.shape} dtype {image.dtype}")
-    h, w = image.shape[:2]
+    image = sample["image"]  # uint8 [H, W, 3], or an RGB PIL image (no copy to numpy and back)
+    if isinstance(image, Image.Image):
+      if image.mode != "RGB":
+        raise wds.SkipSample("bad_image_array", f"PIL mode {image.mode}")
+      w, h = image.size
+    else:
+      image = np.asarray(image)
+      if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise wds.SkipSample("bad_image_array", f"shape {image.shape} dtype {image.dtype}")
+      h, w = image.shape[:2]
     crop = transforms.random_resized_crop_params(rng, h, w, self.scale, self.ratio)
     flip = bool(self.hflip and rng.random() < 0.5)
     caption_index, caption = choose_caption(sample, rng, self.captions)
@@ -217,6 +218,10 @@ class _Load:
       return Skipped(e.reason, key, str(e))
 
 
+def _with_position(position: int, index: int) -> tuple[int, int]:
+  return position, index
+
+
 class HostSliceMapDataset(grain.MapDataset):
   """This host's share of an infinite global stream, batch by batch.
 
@@ -245,86 +250,6 @@ class HostSliceMapDataset(grain.MapDataset):
     return f"HostSliceMapDataset(b={self._b}, process={self._p}/{self._n})"
 
 
-# ----------------------------------------------------------------------------- batching iterator
-
-
-def collate(samples: Sequence[Mapping[str, np.ndarray]],
-            ragged: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-  """Stacks the samples' fields; a `ragged` field (field -> its longest allowed length, e.g.
-  NaFlex patches) is zero-padded to `transforms.bucket_length` of the batch's longest."""
-  ragged = ragged or {}
-  out = {}
-  for k in samples[0]:
-    rows = [np.asarray(s[k]) for s in samples]
-    if k in ragged:
-      n = transforms.bucket_length(max(len(r) for r in rows), ragged[k])
-      rows = [np.pad(r, [(0, n - len(r))] + [(0, 0)] * (r.ndim - 1)) for r in rows]
-    out[k] = np.stack(rows)
-  return out
-
-
-class DataIterator(Iterator[dict]):
-  """Host-local batches from a grain sample iterator; skips and counts unusable samples.
-
-  `skipped` is the number of samples dropped so far (in the batches returned), also by reason
-  in `skipped_by_reason`. `get_state()` / `set_state()` cover the grain position and the
-  counts, so a restored iterator continues exactly where the saved one was.
-  """
-
-  def __init__(self, dataset: grain.IterDataset, batch_size: int, *, max_consecutive_skips: int,
-               description: str = "", ragged: Mapping[str, int] | None = None):
-    self._dataset = dataset
-    self._ragged = dict(ragged or {})
-    self._it = iter(dataset)
-    self.batch_size = int(batch_size)
-    self._max_skips = int(max_consecutive_skips)
-    self.description = description
-    self.skipped = 0
-    self.skipped_by_reason: dict[str, int] = {}
-
-  def __iter__(self) -> "DataIterator":
-    return self
-
-  def _count_skip(self, item: Skipped) -> None:
-    self.skipped += 1
-    self.skipped_by_reason[item.reason] = self.skipped_by_reason.get(item.reason, 0) + 1
-    if self.skipped <= 10 or self.skipped % 1000 == 0:
-      log.warning("data: skipped sample %s (%s) — %d skipped so far", item.key,
-                  item.detail or item.reason, self.skipped)
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    items: list[dict] = []
-    consecutive = 0
-    while len(items) < self.batch_size:
-      item = next(self._it)
-      if isinstance(item, Skipped):
-        self._count_skip(item)
-        consecutive += 1
-        if consecutive > self._max_skips:
-          raise RuntimeError(f"data: {consecutive} samples in a row could not be used "
-                             f"({self.skipped_by_reason}) in {self.description}; check the data")
-        continue
-      consecutive = 0
-      items.append(item)
-    return collate(items, self._ragged)
-
-  def get_state(self) -> dict[str, Any]:
-    return {"grain": self._it.get_state(), "skipped": int(self.skipped),
-            "skipped_by_reason": dict(self.skipped_by_reason)}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    if not isinstance(state, Mapping) or "grain" not in state:
-      raise ValueError(f"data iterator state must be a dict with a 'grain' entry, got {state!r:.200}")
-    self._it.set_state(state["grain"])
-    self.skipped = int(state.get("skipped", 0))
-    self.skipped_by_reason = {str(k): int(v) for k, v in dict(state.get("skipped_by_reason", {})).items()}
-
-  def close(self) -> None:
-    close = getattr(self._it, "close", None)
-    if close is not None:
-      close()
-
-
 # ----------------------------------------------------------------------------- train pipeline
 
 
@@ -347,7 +272,8 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
   data_cfg keys: `name` ("demo" | "webdataset"), `size` (demo), `shards` (webdataset: glob,
   brace range, comma-separated list or list), `random_resized_crop_scale`, `num_threads`;
   optional: `random_resized_crop_ratio`, `hflip` (off by default: captions name left / right),
-  `render_size` (demo), `image_dtype` (IMAGE_DTYPES), `captions` ("random": each step trains on one of a sample's captions,
+  `render_size` (demo), `image_dtype` (IMAGE_DTYPES), `worker_processes` (0: `num_threads`
+  threads here; n: n processes of `num_threads` threads each, the same batches), `captions` ("random": each step trains on one of a sample's captions,
   drawn by the seeded data order; "first": the primary caption only). `field_hooks`: a model family's extra batch fields (see FieldHook),
   called per sample after the image and caption.
   """
@@ -372,7 +298,7 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
     size = int(_cfg(data_cfg, "size", 20000))
     source = demo_lib.DemoSource(size, "train", int(_cfg(data_cfg, "render_size", 0)) or int(image_size))
     order = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
-    positions = order.map_with_index(lambda pos, idx: (pos, idx))
+    positions = order.map_with_index(_with_position)
     host = HostSliceMapDataset(positions, b, process_index, process_count)
     ds = host.map(_Load(source, None, processor, seed, size, stream_id=0))
     description = f"demo data ({size} scenes)"
@@ -380,7 +306,7 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
     source = fewshot.train_source(data_cfg, int(image_size), seed)
     size = len(source)
     order = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
-    positions = order.map_with_index(lambda pos, idx: (pos, idx))
+    positions = order.map_with_index(_with_position)
     host = HostSliceMapDataset(positions, b, process_index, process_count)
     ds = host.map(_Load(source, None, processor, seed, size, stream_id=0))
     description = (f"{len(source.classes)} classes x {_cfg(data_cfg, 'shots', 16)} shots of "
@@ -395,17 +321,34 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
       raise ValueError(f"webdataset shards {mine} hold no samples")
     order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
     # stream_id = process_index: hosts read different shards, so their RNG streams differ.
-    ds = order.map_with_index(lambda pos, idx: (pos, idx)).map(
-        _Load(source, wds.decode_sample, processor, seed, len(source), stream_id=process_index))
+    ds = order.map_with_index(_with_position).map(
+        _Load(source, functools.partial(wds.decode_sample, pil=True), processor, seed, len(source), stream_id=process_index))
     size = len(source)
     description = f"webdataset shards {mine[0]}.. ({len(mine)} shards, {size} samples on this host)"
   else:
     raise ValueError(f"unknown data.name {name!r}; expected 'demo', 'webdataset' or 'fewshot'")
   threads = int(_cfg(data_cfg, "num_threads", 2))
-  read = grain.ReadOptions(num_threads=max(threads, 0), prefetch_buffer_size=max(2 * b, 16))
+  processes = int(_cfg(data_cfg, "worker_processes", 0))
+  if processes < 0:
+    raise ValueError(f"data.worker_processes={processes}: expected 0 (threads in this process) "
+                     "or the number of worker processes")
+  # With worker processes, process k of n loads elements k, k+n, ... (grain's mp_prefetch, each
+  # with `num_threads` threads) and this process reads them round-robin: the same stream.
+  # They send chunks of `chunk` consecutive elements (`pack_chunk`: one message, not one per
+  # sample), which the DataIterator unpacks.
+  chunk = min(16, b) if processes else 1
+  buffer = max(2 * b // (processes * chunk), 2) if processes else max(2 * b, 16)
+  read = grain.ReadOptions(num_threads=max(threads, 0), prefetch_buffer_size=buffer)
+  if processes:
+    ds = ds.batch(chunk, batch_fn=pack_chunk)
   it_ds = ds.to_iter_dataset(read)
+  if processes:
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read its absl flags' defaults
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=processes, per_worker_buffer_size=max(b // (processes * chunk), 1)))
   log.info("data: %s, host %d/%d, host batch %d, fields %s", description, process_index,
            process_count, b, ",".join(fields))
   ragged = {k: n for h in hooks for k, n in getattr(h, "ragged", {}).items() if k in fields}
   return DataIterator(it_ds, b, max_consecutive_skips=max(1000, 2 * size), description=description,
-                      ragged=ragged)
+                      ragged=ragged, processes=processes, chunk=chunk)

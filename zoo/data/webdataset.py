@@ -184,14 +184,20 @@ class TarShardSource:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """uint8 RGB [H, W, 3] from encoded bytes; raises SkipSample for anything PIL cannot decode."""
+def decode_pil(data: bytes) -> Image.Image:
+  """RGB PIL image from encoded bytes (fully decoded); raises SkipSample for anything PIL cannot
+  decode."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()  # forces the full decode: a truncated file fails here
-      return np.asarray(im.convert("RGB"))
+    im = Image.open(io.BytesIO(data))  # an in-memory file: nothing to close
+    im.load()  # forces the full decode: a truncated file fails here
+    return im if im.mode == "RGB" else im.convert("RGB")
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise SkipSample("corrupt_image", str(e)) from e
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """uint8 RGB [H, W, 3] from encoded bytes; raises SkipSample for anything PIL cannot decode."""
+  return np.asarray(decode_pil(data))
 
 
 def _text(data: bytes, what: str) -> str:
@@ -241,9 +247,9 @@ def decode_arrays(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return arrays
 
 
-def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
-  """Raw tar members -> sample dict (image, caption(s), long/short caption, label, regions, ml,
-  arrays).
+def decode_sample(raw: Mapping[str, Any], pil: bool = False) -> dict[str, Any]:
+  """Raw tar members -> sample dict (image: uint8 [H, W, 3], or with `pil` the RGB PIL image;
+  caption(s), long/short caption, label, regions, ml, arrays).
 
   `captions` is the primary caption followed by its alternatives (`alternative_captions`);
   `arrays` holds the `KEY.NAME.npy` members. Raises SkipSample (reason: missing_image,
@@ -264,7 +270,7 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
       raise SkipSample("unreadable_json", str(e)) from e
     if not isinstance(meta, dict):
       raise SkipSample("unreadable_json", "KEY.json is not an object")
-  image = decode_image(raw[image_ext])
+  image = decode_pil(raw[image_ext]) if pil else decode_image(raw[image_ext])
   sample: dict[str, Any] = {
       "key": raw.get("__key__", ""),
       "image": image,

@@ -40,6 +40,7 @@ POLICIES = ("check", "continue", "restart")
 # evaluation, placement, and these bookkeeping keys themselves.
 FREE_KEYS = ("checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "mesh",
              "distributed", "resume_policy", "schedule_history", "loss.impl", "data.num_threads",
+             "data.worker_processes",
              "data.eval_size", "data.eval_sets", "data.eval_shards", "data.babel_labels",
              "data.babel_prompts", "data.text_lengths", "data.language_adapters", "data.tfds",
              "eval")
