@@ -1,18 +1,22 @@
 """Training input pipeline throughput: zoo's grain pipeline vs open_clip's WebDataset loader.
 
-python bench/input_pipeline.py [--shards GLOB] [--workers 2] [--out input_pipeline.json]
+python bench/input_pipeline.py [--shards GLOB] [--workers 2] [--threads 1] [--out J.json]
 
 Both read the same tar shards (without --shards: synthetic 500x375 JPEGs written to a temp dir)
 and deliver what their train loop receives: shards -> JPEG decode -> RandomResizedCrop (scale
 0.9-1.0, bicubic) -> normalize -> CLIP BPE tokens -> batched arrays. zoo:
-`zoo.data.build_train_pipeline` (grain, `--workers` threads) with data.image_dtype=uint8 (the
-train step normalizes on the device; `zoo_float32`: normalized on the host); open_clip:
-`open_clip_train.data.get_wds_dataset` (webdataset + torch DataLoader, `--workers` processes,
-torchvision transforms, open_clip's tokenizer). Rounds alternate zoo / open_clip in one process;
+`zoo.data.build_train_pipeline` with data.worker_processes=`--workers` (grain worker processes,
+`--threads` threads each) and data.image_dtype=uint8 (the train step normalizes on the device);
+extra rows (`--rows`): `zoo_float32` (normalized on the host), `zoo_threads` (`--workers`
+threads in one process, no worker processes). open_clip: `open_clip_train.data.get_wds_dataset`
+(webdataset + torch DataLoader, `--workers` processes, torchvision transforms, open_clip's
+tokenizer). Rounds alternate the loaders (order reversed every other round) in one process;
 each round builds a fresh loader, skips its first batch (start-up) and times the next
-`--batches`. A third loop, decode-only (PIL full decode + RGB, one thread), is the decode bound
-per core. Figures are medians over rounds; the machine's load average goes in the JSON. No
-figure is reported without the open_clip baseline (it needs `pip install webdataset pandas`).
+`--batches`: images/s (wall) and CPU-ms per image (user + system of this process and its live
+worker processes, psutil; the figure to compare on a machine shared with other jobs). A one-
+thread decode-only loop (PIL full decode + RGB) is the decode bound per core. Figures are
+medians over rounds; the load average goes in the JSON. No figure is reported without the
+open_clip baseline (it needs `pip install webdataset pandas`).
 """
 
 from __future__ import annotations
@@ -229,6 +233,9 @@ def main() -> int:
                       "rounds": dec_rates},
       "ratio": med["zoo"] / med["open_clip"],
       "cpu_ratio": statistics.median(cpus["open_clip"]) / statistics.median(cpus["zoo"]),
+      **({"ratio_threads": med["zoo_threads"] / med["open_clip"],
+          "cpu_ratio_threads": statistics.median(cpus["open_clip"])
+          / statistics.median(cpus["zoo_threads"])} if "zoo_threads" in loaders else {}),
       "workers": args.workers, "zoo_threads_per_worker": args.threads, "batch": args.batch,
       "image_size": size, "shards": len(paths), "samples": num_samples,
       "cpu_count": os.cpu_count(), "load": {"start": loads[0], "per_round": loads[1:]},
