@@ -3,8 +3,9 @@
 Train (`build_train_pipeline`): MapDataset.range(N).shuffle(seed).repeat() -> (position,
 index) -> host slice -> load + decode + augment + tokenize (seeded by (seed, epoch, index)) ->
 to_iter_dataset(threads) [-> chunks from data.worker_processes processes], and a batching
-iterator (`DataIterator`, zoo.data.batches) that drops and counts unusable samples. Order and augmentation are a pure function of (seed, step); get_state() /
-set_state() restore the exact next batch. Host p reads its rows of every global batch (demo)
+iterator (`DataIterator`, zoo.data.batches) that drops and counts unusable samples. Order and
+augmentation are a pure function of (seed, step); get_state() / set_state() restore the exact
+next batch. Host p reads its rows of every global batch (demo)
 or its own shards (WebDataset). Batches hold the requested `fields`: FIELDS plus those of the
 `field_hooks` a model family passes. Details: docs/data.md.
 """
