@@ -2,9 +2,10 @@
 ProCLIP).
 
 Model (`config.llm2clip`: `Settings`): the image tower of `config.model` (+ `init_from`), an LLM
-(`text_model` from zoo.models.llm, or a Hugging Face directory `text_checkpoint` whose
-tokenizer.json then tokenizes, LLM2Vec-wrapped by `llm2vec_template`; frozen, LoRA optional)
-and LLM2CLIP's adapter. Stages: `contrastive` (LLM2CLIP: CLIP loss), `distill_text` (ProCLIP
+(`text_model`, `text_checkpoint` (HF dir; its tokenizer.json, `llm2vec_template`) or `text_init`;
+frozen, LoRA optional) and LLM2CLIP's adapter. Stages: `caption_contrastive` (text only: the
+LLM learns to embed captions, two captions of a sample = positives), `contrastive` (LLM2CLIP: CLIP
+loss), `distill_text` (ProCLIP
 stage 1: text only, the LLM + adapter learn a CLIP text encoder's embeddings: instance +
 embedding-structure alignment, `loss_form`; image tower frozen), `self_distill` (ProCLIP stage
 2: CLIP loss + alignment to a frozen copy of the initial image tower). The LLM reads
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from zoo import tokenizers
@@ -34,10 +36,11 @@ from zoo.convert import llm as llm_convert, llm2clip as llm2clip_convert
 from zoo.data import pipeline, webdataset as wds
 from zoo.families import base, clip as clip_family, distill
 from zoo.models import clip as clip_lib, llm, llm2clip, lora
+from zoo.weights import model_dir
 
 Array = jax.Array
 log = logging.getLogger("zoo.families")
-STAGES = ("contrastive", "distill_text", "self_distill")
+STAGES = ("contrastive", "distill_text", "self_distill", "caption_contrastive")
 LOSS_FORMS = ("cosine", "released")
 
 
@@ -47,6 +50,7 @@ class Settings:
 
   text_model: str = "llm-tiny"  # a zoo.models.llm.TEXT_MODELS name (fresh weights)
   text_checkpoint: str = ""  # a Hugging Face Llama / Qwen directory (config.json + safetensors)
+  text_init: str = ""  # a zoo.save dir (e.g. a caption_contrastive run): its LLM weights
   # its tokenizer.json (when present) tokenizes the captions, wrapped as LLM2Vec does:
   llm2vec_template: str = "none"  # none | llama3-instruct | qwen2-instruct
   causal: bool = False  # False: bidirectional attention (LLM2Vec, as LLM2CLIP's embedder)
@@ -55,7 +59,13 @@ class Settings:
   adapter_expansion: float = 2.0
   long_captions: bool = True  # the LLM reads the sample's long caption when it has one
   text_cache: bool = False  # pooled LLM embeddings from the shards (KEY.llm_text.npy)
-  stage: str = "contrastive"  # contrastive | distill_text | self_distill
+  stage: str = "contrastive"  # contrastive | distill_text | self_distill | caption_contrastive
+  # caption_contrastive: the anchor is the caption the LLM reads (above); the positive the
+  # sample's `positive` field, else another of its `captions`; in-batch negatives, InfoNCE at
+  # `cc_temperature` (LLM2Vec's SimCSE 0.05) on the pooled LLM embeddings; the LLM trains
+  # fully (lora_rank 0) or its LoRA only; no image tower, no adapter
+  positive: str = "detail_caption"
+  cc_temperature: float = 0.05
   teacher: str = ""  # distill_text: the CLIP whose text encoder is distilled (zoo.save dir)
   instance_weight: float = 1.0  # distill_text: mean(1 - cos(student text, teacher text))
   structure_weight: float = 1.0  # distill_text: MSE of the text-text cosine matrices
@@ -108,11 +118,24 @@ class LLMFields:
       "llm_tokens": "int32 [b, L], the caption the LLM reads (long caption when present)",
       "teacher_tokens": "int32 [b, Lt], the caption for the CLIP text teacher",
       "llm_text": "float32 [b, W], the cached pooled LLM embedding of the drawn caption",
+      "llm_positive": "int32 [b, L], a second caption of the sample (caption_contrastive)",
   }
 
-  def __init__(self, long_captions: bool, teacher_tokenizer: Any = None, width: int = 0):
+  def __init__(self, long_captions: bool, teacher_tokenizer: Any = None, width: int = 0,
+               positive: str = "detail_caption"):
     self.long_captions, self.teacher_tokenizer, self.width = long_captions, teacher_tokenizer, width
+    self.positive = positive
     self.truncations = Truncations()
+
+  def positive_text(self, sample: Mapping[str, Any], view: Any, anchor: str) -> str:
+    """The sample's `positive` field, else another of its `captions` than the anchor."""
+    if sample.get(self.positive):
+      return str(sample[self.positive])
+    captions = [str(c) for c in (sample.get("captions") or []) if str(c) != anchor]
+    if not captions:
+      raise wds.SkipSample("missing_positive", f"{sample.get('key')}: no {self.positive!r} "
+                           "field and no second caption for caption_contrastive")
+    return captions[view.caption_index % len(captions)]
 
   def text(self, sample: Mapping[str, Any], view: Any) -> str:
     if self.long_captions and sample.get("long_caption"):
@@ -130,6 +153,9 @@ class LLMFields:
         if n > view.context_length:
           self.truncations.add(n, view.context_length)
       out["llm_tokens"] = view.tokenize([text], "llm_tokens")[0]
+    if "llm_positive" in view.fields:
+      out["llm_positive"] = view.tokenize([self.positive_text(sample, view, text)],
+                                          "llm_positive")[0]
     if "teacher_tokens" in view.fields:
       tok = self.teacher_tokenizer
       out["teacher_tokens"] = pipeline.tokenize(tok, [text], tok.context_length,
@@ -147,10 +173,33 @@ class LLMFields:
     return out
 
 
+TOKENIZER_FIELDS = ("tokenizer", "tokenizer_format", "tokenizer_clean", "tokenizer_prefix",
+                    "tokenizer_suffix")
+
+
+def init_text(src: str, **fields: Any) -> tuple[llm.LLM, dict]:
+  """The LLM (architecture and weights) of the zoo.save dir `src`, e.g. the one a
+  caption_contrastive run tuned, `fields` (causal, pool) replacing its config's; and the saved
+  tokenizer fields when it read its own tokenizer.json ({} for CLIP BPE)."""
+  saved = model_dir.load(src)[0]
+  text = getattr(saved, "text", None)
+  if not isinstance(text, llm.LLM):
+    raise ValueError(f"llm2clip.text_init={src}: the saved model has no LLM text tower")
+  text.config = dataclasses.replace(text.config, **fields)
+  tok = {}
+  if getattr(saved.config, "tokenizer_format", "") == "hf":
+    tok = {k: getattr(saved.config, k) for k in TOKENIZER_FIELDS}
+    local = os.path.join(src, model_dir.HF_TOKENIZER_FILE)
+    tok["tokenizer"] = local if os.path.isfile(local) else tok["tokenizer"]
+  return text, tok
+
+
 def build_text_tower(settings: Settings) -> tuple[llm.LLM | llm.LLMConfig, dict]:
   """The LLM of `settings` (converted from `text_checkpoint`, else a fresh `text_model` config)
   and the LLM2CLIPConfig tokenizer fields of the checkpoint's tokenizer.json ({} without)."""
   extra = dict(causal=settings.causal, pool=settings.pool)
+  if settings.text_init:
+    return init_text(settings.text_init, **extra)
   if not settings.text_checkpoint:
     return llm.text_config(settings.text_model, **extra), {}
   tok = {}
@@ -204,6 +253,8 @@ class LLM2CLIPFamily(base.Family):
     return model
 
   def batch_fields(self, settings: Settings) -> tuple[str, ...]:
+    if settings.stage == "caption_contrastive":
+      return ("llm_tokens", "llm_positive")
     text = ("llm_text",) if settings.text_cache else ("llm_tokens",)
     if settings.stage == "distill_text":
       return text + ("teacher_tokens",)
@@ -215,7 +266,8 @@ class LLM2CLIPFamily(base.Family):
     if settings.stage == "distill_text":
       tc = distill.teacher_config(settings.teacher)
       teacher_tok = tokenizers.ClipTokenizer(tc.text.context_length)
-    return LLMFields(settings.long_captions, teacher_tok, model.config.text.width)
+    return LLMFields(settings.long_captions, teacher_tok, model.config.text.width,
+                     settings.positive)
 
   def _text(self, model: llm2clip.LLM2CLIP, batch: dict, settings: Settings) -> Array:
     if settings.text_cache:
@@ -229,6 +281,9 @@ class LLM2CLIPFamily(base.Family):
   def forward(self, model: llm2clip.LLM2CLIP, batch: dict, rng: Array, settings: Settings
               ) -> dict:
     del rng
+    if settings.stage == "caption_contrastive":  # text only: the pooled LLM embeddings
+      return {"anchor": clip_lib.l2_normalize(model.llm_features(batch["llm_tokens"])),
+              "positive": clip_lib.l2_normalize(model.llm_features(batch["llm_positive"]))}
     out = {"text_raw": self._text(model, batch, settings),
            "logit_scale": jnp.exp(model.logit_scale[...])}
     out["text_features"] = clip_lib.l2_normalize(out["text_raw"])
@@ -247,6 +302,9 @@ class LLM2CLIPFamily(base.Family):
   def loss(self, outputs: dict, batch: dict, ctx: base.LossContext) -> tuple[Array, dict]:
     s: Settings = ctx.settings
     o = outputs
+    if s.stage == "caption_contrastive":
+      loss, acc = caption_contrastive_loss(o["anchor"], o["positive"], s.cc_temperature)
+      return loss, {"caption_contrastive": loss, "accuracy": acc}
     metrics = {"logit_scale": o["logit_scale"]}
     if s.stage == "distill_text":
       inst, struct = alignment_losses(o["text_features"], o["teacher_text"], s.loss_form)
@@ -270,12 +328,14 @@ class LLM2CLIPFamily(base.Family):
 
   def trainable(self, settings: Settings) -> Callable[[tuple[str, ...]], bool]:
     """Adapter (+ LoRA) always; image tower and temperature unless distill_text; never the
-    base LLM or the teachers."""
+    base LLM or the teachers. caption_contrastive: the LLM only (its LoRA with lora_rank)."""
     def pred(path: tuple[str, ...]) -> bool:
       if not path or path[0] in ("text_teacher", "visual_teacher"):
         return False
       if lora.is_lora_path(path):
         return True
+      if settings.stage == "caption_contrastive":
+        return path[0] == "text" and settings.lora_rank <= 0
       if path[0] == "text":
         return False
       return path[0] == "adapter" or settings.stage != "distill_text"
@@ -287,6 +347,17 @@ class LLM2CLIPFamily(base.Family):
     if lora.lora_paths(model):
       model = lora.merge_lora(nnx.clone(model))  # a deep copy: the variables are not shared
     return model
+
+
+def caption_contrastive_loss(anchor: Array, positive: Array, temperature: float
+                             ) -> tuple[Array, Array]:
+  """Symmetric InfoNCE of normalized [B, W] caption embeddings (row i's positive is row i, the
+  other rows are negatives) at `temperature`; and the anchor->positive top-1 accuracy."""
+  logits = anchor.astype(jnp.float32) @ positive.astype(jnp.float32).T / temperature
+  labels = jnp.arange(logits.shape[0])
+  loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+  return loss, jnp.mean((jnp.argmax(logits, axis=1) == labels).astype(jnp.float32))
 
 
 def structure_loss(student: Array, teacher: Array) -> Array:
