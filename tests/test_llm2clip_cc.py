@@ -15,9 +15,10 @@ from flax import nnx
 
 import zoo
 from configs import llm2clip_cc_demo, llm2clip_demo
-from zoo import tokenizers
+from zoo import families, tokenizers
 from zoo.data import demo, pipeline, webdataset as wds
 from zoo.families import llm2clip as family_lib
+from zoo.models import llm, llm2clip as llm2clip_lib
 from zoo.train import loop
 
 FAM = family_lib.FAMILY
@@ -116,3 +117,38 @@ def test_cc_stage_trains_the_llm_only_then_loads_frozen(tmp_path):
   c2.llm2clip.text_init = clip_dir
   with pytest.raises(ValueError, match="the saved model has no LLM text tower"):
     FAM.build_model(c2, FAM.settings(c2))
+
+
+def test_proclip_noised_caption_term_equals_torch():
+  """ProCLIP stage 1 (training/train.py): MSE-sum of the caption and of its noised copy against
+  the teacher's, smooth-L1-sum of pdist on the caption only."""
+  s = family_lib.Settings(stage="distill_text", teacher="unused", loss_form="released",
+                          noised_caption="short_caption", long_captions=False)
+  assert FAM.batch_fields(s) == ("llm_tokens", "teacher_tokens", "llm_noised", "teacher_noised")
+  clip = zoo.create("test-tiny", seed=3)  # its text tower is the teacher
+  model = llm2clip_lib.from_clip(clip, llm.text_config("llm-tiny", causal=False,
+                                                       context_length=24))
+  model.text_teacher = clip.text
+  tok = tokenizers.ClipTokenizer(24)
+  hook = family_lib.LLMFields(False, tokenizers.ClipTokenizer(16), 64, noised="short_caption")
+  proc = pipeline.SampleProcessor(fields=FAM.batch_fields(s), tokenizer=tok, image_size=32,
+                                  mean=(0.5,) * 3, std=(0.5,) * 3, context_length=24,
+                                  hooks=(hook,))
+  rows = [proc(demo.make_sample(1, i, 32), np.random.default_rng(i)) for i in range(4)]
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in FAM.batch_fields(s)}
+  np.testing.assert_array_equal(batch["teacher_noised"][0],
+                                tokenizers.ClipTokenizer(16)([demo.make_sample(1, 0)[
+                                    "short_caption"]])[0])
+  out = FAM.forward(model, batch, None, s)
+  total, m = FAM.loss(out, batch, families.LossContext(s, None, "reference"))
+  t = {k: torch.from_numpy(np.asarray(out[k])) for k in
+       ("text_features", "teacher_text", "text_noised", "teacher_noised")}
+  F = torch.nn.functional
+  ref = (F.mse_loss(t["text_features"], t["teacher_text"], reduction="sum")
+         + F.mse_loss(t["text_noised"], t["teacher_noised"], reduction="sum")
+         + F.smooth_l1_loss(F.pdist(t["text_features"]), F.pdist(t["teacher_text"]),
+                            reduction="sum"))
+  np.testing.assert_allclose(float(total), float(ref), rtol=1e-5)
+  assert float(m["noised_instance"]) > 0
+  with pytest.raises(ValueError, match="noised_caption is a distill_text term"):
+    family_lib.Settings(noised_caption="short_caption")

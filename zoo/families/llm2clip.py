@@ -69,6 +69,9 @@ class Settings:
   teacher: str = ""  # distill_text: the CLIP whose text encoder is distilled (zoo.save dir)
   instance_weight: float = 1.0  # distill_text: mean(1 - cos(student text, teacher text))
   structure_weight: float = 1.0  # distill_text: MSE of the text-text cosine matrices
+  # distill_text: a sample field with a second, noisier caption (ProCLIP's `noise_text`): the
+  # student and the teacher embed it too and its instance term is added (structure: main only)
+  noised_caption: str = ""
   self_distill_weight: float = 1.0  # self_distill: 1 - cos(image, frozen initial image)
   # "cosine": the terms above (batch means); "released": ProCLIP's training/train.py, sums over
   # the batch of the normalized features: MSE (instance) + smooth-L1 of pairwise distances
@@ -91,6 +94,8 @@ class Settings:
     if self.loss_form not in LOSS_FORMS:
       raise ValueError(f"llm2clip.loss_form={self.loss_form!r}: expected one of "
                        f"{', '.join(LOSS_FORMS)}")
+    if self.noised_caption and (self.stage != "distill_text" or self.text_cache):
+      raise ValueError("llm2clip.noised_caption is a distill_text term (without text_cache)")
     if self.stage == "distill_text" and not self.teacher:
       raise ValueError("llm2clip.stage=distill_text needs llm2clip.teacher (a zoo.save CLIP)")
 
@@ -119,12 +124,14 @@ class LLMFields:
       "teacher_tokens": "int32 [b, Lt], the caption for the CLIP text teacher",
       "llm_text": "float32 [b, W], the cached pooled LLM embedding of the drawn caption",
       "llm_positive": "int32 [b, L], a second caption of the sample (caption_contrastive)",
+      "llm_noised": "int32 [b, L], the sample's noised caption (distill_text)",
+      "teacher_noised": "int32 [b, Lt], the same for the CLIP text teacher",
   }
 
   def __init__(self, long_captions: bool, teacher_tokenizer: Any = None, width: int = 0,
-               positive: str = "detail_caption"):
+               positive: str = "detail_caption", noised: str = ""):
     self.long_captions, self.teacher_tokenizer, self.width = long_captions, teacher_tokenizer, width
-    self.positive = positive
+    self.positive, self.noised = positive, noised
     self.truncations = Truncations()
 
   def positive_text(self, sample: Mapping[str, Any], view: Any, anchor: str) -> str:
@@ -160,6 +167,13 @@ class LLMFields:
       tok = self.teacher_tokenizer
       out["teacher_tokens"] = pipeline.tokenize(tok, [text], tok.context_length,
                                                 "teacher_tokens")[0]
+    if "llm_noised" in view.fields:
+      if not sample.get(self.noised):
+        raise wds.SkipSample("missing_noised_caption", f"{sample.get('key')}: no {self.noised!r}")
+      noised, tok = str(sample[self.noised]), self.teacher_tokenizer
+      out["llm_noised"] = view.tokenize([noised], "llm_noised")[0]
+      out["teacher_noised"] = pipeline.tokenize(tok, [noised], tok.context_length,
+                                                "teacher_noised")[0]
     if "llm_text" in view.fields:
       arrays = sample.get("arrays") or {}
       if "llm_text" not in arrays:
@@ -181,10 +195,10 @@ def init_text(src: str, **fields: Any) -> tuple[llm.LLM, dict]:
   """The LLM (architecture and weights) of the zoo.save dir `src`, e.g. the one a
   caption_contrastive run tuned, `fields` (causal, pool) replacing its config's; and the saved
   tokenizer fields when it read its own tokenizer.json ({} for CLIP BPE)."""
-  saved = model_dir.load(src)[0]
-  text = getattr(saved, "text", None)
-  if not isinstance(text, llm.LLM):
+  if not isinstance(getattr(model_dir.load_config(src)[0], "text", None), llm.LLMConfig):
     raise ValueError(f"llm2clip.text_init={src}: the saved model has no LLM text tower")
+  saved = model_dir.load(src)[0]
+  text = saved.text
   text.config = dataclasses.replace(text.config, **fields)
   tok = {}
   if getattr(saved.config, "tokenizer_format", "") == "hf":
@@ -257,7 +271,8 @@ class LLM2CLIPFamily(base.Family):
       return ("llm_tokens", "llm_positive")
     text = ("llm_text",) if settings.text_cache else ("llm_tokens",)
     if settings.stage == "distill_text":
-      return text + ("teacher_tokens",)
+      noised = ("llm_noised", "teacher_noised") if settings.noised_caption else ()
+      return text + ("teacher_tokens",) + noised
     return ("image",) + text
 
   def field_hook(self, config: ml_collections.ConfigDict, settings: Settings,
@@ -267,7 +282,7 @@ class LLM2CLIPFamily(base.Family):
       tc = distill.teacher_config(settings.teacher)
       teacher_tok = tokenizers.ClipTokenizer(tc.text.context_length)
     return LLMFields(settings.long_captions, teacher_tok, model.config.text.width,
-                     settings.positive)
+                     settings.positive, settings.noised_caption)
 
   def _text(self, model: llm2clip.LLM2CLIP, batch: dict, settings: Settings) -> Array:
     if settings.text_cache:
@@ -290,6 +305,11 @@ class LLM2CLIPFamily(base.Family):
     if settings.stage == "distill_text":
       teacher = jax.lax.stop_gradient(model.text_teacher(batch["teacher_tokens"]))
       out["teacher_text"] = clip_lib.l2_normalize(teacher.astype(jnp.float32))
+      if "llm_noised" in batch:  # ProCLIP's noised caption: its own instance term
+        noised_batch = {"llm_tokens": batch["llm_noised"]}
+        out["text_noised"] = clip_lib.l2_normalize(self._text(model, noised_batch, settings))
+        noised = jax.lax.stop_gradient(model.text_teacher(batch["teacher_noised"]))
+        out["teacher_noised"] = clip_lib.l2_normalize(noised.astype(jnp.float32))
       return out
     out["image_features"] = model.encode_image(batch["image"], normalize=True)
     if model.logit_bias is not None:
@@ -309,6 +329,10 @@ class LLM2CLIPFamily(base.Family):
     if s.stage == "distill_text":
       inst, struct = alignment_losses(o["text_features"], o["teacher_text"], s.loss_form)
       metrics.update(instance=inst, structure=struct)
+      if "text_noised" in o:
+        metrics["noised_instance"] = alignment_losses(o["text_noised"], o["teacher_noised"],
+                                                      s.loss_form)[0]
+        inst = inst + metrics["noised_instance"]
       return s.instance_weight * inst + s.structure_weight * struct, metrics
     clip_outputs = {k: o[k] for k in ("image_features", "text_features", "logit_scale",
                                       "logit_bias") if k in o}
