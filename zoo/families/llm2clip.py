@@ -4,16 +4,14 @@ ProCLIP).
 Model (`config.llm2clip`: `Settings`): the image tower of `config.model` (+ `init_from`), an LLM
 (`text_model`, `text_checkpoint` (HF dir; its tokenizer.json, `llm2vec_template`) or `text_init`;
 frozen, LoRA optional) and LLM2CLIP's adapter. Stages: `caption_contrastive` (text only: the
-LLM learns to embed captions, two captions of a sample = positives), `contrastive` (LLM2CLIP: CLIP
-loss), `distill_text` (ProCLIP
-stage 1: text only, the LLM + adapter learn a CLIP text encoder's embeddings: instance +
-embedding-structure alignment, `loss_form`; image tower frozen), `self_distill` (ProCLIP stage
-2: CLIP loss + alignment to a frozen copy of the initial image tower). The LLM reads
-`llm_tokens`: the long caption (`long_captions`) or the drawn one, at config.context_length
-(512), over-long captions truncated and counted in the log. With `text_cache` the pooled LLM
-embeddings come from the shards (KEY.llm_text.npy, `python -m zoo.data.embed_cache
---text_model`). Export: no teachers.
-Notes: docs/families/llm2clip.md.
+LLM learns to embed captions, two captions of a sample = positives), `contrastive` (LLM2CLIP:
+CLIP loss), `distill_text` (ProCLIP stage 1: text only, the LLM + adapter learn a CLIP text
+encoder's embeddings: instance + structure alignment, `loss_form`; image tower frozen),
+`self_distill` (ProCLIP stage 2: CLIP loss + alignment to a frozen copy of the initial image
+tower). The LLM reads `llm_tokens`: the long caption (`long_captions`) or the drawn one, at
+config.context_length (512), over-long captions truncated and counted in the log. `text_cache`:
+pooled LLM embeddings from the shards (KEY.llm_text.npy, `python -m zoo.data.embed_cache
+--text_model`). Export: no teachers. Notes: docs/families/llm2clip.md.
 """
 
 from __future__ import annotations
