@@ -1,14 +1,19 @@
 """LLM2CLIP on the demo data: does an LLM text tower that reads the whole long caption beat the
 77-token CLIP text tower on long-caption retrieval?
 
-python bench/llm2clip_demo.py [--steps 300 --seeds 0,1 --out bench/results/llm2clip_demo.json]
+python bench/llm2clip_demo.py [--steps 250 --cc_steps 100 --seeds 0,1 --kinds KINDS --out FILE]
 
-For each seed, two runs with the same image tower (test-tiny), steps, batches and optimizer,
-both trained on the demo's long captions (~200 BPE tokens; the details that tell scenes apart
-come after token ~149):
-  (a) llm2clip: the tiny random-init frozen LLM ("llm-tiny", bidirectional, mean pooled) at a
-      256-token context + LLM2CLIP's adapter (configs/llm2clip_demo.py);
-  (b) clip77: the test-tiny CLIP text tower (trained) reading the same captions cut at 77.
+The demo's long captions (~200 CLIP BPE tokens) start with the primary shape ("a red circle.")
+and a generic preamble; the background, the positions and the other shapes come after token ~150,
+so a 77-token tower sees only the primary class. Per seed, with the same image tower (test-tiny),
+steps, batches and optimizer, all trained on the long captions:
+  (a) llm2clip_cc: the tiny LLM ("llm-tiny", bidirectional, mean pooled) first made a caption
+      embedder by configs/llm2clip_cc_demo.py (text only, `--cc_steps`, this seed), then frozen
+      at a 256-token context + LLM2CLIP's adapter (configs/llm2clip_demo.py, text_init);
+  (b) clip77: the test-tiny CLIP text tower (trained) reading the same captions cut at 77;
+  (c) llm2clip_cc77: as (a), but the CLIP stage's LLM reads the captions cut at 77 tokens
+      (is it the LLM or the context?); (d) llm2clip: the frozen random-init LLM, no
+      caption-contrastive stage. (c) and (d) with --kinds.
 Evaluated on held-out long-caption retrieval (R@1 both directions). JSON out + a table.
 """
 
@@ -26,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import llm2clip_demo  # noqa: E402
+from configs import llm2clip_cc_demo, llm2clip_demo  # noqa: E402
 from zoo import families  # noqa: E402
 from zoo.families import base, llm2clip  # noqa: E402
 from zoo.train import loop  # noqa: E402
@@ -45,41 +50,67 @@ class LongCaptionCLIP(base.Family):
     return model(batch["image"], batch["llm_tokens"])
 
 
-def configure(kind: str, seed: int, args) -> object:
-  c = llm2clip_demo.get_config()
-  c.seed, c.total_steps, c.batch_size = seed, args.steps, args.batch_size
-  c.warmup_steps = max(1, args.steps // 10)
-  c.eval_every, c.checkpoint_every, c.log_every = args.steps, args.steps, 50
+KINDS = ("llm2clip_cc", "clip77", "llm2clip_cc77", "llm2clip")
+
+
+def configure(kind: str, seed: int, args, text_init: str = "") -> object:
+  c = (llm2clip_cc_demo if kind == "cc" else llm2clip_demo).get_config()
+  steps = args.cc_steps if kind == "cc" else args.steps
+  c.seed, c.total_steps, c.batch_size = seed, steps, args.batch_size
+  c.warmup_steps = max(1, steps // 10)
+  c.eval_every = 0 if kind == "cc" else steps
+  c.checkpoint_every, c.log_every = steps, 50
   c.data.size, c.data.eval_size = args.train_size, args.eval_size
   c.dtype = "float32"
   if kind == "clip77":
     c.family, c.context_length = LongCaptionCLIP.name, 77
+  if kind in ("llm2clip_cc", "llm2clip_cc77"):
+    c.llm2clip.text_init = text_init
+  if kind == "llm2clip_cc77":
+    c.context_length = 77
   return c
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--steps", type=int, default=250)
+  p.add_argument("--cc_steps", type=int, default=100)
+  p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--train_size", type=int, default=8000)
-  p.add_argument("--eval_size", type=int, default=500)
+  p.add_argument("--eval_size", type=int, default=200)
   p.add_argument("--seeds", default="0,1")
+  p.add_argument("--kinds", default="llm2clip_cc,clip77",
+                 help="of " + ", ".join(KINDS))
   p.add_argument("--out", default="bench/results/llm2clip_demo.json")
   args = p.parse_args()
   families.register(LongCaptionCLIP(), overwrite=True)
+  kinds = tuple(args.kinds.split(","))
+  unknown = sorted(set(kinds) - set(KINDS))
+  if unknown:
+    p.error(f"--kinds: unknown {', '.join(unknown)}; known: {', '.join(KINDS)}")
   rows = []
   for seed in [int(s) for s in args.seeds.split(",")]:
-    for kind in ("llm2clip", "clip77"):
-      start = time.time()
-      with tempfile.TemporaryDirectory() as work:
-        summary = loop.train(configure(kind, seed, args), work)
-      m = summary["eval"]
-      rows.append({"seed": seed, "kind": kind, "seconds": round(time.time() - start, 1),
-                   "image_R@1": m.get("retrieval_long/image_retrieval_recall@1"),
-                   "text_R@1": m.get("retrieval_long/text_retrieval_recall@1"),
-                   "final_loss": float(summary["losses"][-1])})
-      print(json.dumps(rows[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as cc_work:
+      cc_row = {"final_loss": None}
+      if {"llm2clip_cc", "llm2clip_cc77"} & set(kinds):
+        start = time.time()
+        cc = loop.train(configure("cc", seed, args), cc_work)
+        cc_row = {"seed": seed, "kind": "cc_stage", "seconds": round(time.time() - start, 1),
+                  "final_loss": float(cc["losses"][-1]),
+                  "accuracy": float(cc["metrics"].get("accuracy", float("nan")))}
+        print(json.dumps(cc_row), flush=True)
+      for kind in kinds:
+        start = time.time()
+        with tempfile.TemporaryDirectory() as work:
+          summary = loop.train(configure(kind, seed, args, os.path.join(cc_work, "model")), work)
+        m = summary["eval"]
+        rows.append({"seed": seed, "kind": kind, "seconds": round(time.time() - start, 1),
+                     "image_R@1": m.get("retrieval_long/image_retrieval_recall@1"),
+                     "text_R@1": m.get("retrieval_long/text_retrieval_recall@1"),
+                     "final_loss": float(summary["losses"][-1]),
+                     "cc_final_loss": cc_row["final_loss"] if "_cc" in kind else None})
+        print(json.dumps(rows[-1]), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"args": vars(args), "rows": rows}, f, indent=1)

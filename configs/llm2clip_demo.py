@@ -5,7 +5,9 @@ BPE ids) that reads the demo's long captions (~200 tokens; context 256 here, 512
   python train.py --config configs/llm2clip_demo.py --workdir runs/llm2clip_demo
   python eval.py --workdir runs/llm2clip_demo
 
-With a real LLM: --config.llm2clip.text_checkpoint=DIR (a Hugging Face Llama / Qwen directory)
+LLM2CLIP proper starts from an LLM made a caption embedder first: run
+configs/llm2clip_cc_demo.py, then add --config.llm2clip.text_init=RUN/model (bench/llm2clip_demo.py
+does both). With a real LLM: --config.llm2clip.text_checkpoint=DIR (a Hugging Face Llama / Qwen directory)
 and a tokenizer for it; with cached LLM embeddings --config.llm2clip.text_cache=True and
 webdataset shards from `python -m zoo.data.embed_cache --text_model`.
 """

@@ -3,7 +3,8 @@
 Every scene is a pure function of (split seed, index): no downloads, no files. 1-3 objects
 (COLORS x SHAPES) on a plain background; the largest is the primary one, its "colour shape"
 the class label (24 classes). A sample has `image` (uint8 [S, S, 3]), `caption`,
-`short_caption`, `long_caption` (details after the first 77 tokens), `label`, `boxes`
+`short_caption`, `long_caption` (details after the first 77 tokens), `detail_caption` (the
+same details reworded, without the preamble: a second description of the image), `label`, `boxes`
 (normalized xyxy, primary first) with `region_captions` / `region_labels`, and `captions_ml`
 ({lang: caption} in LANGUAGES). Splits use disjoint seed streams (SPLIT_SEEDS). Details:
 docs/data.md.
@@ -339,6 +340,16 @@ def long_caption(scene: DemoScene, rng: np.random.Generator) -> str:
   return " ".join([short_caption(scene), preamble] + details)
 
 
+def detail_caption(scene: DemoScene) -> str:
+  """The long caption's details in other words, without its generic preamble: every shape with
+  its position and the background (a second description of the same image)."""
+  p, others = scene.objects[0], scene.objects[1:]
+  parts = [f"{_a(p.name)} {_in_position(position_word(p))}"]
+  parts += [f"a small {o.name} {_in_position(position_word(o))}" for o in others]
+  listed = parts[0] if not others else ", ".join(parts[:-1]) + " and " + parts[-1]
+  return f"On {_a(scene.background)} background: {listed}."
+
+
 def captions_ml(scene: DemoScene, template_index: int) -> dict[str, str]:
   """{lang: caption}: template `template_index` filled with the primary class in each language."""
   p = scene.objects[0]
@@ -363,6 +374,7 @@ def make_sample(split_seed: int, index: int, image_size: int = 64) -> dict:
       "caption": caption(scene, rng),
       "short_caption": short_caption(scene),
       "long_caption": long_caption(scene, rng),
+      "detail_caption": detail_caption(scene),
       "label": objs[0].label,
       "boxes": np.stack([object_box(o) for o in objs]).astype(np.float32),
       "region_captions": [_a(o.name) for o in objs],
