@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +15,7 @@ import zoo
 from zoo import convert
 from zoo.convert import open_clip_config
 from zoo.convert.common import StateDictError
-from zoo.models import configs as registry, resnet
+from zoo.models import configs as registry, resnet, sharding
 from zoo.weights import pretrained
 
 torch = pytest.importorskip("torch")
@@ -111,7 +112,8 @@ def test_bad_sizes_and_layouts_are_one_line(tiny):
 def test_batch_norm_update_mode_equals_torch_train_mode(tiny):
   """`set_batch_norm(model, True)`: a forward normalises with the batch's statistics and moves
   the running ones as open_clip's ModifiedResNet in `.train()` does (momentum 0.1, unbiased
-  running variance, num_batches_tracked + 1); frozen again, the model reads the new ones."""
+  running variance, num_batches_tracked + 1), also jitted with the batch split over 4 devices;
+  frozen again, the model reads the new ones."""
   oc, config = tiny
   sd = {k: v.numpy() for k, v in oc.state_dict().items()}
   model = convert.from_open_clip(sd, config)
@@ -129,6 +131,23 @@ def test_batch_norm_update_mode_equals_torch_train_mode(tiny):
   assert diff <= 1e-4 and stat_diff <= 1e-5
   assert all(int(after[k]) == 8 for k in stats if k.endswith("num_batches_tracked"))
   assert any(np.abs(after[k] - sd[k]).max() > 1e-3 for k in stats if k.endswith("running_var"))
+  # Under a mesh, one image per device: the statistics are still the global batch's (sync).
+  fresh = convert.from_open_clip(sd, config)
+  graphdef, state = nnx.split(fresh)
+  mesh = sharding.make_mesh(devices=jax.devices()[:4])
+
+  @jax.jit
+  def train_forward(state, images):
+    m = nnx.merge(graphdef, state, copy=True)
+    resnet.set_batch_norm(m, True)
+    return m.encode_image(images), nnx.state(m, nnx.BatchStat)
+
+  out, new_stats = train_forward(state, jax.device_put(images, sharding.batch_sharding(mesh)))
+  assert len(out.sharding.device_set) == 4
+  nnx.update(fresh, new_stats)
+  sharded = convert.to_open_clip(fresh)
+  assert np.abs(np.asarray(out) - want).max() <= 1e-4
+  assert max(np.abs(np.asarray(sharded[k], np.float64) - v).max() for k, v in stats.items()) <= 1e-5
   resnet.set_batch_norm(model, False)
   ref.eval()
   with torch.no_grad():
