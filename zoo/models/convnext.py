@@ -65,6 +65,7 @@ class Conv(LoRAConv):
                           out_sharding=("mlp",))
     if pad is None:  # 'same' for stride 1; none for the patchify / downsample convs
       pad = k // 2 if stride == 1 else 0
+    self.kernel_lora = nnx.data(None)  # zoo.models.lora.apply_lora attaches one
     self.stride, self.groups, self.pad, self.dtype = stride, d_in if depthwise else 1, pad, dtype
 
   def __call__(self, x: Array) -> Array:

@@ -87,6 +87,7 @@ class Conv(LoRAConv):
                         (k, k, d_in // groups, d_out), (None, None, None, "mlp"))
     self.bias = (nnx.Param(jnp.zeros((d_out,), jnp.float32), eager_sharding=False,
                            out_sharding=("mlp",)) if bias else None)
+    self.kernel_lora = nnx.data(None)  # zoo.models.lora.apply_lora attaches one
     self.stride, self.groups, self.dtype = stride, groups, dtype
     self.pad = (stride - 1 + k - 1) // 2 if pad is None else pad  # timm get_padding: symmetric
 

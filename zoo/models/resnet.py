@@ -78,6 +78,7 @@ class Conv(LoRAConv):
                rngs: nnx.Rngs):
     init = nnx.initializers.normal((2.0 / (k * k * d_in)) ** 0.5)
     self.kernel = param(rngs, init, (k, k, d_in, d_out), (None, None, None, "mlp"))
+    self.kernel_lora = nnx.data(None)  # zoo.models.lora.apply_lora attaches one
     self.stride, self.pad, self.dtype = stride, k // 2, dtype
 
   def __call__(self, x: Array) -> Array:
