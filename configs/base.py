@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.context_length = 0  # 0 = the model's context length
   c.dtype = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators; params fp32
   c.remat = "none"  # gradient checkpointing of each residual block: none | block | full
+  # batch-norm statistics of ResNet / MobileCLIP towers: frozen (running statistics, never
+  # updated) | update (torch's train mode: batch statistics, running ones updated and saved)
+  c.batch_norm = "frozen"
   c.seed = 0
 
   c.batch_size = 128  # global, over all hosts and devices

@@ -321,15 +321,17 @@ def outputs_fn(model):
   return model(BATCH["image"], BATCH["tokens"])
 
 
-@pytest.mark.parametrize("name,count", [("resnet_demo", 4), ("convnext_demo", 9),
-                                        ("vitamin_demo", 6), ("mobileclip_demo", 17)])
-def test_lora_on_conv_image_towers(name, count):
+@pytest.mark.parametrize("name,count,convs", [("resnet_demo", 4, 19), ("convnext_demo", 9, 8),
+                                              ("vitamin_demo", 6, 10),
+                                              ("mobileclip_demo", 17, 27)])
+def test_lora_on_conv_image_towers(name, count, convs):
   """LoRA on a tiny ModifiedResNet's (attention pool q/k/v/c_proj), ConvNeXt's (block MLPs,
   head projection), ViTamin's (attention, GeGLU MLP, projection) and MobileCLIP MCi's (block
-  MLPs, squeeze-excite, head) Linear / attention kernels: image features equal the base model's
-  at init (b = 0); with
-  the trainer's LoRA mask only the adapters get gradients (conv kernels, norms and batch-norm
-  state untouched). zoo's LoRA has no conv-kernel site (Linear / attention kernels only)."""
+  MLPs, squeeze-excite, head) Linear / attention kernels, and on all their conv kernels (plain,
+  strided, grouped and depthwise; ViTamin's stem and MBConv convs): image features equal the
+  base model's at init (b = 0); with the trainer's LoRA mask only the adapters get gradients
+  (base kernels, norms and batch-norm state untouched); with every b random, merge_lora's
+  plain model equals the adapted one."""
   c = importlib.import_module(f"configs.{name}").get_config()
   # random values set from numpy (an eager init compiles one XLA program per parameter shape)
   model = nnx.eval_shape(lambda: zoo.create(c.model, **c.model_overrides.to_dict()))
@@ -344,17 +346,20 @@ def test_lora_on_conv_image_towers(name, count):
     return nnx.merge(graphdef, params, rest).encode_image(images, normalize=True)
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  base = np.asarray(jax.jit(features, static_argnums=1)(params, graphdef, rest))
+  plain_features = jax.jit(features, static_argnums=1)
+  base = np.asarray(plain_features(params, graphdef, rest))
   paths = peft.apply_lora(model, targets="^visual/", rank=2, alpha=4.0)
-  assert len(paths) == count and all(p.endswith("kernel") for p in paths), paths
+  conv_paths = [s.path for s in peft.kernel_sites(model) if isinstance(s.layer, layers.LoRAConv)]
+  assert len(paths) == count + convs and len(conv_paths) == convs, (len(paths), conv_paths)
+  assert all(p.endswith("kernel") for p in paths), paths
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(params):  # any scalar of the features: the gradient's support is what counts
     f = features(params, graphdef, rest)
     return jnp.sum(f * jnp.arange(f.shape[-1], dtype=f.dtype)), f
 
-  (_, with_lora), grads = jax.jit(train_step.trainable_value_and_grad(loss_fn, peft.is_lora_path))(
-      params)
+  grad_fn = jax.jit(train_step.trainable_value_and_grad(loss_fn, peft.is_lora_path))
+  (_, with_lora), grads = grad_fn(params)
   # a second program: XLA may fuse the float adds differently
   assert np.isfinite(base).all() and np.abs(base).max() > 0.1
   np.testing.assert_allclose(np.asarray(with_lora), base, rtol=0, atol=1e-6)
@@ -367,4 +372,17 @@ def test_lora_on_conv_image_towers(name, count):
         moved.add(names)
     else:
       assert not np.asarray(g).any(), names
-  assert len(moved) == count
+  assert len(moved) == count + convs
+  # trained adapters (every b random) merged into the kernels: the plain model, same features
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype)
+      if sharding.path_names(p)[-1] == "b" else x, params)
+  adapted = np.asarray(grad_fn(params)[0][1])  # the programs compiled above, run again
+  merged = peft.merge_lora(nnx.merge(graphdef, params, rest))
+  assert not peft.lora_paths(merged)
+  graphdef, params, rest = nnx.split(merged, nnx.Param, ...)
+  plain = np.asarray(plain_features(params, graphdef, rest))
+  diff = np.abs(plain - adapted).max()
+  print(f"{name}: merged vs adapted features max |diff| {diff:.2e}, "
+        f"moved by the adapters {np.abs(adapted - base).max():.2e}")
+  assert diff <= 1e-5 and np.abs(adapted - base).max() > 1e-3

@@ -1,10 +1,12 @@
 """ModifiedResNet CLIP (RN50 ... RN50x64): parity with open_clip on random weights (batch-norm
 statistics included), strict round trips, the pretrained table, bad sizes and layouts."""
 
+import copy
 import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +15,7 @@ import zoo
 from zoo import convert
 from zoo.convert import open_clip_config
 from zoo.convert.common import StateDictError
-from zoo.models import configs as registry, resnet
+from zoo.models import configs as registry, resnet, sharding
 from zoo.weights import pretrained
 
 torch = pytest.importorskip("torch")
@@ -105,3 +107,49 @@ def test_bad_sizes_and_layouts_are_one_line(tiny):
   with pytest.raises(StateDictError, match=r"(?s)mis-shaped visual\.conv1\.weight: expected \(4, 3, 3, 3\), "
                      r"found \(64, 3, 8, 8\).*unexpected visual\.class_embedding"):  # a ViT
     convert.from_open_clip(convert.to_open_clip(zoo.create("test-tiny")), config)
+
+
+def test_batch_norm_update_mode_equals_torch_train_mode(tiny):
+  """`set_batch_norm(model, True)`: a forward normalises with the batch's statistics and moves
+  the running ones as open_clip's ModifiedResNet in `.train()` does (momentum 0.1, unbiased
+  running variance, num_batches_tracked + 1), also jitted with the batch split over 4 devices;
+  frozen again, the model reads the new ones."""
+  oc, config = tiny
+  sd = {k: v.numpy() for k, v in oc.state_dict().items()}
+  model = convert.from_open_clip(sd, config)
+  assert resnet.set_batch_norm(model, True) == 3 + 3 * 5 + 4  # stem, 5 blocks, 4 downsamples
+  images = np.random.default_rng(1).normal(size=(4, 64, 64, 3)).astype(np.float32)
+  ref = copy.deepcopy(oc).train()
+  with torch.no_grad():
+    want = ref.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  got = np.asarray(model.encode_image(images))
+  diff = np.abs(got - want).max()
+  after = convert.to_open_clip(model)
+  stats = {k: v.numpy() for k, v in ref.state_dict().items() if ".bn" in k or "downsample.1" in k}
+  stat_diff = max(np.abs(np.asarray(after[k], np.float64) - v).max() for k, v in stats.items())
+  print(f"batch-norm train mode vs torch: features {diff:.2e}, running statistics {stat_diff:.2e}")
+  assert diff <= 1e-4 and stat_diff <= 1e-5
+  assert all(int(after[k]) == 8 for k in stats if k.endswith("num_batches_tracked"))
+  assert any(np.abs(after[k] - sd[k]).max() > 1e-3 for k in stats if k.endswith("running_var"))
+  # Under a mesh, one image per device: the statistics are still the global batch's (sync).
+  fresh = convert.from_open_clip(sd, config)
+  graphdef, state = nnx.split(fresh)
+  mesh = sharding.make_mesh(devices=jax.devices()[:4])
+
+  @jax.jit
+  def train_forward(state, images):
+    m = nnx.merge(graphdef, state, copy=True)
+    resnet.set_batch_norm(m, True)
+    return m.encode_image(images), nnx.state(m, nnx.BatchStat)
+
+  out, new_stats = train_forward(state, jax.device_put(images, sharding.batch_sharding(mesh)))
+  assert len(out.sharding.device_set) == 4
+  nnx.update(fresh, new_stats)
+  sharded = convert.to_open_clip(fresh)
+  assert np.abs(np.asarray(out) - want).max() <= 1e-4
+  assert max(np.abs(np.asarray(sharded[k], np.float64) - v).max() for k, v in stats.items()) <= 1e-5
+  resnet.set_batch_norm(model, False)
+  ref.eval()
+  with torch.no_grad():
+    frozen = ref.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  assert np.abs(np.asarray(model.encode_image(images)) - frozen).max() <= 1e-4

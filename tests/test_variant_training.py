@@ -1,7 +1,8 @@
 """The SigLIP / SigLIP 2 (NaFlex) / CLIPA / MetaCLIP 2 towers in training: each family's demo
 config trains 3 steps through the train loop; the new towers (MAP head, CLIPA's average pool,
 NaFlex) carry logical axis names and their train steps lower for TPU on an abstract mesh; so do
-the ResNet / ConvNeXt / ViTamin / MobileCLIP image towers (batch-norm statistics frozen);
+the ResNet / ConvNeXt / ViTamin / MobileCLIP image towers (batch-norm statistics frozen or
+updated);
 unknown architecture names are answered with the nearest known one."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import zoo
 from tests.cli_run import lines, run
 from zoo import errors, families
 from zoo.models import configs, sharding
-from zoo.train import loop, step as train_step
+from zoo.train import checkpoints as train_checkpoint, loop, step as train_step
 from zoo.weights import hub, model_dir
 
 # One demo config per transformer family of open_clip's table (SigLIP 2's NaFlex form trains
@@ -64,10 +65,16 @@ def test_demo_config_trains_3_steps(name, tmp_path):
 
 @pytest.mark.parametrize("name", TOWER_DEMOS)
 def test_tower_demo_config_trains_3_steps(name, tmp_path):
-  """ResNet / ConvNeXt / ViTamin / MobileCLIP demo configs through loop.train: 3 finite steps;
-  batch-norm statistics (ResNet, MobileCLIP) stay frozen: not parameters, and still at their
-  initial values (mean 0, var 1, nothing tracked) after the steps."""
-  summary = loop.train(demo_config(name), str(tmp_path), stop_after=3)
+  """ResNet / ConvNeXt / ViTamin / MobileCLIP demo configs through loop.train: 3 finite steps.
+  Batch-norm statistics (ResNet, MobileCLIP) are not parameters. Frozen (the default, ResNet):
+  still at their initial values (mean 0, var 1, nothing tracked) after the steps.
+  `batch_norm="update"` (MobileCLIP: MobileOne, RepMixer, attention and ConvMlp norms): every
+  norm tracked 3 batches, the statistics moved, and the checkpoint of step 3 carries them."""
+  update = name == "mobileclip_demo"
+  config = demo_config(name)
+  if update:
+    config.batch_norm, config.checkpoint_every = "update", 3
+  summary = loop.train(config, str(tmp_path), stop_after=3)
   assert summary["step"] == 3 and np.all(np.isfinite(summary["losses"])), summary["losses"]
   model = summary["trainer"].model()
   assert type(model).__name__ == {"resnet_demo": "ResNetCLIP", "convnext_demo": "ConvNeXtCLIP",
@@ -76,9 +83,24 @@ def test_tower_demo_config_trains_3_steps(name, tmp_path):
   stats = {tuple(map(str, p)): np.asarray(v[...])
            for p, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
   assert bool(stats) == (name in ("resnet_demo", "mobileclip_demo"))
+  assert ("batch_stats" in summary["trainer"].state) == update
   for p, v in stats.items():
     assert p[-1] in ("mean", "var", "num_batches_tracked"), p
-    np.testing.assert_array_equal(v, np.ones_like(v) if p[-1] == "var" else 0, err_msg=str(p))
+    init = np.ones_like(v) if p[-1] == "var" else np.zeros_like(v)
+    if not update:
+      np.testing.assert_array_equal(v, init, err_msg=str(p))
+    elif p[-1] == "num_batches_tracked":
+      assert int(v) == 3, p
+    else:
+      assert np.all(np.isfinite(v)) and np.abs(v - init).max() > 1e-4, p
+  if update:  # evaluation reads the trained statistics, in frozen mode, from the checkpoint too
+    assert not any(getattr(m, "update", False) for _, m in nnx.iter_modules(model))
+    saved = summary["trainer"].state["batch_stats"]
+    restored = train_checkpoint.restore_params(
+        tmp_path / "checkpoints", 3, jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=x.sharding), saved), "batch_stats")
+    for p, v in nnx.to_flat_state(restored):
+      np.testing.assert_array_equal(np.asarray(v[...]), stats[tuple(map(str, p))])
 
 
 def test_siglip2_demo_config_builds_siglip2_towers():

@@ -353,11 +353,9 @@ def _sample(model: CoCa, image_tokens: Array, batch: int, rng: Array, *, seq_len
 def _beam_search(model: CoCa, image_tokens: Array, batch: int, *, seq_len: int, num_beams: int,
                  min_seq_len: int, repetition_penalty: float, length_penalty: float,
                  sot_id: int, eos_id: int, pad_id: int) -> Array:
-  """Fixed-shape beam search: `num_beams` running beams; an eos among the first `num_beams`
-  candidates ends a caption into a pool of the best by log-prob sum / length ** length_penalty;
-  the running beams, closed with eos, join it at the end (transformers' BeamSearchScorer)."""
-  k = num_beams
-  image_tokens = jnp.repeat(image_tokens, k, axis=0)
+  """open_clip's `_generate_beamsearch` (transformers 4's BeamSearchScorer, one group) at fixed
+  shapes; beams score the sum of the processed raw logits, as open_clip's (no log-softmax)."""
+  k, image_tokens = num_beams, jnp.repeat(image_tokens, num_beams, axis=0)
   beams = jnp.full((batch, k, seq_len), pad_id, jnp.int32).at[..., 0].set(sot_id)
   scores = jnp.full((batch, k), -1e9, jnp.float32).at[:, 0].set(0.0)
   pool = jnp.full((batch, k, seq_len), pad_id, jnp.int32)
@@ -371,32 +369,33 @@ def _beam_search(model: CoCa, image_tokens: Array, batch: int, *, seq_len: int, 
             jnp.take_along_axis(seq_scores, best, axis=1))
 
   def body(t, state):
-    beams, scores, pool, pool_scores = state
+    beams, scores, pool, pool_scores, done = state
     flat = beams.reshape(batch * k, seq_len)
     logits = jax.lax.dynamic_index_in_dim(model.caption_logits(image_tokens, flat), t - 1,
-                                          axis=1, keepdims=False)
-    logp = _process(jax.nn.log_softmax(logits, axis=-1), flat, t, min_seq_len=min_seq_len,
-                    eos_id=eos_id, repetition_penalty=repetition_penalty)
-    vocab = logp.shape[-1]
-    cand = (scores[..., None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
+                                          axis=1, keepdims=False).astype(jnp.float32)
+    logits = _process(logits, flat, t, min_seq_len=min_seq_len, eos_id=eos_id,
+                      repetition_penalty=repetition_penalty)
+    vocab = logits.shape[-1]
+    cand = (scores[..., None] + logits.reshape(batch, k, vocab)).reshape(batch, k * vocab)
     top, index = jax.lax.top_k(cand, 2 * k)
     origin, token = index // vocab, (index % vocab).astype(jnp.int32)
     seqs = jnp.take_along_axis(beams, origin[..., None], axis=1)
     seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, t, axis=2)
     is_eos = token == eos_id
-    ended = jnp.where(is_eos & (jnp.arange(2 * k) < k), top / (t ** length_penalty), -jnp.inf)
+    norm = (t + 1.0) ** length_penalty  # the length of the caption with its eos
+    ended = jnp.where(is_eos & (jnp.arange(2 * k) < k) & ~done[:, None], top / norm, -jnp.inf)
     pool, pool_scores = add_to_pool(pool, pool_scores, seqs, ended)
+    done = done | (jnp.all(pool_scores > -jnp.inf, 1) & (pool_scores.min(1) >= top[:, 0] / norm))
     # The k best candidates that do not end continue (stable: rank order kept).
     keep = jnp.argsort(is_eos.astype(jnp.int32) * (2 * k) + jnp.arange(2 * k), axis=-1)[:, :k]
     beams = jnp.take_along_axis(seqs, keep[..., None], axis=1)
     scores = jnp.take_along_axis(jnp.where(is_eos, -jnp.inf, top), keep, axis=1)
-    return beams, scores, pool, pool_scores
+    return beams, scores, pool, pool_scores, done
 
-  beams, scores, pool, pool_scores = jax.lax.fori_loop(
-      1, seq_len - 1, body, (beams, scores, pool, pool_scores))
-  closed = beams.at[..., seq_len - 1].set(eos_id)
-  pool, _ = add_to_pool(pool, pool_scores, closed, scores / ((seq_len - 1) ** length_penalty))
-  return pool[:, 0]
+  beams, scores, pool, pool_scores, done = jax.lax.fori_loop(
+      1, seq_len, body, (beams, scores, pool, pool_scores, jnp.zeros((batch,), bool)))
+  final = jnp.where(done[:, None], -jnp.inf, scores / float(seq_len) ** length_penalty)
+  return add_to_pool(pool, pool_scores, beams, final)[0][:, 0]
 
 
 @functools.partial(nnx.jit, static_argnames=(
@@ -417,16 +416,16 @@ def _generate(model, images, rng, *, seq_len, generation_type, top_k, top_p, tem
 
 def generate(model: CoCa, images: Array, *, seq_len: int = 30, generation_type: str = "top_k",
              top_k: int = 1, top_p: float = 0.1, temperature: float = 1.0, num_beams: int = 6,
-             min_seq_len: int = 5, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
-             sot_id: int = SOT_ID, eos_id: int = EOT_ID, pad_id: int | None = None,
-             rng: Array | None = None) -> Array:
-  """Captions of preprocessed `images` [B, H, W, 3]: int32 [B, seq_len], sot first, eos last
-  of each caption, `pad_id` (the model's, 0) after it — open_clip's `generate(...,
-  fixed_output_length=True)` output. `generation_type` 'top_k' (default top_k=1: greedy) or
-  'top_p' samples with `rng` after open_clip's processors (eos banned before `min_seq_len`
-  tokens, repetition penalty, temperature); 'beam_search' keeps `num_beams` beams (one group;
-  open_clip's default is diverse beam search over 3 groups, not implemented). Compiled once per
-  set of static arguments (shapes fixed; each step recomputes the prefix)."""
+             num_beam_groups: int = 3, min_seq_len: int = 5, repetition_penalty: float = 1.0,
+             length_penalty: float = 1.0, sot_id: int = SOT_ID, eos_id: int = EOT_ID,
+             pad_id: int | None = None, rng: Array | None = None) -> Array:
+  """Captions of preprocessed `images` [B, H, W, 3] as open_clip's `generate(...,
+  fixed_output_length=True)`: int32 [B, seq_len], sot first, eos after a caption that ends, then
+  `pad_id` (the model's, 0). 'top_k' (top_k=1: greedy) / 'top_p' sample with `rng` after
+  open_clip's processors (eos banned before `min_seq_len` tokens, repetition penalty,
+  temperature); 'beam_search' is open_clip's, whose groups get no diversity penalty: identical
+  searches of num_beams // num_beam_groups beams, run once here. Compiled once per set of static
+  arguments (fixed shapes; each step recomputes the prefix)."""
   if generation_type not in GENERATION_TYPES:
     raise ValueError(f"generation_type {generation_type!r}: expected one of "
                      f"{', '.join(GENERATION_TYPES)}")
@@ -434,12 +433,13 @@ def generate(model: CoCa, images: Array, *, seq_len: int = 30, generation_type: 
   if not min_seq_len < seq_len <= limit:
     raise ValueError(f"seq_len {seq_len}: expected min_seq_len ({min_seq_len}) < seq_len <= "
                      f"{limit} (the text context)")
-  if num_beams < 1:
-    raise ValueError(f"num_beams {num_beams}: expected at least 1")
+  if not 1 <= num_beam_groups <= num_beams or num_beams % num_beam_groups:
+    raise ValueError(f"num_beams {num_beams}, num_beam_groups {num_beam_groups}: expected "
+                     "num_beams a positive multiple of num_beam_groups")
   return _generate(model, jnp.asarray(images, jnp.float32),
                    jax.random.key(0) if rng is None else rng, seq_len=seq_len,
                    generation_type=generation_type, top_k=int(top_k), top_p=float(top_p),
-                   temperature=float(temperature), num_beams=int(num_beams),
+                   temperature=float(temperature), num_beams=num_beams // num_beam_groups,
                    min_seq_len=int(min_seq_len), repetition_penalty=float(repetition_penalty),
                    length_penalty=float(length_penalty), sot_id=int(sot_id), eos_id=int(eos_id),
                    pad_id=int(model.config.pad_id if pad_id is None else pad_id))

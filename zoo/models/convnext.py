@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.models import clip as clip_lib, configs as registry
-from zoo.models.layers import LayerNorm, Linear, gelu, param
+from zoo.models.layers import LayerNorm, Linear, LoRAConv, gelu, param
 
 Array = jax.Array
 STRIDE = 32
@@ -52,7 +52,7 @@ class ConvNeXtCLIPConfig(registry.CLIPConfig):
   vision: ConvNeXtVisionConfig = ConvNeXtVisionConfig()
 
 
-class Conv(nnx.Module):
+class Conv(LoRAConv):
   """k x k conv with bias, HWIO kernel; `groups` = channels for the depthwise conv; `pad`
   (each side) defaults to k // 2 at stride 1 and 0 when strided."""
 
@@ -65,11 +65,12 @@ class Conv(nnx.Module):
                           out_sharding=("mlp",))
     if pad is None:  # 'same' for stride 1; none for the patchify / downsample convs
       pad = k // 2 if stride == 1 else 0
+    self.kernel_lora = nnx.data(None)  # zoo.models.lora.apply_lora attaches one
     self.stride, self.groups, self.pad, self.dtype = stride, d_in if depthwise else 1, pad, dtype
 
   def __call__(self, x: Array) -> Array:
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 2,
+        x.astype(self.dtype), self.conv_kernel().astype(self.dtype), (self.stride,) * 2,
         [(self.pad, self.pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.groups)
     return y + self.bias[...].astype(self.dtype)

@@ -121,6 +121,23 @@ class Linear(nnx.Module):
     return shard_batch(y).reshape(*lead, y.shape[-1])
 
 
+class LoRAConv(nnx.Module):
+  """Base of the conv layers (HWIO `kernel` [k, k, d_in / groups, d_out]) that LoRA adapts.
+
+  `kernel_lora` (a zoo.models.lora.LoRA over the kernel seen as [k*k*d_in/groups, d_out]) is
+  added to the kernel before the conv (the merged-kernel form: one path for plain, grouped and
+  depthwise convs, at a cost independent of the batch); merge_lora adds the same update.
+  """
+
+  kernel_lora = None
+
+  def conv_kernel(self) -> Array:
+    k = self.kernel[...]
+    if self.kernel_lora is None:
+      return k
+    return (k.astype(jnp.float32) + self.kernel_lora.delta().reshape(k.shape)).astype(k.dtype)
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None,
                           is_causal: bool = False) -> Array:
   """softmax(q k^T / sqrt(Dh)) v for q, k, v [B, L, H, Dh] -> [B, L, H, Dh].

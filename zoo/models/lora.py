@@ -2,14 +2,12 @@
 
 LoRA (Hu et al., 2021) adds a trainable low-rank update to a frozen weight matrix:
 y = x @ W + (x @ A @ B) * alpha / rank, with A [d_in, r] random and B [r, d_out] zero, so a
-freshly attached adapter leaves the model's outputs unchanged. zoo's matmul weights are
-
-    Linear.kernel          [in, out]       MLP fc1 / fc2, SigLIP attention-pool q / kv / proj
-    Attention.qkv_kernel   [W, 3, H, Dh]   seen as [W, 3*H*Dh]
-    Attention.out_kernel   [H, Dh, W]      seen as [H*Dh, W]
-
-and each layer carries an optional LoRA beside it (`kernel_lora`, `qkv_lora`, `out_lora`; see
-zoo/models/layers.py). Kernels are addressed by their '/'-joined path in the model, e.g.
+freshly attached adapter leaves the model's outputs unchanged. zoo's weights are Linear.kernel
+[in, out]; Attention.qkv_kernel [W, 3, H, Dh] seen as [W, 3*H*Dh]; Attention.out_kernel
+[H, Dh, W] seen as [H*Dh, W]; the HWIO kernels of ResNet / ConvNeXt / MobileCLIP convs
+(layers.LoRAConv) [k, k, in/groups, out] seen as [k*k*in/groups, out] (a conv adds the update
+to its kernel before convolving). Each layer carries an optional LoRA beside it (`kernel_lora`,
+`qkv_lora`, `out_lora`). Kernels are addressed by their '/'-joined path in the model, e.g.
 "text/transformer/resblocks/0/attn/qkv_kernel", and chosen by regular expressions
 (re.search). Train only the adapters (trainable=is_lora_path); `merge_lora` folds them into
 the kernels so the result is a plain zoo model again (zoo.save, conversion).
@@ -109,6 +107,7 @@ _SITE_KINDS = (
     (layers.Linear, "kernel", "kernel_lora", 1),
     (layers.Attention, "qkv_kernel", "qkv_lora", 1),
     (layers.Attention, "out_kernel", "out_lora", 2),
+    (layers.LoRAConv, "kernel", "kernel_lora", 3),  # HWIO conv kernels, seen as [k*k*in, out]
 )
 LORA_ATTRS = frozenset(kind[2] for kind in _SITE_KINDS)
 _LORA_OF = {kind[1]: kind[2] for kind in _SITE_KINDS}  # kernel attribute -> LoRA attribute

@@ -20,7 +20,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.models import clip as clip_lib, configs as registry
-from zoo.models.layers import LayerNorm, Linear, Transformer, dot_product_attention, gelu, param
+from zoo.models.layers import (
+  LayerNorm,
+  Linear,
+  LoRAConv,
+  Transformer,
+  dot_product_attention,
+  gelu,
+  param,
+)
 from zoo.models.resnet import BatchNorm
 
 Array = jax.Array
@@ -69,7 +77,7 @@ def se_channels(channels: int, ratio: float, divisor: int) -> int:
   return max(divisor, int(channels * ratio + divisor / 2) // divisor * divisor)
 
 
-class Conv(nnx.Module):
+class Conv(LoRAConv):
   """A k x k (grouped) conv, HWIO kernel [k, k, d_in / groups, d_out], timm's symmetric padding."""
 
   def __init__(self, d_in: int, d_out: int, k: int, *, stride: int = 1, groups: int = 1,
@@ -79,12 +87,13 @@ class Conv(nnx.Module):
                         (k, k, d_in // groups, d_out), (None, None, None, "mlp"))
     self.bias = (nnx.Param(jnp.zeros((d_out,), jnp.float32), eager_sharding=False,
                            out_sharding=("mlp",)) if bias else None)
+    self.kernel_lora = nnx.data(None)  # zoo.models.lora.apply_lora attaches one
     self.stride, self.groups, self.dtype = stride, groups, dtype
     self.pad = (stride - 1 + k - 1) // 2 if pad is None else pad  # timm get_padding: symmetric
 
   def __call__(self, x: Array) -> Array:
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 2,
+        x.astype(self.dtype), self.conv_kernel().astype(self.dtype), (self.stride,) * 2,
         [(self.pad, self.pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.groups)
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)

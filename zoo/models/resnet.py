@@ -4,10 +4,11 @@ open_clip's `ModifiedResNet`: a stem of three 3x3 convs (the first strided) and 
 pool; bottleneck stages whose strided blocks are anti-aliased (a 2x2 average pool after the
 3x3 conv, and before the 1x1 downsample conv, instead of strided convs); attention pooling
 (the mean token + learned positions, one multi-head attention read at the mean token, then
-`c_proj`). Batch-norm statistics are `nnx.BatchStat` state, not parameters, and frozen:
-normalisation always uses the running statistics, which training never updates (open_clip's
-inference and frozen towers; batch-statistics training is not implemented). The text tower is CLIP's. The total stride is 32:
-an image side that is not a multiple of 32 is refused.
+`c_proj`). Batch-norm statistics are `nnx.BatchStat` state, not parameters: frozen by default
+(running statistics used, never updated); `set_batch_norm(model, update=True)` makes every
+BatchNorm normalise with the batch's statistics and update the running ones as torch's
+`.train()` does. The text tower is CLIP's. The total stride is 32: an image side that is not a
+multiple of 32 is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.models import clip as clip_lib, configs as registry
-from zoo.models.layers import Linear, param
+from zoo.models.layers import Linear, LoRAConv, param
 
 Array = jax.Array
 STRIDE = 32
@@ -70,24 +71,31 @@ def _avg_pool(x: Array, k: int) -> Array:
   return s / (k * k)
 
 
-class Conv(nnx.Module):
+class Conv(LoRAConv):
   """A bias-free k x k conv, HWIO kernel (output channels on the 'mlp' logical axis)."""
 
   def __init__(self, d_in: int, d_out: int, k: int, *, stride: int = 1, dtype=jnp.float32,
                rngs: nnx.Rngs):
     init = nnx.initializers.normal((2.0 / (k * k * d_in)) ** 0.5)
     self.kernel = param(rngs, init, (k, k, d_in, d_out), (None, None, None, "mlp"))
+    self.kernel_lora = nnx.data(None)  # zoo.models.lora.apply_lora attaches one
     self.stride, self.pad, self.dtype = stride, k // 2, dtype
 
   def __call__(self, x: Array) -> Array:
     return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 2,
+        x.astype(self.dtype), self.conv_kernel().astype(self.dtype), (self.stride,) * 2,
         [(self.pad, self.pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class BatchNorm(nnx.Module):
-  """nn.BatchNorm2d over the channel axis; running statistics are nnx.BatchStat (frozen:
-  always used, never updated; `num_batches_tracked` kept for open_clip's state dict)."""
+  """nn.BatchNorm2d over the channel axis; running statistics are nnx.BatchStat
+  (`num_batches_tracked` kept for open_clip's state dict). Frozen (`update` False): the running
+  statistics normalise. `update`: torch's train mode: the batch's mean / biased variance over
+  every axis but the channels normalise (differentiated), and the running statistics move by
+  `momentum` (torch's 0.1) towards them, the variance unbiased. Under a mesh the means run over
+  the global (sharded) batch: synchronised batch norm."""
+
+  momentum = 0.1
 
   def __init__(self, n: int, *, eps: float = 1e-5, zero_init: bool = False):
     self.scale = nnx.Param((jnp.zeros if zero_init else jnp.ones)((n,), jnp.float32),
@@ -97,11 +105,35 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros((n,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((n,), jnp.float32))
     self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
-    self.eps = eps
+    self.eps, self.update = eps, False
 
   def __call__(self, x: Array) -> Array:
+    if self.update:
+      return self._batch_stats(x)
     inv = jax.lax.rsqrt(self.var[...] + self.eps) * self.scale[...]
     return (x - self.mean[...].astype(x.dtype)) * inv.astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+  def _batch_stats(self, x: Array) -> Array:
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(jnp.square(xf - mean), axes)
+    n = int(np.prod(x.shape[:-1]))
+    m, sg = self.momentum, jax.lax.stop_gradient
+    self.mean[...] = (1 - m) * self.mean[...] + m * sg(mean)
+    self.var[...] = (1 - m) * self.var[...] + m * sg(var) * (n / max(n - 1, 1))
+    self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+    inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    return ((xf - mean) * inv + self.bias[...]).astype(x.dtype)
+
+
+def set_batch_norm(model: nnx.Module, update: bool) -> int:
+  """Puts every BatchNorm of `model` in update (torch `.train()`) or frozen mode; returns how
+  many there are."""
+  norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+  for m in norms:
+    m.update = bool(update)
+  return len(norms)
 
 
 class Bottleneck(nnx.Module):

@@ -64,16 +64,18 @@ def move_aside(directory: str | os.PathLike, first_step: int,
   return moves
 
 
-def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any) -> Any:
+def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any,
+                   key: str = "params") -> Any:
   """Only the parameters of train-checkpoint `step` under `directory` (what
   `TrainCheckpointer` wrote), read into `abstract_params`' shapes and shardings (a pytree of
   `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, e.g. an `nnx.State`). The optimizer
-  state is not read, so no optimizer or train state has to be built."""
+  state is not read, so no optimizer or train state has to be built. `key`: another entry of
+  the state (e.g. "batch_stats")."""
   step_dir = os.path.join(os.path.abspath(os.fspath(directory)), str(int(step)))
   if not is_complete_step(step_dir):
     raise CheckpointError(f"step {step} under {directory} is missing or incomplete; complete "
                           f"steps: {complete_steps(directory) or 'none'}")
-  item = {"params": abstract_params}
+  item = {key: abstract_params}
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
@@ -86,7 +88,7 @@ def restore_params(directory: str | os.PathLike, step: int, abstract_params: Any
                           "damaged") from e
   finally:
     checkpointer.close()
-  return restored["params"]
+  return restored[key]
 
 
 class TrainCheckpointer:

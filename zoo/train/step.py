@@ -2,7 +2,8 @@
 
 AdamW with a decay mask, global-norm clipping and warmup + cosine (frozen parameters get no
 update); the step differentiates only the trainable leaves, accumulates micro-batches with
-`lax.scan` and clamps the logit scale.
+`lax.scan` and clamps the logit scale. A state with `batch_stats` (config.batch_norm="update")
+trains its batch norms in torch's train mode and carries the updated statistics.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import optax
 from flax import nnx
 
 from zoo import families
-from zoo.models import sharding
+from zoo.models import resnet, sharding
 from zoo.train import run_config
 
 PyTree = Any
@@ -157,37 +158,45 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
   ctx = LossContext(settings=settings, mesh=mesh, impl=config.loss.impl)
   accum = int(config.get("grad_accum", 1))
 
-  def loss_fn(params, batch, rng, step):
-    model = nnx.merge(graphdef, params, rest)
+  def loss_fn(params, batch, rng, step, stats=None):
+    # stats: the batch-norm statistics of config.batch_norm="update" (None: frozen, in `rest`);
+    # the forward then normalises with the batch's statistics and returns the updated ones.
+    # (copied Variables: the statistics are then written at this trace's level)
+    model = nnx.merge(graphdef, params, rest, *([] if stats is None else [stats]),
+                      copy=stats is not None)
+    if stats is not None:
+      resnet.set_batch_norm(model, True)
     if "image" in batch:  # data.image_dtype='uint8': pixels normalized here, on the device
       mc = model.config
       batch = dict(batch, image=normalize_on_device(batch["image"], mc.image_mean,
                                                                mc.image_std))
     outputs = family.forward(model, batch, rng, settings)
-    return family.loss(outputs, batch, dataclasses.replace(ctx, step=step))
+    loss, metrics = family.loss(outputs, batch, dataclasses.replace(ctx, step=step))
+    return loss, (metrics, None if stats is None else nnx.state(model, nnx.BatchStat))
 
   grad_fn = trainable_value_and_grad(loss_fn, trainable)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     rng = jax.random.fold_in(state["rng"], state["step"])
     params, step = state["params"], state["step"]
+    stats = state.get("batch_stats")
     if accum == 1:
-      (loss, metrics), grads = grad_fn(params, batch, rng, step)
+      (loss, (metrics, stats)), grads = grad_fn(params, batch, rng, step, stats)
     else:
       micro = split_microbatches(batch, accum)
 
-      def body(carry, xs):
+      def body(carry, xs):  # batch-norm statistics move once per micro-batch, as in torch
         i, mb = xs
-        (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), step)
-        acc_g, acc_l, acc_m = carry
+        acc_g, acc_l, acc_m, st = carry
+        (l, (m, st)), g = grad_fn(params, mb, jax.random.fold_in(rng, i), step, st)
         return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
-                jax.tree.map(jnp.add, acc_m, m)), None
+                jax.tree.map(jnp.add, acc_m, m), st), None
 
       zero_m = jax.eval_shape(
-          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, step)[0][1])
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, step, stats)[0][1][0])
       init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m))
-      (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m), stats)
+      (grads, loss, metrics, stats), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
       metrics = jax.tree.map(lambda m: m / accum, metrics)
@@ -200,6 +209,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
     metrics["lr"] = make_schedule(config)(state["step"])
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"]}
+    if stats is not None:
+      new_state["batch_stats"] = stats
     return new_state, metrics
 
   return train_step

@@ -66,8 +66,11 @@ class Trainer:
     return int(jax.device_get(self.state["step"]))
 
   def model(self, state: dict | None = None) -> nnx.Module:
-    """The current model (a fresh NNX module over the state's parameters)."""
-    return nnx.merge(self.graphdef, (state or self.state)["params"], self.rest)
+    """The current model (a fresh NNX module over the state's parameters and, with
+    config.batch_norm="update", its batch-norm statistics; the norms in frozen mode)."""
+    state = state or self.state
+    stats = [state["batch_stats"]] if "batch_stats" in state else []
+    return nnx.merge(self.graphdef, state["params"], self.rest, *stats)
 
 
 def step_compiler_options() -> dict[str, Any] | None:
@@ -95,6 +98,17 @@ def _placed(tree, shardings):
                       tree, shardings)
 
 
+def updated_batch_stats(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.State | None:
+  """The model's batch-norm statistics when `config.batch_norm` is "update" (they then live in
+  the train state, are updated by the step and checkpointed); None when "frozen" (the default)
+  or the model has none."""
+  mode = config.get("batch_norm", "frozen")
+  if mode not in ("frozen", "update"):
+    raise ValueError(f"config.batch_norm={mode!r}: expected 'frozen' or 'update'")
+  stats = nnx.state(model, nnx.BatchStat)
+  return stats if mode == "update" and jax.tree.leaves(stats) else None
+
+
 def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
                   model: nnx.Module | None = None, abstract: bool = False) -> Trainer:
   """Builds the model sharded over the mesh, the optimizer state, and the jitted step.
@@ -116,7 +130,12 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     trainable = peft.is_lora_path  # LoRA: only the adapters train
   layers.set_remat(model, config.get("remat", "none"))  # gradient checkpointing per block
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  stats = updated_batch_stats(config, model)
+  if stats is not None:  # the statistics live in the train state, not among the step's constants
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   param_sh = sharding.state_shardings(params, mesh)
+  repl = sharding.replicated(mesh)
+  stats_sh = None if stats is None else jax.tree.map(lambda _: repl, stats)
   if abstract:
     rest = jax.tree.map(_concrete, rest)
     params = _placed(params, param_sh)
@@ -126,7 +145,6 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
   # Optimizer state shardings follow the parameters (Adam moments mirror them).
   opt_shape = jax.eval_shape(tx.init, params)
   opt_sh = sharding.follow_param_shardings(opt_shape, params, mesh)
-  repl = sharding.replicated(mesh)
   state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
   if abstract:
     state = _placed({"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
@@ -138,6 +156,10 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | N
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), repl), "params": params,
              "opt_state": opt_state,
              "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), repl)}
+  if stats is not None:  # a copy: the state is donated
+    state_sh["batch_stats"] = stats_sh
+    state["batch_stats"] = (_placed(stats, stats_sh) if abstract else
+                            jax.device_put(jax.tree.map(jnp.copy, stats), stats_sh))
 
   raw_step = train_step.make_train_step(graphdef, rest, family, tx, config, mesh, trainable, settings)
 
@@ -176,5 +198,12 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, step: int,
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           params, sharding.state_shardings(params, mesh))
-  params = train_checkpoint.restore_params(os.path.join(workdir, "checkpoints"), step, abstract)
-  return nnx.merge(graphdef, params, rest)
+  directory = os.path.join(workdir, "checkpoints")
+  params = train_checkpoint.restore_params(directory, step, abstract)
+  if updated_batch_stats(config, model) is None:
+    return nnx.merge(graphdef, params, rest)
+  graphdef, _, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  repl = sharding.replicated(mesh)
+  stats = train_checkpoint.restore_params(directory, step, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), stats), "batch_stats")
+  return nnx.merge(graphdef, params, rest, stats)
