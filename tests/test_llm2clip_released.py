@@ -268,10 +268,21 @@ EVA_RENAMES = ((".mlp.norm.", ".mlp.ffn_ln."), (".attn.norm.", ".attn.inner_attn
                (".mlp.fc1_g.", ".mlp.w1."), (".mlp.fc1_x.", ".mlp.w2."), (".mlp.fc2.", ".mlp.w3."))
 
 
+def _eva_clip_rope(half_head_dim, pt_seq_len, ft_seq_len, theta=10000):
+  """EVA-CLIP's VisionRotaryEmbeddingFast buffers (llm2clip/eva_clip/rope.py, freqs_for='lang')."""
+  freqs = 1.0 / (theta ** (torch.arange(0, half_head_dim, 2)[:half_head_dim // 2].float()
+                           / half_head_dim))
+  t = torch.arange(ft_seq_len) / ft_seq_len * pt_seq_len
+  freqs = torch.repeat_interleave(t[:, None] * freqs, 2, dim=-1)  # '... n -> ... (n r)', r=2
+  n = ft_seq_len
+  freqs = torch.cat([freqs[:, None, :].expand(n, n, -1), freqs[None, :, :].expand(n, n, -1)], -1)
+  return freqs.cos().reshape(n * n, -1), freqs.sin().reshape(n * n, -1)
+
+
 def _eva_release(adapter):
   """A tiny EVA02 release in EVA-CLIP's CustomCLIP layout (llm2clip/eva_clip: `visual.*`
-  EVAVisionTransformer with subln + naiveswiglu, its rope buffers in the tower and in every
-  block's attention, `text.text_adaptor.*` TextProj, logit_scale), and a timm EVA02 reference
+  EVAVisionTransformer with subln + naiveswiglu, its rope buffers (EVA-CLIP's formula) in the
+  tower and in every block's attention, `text.text_adaptor.*` TextProj, logit_scale), and a timm EVA02 reference
   tower loaded from it by timm's own EVA-CLIP filter (strict), as timm's EVA02 CLIP trunks are
   built (eva02_*_clip_*: separate q/k/v, SwiGLU, sub-LN, rotary with a 16x16 reference grid)."""
   timm_eva = pytest.importorskip("timm.models.eva")
@@ -288,8 +299,9 @@ def _eva_release(adapter):
     for timm_name, eva_name in EVA_RENAMES:
       k = k.replace(timm_name, eva_name)
     native[k] = v
+  rope = _eva_clip_rope(half_head_dim=32, pt_seq_len=16, ft_seq_len=4)
   for prefix in ["visual."] + [f"visual.blocks.{i}.attn." for i in range(2)]:
-    native.update({f"{prefix}rope.freqs_{n}": torch.zeros(16, 64) for n in ("cos", "sin")})
+    native.update({f"{prefix}rope.freqs_{n}": t.clone() for n, t in zip(("cos", "sin"), rope)})
   native.update({f"text.text_{k}": v for k, v in adapter.state_dict().items()})
   native["logit_scale"] = torch.tensor(3.0)
   reference = timm_eva.Eva(**kw).eval()
@@ -331,6 +343,9 @@ def test_released_llm2clip_eva02_by_name_offline(release, monkeypatch):
   with pytest.raises(ValueError, match="relative_position_bias_table") as e:
     llm2clip_convert.from_llm2clip_eva(extra, tower)
   assert "unexpected visual.blocks.0.attn.relative_position_bias_table" in str(e.value)
+  bad_rope = dict(native, **{"visual.blocks.1.attn.rope.freqs_sin": torch.zeros(16, 64)})
+  with pytest.raises(ValueError, match=r"visual\.blocks\.1\.attn\.rope\.freqs_sin: the rotary"):
+    llm2clip_convert.from_llm2clip_eva(bad_rope, tower)
   missing = {k: val for k, val in native.items() if k != "visual.cls_token"}
   with pytest.raises(ValueError, match="no key 'visual.cls_token'"):
     llm2clip_convert.from_llm2clip_eva(missing, tower)

@@ -17,7 +17,7 @@ EVA-CLIP's CustomCLIP (llm2clip/eva_clip: `visual.*` EVAVisionTransformer with s
 SwiGLU w1/w2/w3 + ffn_ln, fixed `rope.freqs_*` buffers; `text.text_adaptor.*` TextProj;
 logit_scale) and no config. It is read by zoo.convert.open_clip's timm-Eva rules with their key
 names mapped to EVA-CLIP's (`eva_key`: the inverse of timm's eva.checkpoint_filter_fn); the fixed
-rotary buffers are not read (zoo computes the tables). The tower's sizes
+rotary buffers must equal the tables zoo computes. The tower's sizes
 come from the weights, its head width (64) and rotary reference grid (16) from EVA-CLIP's
 EVA02 model configs.
 """
@@ -167,7 +167,22 @@ def from_llm2clip_eva(state_dict: Mapping[str, Any], tower: llm_lib.LLM,
                       **fields: Any) -> llm2clip_lib.LLM2CLIP:
   """The zoo LLM2CLIP of an EVA02 release's state dict (EVA-CLIP's CustomCLIP) and its LLM."""
   config = eva_config(state_dict, tower.config, **fields)
+  _check_rope(state_dict, config.vision)
   return _convert(dict(state_dict), config, tower, ignore=_EVA_ROPE.match)
+
+
+def _check_rope(state_dict: Mapping[str, Any], vision: eva.EvaVisionConfig) -> None:
+  """The release's fixed rotary tables must be the ones zoo's tower computes (this checks the
+  head width and reference grid, which the weights do not otherwise carry)."""
+  g = vision.grid_size
+  sin, cos = eva.rope_tables(vision, g, g)
+  for key in filter(_EVA_ROPE.match, state_dict):
+    want = cos if key.endswith("cos") else sin
+    got = common.as_float32(common.to_numpy(state_dict[key]))
+    if got.shape != want.shape or not np.allclose(got, want, atol=1e-2):
+      raise common.StateDictError(
+          f"{key}: the rotary table {got.shape} is not EVA02's at head width {EVA_HEAD_WIDTH}, "
+          f"reference grid {EVA_ROPE_REF} (expected {want.shape})")
 
 
 def _convert(sd: dict[str, Any], config: llm2clip_lib.LLM2CLIPConfig, tower: llm_lib.LLM,
