@@ -135,6 +135,14 @@ def variant_entries(models: dict) -> dict:
         "hf_hub": f"microsoft/{repo}", "weights": list(pretrained.HF_WEIGHTS),
         "config_file": "config.json", "layout": "llm2clip", "architecture": arch,
         "sha256": None, "preprocess": OPENAI_PP, "tokenizer": {"kind": "model"}, "llm": llm}}
+  # LLM2CLIP EVA02: one EVA-CLIP CustomCLIP state dict (visual.* + text.text_adaptor.*), no
+  # config.json; file <repo>.pt (as loader scripts over llm2clip/eva_clip download it).
+  for arch, repo in (("EVA02-B-16", "LLM2CLIP-EVA02-B-16"),
+                     ("EVA02-L-14-336", "LLM2CLIP-EVA02-L-14-336")):
+    out[repo] = {"llama3_8b_cc": {
+        "hf_hub": f"microsoft/{repo}", "weights": [f"{repo}.pt"], "layout": "llm2clip",
+        "architecture": arch, "sha256": None, "preprocess": OPENAI_PP,
+        "tokenizer": {"kind": "model"}, "llm": llm}}
   return out
 
 

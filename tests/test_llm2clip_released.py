@@ -261,3 +261,94 @@ def test_proclip_released_losses_equal_torch():
                              rtol=1e-5)
   with pytest.raises(ValueError, match="loss_form='mean'"):
     family.Settings(loss_form="mean")
+
+
+EVA_REPO = "microsoft/LLM2CLIP-EVA02-L-14-336"
+EVA_RENAMES = ((".mlp.norm.", ".mlp.ffn_ln."), (".attn.norm.", ".attn.inner_attn_ln."),
+               (".mlp.fc1_g.", ".mlp.w1."), (".mlp.fc1_x.", ".mlp.w2."), (".mlp.fc2.", ".mlp.w3."))
+
+
+def _eva_clip_rope(half_head_dim, pt_seq_len, ft_seq_len, theta=10000):
+  """EVA-CLIP's VisionRotaryEmbeddingFast buffers (llm2clip/eva_clip/rope.py, freqs_for='lang')."""
+  freqs = 1.0 / (theta ** (torch.arange(0, half_head_dim, 2)[:half_head_dim // 2].float()
+                           / half_head_dim))
+  t = torch.arange(ft_seq_len) / ft_seq_len * pt_seq_len
+  freqs = torch.repeat_interleave(t[:, None] * freqs, 2, dim=-1)  # '... n -> ... (n r)', r=2
+  n = ft_seq_len
+  freqs = torch.cat([freqs[:, None, :].expand(n, n, -1), freqs[None, :, :].expand(n, n, -1)], -1)
+  return freqs.cos().reshape(n * n, -1), freqs.sin().reshape(n * n, -1)
+
+
+def _eva_release(adapter):
+  """A tiny EVA02 release in EVA-CLIP's CustomCLIP layout (llm2clip/eva_clip: `visual.*`
+  EVAVisionTransformer with subln + naiveswiglu, its rope buffers (EVA-CLIP's formula) in the
+  tower and in every block's attention, `text.text_adaptor.*` TextProj, logit_scale), and a timm EVA02 reference
+  tower loaded from it by timm's own EVA-CLIP filter (strict), as timm's EVA02 CLIP trunks are
+  built (eva02_*_clip_*: separate q/k/v, SwiGLU, sub-LN, rotary with a 16x16 reference grid)."""
+  timm_eva = pytest.importorskip("timm.models.eva")
+  kw = dict(img_size=56, patch_size=14, embed_dim=128, depth=2, num_heads=2, mlp_ratio=4 * 2 / 3,
+            qkv_fused=False, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
+            use_rot_pos_emb=True, ref_feat_shape=(16, 16), global_pool="token",
+            num_classes=EMBED)
+  torch.manual_seed(2)
+  source = timm_eva.Eva(**kw).eval()
+  _jitter(source)
+  native = {}
+  for k, v in source.state_dict().items():
+    k = f"visual.{k}"
+    for timm_name, eva_name in EVA_RENAMES:
+      k = k.replace(timm_name, eva_name)
+    native[k] = v
+  rope = _eva_clip_rope(half_head_dim=32, pt_seq_len=16, ft_seq_len=4)
+  for prefix in ["visual."] + [f"visual.blocks.{i}.attn." for i in range(2)]:
+    native.update({f"{prefix}rope.freqs_{n}": t.clone() for n, t in zip(("cos", "sin"), rope)})
+  native.update({f"text.text_{k}": v for k, v in adapter.state_dict().items()})
+  native["logit_scale"] = torch.tensor(3.0)
+  reference = timm_eva.Eva(**kw).eval()
+  reference.load_state_dict(timm_eva.checkpoint_filter_fn(native, reference), strict=True)
+  return native, reference
+
+
+def test_released_llm2clip_eva02_by_name_offline(release, monkeypatch):
+  home, _, tok_bytes, llama, _, _, adapter = release
+  native, reference = _eva_release(adapter)
+  buf = io.BytesIO()
+  torch.save(native, buf)
+  put_repo(home, EVA_REPO, {"LLM2CLIP-EVA02-L-14-336.pt": buf.getvalue()})
+  monkeypatch.setenv("HF_HOME", home)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  monkeypatch.delenv("ZOO_CACHE", raising=False)
+  assert ("LLM2CLIP-EVA02-B-16", "llama3_8b_cc") in zoo.list_pretrained()
+  model, tok, _ = zoo.create_model_and_transforms("LLM2CLIP-EVA02-L-14-336", "llama3_8b_cc")
+  c = model.config
+  v = c.vision
+  assert (v.image_size, v.patch_size, v.width, v.layers, v.heads, v.mlp_dim, v.rope_ref) == (
+      56, 14, 128, 2, 2, int(128 * 4 * 2 / 3), 16)
+  assert (c.embed_dim, c.adapter_blocks, c.adapter_l2_input) == (EMBED, BLOCKS, True)
+  assert type(c).from_dict(json.loads(json.dumps(c.to_dict()))) == c
+  assert float(model.logit_scale[...]) == pytest.approx(3.0)
+  images = np.random.default_rng(1).normal(size=(2, 56, 56, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref_img = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  image_diff = float(np.abs(np.asarray(model.encode_image(images)) - ref_img).max())
+  ids = tok(CAPTIONS)
+  ref = _llm2vec_reference(CAPTIONS, tok_bytes, llama, adapter, c.text.pad_token_id)
+  text_diff = float(np.abs(np.asarray(model.encode_text(ids)) - ref).max())
+  print(f"LLM2CLIP EVA02 release parity: text {text_diff:.2e}, image {image_diff:.2e}")
+  assert text_diff < 1e-4 and image_diff < 1e-4
+  # bad checkpoints: StateDictError naming the key (EVA-CLIP's name)
+  tower = model.text
+  extra = dict(native, **{"visual.blocks.0.attn.relative_position_bias_table": torch.zeros(3)})
+  with pytest.raises(ValueError, match="relative_position_bias_table") as e:
+    llm2clip_convert.from_llm2clip_eva(extra, tower)
+  assert "unexpected visual.blocks.0.attn.relative_position_bias_table" in str(e.value)
+  bad_rope = dict(native, **{"visual.blocks.1.attn.rope.freqs_sin": torch.zeros(16, 64)})
+  with pytest.raises(ValueError, match=r"visual\.blocks\.1\.attn\.rope\.freqs_sin: the rotary"):
+    llm2clip_convert.from_llm2clip_eva(bad_rope, tower)
+  missing = {k: val for k, val in native.items() if k != "visual.cls_token"}
+  with pytest.raises(ValueError, match="no key 'visual.cls_token'"):
+    llm2clip_convert.from_llm2clip_eva(missing, tower)
+  missing = {k: val for k, val in native.items() if k != "visual.blocks.1.mlp.w3.weight"}
+  with pytest.raises(ValueError, match=r"visual\.blocks\.1\.mlp\.w3\.weight"):
+    llm2clip_convert.from_llm2clip_eva(missing, tower)

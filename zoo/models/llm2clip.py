@@ -7,7 +7,8 @@ at expansion 2, ProCLIP 1 block at expansion 8. `encode_text_features(pooled)` r
 alone on precomputed LLM embeddings (the embedding cache; L2-normalized first with
 `adapter_l2_input`, as the released LLM2CLIP adapters read them). `visual_teacher` holds a
 frozen copy of the image tower (ProCLIP's self-distillation), `text_teacher` a CLIP text tower
-(ProCLIP's stage 1). Notes: docs/families/llm2clip.md.
+(ProCLIP's stage 1). The image tower is CLIP's ViT, or EVA's (an eva.EvaVisionConfig `vision`:
+the EVA02 releases). Notes: docs/families/llm2clip.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.models import clip as clip_lib, configs as registry
+from zoo.models import clip as clip_lib, configs as registry, eva
 from zoo.models.layers import LayerNorm, Linear, gelu
 from zoo.models.llm import LLM, LLMConfig
 
@@ -32,7 +33,7 @@ class LLM2CLIPConfig:
   """Image tower `vision`, LLM `text`, adapter (`adapter_blocks`, `adapter_expansion`)."""
 
   embed_dim: int = 1280
-  vision: registry.VisionConfig = registry.VisionConfig()
+  vision: registry.VisionConfig | eva.EvaVisionConfig = registry.VisionConfig()
   text: LLMConfig = LLMConfig()
   adapter_blocks: int = 4
   adapter_expansion: float = 2.0
@@ -56,7 +57,8 @@ class LLM2CLIPConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LLM2CLIPConfig":
     d = dict(d)
-    vision = registry.VisionConfig(**d.pop("vision"))
+    v = d.pop("vision")
+    vision = (eva.EvaVisionConfig if "qkv" in v else registry.VisionConfig)(**v)
     text = LLMConfig.from_dict(d.pop("text"))
     for key in ("image_mean", "image_std"):
       if key in d:
@@ -100,8 +102,11 @@ class LLM2CLIP(clip_lib.CLIP):
   def __init__(self, config: LLM2CLIPConfig, *, rngs: nnx.Rngs, remat: str = "none"):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    self.visual = clip_lib.VisionTransformer(config.vision, config.embed_dim,
-                                             quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
+    if isinstance(config.vision, eva.EvaVisionConfig):
+      self.visual = eva.Eva(config.vision, config.embed_dim, dtype=dtype, rngs=rngs)
+    else:
+      self.visual = clip_lib.VisionTransformer(config.vision, config.embed_dim,
+                                               quick_gelu=config.quick_gelu, dtype=dtype, rngs=rngs)
     self.text = LLM(config.text, dtype=dtype, remat=remat, rngs=rngs)
     self.adapter = TextAdapter(config.text.width, config.embed_dim, config.adapter_blocks,
                                config.adapter_expansion, dtype=dtype, rngs=rngs)

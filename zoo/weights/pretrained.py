@@ -161,8 +161,10 @@ def convert_weights(entry: Mapping[str, Any], paths: Mapping[str, str]) -> nnx.M
       raise hub.PretrainedError(f"M-CLIP text weights do not fit: {str(e).splitlines()[0]}") from e
     return multilingual.from_clip(clip_model, tower, tokenizer=paths.get("tokenizer", ""))
   if layout == "llm2clip":  # image tower + adapter, and the LLM2Vec-tuned LLM's own repo
-    with open(paths["config"]) as f:
-      hf_config = json.load(f)
+    hf_config = None  # EVA02 releases: one EVA-CLIP state dict, no config.json
+    if "config" in paths:
+      with open(paths["config"]) as f:
+        hf_config = json.load(f)
     return llm2clip.load_released(hub.read_weights(paths["weights"], entry.get("sha256")),
                                   hf_config, paths["llm"], template=entry["llm"]["template"])
   architecture = entry["architecture"]
