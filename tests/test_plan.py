@@ -32,6 +32,46 @@ def _one_line_error(proc, *needles: str) -> None:
     assert needle in lines[0], lines[0]
 
 
+GIB = 2**30
+
+
+@pytest.mark.parametrize("memory, unit, first, most", [
+    (lambda b: int(0.5 * GIB + b * 50e6 / 64), 64, 32768, 3),  # affine: the fit lands on it
+    (lambda b: int(0.5 * GIB + b * 50e6 / 64), 64, 640, 3),  # ... from below as from above
+    (lambda b: int(GIB + b * 30e6 / 8 + (b / 8) ** 2 * 2e5), 8, 320, 8),  # curved
+    (lambda b: int(2 * GIB + -(-b // 64) * 64 * 3e6), 8, 16, 8),  # steps (tile padding)
+    (lambda b: int(20 * GIB + b), 8, 16, 2),  # nothing fits
+])
+def test_max_batch_search_rests_on_a_fit_and_a_refusal(memory, unit, first, most):
+  from zoo import plan
+
+  hbm, seen = 16 * GIB, []
+
+  def measure(batch):
+    seen.append(batch)
+    assert batch > 0 and batch % unit == 0, batch
+    return memory(batch), memory(batch) <= hbm
+
+  got = plan.max_batch_search(measure, hbm, unit, (first, memory(first), memory(first) <= hbm),
+                              floor_bytes=GIB // 32)
+  truth = max((b for b in range(unit, 10**6, unit) if memory(b) <= hbm), default=0)
+  best = got["max_global_batch"]
+  assert best == truth and got["confirmed"], (got, truth)
+  compiled = {c["global_batch"]: c["fits"] for c in got["compiles"]}
+  assert compiled[best + unit] is False and (best == 0 or compiled[best] is True), compiled
+  assert len(seen) <= most, seen
+
+
+def test_max_batch_search_without_the_refused_programs_bytes():
+  from zoo import plan
+
+  hbm, memory = 16 * GIB, lambda b: int(GIB + b * 30e6 / 8)
+  measure = lambda b: (memory(b) if memory(b) <= hbm else -1, memory(b) <= hbm)  # -1: unknown
+  got = plan.max_batch_search(measure, hbm, 8, (32768, -1, False))
+  assert got["max_global_batch"] == max(b for b in range(8, 10**5, 8) if memory(b) <= hbm)
+  assert got["confirmed"]
+
+
 def test_unknown_topology_is_one_line():
   _one_line_error(_plan(*SMALL, "--topology", "v9x:2x2"), "unknown topology 'v9x:2x2'", "v5e")
 
