@@ -87,18 +87,42 @@ NEEDS_LIBTPU = pytest.mark.skipif(
     "installs .[test,tpu], compiles these")
 
 
-@NEEDS_LIBTPU
-def test_plan_compiles_the_train_step(tmp_path):
-  out = tmp_path / "plan.json"
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+  """The demo config's step (test-tiny, batch 16) planned for one v5e chip by the CLI, --json."""
+  out = tmp_path_factory.mktemp("plan") / "plan.json"
   proc = _plan(*SMALL, "--topology", "v5e:1x1", "--json", str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, json.loads(out.read_text())
+
+
+@NEEDS_LIBTPU
+def test_plan_compiles_the_train_step(tiny_plan):
+  proc, got = tiny_plan
   assert "fits" in proc.stdout and "per chip" in proc.stdout, proc.stdout
-  got = json.loads(out.read_text())
   assert set(got) == {"fits", "per_chip_bytes", "hbm_bytes", "global_batch", "flops_per_step",
                       "topology"}
   assert got["fits"] is True and got["hbm_bytes"] == 16 << 30 and got["global_batch"] == 16
   assert 0 < got["per_chip_bytes"] < 1 << 30 and got["flops_per_step"] > 0
   assert got["topology"] == "v5e:1x1"
+
+
+@NEEDS_LIBTPU
+def test_max_batch_confirms_by_compiling(tiny_plan):
+  """The search on real compiles: with the budget set to what batch 16 needs (the CLI's plan),
+  16 is the answer, resting on that compile (fits) and batch 17's (one more image: refused)."""
+  from zoo import plan
+  from zoo.train import config_files
+
+  config = config_files.load_config_file("configs/demo.py")
+  with config.unlocked():
+    config.model, config.context_length, config.batch_size = "test-tiny", 16, 16
+  need = tiny_plan[1]["per_chip_bytes"]
+  start = plan.Plan("v5e:1x1", 1, 16, True, need, need, 0, 0, 0, 0.0)
+  got = plan.max_batch(config, "v5e:1x1", start)
+  assert got["max_global_batch"] == 16 and got["confirmed"], got
+  assert [(c["global_batch"], c["fits"]) for c in got["compiles"]] == [(16, True), (17, False)]
+  assert got["compiles"][1]["per_chip_bytes"] > need
 
 
 @NEEDS_LIBTPU

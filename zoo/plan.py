@@ -177,8 +177,9 @@ def max_batch_search(measure, hbm: int, unit: int, first: tuple[int, int, bool],
   nearest the limit (the fitting one just below and the refused one just above, once known;
   `floor_bytes` at batch 0, the state, stands in until there are two), compiles at the batch it
   predicts, and narrows the bracket; a step that lands on the same side as the one before bisects
-  the bracket instead, so a curved memory function still converges. The answer rests on two
-  compiles: one at the batch returned that fits and one a unit above that does not. Returns
+  the bracket instead (or doubles, before any refusal), so a curved memory function still
+  converges. The answer rests on two compiles: one at the batch returned that fits and one a
+  unit above that does not. Returns
   {"max_global_batch", "confirmed", "compiles": [{"global_batch", "per_chip_bytes", "fits"}]}.
   """
   points = {first[0]: (first[1], first[2])}
@@ -201,8 +202,11 @@ def max_batch_search(measure, hbm: int, unit: int, first: tuple[int, int, bool],
       guess = int((x1 + (hbm - y1) / slope) // unit * unit)
     else:
       guess = 2 * lo if hi is None else (lo + hi) // 2 // unit * unit
-    if hi is not None and len(sides) >= 2 and sides[-1] == sides[-2]:
-      guess = (lo + hi) // 2 // unit * unit  # two steps on one side: bisect
+    if len(sides) >= 2 and sides[-1] == sides[-2]:  # two steps on one side: bisect, or double
+      if hi is not None:
+        guess = (lo + hi) // 2 // unit * unit
+      elif guess > lo:  # still room by the fit, yet creeping: go at least twice as far
+        guess = max(guess, 2 * lo)
     if guess <= lo:
       guess = lo + unit  # the prediction is a batch known to fit: test the step above it
     if hi is not None and guess >= hi:
