@@ -8,6 +8,8 @@
 Results are per chip and per GiB of HBM; JSON with --out. Slow: every point is a compile.
 
   JAX_PLATFORMS=cpu python bench/loss_scale.py --part loss --topology v5e:8x8 --out scale.json
+  JAX_PLATFORMS=cpu python bench/loss_scale.py --part train --topology v5e:8x8 --impls pallas
+Figures: docs/scale.md.
 """
 
 from __future__ import annotations

@@ -209,8 +209,8 @@ def max_batch_search(measure, hbm: int, unit: int, first: tuple[int, int, bool],
         guess = max(guess, 2 * lo)
     if guess <= lo:
       guess = lo + unit  # the prediction is a batch known to fit: test the step above it
-    if hi is not None and guess >= hi:
-      guess = hi - unit
+    if hi is not None and guess >= hi:  # the line is off (a refusal's bytes unknown, or a
+      guess = max(lo + unit, (lo + hi) // 2 // unit * unit)  # curve): bisect, don't creep
     if guess in points:
       break
     points[guess] = measure(guess)
@@ -236,9 +236,11 @@ def max_batch(config, topology: str, start: Plan, max_compiles: int = 10) -> dic
     plans[batch] = p = compile_step(config, topology, batch, start.hbm_bytes)
     took[batch] = {"compile_s": round(time.perf_counter() - t0, 1),
                    "load": round(os.getloadavg()[0], 2)}
-    print(f"  global batch {batch:>8} ({batch // unit} per chip): "
-          f"{p.per_chip_bytes / 2**30:7.2f} GiB per chip, {'fits' if p.fits else 'does NOT fit'}",
-          flush=True)
+    if p.per_chip_bytes < 0:
+      took[batch]["error"] = p.error  # a refusal that does not say what it needed
+    size = f"{p.per_chip_bytes / 2**30:7.2f} GiB" if p.per_chip_bytes >= 0 else "   (unknown)"
+    print(f"  global batch {batch:>8} ({batch // unit} per chip): {size} per chip, "
+          f"{'fits' if p.fits else 'does NOT fit'}", flush=True)
     return p.per_chip_bytes, p.fits
 
   out = max_batch_search(measure, start.hbm_bytes, unit,
