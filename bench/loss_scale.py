@@ -8,6 +8,8 @@
 Results are per chip and per GiB of HBM; JSON with --out. Slow: every point is a compile.
 
   JAX_PLATFORMS=cpu python bench/loss_scale.py --part loss --topology v5e:8x8 --out scale.json
+  JAX_PLATFORMS=cpu python bench/loss_scale.py --part train --topology v5e:8x8 --impls pallas
+Figures: docs/scale.md.
 """
 
 from __future__ import annotations
@@ -57,19 +59,25 @@ def loss_point(topology: str, impl: str, batch: int, dim: int) -> dict:
   return row
 
 
-def train_point(config_path: str, topology: str, impl: str) -> dict:
+def train_point(config_path: str, topology: str, impl: str, batch: int = 0) -> dict:
   from zoo.train import config_files
 
   config = config_files.load_config_file(config_path)
   with config.unlocked():
     config.remat, config.dtype, config.loss.impl = "block", "bfloat16", impl
+    if batch:
+      config.batch_size = batch
+  t0 = time.perf_counter()
   first = zplan.compile_step(config, topology)
-  best, p = zplan.max_batch(config, topology, first)
+  first_s = round(time.perf_counter() - t0, 1)
+  found = zplan.max_batch(config, topology, first)
+  found["compiles"][0].update(compile_s=first_s, load=round(os.getloadavg()[0], 2))
+  best, p = found["max_global_batch"], found["plan"]
   hbm = zplan.HBM_GIB[topology.split(":")[0]]
   return dict(part="train", topology=topology, impl=impl, chips=first.chips,
               max_global_batch=best, per_chip=best // first.chips,
-              per_gib=best / first.chips / hbm,
-              per_chip_bytes=p.per_chip_bytes if p else None)
+              per_gib=best / first.chips / hbm, confirmed=found["confirmed"],
+              per_chip_bytes=p.per_chip_bytes if p else None, compiles=found["compiles"])
 
 
 def main() -> None:
@@ -80,12 +88,14 @@ def main() -> None:
   ap.add_argument("--batches", default="32768,262144,1048576")
   ap.add_argument("--dim", type=int, default=512)
   ap.add_argument("--config", default="configs/clip_vit_b16.py")
+  ap.add_argument("--first_batch", type=int, default=0,
+                  help="--part train: the first global batch compiled (default: the config's)")
   ap.add_argument("--out", default=None)
   a = ap.parse_args()
   rows = []
   for impl in a.impls.split(","):
     if a.part == "train":
-      rows.append(train_point(a.config, a.topology, impl))
+      rows.append(train_point(a.config, a.topology, impl, a.first_batch))
     else:
       rows += [loss_point(a.topology, impl, b, a.dim) for b in map(int, a.batches.split(","))]
     for r in rows[-(1 if a.part == "train" else len(a.batches.split(","))):]:

@@ -8,7 +8,8 @@ global batch) is compiled by libtpu's TPU compiler for the topology's chips (`pi
 'zoo[tpu]'`), on abstract state: nothing is allocated. Printed per chip (the compiler's buffer
 assignment): parameters + optimizer state, activations / temporaries, the total against the
 chip's HBM, whether it fits; FLOPs per step. `--max_batch` finds the largest global batch that
-fits by compiling (a binary search). On TPU dtype "auto" means bfloat16; loss impl "auto"
+fits by compiling: per-chip memory is close to affine in the batch, so a few compiles predict
+it, and a compile that fits plus one a step above that does not confirm it. On TPU dtype "auto" means bfloat16; loss impl "auto"
 compiles the Pallas kernels.
 XLA's FLOP count misses the Pallas loss kernels (~4 * 2 B^2 d for the softmax loss).
 """
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import sys
+import time
 from typing import Any
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -119,8 +121,10 @@ def _shard_bytes(tree) -> int:
   return total
 
 
-def compile_step(config, topology: str, batch: int | None = None) -> Plan:
-  """Compiles the config's train step for `topology` at global `batch` (default: the config's)."""
+def compile_step(config, topology: str, batch: int | None = None,
+                 hbm_bytes: int | None = None) -> Plan:
+  """Compiles the config's train step for `topology` at global `batch` (default: the config's);
+  it fits if its per-chip bytes are within `hbm_bytes` (default: the chip's HBM)."""
   from zoo import errors
   from zoo.models import sharding
   from zoo.train import trainer as trainer_lib
@@ -142,7 +146,7 @@ def compile_step(config, topology: str, batch: int | None = None) -> Plan:
                            f"batch is split over on {topology}")
   tr = trainer_lib.build_trainer(config, mesh=mesh, abstract=True)
   avals = _batch_avals(tr, config, batch, mesh)
-  hbm = HBM_GIB[gen] << 30
+  hbm = hbm_bytes or HBM_GIB[gen] << 30
   state_bytes, batch_bytes = _shard_bytes(tr.state), _shard_bytes(avals)
   try:
     compiled = tr.step_fn.lower(tr.state, avals).compile()
@@ -164,26 +168,88 @@ def compile_step(config, topology: str, batch: int | None = None) -> Plan:
               int(mem.temp_size_in_bytes), batch_bytes, flops)
 
 
-def max_batch(config, topology: str, start: Plan) -> tuple[int, Plan | None]:
-  """The largest global batch that fits (a multiple of 8 rows per batch chip), by compiling:
-  doubling from the config's batch, then bisecting to within 1/16."""
-  mc = for_tpu(config).mesh
-  unit = 8 * start.chips // (mc.get("tensor", 1) * mc.get("expert", 1))
-  best = start if start.fits else None
-  lo, hi = (start.global_batch, None) if start.fits else (0, start.global_batch)
-  while hi is None:
-    p = compile_step(config, topology, 2 * lo)
-    if p.fits:
-      lo, best = 2 * lo, p
-    else:
-      hi = 2 * lo
-  while hi - lo > max(unit, lo // 16):
-    mid = max(unit, (lo + hi) // 2 // unit * unit)
-    if mid in (lo, hi):
+def max_batch_search(measure, hbm: int, unit: int, first: tuple[int, int, bool],
+                     floor_bytes: int = 0, max_compiles: int = 10) -> dict:
+  """The largest global batch (a multiple of `unit`) whose step fits `hbm` bytes per chip.
+
+  `measure(batch) -> (per_chip_bytes, fits)` is one compile (bytes -1 when unknown). Per-chip
+  memory is close to affine in the batch, so each step fits a line through the two points
+  nearest the limit (the fitting one just below and the refused one just above, once known;
+  `floor_bytes` at batch 0, the state, stands in until there are two), compiles at the batch it
+  predicts, and narrows the bracket; a step that lands on the same side as the one before bisects
+  the bracket instead (or doubles, before any refusal), so a curved memory function still
+  converges. The answer rests on two compiles: one at the batch returned that fits and one a
+  unit above that does not. Returns
+  {"max_global_batch", "confirmed", "compiles": [{"global_batch", "per_chip_bytes", "fits"}]}.
+  """
+  points = {first[0]: (first[1], first[2])}
+  sides = []
+  while True:
+    fit = [b for b, (_, ok) in points.items() if ok]
+    over = [b for b, (_, ok) in points.items() if not ok]
+    lo, hi = max(fit, default=0), min(over, default=None)
+    if hi is not None and hi - lo <= unit:
       break
-    p = compile_step(config, topology, mid)
-    lo, hi, best = (mid, hi, p) if p.fits else (lo, mid, best)
-  return lo, best
+    if len(points) >= max_compiles:
+      break
+    known = [(b, y) for b, (y, _) in points.items() if y >= 0]
+    near = sorted(known, key=lambda p: (p[0] not in (lo, hi), abs(p[1] - hbm)))[:2]
+    if len(near) < 2:
+      near.append((0, floor_bytes))
+    (x1, y1), (x2, y2) = sorted(near) if len(near) == 2 else ((0, 0), (0, 0))
+    slope = (y2 - y1) / (x2 - x1) if x2 != x1 else 0.0
+    if slope > 0:
+      guess = int((x1 + (hbm - y1) / slope) // unit * unit)
+    else:
+      guess = 2 * lo if hi is None else (lo + hi) // 2 // unit * unit
+    if len(sides) >= 2 and sides[-1] == sides[-2]:  # two steps on one side: bisect, or double
+      if hi is not None:
+        guess = (lo + hi) // 2 // unit * unit
+      elif guess > lo:  # still room by the fit, yet creeping: go at least twice as far
+        guess = max(guess, 2 * lo)
+    if guess <= lo:
+      guess = lo + unit  # the prediction is a batch known to fit: test the step above it
+    if hi is not None and guess >= hi:  # the line is off (a refusal's bytes unknown, or a
+      guess = max(lo + unit, (lo + hi) // 2 // unit * unit)  # curve): bisect, don't creep
+    if guess in points:
+      break
+    points[guess] = measure(guess)
+    sides.append(points[guess][1])
+  fit = [b for b, (_, ok) in points.items() if ok]
+  lo = max(fit, default=0)
+  over = [b for b in points if not points[b][1] and b > lo]
+  return {"max_global_batch": lo, "confirmed": lo + unit in points and not points[lo + unit][1]
+          and (lo == 0 or points[lo][1]),
+          "compiles": [{"global_batch": b, "per_chip_bytes": y, "fits": ok}
+                       for b, (y, ok) in points.items()]}
+
+
+def max_batch(config, topology: str, start: Plan, max_compiles: int = 10) -> dict:
+  """`max_batch_search` over compiles of the config's step: batches are multiples of the chips
+  the batch is split over; the config's batch (`start`, compiled) is the first point."""
+  mc = for_tpu(config).mesh
+  unit = start.chips // (mc.get("tensor", 1) * mc.get("expert", 1))
+  plans, took = {start.global_batch: start}, {}
+
+  def measure(batch: int) -> tuple[int, bool]:
+    t0 = time.perf_counter()
+    plans[batch] = p = compile_step(config, topology, batch, start.hbm_bytes)
+    took[batch] = {"compile_s": round(time.perf_counter() - t0, 1),
+                   "load": round(os.getloadavg()[0], 2)}
+    if p.per_chip_bytes < 0:
+      took[batch]["error"] = p.error  # a refusal that does not say what it needed
+    size = f"{p.per_chip_bytes / 2**30:7.2f} GiB" if p.per_chip_bytes >= 0 else "   (unknown)"
+    print(f"  global batch {batch:>8} ({batch // unit} per chip): {size} per chip, "
+          f"{'fits' if p.fits else 'does NOT fit'}", flush=True)
+    return p.per_chip_bytes, p.fits
+
+  out = max_batch_search(measure, start.hbm_bytes, unit,
+                         (start.global_batch, start.per_chip_bytes, start.fits),
+                         start.state_bytes, max_compiles)
+  for c in out["compiles"]:
+    c.update(took.get(c["global_batch"], {}))
+  out["plan"] = plans.get(out["max_global_batch"])
+  return out
 
 
 def report(p: Plan) -> str:
@@ -213,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--config", required=True, help="a configs/*.py file")
   ap.add_argument("--topology", required=True, help="e.g. v5e:8x8, v5p:2x2x2, v6e:4x4")
   ap.add_argument("--max_batch", action="store_true", help="find the largest global batch")
+  ap.add_argument("--hbm_gib", type=float, default=None,
+                  help="plan against this many GiB per chip (default: the chip's HBM)")
   ap.add_argument("--json", default=None, help="write the result as JSON here")
   args, rest = ap.parse_known_args(argv)
   from zoo.train import config_files
@@ -222,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     raise errors.UserError(f"unrecognized arguments: {' '.join(bad)} (see python -m zoo.plan "
                            "--help)")
   check_topology(args.topology)
+  if args.hbm_gib is not None and args.hbm_gib <= 0:
+    raise errors.UserError(f"--hbm_gib must be > 0, got {args.hbm_gib}")
   config = config_files.load_config_file(args.config)
   config_files.check_overrides(config, rest)
   from absl import flags as absl_flags  # --config.KEY=VALUE parsed as train.py parses them
@@ -234,16 +304,22 @@ def main(argv: list[str] | None = None) -> int:
   except absl_flags.Error as e:
     raise errors.UserError(str(e)) from None
   config = holder.value
-  plan = compile_step(config, args.topology)
+  plan = compile_step(config, args.topology,
+                      hbm_bytes=int(args.hbm_gib * 2**30) if args.hbm_gib else None)
   out: dict[str, Any] = {"fits": plan.fits, "per_chip_bytes": plan.per_chip_bytes,
                          "hbm_bytes": plan.hbm_bytes, "global_batch": plan.global_batch,
                          "flops_per_step": plan.flops_per_step, "topology": plan.topology}
   print(report(plan), flush=True)
   if args.max_batch:
-    best, best_plan = max_batch(config, args.topology, plan)
+    found = max_batch(config, args.topology, plan)
+    best, best_plan = found["max_global_batch"], found["plan"]
     out["max_global_batch"] = best
+    out["max_batch_compiles"] = found["compiles"]
+    out["max_batch_confirmed"] = found["confirmed"]
     print(f"  largest global batch that fits: {best} ({best // plan.chips} per chip)"
-          + (f", {best_plan.per_chip_bytes / 2**30:.2f} GiB per chip" if best_plan else ""))
+          + (f", {best_plan.per_chip_bytes / 2**30:.2f} GiB per chip" if best_plan else "")
+          + ("; the next step up does not fit" if found["confirmed"] else
+             "; NOT confirmed: the search stopped before a compile one step above refused"))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
