@@ -146,6 +146,21 @@ def test_no_importlib_lookups_of_family_modules():
   assert not tables, f"module-name tables (lookups by name): {tables}"
 
 
+TEST_EXTRAS = ("torch", "open_clip", "open_clip_train", "transformers", "timm", "tensorflow")
+
+
+def test_test_files_import_extras_only_through_importorskip():
+  """CI's Python 3.12 stage collects every test file without torch: a bare top-level import of
+  an extra there is a collection error, not a skip (use pytest.importorskip)."""
+  bare = []
+  for path in sorted((ROOT / "tests").glob("*.py")):
+    for node in source_ast.parse(path).body:
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      bare += [f"{path.name}: {n}" for n in names if is_under(n, TEST_EXTRAS)]
+  assert not bare, bare
+
+
 def test_configs_import_only_base_and_ml_collections():
   """Experiment files import only configs.base; base reads the defaults zoo defines once."""
   for path in sorted((ROOT / "configs").glob("*.py")):

@@ -10,7 +10,6 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import zoo
@@ -20,6 +19,8 @@ from zoo.data import demo, pipeline, webdataset as wds
 from zoo.families import llm2clip as family_lib
 from zoo.models import llm, llm2clip as llm2clip_lib
 from zoo.train import loop
+
+torch = pytest.importorskip("torch")
 
 FAM = family_lib.FAMILY
 
