@@ -8,7 +8,10 @@ and deliver what their train loop receives: shards -> JPEG decode -> RandomResiz
 `zoo.data.build_train_pipeline` with data.worker_processes=`--workers` (grain worker processes,
 `--threads` threads each) and data.image_dtype=uint8 (the train step normalizes on the device);
 extra rows (`--rows`): `zoo_float32` (normalized on the host), `zoo_threads` (`--workers`
-threads in one process, no worker processes). open_clip: `open_clip_train.data.get_wds_dataset`
+threads in one process, no worker processes), `zoo_device_resize` (data.resize='device': the
+host decodes and crops into a `--canvas` uint8 canvas and the train step does the bicubic
+resize; its cost there, FLOPs per image and ms per image on this CPU, goes in the JSON).
+open_clip: `open_clip_train.data.get_wds_dataset`
 (webdataset + torch DataLoader, `--workers` processes, torchvision transforms, open_clip's
 tokenizer). Rounds alternate the loaders (order reversed every other round) in one process;
 each round builds a fresh loader, skips its first batch (start-up) and times the next
@@ -82,7 +85,7 @@ def cpu_seconds() -> float:
 
 def zoo_round(shards: str, workers: int, batch: int, batches: int, size: int, seed: int,
               image_dtype: str = "float32", processes: bool = True,
-              threads: int = 1) -> tuple[float, float]:
+              threads: int = 1, resize: str = "host", canvas: int = 0) -> tuple[float, float]:
   """(images/s, CPU seconds per image) of zoo's pipeline: `workers` worker processes of
   `threads` threads each (data.worker_processes), or with processes=False `workers` threads in
   this process."""
@@ -91,12 +94,14 @@ def zoo_round(shards: str, workers: int, batch: int, batches: int, size: int, se
 
   cfg = {"name": "webdataset", "shards": shards, "image_dtype": image_dtype,
          "num_threads": threads if processes else workers,
-         "worker_processes": workers if processes else 0}
+         "worker_processes": workers if processes else 0, "resize": resize,
+         "resize_canvas": canvas}
   it = pipeline.build_train_pipeline(
       cfg, tokenizer=tokenizers.get_tokenizer("ViT-B-32"), image_size=size, mean=MEAN, std=STD,
       global_batch_size=batch, seed=seed, context_length=77)
   first = next(it)
-  assert first["image"].shape == (batch, size, size, 3) and first["tokens"].shape == (batch, 77)
+  side = canvas if resize == "device" else size
+  assert first["image"].shape == (batch, side, side, 3) and first["tokens"].shape == (batch, 77)
   c, t = cpu_seconds(), time.perf_counter()
   for _ in range(batches):
     next(it)
@@ -141,6 +146,34 @@ def open_clip_round(shards: str, workers: int, batch: int, batches: int, size: i
   return n / dt, cpu / n
 
 
+def device_resize_cost(batch: int, size: int, canvas: int) -> dict:
+  """What data.resize='device' moves into the train step: the jitted resize of one batch of
+  canvases, timed here (CPU) and its FLOPs per image from XLA's cost analysis (an accelerator
+  spends those instead of the host's PIL resize)."""
+  import jax
+  import jax.numpy as jnp
+
+  from zoo.train.step import resize_on_device
+
+  rng = np.random.default_rng(0)
+  canvases = jnp.asarray(rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8))
+  hw = rng.integers(int(0.7 * canvas), canvas + 1, (batch, 2))
+  crops = jnp.asarray(np.concatenate([hw, np.zeros((batch, 1), int)], 1).astype(np.int32))
+  fn = jax.jit(resize_on_device, static_argnums=2)
+  compiled = fn.lower(canvases, crops, size).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  fn(canvases, crops, size).block_until_ready()
+  times = []
+  for _ in range(3):
+    t = time.perf_counter()
+    fn(canvases, crops, size).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return {"cpu_ms_per_image": 1e3 * min(times) / batch,
+          "gflops_per_image": float(cost.get("flops", 0.0)) / batch / 1e9,
+          "canvas": canvas, "bytes_per_image": canvas * canvas * 3}
+
+
 def decode_only(shards: str, limit: int) -> float:
   """Images/s of one thread doing PIL's full JPEG decode + RGB (the decode bound per core)."""
   blobs = []
@@ -169,10 +202,13 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--threads", type=int, default=1,
                       help="threads per zoo worker process (data.num_threads)")
-  parser.add_argument("--rows", default="zoo_float32,zoo_threads",
+  parser.add_argument("--rows", default="zoo_float32,zoo_threads,zoo_device_resize",
                       help="extra zoo rows besides zoo (worker processes, uint8) and open_clip: "
                            "zoo_float32 (normalized on the host), zoo_threads (threads, no "
-                           "worker processes)")
+                           "worker processes), zoo_device_resize (data.resize='device': the "
+                           "host crops into a --canvas canvas, the train step resizes)")
+  parser.add_argument("--canvas", type=int, default=512,
+                      help="data.resize_canvas of the zoo_device_resize row")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   try:
@@ -206,6 +242,8 @@ def main() -> int:
       "zoo": lambda r: zoo_round(*common, args.seed + r, "uint8", True, args.threads),
       "zoo_float32": lambda r: zoo_round(*common, args.seed + r, "float32", True, args.threads),
       "zoo_threads": lambda r: zoo_round(*common, args.seed + r, "uint8", False),
+      "zoo_device_resize": lambda r: zoo_round(*common, args.seed + r, "uint8", True,
+                                               args.threads, "device", args.canvas),
       "open_clip": lambda r: open_clip_round(*common, args.seed + r, num_samples),
   }
   if args.rows:
@@ -236,6 +274,11 @@ def main() -> int:
       **({"ratio_threads": med["zoo_threads"] / med["open_clip"],
           "cpu_ratio_threads": statistics.median(cpus["open_clip"])
           / statistics.median(cpus["zoo_threads"])} if "zoo_threads" in loaders else {}),
+      **({"ratio_device_resize": med["zoo_device_resize"] / med["open_clip"],
+          "cpu_ratio_device_resize": statistics.median(cpus["open_clip"])
+          / statistics.median(cpus["zoo_device_resize"]),
+          "device_resize": device_resize_cost(args.batch, size, args.canvas)}
+         if "zoo_device_resize" in loaders else {}),
       "workers": args.workers, "zoo_threads_per_worker": args.threads, "batch": args.batch,
       "image_size": size, "shards": len(paths), "samples": num_samples,
       "cpu_count": os.cpu_count(), "load": {"start": loads[0], "per_round": loads[1:]},
@@ -243,7 +286,12 @@ def main() -> int:
   print(", ".join(f"{k} {med[k]:.1f} img/s ({med[k] / w:.1f}/worker, "
                   f"{result[k]['cpu_ms_per_image']:.2f} CPU-ms/img)" for k in loaders)
         + f"; ratio {result['ratio']:.2f} (CPU per image: open_clip / zoo "
-        f"{result['cpu_ratio']:.2f}); decode-only bound {dec:.1f} img/s per core; load {loads}")
+        f"{result['cpu_ratio']:.2f})"
+        + (f"; with data.resize='device' {result['ratio_device_resize']:.2f} (the train step "
+           f"then resizes: {result['device_resize']['gflops_per_image']:.2f} GFLOP per image, "
+           f"{result['device_resize']['cpu_ms_per_image']:.2f} ms per image on this CPU)"
+           if "zoo_device_resize" in loaders else "")
+        + f"; decode-only bound {dec:.1f} img/s per core; load {loads}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

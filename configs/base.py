@@ -82,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
       # the same batches and resumable state as threads alone (docs/data.md).
       worker_processes=0,
       image_dtype="float32",  # uint8: pixels batched and moved as bytes, normalized on device
+      # host: PIL resizes each crop (torchvision's bytes); device (with image_dtype uint8): the
+      # host only decodes and crops into a resize_canvas-sided uint8 canvas (0: max(512, twice
+      # the image size); a larger crop is resized on the host) and the train step resizes.
+      resize="host",
+      resize_canvas=0,
       # Text-length trimming (causal CLIP text towers only): each batch's tokens cut to the
       # smallest of these lengths holding its longest caption, e.g. "16,32,48,77" | auto | "" (off)
       text_lengths="",

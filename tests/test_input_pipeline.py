@@ -9,12 +9,14 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
+from tests.train_utils import tiny_config
 from zoo import tokenizers, transforms
 from zoo.data import pipeline, webdataset as wds
 from zoo.models import configs
-from zoo.train import step as train_step
+from zoo.train import loop, step as train_step
 
 MEAN, STD = configs.OPENAI_MEAN, configs.OPENAI_STD
 
@@ -102,3 +104,75 @@ def test_worker_processes_same_batches_skips_and_interchangeable_state(tmp_path)
     assert procs.get_state()["skipped"] == threads.skipped
   finally:
     procs.close()
+
+
+@pytest.mark.parametrize("h, w, flip", [(283, 217, 0), (470, 350, 1), (350, 470, 0),
+                                        (100, 150, 1), (224, 400, 0), (300, 224, 0)])
+def test_resize_on_device_is_pils_bicubic(h, w, flip):
+  # Down and up, width or height unchanged, and shapes where Pillow 13 runs the vertical pass
+  # first (283 x 217, 470 x 350 is one where it does not).
+  image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
+  canvas = np.zeros((1, 512, 512, 3), np.uint8)
+  canvas[0, :h, :w] = image
+  out = np.asarray(jax.jit(train_step.resize_on_device, static_argnums=2)(
+      jnp.asarray(canvas), jnp.asarray([[h, w, flip]], jnp.int32), 224))[0]
+  expect = transforms.apply_crop_resize(image, (0, 0, h, w), 224, hflip=bool(flip))
+  diff = np.abs(out.astype(int) - expect)
+  assert diff.max() <= 1 and (diff > 0).mean() < 2e-4, ((diff > 0).mean(), diff.max())
+
+
+def _device_batch(shards, image_size, canvas):
+  it = pipeline.build_train_pipeline(
+      {"name": "webdataset", "shards": shards, "num_threads": 2, "image_dtype": "uint8",
+       "hflip": True, "resize": "device", "resize_canvas": canvas},
+      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=image_size,
+      mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
+  batch = next(it)
+  it.close()
+  return batch
+
+
+@pytest.mark.parametrize("image_size, canvas", [(32, 64), (96, 96), (32, 40)])
+def test_device_resize_batches_equal_host_resize(tmp_path, image_size, canvas):
+  # data.resize='device': the host sends each crop on a canvas (64, 96: every crop of the 48 x 64
+  # JPEGs fits, down- and up-sampled; 40: none fits, so the host resizes and the device's resize
+  # is the identity); the step's resize gives the host path's pixels (+-1 now and then).
+  shards = _shards(tmp_path)
+  host = pipeline.build_train_pipeline(
+      {"name": "webdataset", "shards": shards, "num_threads": 2, "image_dtype": "uint8",
+       "hflip": True},
+      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=image_size,
+      mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
+  expect = next(host)
+  host.close()
+  got = _device_batch(shards, image_size, canvas)
+  assert got["image"].shape == (4, canvas, canvas, 3) and got["image_crop"].shape == (4, 3)
+  np.testing.assert_array_equal(got["tokens"], expect["tokens"])
+  if canvas == 40:
+    assert (got["image_crop"][:, :2] == image_size).all() and not got["image_crop"][:, 2].any()
+  else:
+    assert (got["image_crop"][:, :2] > 40).all() and got["image_crop"][:, 2].any()
+  out = np.asarray(train_step.resize_on_device(
+      jnp.asarray(got["image"]), jnp.asarray(got["image_crop"]), image_size))
+  diff = np.abs(out.astype(int) - expect["image"])
+  assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, ((diff > 0).mean(), diff.max())
+  if canvas == 40:
+    np.testing.assert_array_equal(out, expect["image"])
+
+
+def test_device_resize_needs_uint8_one_line():
+  with pytest.raises(ValueError, match="image_dtype='uint8'"):
+    pipeline.SampleProcessor(fields=("image",), tokenizer=None, image_size=32, mean=MEAN,
+                             std=STD, resize="device")
+
+
+def test_loop_trains_with_device_resize_as_with_host_resize(tmp_path):
+  # The same run (demo data, uint8) with the resize in the train step: the same losses, up to
+  # the few pixels rounded the other way.
+  losses = {}
+  for resize in ("host", "device"):
+    config = tiny_config(**{"data.size": 64, "total_steps": 2, "data.image_dtype": "uint8",
+                            "data.resize": resize, "data.resize_canvas": 48})
+    losses[resize] = loop.train(config, str(tmp_path / resize))["losses"]
+  assert np.all(np.isfinite(losses["device"]))
+  np.testing.assert_allclose(losses["device"], losses["host"], rtol=1e-4)

@@ -218,6 +218,8 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, latest: int | None
                 "(or set --config.eval_every=0)", cadence.eval_every)
   start = trainer.step
   fields = tuple(trainer.family.batch_fields(trainer.settings))
+  if "image" in fields and config.data.get("resize", "host") == "device":
+    fields += ("image_crop",)  # each canvas's crop, resized in the step (zoo.train.step)
   trim = text_lengths.build(config.data.get("text_lengths", ""), model0, fields,
                             context_length(config, model0))
   return Run(trainer=trainer, workdir=workdir, cadence=cadence, data_iter=data_iter,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import PIL
 from flax import nnx
 
 from zoo import families
@@ -86,6 +87,64 @@ def normalize_on_device(image: jax.Array, mean, std) -> jax.Array:
     return image
   x = image.astype(jnp.float32) / jnp.float32(255.0)
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+# Pillow 13 chose the order of its two resize passes by the shape (Resample.c); before, width first.
+_PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13
+
+
+def _bicubic(x: jax.Array) -> jax.Array:
+  """PIL's bicubic kernel (Keys, a = -0.5)."""
+  a, x = -0.5, jnp.abs(x)
+  return jnp.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                   jnp.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def pil_resize_weights(in_size: jax.Array, out_size: int, length: int) -> jax.Array:
+  """[out_size, length] weights of PIL's antialiased bicubic resize of `in_size` (a traced int)
+  pixels to `out_size`, as Pillow computes them (support widened by the scale, each row
+  normalized, then rounded to its 22-bit fixed point); zero from `in_size` on.
+
+  Pillow works in float64; here the kernel's argument (x + 0.5 - center) / max(scale, 1) and
+  the window's ends are ratios of exact integers, so float32 rounds once per weight."""
+  n = jnp.asarray(in_size, jnp.int32)
+  wide = jnp.maximum(n, out_size)  # out_size * max(scale, 1)
+  twice_center = (2 * jnp.arange(out_size, dtype=jnp.int32) + 1) * n  # / out_size
+  # window [first, last): floor(center -/+ 2 max(scale, 1) + 0.5), within [0, in_size)
+  first = jnp.maximum((twice_center - 4 * wide + out_size) // (2 * out_size), 0)[:, None]
+  last = jnp.minimum((twice_center + 4 * wide + out_size) // (2 * out_size), n)[:, None]
+  x = jnp.arange(length, dtype=jnp.int32)[None]
+  arg = ((2 * x + 1) * out_size - twice_center[:, None]).astype(jnp.float32) / (
+      2 * wide).astype(jnp.float32)
+  w = jnp.where((x >= first) & (x < last), _bicubic(arg), 0.0)
+  w = w / jnp.sum(w, axis=1, keepdims=True)
+  one = jnp.float32(1 << 22)
+  return jnp.sign(w) * jnp.floor(jnp.abs(w) * one + 0.5) / one
+
+
+def resize_on_device(canvas: jax.Array, crop: jax.Array, size: int) -> jax.Array:
+  """uint8 [B, size, size, 3] from uint8 canvases [B, C, C, 3] holding each crop at the top-left
+  (crop: int32 [B, 3] = height, width, flipped; data.resize='device'): PIL's bicubic resize as
+  zoo.transforms.apply_crop_resize does it on the host, then the flip.
+
+  Two passes, each rounded and clipped to uint8 as Pillow does; Pillow >= 13 runs the vertical
+  pass first when the height shrinks by more than twice what the width does (done here by
+  transposing the canvas). float32 sums at HIGHEST precision: Pillow's integer sums round a
+  pixel the other way now and then (docs/data.md: how often)."""
+  hi = jax.lax.Precision.HIGHEST
+
+  def one(image, c):
+    height, width = c[0], c[1]
+    transpose = (height > size) & (height - size > 2 * (width - size)) if _PILLOW_13 else False
+    x = jnp.where(transpose, jnp.swapaxes(image, 0, 1), image).astype(jnp.float32)
+    across = pil_resize_weights(jnp.where(transpose, height, width), size, x.shape[1])
+    down = pil_resize_weights(jnp.where(transpose, width, height), size, x.shape[0])
+    x = jnp.clip(jnp.floor(jnp.einsum("ow,hwc->hoc", across, x, precision=hi) + 0.5), 0, 255)
+    x = jnp.clip(jnp.floor(jnp.einsum("oh,hwc->owc", down, x, precision=hi) + 0.5), 0, 255)
+    x = jnp.where(transpose, jnp.swapaxes(x, 0, 1), x)
+    return jnp.where(c[2] > 0, x[:, ::-1], x).astype(jnp.uint8)
+
+  return jax.vmap(one)(canvas, crop)
 
 
 def clamp_logit_scale(params: PyTree, max_scale: float) -> PyTree:
@@ -167,9 +226,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, family: Family,
     if stats is not None:
       resnet.set_batch_norm(model, True)
     if "image" in batch:  # data.image_dtype='uint8': pixels normalized here, on the device
-      mc = model.config
-      batch = dict(batch, image=normalize_on_device(batch["image"], mc.image_mean,
-                                                               mc.image_std))
+      mc, image = model.config, batch["image"]
+      if "image_crop" in batch:  # data.resize='device': crops resized here
+        image = resize_on_device(image, batch["image_crop"], mc.vision.image_size)
+      batch = dict(batch, image=normalize_on_device(image, mc.image_mean, mc.image_std))
     outputs = family.forward(model, batch, rng, settings)
     loss, metrics = family.loss(outputs, batch, dataclasses.replace(ctx, step=step))
     return loss, (metrics, None if stats is None else nnx.state(model, nnx.BatchStat))
