@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
       # the image size); a larger crop is resized on the host) and the train step resizes.
       resize="host",
       resize_canvas=0,
+      # WebDataset JPEGs decoded at 1/2, 1/4 or 1/8 size when the crop keeps >= image_size
+      # pixels a side (libjpeg's DCT scaling: faster, changes pixels; docs/data.md)
+      jpeg_draft=False,
       # Text-length trimming (causal CLIP text towers only): each batch's tokens cut to the
       # smallest of these lengths holding its longest caption, e.g. "16,32,48,77" | auto | "" (off)
       text_lengths="",

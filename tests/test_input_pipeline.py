@@ -176,3 +176,58 @@ def test_loop_trains_with_device_resize_as_with_host_resize(tmp_path):
     losses[resize] = loop.train(config, str(tmp_path / resize))["losses"]
   assert np.all(np.isfinite(losses["device"]))
   np.testing.assert_allclose(losses["device"], losses["host"], rtol=1e-4)
+
+
+def _jpeg_shards(tmp_path, h, w, n=6, corrupt=()):
+  rng = np.random.default_rng(3)
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  samples = []
+  for i in range(n):
+    a, b = rng.uniform(0.02, 0.08, 2)
+    img = np.stack([np.sin(xx * a), np.cos(yy * b), np.sin((xx + yy) * a * b)], -1)
+    img = np.clip(127 + 100 * img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    samples.append({"image": data[:len(data) // 3] if i in corrupt else data,
+                    "caption": f"a photo of thing {i}"})
+  return wds.write_shards(samples, str(tmp_path), n)
+
+
+def _draft_batch(shards, draft, image_size=32):
+  it = pipeline.build_train_pipeline(
+      {"name": "webdataset", "shards": shards, "num_threads": 1, "image_dtype": "uint8",
+       "jpeg_draft": draft},
+      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=image_size,
+      mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
+  batch = next(it)
+  next(it)  # 8 samples: the 6 of the epoch are all read
+  skipped = dict(it.skipped_by_reason)
+  it.close()
+  return batch, skipped
+
+
+def test_jpeg_draft_same_bytes_where_it_cannot_apply_close_where_it_does(tmp_path):
+  # 48 x 64 sources, crops >= 0.9 of them to 32: no DCT scale keeps 32 pixels a side, so the
+  # bytes are the exact path's. 192 x 256 sources: decoded at 1/4 (crop >= 4 x 32 a side), close.
+  small = _jpeg_shards(tmp_path / "small", 48, 64)
+  np.testing.assert_array_equal(_draft_batch(small, True)[0]["image"],
+                                _draft_batch(small, False)[0]["image"])
+  large = _jpeg_shards(tmp_path / "large", 192, 256)
+  exact, drafted = _draft_batch(large, False)[0], _draft_batch(large, True)[0]
+  np.testing.assert_array_equal(drafted["tokens"], exact["tokens"])
+  diff = np.abs(drafted["image"].astype(int) - exact["image"])
+  assert 0 < diff.mean() < 3 and np.percentile(diff, 99) <= 12, (diff.mean(), diff.max())
+  proc = pipeline.SampleProcessor(fields=("image",), tokenizer=None, image_size=32, mean=MEAN,
+                                  std=STD, jpeg_draft=True)
+  raw = wds.TarShardSource(large)[0]
+  image, crop, hw = proc.decode(wds.decode_pil(raw["jpg"], load=False), (0, 0, 192, 256),
+                                (192, 256))
+  assert image.size == (64, 48) and crop == (0, 0, 48, 64) and hw == (48, 64)
+
+
+def test_jpeg_draft_skips_a_truncated_jpeg(tmp_path):
+  shards = _jpeg_shards(tmp_path, 192, 256, n=6, corrupt=(2,))
+  batch, skipped = _draft_batch(shards, True)
+  assert batch["image"].shape == (4, 32, 32, 3)
+  assert skipped == {"corrupt_image": 1}, skipped

@@ -169,6 +169,7 @@ class SampleProcessor:
   captions: str = "random"
   image_dtype: str = "float32"  # uint8: the cropped pixels, normalized on the device
   resize: str = "host"
+  jpeg_draft: bool = False  # decode JPEGs at 1/2-1/8 size where the crop allows (changes pixels)
   canvas: int = 0  # resize="device": side of the uint8 canvas (0: max(512, 2 image_size))
 
   def __post_init__(self):
@@ -191,7 +192,7 @@ class SampleProcessor:
     fields = self.fields
     image = sample["image"]  # uint8 [H, W, 3], or an RGB PIL image (no copy to numpy and back)
     if isinstance(image, Image.Image):
-      if image.mode != "RGB":
+      if image.mode != "RGB" and not _unread(image):
         raise wds.SkipSample("bad_image_array", f"PIL mode {image.mode}")
       w, h = image.size
     else:
@@ -202,6 +203,9 @@ class SampleProcessor:
     crop = transforms.random_resized_crop_params(rng, h, w, self.scale, self.ratio)
     flip = bool(self.hflip and rng.random() < 0.5)
     caption_index, caption = choose_caption(sample, rng, self.captions)
+    if _unread(image):  # opened lazily (data.jpeg_draft): decoded now, maybe at reduced size
+      image, crop, (h, w) = self.decode(image, crop, (h, w))
+      sample = {**sample, "image": image}
     out: dict[str, np.ndarray] = {}
     if "image" in fields and self.resize == "device":
       out["image"], out["image_crop"] = self.crop_to_canvas(image, crop, flip)
@@ -221,6 +225,26 @@ class SampleProcessor:
         out.update(hook(sample, view))
     return out
 
+
+  def decode(self, image: Image.Image, crop: tuple[int, int, int, int], hw: tuple[int, int]
+             ) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int]]:
+    """(RGB image, crop, (h, w)) of a JPEG whose header only was read: with data.jpeg_draft,
+    libjpeg decodes it at 1/2, 1/4 or 1/8 of its size when the crop keeps at least image_size
+    pixels a side at that scale, and the crop's edges are rounded to the reduced grid."""
+    top, left, ch, cw = crop
+    scale = 8 if self.jpeg_draft and image.format == "JPEG" else 1
+    while scale > 1 and min(ch, cw) < scale * self.image_size:
+      scale //= 2
+    if scale > 1:
+      image.draft("RGB", (hw[1] // scale, hw[0] // scale))
+    image = wds.load_pil(image)
+    w2, h2 = image.size
+    if (h2, w2) == tuple(hw):
+      return image, crop, hw
+    sy, sx = h2 / hw[0], w2 / hw[1]
+    t2, l2 = round(top * sy), round(left * sx)
+    b2, r2 = min(round((top + ch) * sy), h2), min(round((left + cw) * sx), w2)
+    return image, (t2, l2, b2 - t2, r2 - l2), (h2, w2)
 
   def crop_to_canvas(self, image: Image.Image | np.ndarray, crop: tuple[int, int, int, int],
                      flip: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +266,11 @@ class SampleProcessor:
     canvas[h:] = 0
     canvas[:h, w:] = 0
     return canvas, np.array([h, w, flip], np.int32)
+
+
+def _unread(image: Any) -> bool:
+  """A PIL image opened but not decoded yet (its tiles still pending)."""
+  return isinstance(image, Image.Image) and bool(getattr(image, "tile", None))
 
 
 class _Load:
@@ -320,7 +349,7 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
   brace range, comma-separated list or list), `random_resized_crop_scale`, `num_threads`;
   optional: `random_resized_crop_ratio`, `hflip` (off by default: captions name left / right),
   `render_size` (demo), `image_dtype` (IMAGE_DTYPES), `resize` (RESIZE_MODES) and
-  `resize_canvas`, `worker_processes` (0: `num_threads`
+  `resize_canvas`, `jpeg_draft` (webdataset JPEGs decoded at reduced size where the crop allows), `worker_processes` (0: `num_threads`
   threads here; n: n processes of `num_threads` threads each, the same batches), `captions` ("random": each step trains on one of a sample's captions,
   drawn by the seeded data order; "first": the primary caption only). `field_hooks`: a model family's extra batch fields (see FieldHook),
   called per sample after the image and caption.
@@ -343,6 +372,7 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
       captions=str(_cfg(data_cfg, "captions", "random")),
       image_dtype=str(_cfg(data_cfg, "image_dtype", "float32")),
       resize=str(_cfg(data_cfg, "resize", "host")),
+      jpeg_draft=bool(_cfg(data_cfg, "jpeg_draft", False)),
       canvas=int(_cfg(data_cfg, "resize_canvas", 0) or 0))
   if name == "demo":
     size = int(_cfg(data_cfg, "size", 20000))
@@ -372,7 +402,9 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
     order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
     # stream_id = process_index: hosts read different shards, so their RNG streams differ.
     ds = order.map_with_index(_with_position).map(
-        _Load(source, functools.partial(wds.decode_sample, pil=True), processor, seed, len(source), stream_id=process_index))
+        _Load(source, functools.partial(wds.decode_sample,
+                                        pil="lazy" if processor.jpeg_draft else True),
+              processor, seed, len(source), stream_id=process_index))
     size = len(source)
     description = f"webdataset shards {mine[0]}.. ({len(mine)} shards, {size} samples on this host)"
   else:

@@ -184,12 +184,21 @@ class TarShardSource:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_pil(data: bytes) -> Image.Image:
+def decode_pil(data: bytes, load: bool = True) -> Image.Image:
   """RGB PIL image from encoded bytes (fully decoded); raises SkipSample for anything PIL cannot
-  decode."""
+  decode. With load=False only the header is read (the caller may `Image.draft` first, then
+  `load_pil`)."""
   try:
     im = Image.open(io.BytesIO(data))  # an in-memory file: nothing to close
-    im.load()  # forces the full decode: a truncated file fails here
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise SkipSample("corrupt_image", str(e)) from e
+  return load_pil(im) if load else im
+
+
+def load_pil(im: Image.Image) -> Image.Image:
+  """`im` decoded in full (a truncated file fails here) and in RGB; raises SkipSample."""
+  try:
+    im.load()
     return im if im.mode == "RGB" else im.convert("RGB")
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise SkipSample("corrupt_image", str(e)) from e
@@ -247,8 +256,9 @@ def decode_arrays(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return arrays
 
 
-def decode_sample(raw: Mapping[str, Any], pil: bool = False) -> dict[str, Any]:
-  """Raw tar members -> sample dict (image: uint8 [H, W, 3], or with `pil` the RGB PIL image;
+def decode_sample(raw: Mapping[str, Any], pil: bool | str = False) -> dict[str, Any]:
+  """Raw tar members -> sample dict (image: uint8 [H, W, 3], or with `pil` the RGB PIL image,
+  with pil="lazy" the PIL image with only its header read (`decode_pil(load=False)`);
   caption(s), long/short caption, label, regions, ml, arrays).
 
   `captions` is the primary caption followed by its alternatives (`alternative_captions`);
@@ -270,7 +280,8 @@ def decode_sample(raw: Mapping[str, Any], pil: bool = False) -> dict[str, Any]:
       raise SkipSample("unreadable_json", str(e)) from e
     if not isinstance(meta, dict):
       raise SkipSample("unreadable_json", "KEY.json is not an object")
-  image = decode_pil(raw[image_ext]) if pil else decode_image(raw[image_ext])
+  image = (decode_pil(raw[image_ext], load=pil != "lazy") if pil
+           else decode_image(raw[image_ext]))
   sample: dict[str, Any] = {
       "key": raw.get("__key__", ""),
       "image": image,
