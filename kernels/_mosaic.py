@@ -8,7 +8,8 @@
 * `_grads_kernel` (softmax backward, sigmoid forward, 3 units): grid (core half "parallel",
   column block, row block); each tile is computed once and feeds G @ y_j and G.T @ x_i. G.T @ x
   accumulates in the resident output block over the inner row axis; G @ y accumulates over the
-  outer column axis in HBM, read and written by explicit DMAs (double-buffered slots), so both
+  outer column axis in HBM, read and written by explicit DMAs (double-buffered slots: with two
+  or more row blocks per core a step's write back overlaps the next step's tile), so both
   inner axes are sequential ("arbitrary"); the leading axis splits the rows between the two
   TensorCores of megacore chips (v5p), each half with its own G.T @ x partial; single-core
   chips (v5e, v6e) have one. Softmax tiles subtract the targets in fp32 (`softmax_g`).
@@ -267,9 +268,15 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, nh: int):
   read = pltpu.make_async_copy(rows_hbm, buf.at[slot], sem.at[2])
   write = pltpu.make_async_copy(buf.at[slot], rows_hbm, sem.at[slot])
 
-  @pl.when(step > 0)  # the previous step's write (same rows when ni == 1) completes first
-  def _():
-    pltpu.make_async_copy(buf.at[1 - slot], rows_hbm, sem.at[1 - slot]).wait()
+  if nh == 1:  # every step reads back the rows the step before wrote: that write completes first
+    @pl.when(step > 0)
+    def _():
+      pltpu.make_async_copy(buf.at[1 - slot], rows_hbm, sem.at[1 - slot]).wait()
+  else:  # other rows: the previous write runs on under this step's tile; only this slot's last
+    # write (two steps back, whose rows are read again no sooner than nh >= 2 steps later) waits
+    @pl.when(step > 1)
+    def _():
+      write.wait()
 
   @pl.when(j > 0)
   def _():
@@ -318,6 +325,8 @@ def _grads_kernel(*refs, sigmoid: bool, m: int, n: int, nh: int):
   @pl.when(step == nj * ni - 1)
   def _():
     write.wait()
+    if nh > 1:  # and the previous step's, still in flight
+      pltpu.make_async_copy(buf.at[1 - slot], rows_hbm, sem.at[1 - slot]).wait()
 
 
 def grads_call(x: Array, y: Array, params: Array, block: int | None, *, sigmoid: bool,

@@ -322,3 +322,10 @@ def test_tpu_kernels_race_free_on_two_cores():
   _mosaic.grads_call(x, y, jnp.stack([s, -5.0, 0.0, 0.0]), 128, sigmoid=True,
                      offset=jnp.int32(0), cores=2, interpret=params)
   assert not ipc.races.races_found
+  # One core, 3 row blocks: each write back runs on under the next step's tile.
+  gx1, gy1 = _mosaic.grads_call(x, y, jnp.stack([s, 0.0, 2.0, 0.0]), 128, sigmoid=False,
+                                lse_rows=lr, lse_cols=lc, offset=jnp.int32(0), cores=1,
+                                interpret=params)
+  assert not ipc.races.races_found
+  np.testing.assert_allclose(gx1, g @ yf, atol=1e-5 * np.abs(g).sum(1).max())
+  np.testing.assert_allclose(gy1, g.T @ xf, atol=1e-5 * np.abs(g).sum(0).max())
