@@ -225,7 +225,6 @@ class SampleProcessor:
         out.update(hook(sample, view))
     return out
 
-
   def decode(self, image: Image.Image, crop: tuple[int, int, int, int], hw: tuple[int, int]
              ) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int]]:
     """(RGB image, crop, (h, w)) of a JPEG whose header only was read: with data.jpeg_draft,
@@ -349,10 +348,12 @@ def build_train_pipeline(data_cfg: Any, *, tokenizer: Tokenizer, image_size: int
   brace range, comma-separated list or list), `random_resized_crop_scale`, `num_threads`;
   optional: `random_resized_crop_ratio`, `hflip` (off by default: captions name left / right),
   `render_size` (demo), `image_dtype` (IMAGE_DTYPES), `resize` (RESIZE_MODES) and
-  `resize_canvas`, `jpeg_draft` (webdataset JPEGs decoded at reduced size where the crop allows), `worker_processes` (0: `num_threads`
-  threads here; n: n processes of `num_threads` threads each, the same batches), `captions` ("random": each step trains on one of a sample's captions,
-  drawn by the seeded data order; "first": the primary caption only). `field_hooks`: a model family's extra batch fields (see FieldHook),
-  called per sample after the image and caption.
+  `resize_canvas`, `jpeg_draft` (WebDataset JPEGs decoded at reduced size where the crop
+  allows), `worker_processes` (0: `num_threads` threads here; n: n processes of `num_threads`
+  threads each, the same batches), `captions` ("random": each step trains on one of a sample's
+  captions, drawn by the seeded data order; "first": the primary caption only).
+  `field_hooks`: a model family's extra batch fields (see FieldHook), called per sample after
+  the image and caption.
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by "
