@@ -32,11 +32,16 @@ def _shards(tmp_path):
   return wds.write_shards(samples, str(tmp_path), 6)
 
 
-def _batch(shards, image_dtype):
-  it = pipeline.build_train_pipeline(
-      {"name": "webdataset", "shards": shards, "num_threads": 2, "image_dtype": image_dtype},
-      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=32,
+def _pipeline(shards, image_size=32, **data):
+  """The 4-sample train pipeline over `shards`, seed 7, with `data` keys added."""
+  return pipeline.build_train_pipeline(
+      {"name": "webdataset", "shards": shards, "num_threads": 2, **data},
+      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=image_size,
       mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
+
+
+def _batch(shards, image_dtype, image_size=32, **data):
+  it = _pipeline(shards, image_size, image_dtype=image_dtype, **data)
   batch = next(it)
   it.close()
   return batch
@@ -121,31 +126,14 @@ def test_resize_on_device_is_pils_bicubic(h, w, flip):
   assert diff.max() <= 1 and (diff > 0).mean() < 2e-4, ((diff > 0).mean(), diff.max())
 
 
-def _device_batch(shards, image_size, canvas):
-  it = pipeline.build_train_pipeline(
-      {"name": "webdataset", "shards": shards, "num_threads": 2, "image_dtype": "uint8",
-       "hflip": True, "resize": "device", "resize_canvas": canvas},
-      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=image_size,
-      mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
-  batch = next(it)
-  it.close()
-  return batch
-
-
 @pytest.mark.parametrize("image_size, canvas", [(32, 64), (96, 96), (32, 40)])
 def test_device_resize_batches_equal_host_resize(tmp_path, image_size, canvas):
   # data.resize='device': the host sends each crop on a canvas (64, 96: every crop of the 48 x 64
   # JPEGs fits, down- and up-sampled; 40: none fits, so the host resizes and the device's resize
   # is the identity); the step's resize gives the host path's pixels (+-1 now and then).
   shards = _shards(tmp_path)
-  host = pipeline.build_train_pipeline(
-      {"name": "webdataset", "shards": shards, "num_threads": 2, "image_dtype": "uint8",
-       "hflip": True},
-      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=image_size,
-      mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
-  expect = next(host)
-  host.close()
-  got = _device_batch(shards, image_size, canvas)
+  expect = _batch(shards, "uint8", image_size, hflip=True)
+  got = _batch(shards, "uint8", image_size, hflip=True, resize="device", resize_canvas=canvas)
   assert got["image"].shape == (4, canvas, canvas, 3) and got["image_crop"].shape == (4, 3)
   np.testing.assert_array_equal(got["tokens"], expect["tokens"])
   if canvas == 40:
@@ -194,12 +182,8 @@ def _jpeg_shards(tmp_path, h, w, n=6, corrupt=()):
   return wds.write_shards(samples, str(tmp_path), n)
 
 
-def _draft_batch(shards, draft, image_size=32):
-  it = pipeline.build_train_pipeline(
-      {"name": "webdataset", "shards": shards, "num_threads": 1, "image_dtype": "uint8",
-       "jpeg_draft": draft},
-      tokenizer=tokenizers.get_tokenizer("test-tiny", context_length=16), image_size=image_size,
-      mean=MEAN, std=STD, global_batch_size=4, seed=7, context_length=16)
+def _draft_batch(shards, draft):
+  it = _pipeline(shards, image_dtype="uint8", jpeg_draft=draft)
   batch = next(it)
   next(it)  # 8 samples: the 6 of the epoch are all read
   skipped = dict(it.skipped_by_reason)
