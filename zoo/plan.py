@@ -102,12 +102,11 @@ def _batch_avals(trainer, config, batch: int, mesh) -> dict:
   size = model.config.vision.image_size
   shapes = {"image": ((size, size, 3), jnp.float32),
             "tokens": ((loop.context_length(config, model),), jnp.int32)}
-  if "image" in fields and config.data.get("resize", "host") == "device":
-    # the step's input is then each crop on a uint8 canvas, resized in the step
+  fields = data.with_crop_field(fields, config.data)
+  if "image_crop" in fields:  # data.resize='device': each crop on a uint8 canvas
     side = data.canvas_side(config.data.get("resize_canvas", 0) or 0, size)
     shapes["image"] = ((side, side, 3), jnp.uint8)
     shapes["image_crop"] = ((3,), jnp.int32)
-    fields = (*fields, "image_crop")
   unknown = [f for f in fields if f not in shapes]
   if unknown:
     raise errors.UserError(f"zoo.plan: family {trainer.family.name!r} reads batch fields "

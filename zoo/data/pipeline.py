@@ -140,6 +140,15 @@ def canvas_side(canvas: int, image_size: int) -> int:
   return int(canvas) or max(512, 2 * int(image_size))
 
 
+def with_crop_field(fields: Sequence[str], data_cfg: Any) -> tuple[str, ...]:
+  """`fields` plus "image_crop" where data.resize='device' sends image canvases (the train
+  step reads both)."""
+  fields = tuple(fields)
+  if "image" in fields and _cfg(data_cfg, "resize", "host") == "device":
+    return (*fields, "image_crop")
+  return fields
+
+
 def choose_caption(sample: Mapping[str, Any], rng: np.random.Generator, mode: str
                    ) -> tuple[int, str]:
   """(index, text) of the caption to train on: with mode "random" one of `sample["captions"]`

@@ -20,7 +20,7 @@ import ml_collections
 from flax import nnx
 
 from zoo import data, errors, families, tokenizers
-from zoo.data import eval_sets as eval_data
+from zoo.data import eval_sets as eval_data, pipeline
 from zoo.eval import evaluator, report, suite
 from zoo.models import lora as peft, sharding
 from zoo.train import (
@@ -217,9 +217,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, latest: int | None
                 "--config.eval.datasets=imagenet1k,... or give --config.data.eval_shards "
                 "(or set --config.eval_every=0)", cadence.eval_every)
   start = trainer.step
-  fields = tuple(trainer.family.batch_fields(trainer.settings))
-  if "image" in fields and config.data.get("resize", "host") == "device":
-    fields += ("image_crop",)  # each canvas's crop, resized in the step (zoo.train.step)
+  fields = pipeline.with_crop_field(trainer.family.batch_fields(trainer.settings), config.data)
   trim = text_lengths.build(config.data.get("text_lengths", ""), model0, fields,
                             context_length(config, model0))
   return Run(trainer=trainer, workdir=workdir, cadence=cadence, data_iter=data_iter,
